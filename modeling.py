@@ -1,0 +1,339 @@
+"""BERT-small for extractive question answering, written to load the published Korean checkpoint.
+
+The architecture and every parameter name follow the published pretrained checkpoint
+(`pretrain_ckpt/bert_small_ckpt.bin`): post-LayerNorm Transformer blocks whose attention
+projections are `attn.query/key/value/o_proj` and whose feed-forward layers are `ffn.fc1/fc2`.
+A fine-tuned checkpoint is the plain state dict of `QuestionAnswering`: `bert.<encoder name>`
+plus `qa_outputs.*`, the format the original contest baseline reads and writes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+LAYER_NORM_EPS = 1e-12
+ACTIVATIONS = {
+    # The checkpoint was pre-trained with GELU in its tanh approximation.
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_exact": F.gelu,
+    "relu": F.relu,
+}
+
+
+class ConfigError(ValueError):
+    """A model config file that cannot be used; the message names the file and key."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model; the message names the file, keys and shapes."""
+
+
+@dataclass
+class Config:
+    """Model hyper-parameters under the published config's own key names."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    num_hidden_layers: int = 12
+    num_heads: int = 8
+    ff_dim: int = 1024
+    act_fn: str = "gelu"
+    dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.act_fn not in ACTIVATIONS:
+            raise ConfigError(f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "Config":
+        """Build a config from a dict; every key must be known and every required key present."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a JSON object of model hyper-parameters")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; expected keys are {sorted(known)}")
+        missing = sorted(set(known) - set(values))
+        if missing:
+            raise ConfigError(f"{source}: missing key(s) {missing}")
+        for name, value in values.items():
+            expected = float if known[name].type == "float" else int if known[name].type == "int" else str
+            if not isinstance(value, (int, float) if expected is float else expected) or isinstance(value, bool):
+                raise ConfigError(f"{source}: key {name!r} must be {expected.__name__}, got {value!r}")
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "Config":
+        """Read a config JSON file such as `data/bert_small.json`."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: model config file not found") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: not a readable JSON config ({err})") from None
+        return cls.from_dict(values, source=str(path))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write the config atomically, sorted like the published file."""
+        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, then rename, so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Embeddings(nn.Module):
+    """Word + position + token-type embeddings, summed, normalised and dropped out."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.dropout = nn.Dropout(config.dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through `scaled_dot_product_attention` (fused kernels on GPUs)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.dropout_prob = config.dropout_prob
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None) -> torch.Tensor:
+        """`keep_mask`: bool (batch, 1, 1, seq), True where a key may be attended to."""
+        batch, seq, hidden = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, seq, self.num_heads, hidden // self.num_heads).transpose(1, 2)
+
+        context = F.scaled_dot_product_attention(
+            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
+            attn_mask=keep_mask, dropout_p=self.dropout_prob if self.training else 0.0)
+        return self.o_proj(context.transpose(1, 2).reshape(batch, seq, hidden))
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: Linear, activation, Linear, dropout."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.ff_dim)
+        self.fc2 = nn.Linear(config.ff_dim, config.hidden_size)
+        self.activation = ACTIVATIONS[config.act_fn]
+        self.dropout = nn.Dropout(config.dropout_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.activation(self.fc1(x))))
+
+
+class EncoderLayer(nn.Module):
+    """One post-LayerNorm Transformer block."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.attn = SelfAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.ffn = FeedForward(config)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.attention_norm(x + self.attn(x, keep_mask))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.layer = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, keep_mask)
+        return x
+
+
+class Pooler(nn.Module):
+    """tanh(Linear(first token)): kept so the pretrained checkpoint loads whole."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(sequence_output[:, 0]))
+
+
+class BertModel(nn.Module):
+    """The encoder; its state dict uses the published checkpoint's bare names."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+        self.pooler = Pooler(config)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(sequence_output, pooled_output)`; `attention_mask` is 1 for real tokens, 0 for padding."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        # Broadcast over heads and query positions; padded keys get no attention.
+        keep_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        sequence_output = self.encoder(self.embeddings(input_ids, token_type_ids), keep_mask)
+        return sequence_output, self.pooler(sequence_output)
+
+
+class QuestionAnswering(nn.Module):
+    """BERT with a span head: a start and an end logit for every token."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
+                end_positions: torch.Tensor | None = None):
+        """With positions: the mean of start and end cross-entropy. Without: `(start_logits, end_logits)`."""
+        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
+        start_logits, end_logits = self.qa_outputs(sequence_output).unbind(dim=-1)
+        if start_positions is None or end_positions is None:
+            return start_logits, end_logits
+        return (span_loss(start_logits, start_positions) + span_loss(end_logits, end_positions)) / 2
+
+
+def span_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over positions; targets outside the sequence are ignored (0 if all are)."""
+    seq_len = logits.size(1)
+    positions = torch.where((positions < 0) | (positions >= seq_len), seq_len, positions)
+    total = F.cross_entropy(logits.float(), positions, ignore_index=seq_len, reduction="sum")
+    return total / (positions != seq_len).sum().clamp(min=1)
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
+    """Load a pretrained-encoder or fine-tuned QA checkpoint into `model`; returns which kind it was.
+
+    Accepted: the published encoder (bare names), a fine-tuned `QuestionAnswering` state dict
+    (`bert.*` + `qa_outputs.*`), either with an LM head (`cls.*`, dropped) or with the
+    `module.` prefix that DistributedDataParallel adds. Anything else raises `CheckpointError`.
+    """
+    state = read_state_dict(path)
+    if any(k.startswith("cls.") for k in state):
+        dropped = [k for k in state if k.startswith("cls.")]
+        logger.info("%s: dropping the pre-training LM head (%d tensors: cls.*)", path, len(dropped))
+        state = {k: v for k, v in state.items() if not k.startswith("cls.")}
+
+    is_finetuned = any(k.startswith(("bert.", "qa_outputs.")) for k in state)
+    if isinstance(model, QuestionAnswering):
+        if not is_finetuned:
+            state = {f"bert.{k}": v for k, v in state.items()}
+        # A pretrained encoder has no span head: it keeps its fresh initialisation.
+        may_be_missing = set() if is_finetuned else {"qa_outputs.weight", "qa_outputs.bias"}
+    elif isinstance(model, BertModel):
+        if is_finetuned:
+            state = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")}
+        may_be_missing = set()
+    else:
+        raise TypeError(f"load_checkpoint expects QuestionAnswering or BertModel, got {type(model).__name__}")
+
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state) - may_be_missing)
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch " + "; ".join(_first(mismatched))
+                        + " (does the model config, e.g. vocab_size or hidden_size, match the checkpoint?)")
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(_first(missing))}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(_first(unexpected))}")
+    if problems:
+        raise CheckpointError(f"{path}: " + " | ".join(problems))
+    model.load_state_dict(state, strict=not may_be_missing)
+    kind = "finetuned" if is_finetuned else "pretrained"
+    logger.info("loaded %s checkpoint %s (%d tensors)", kind, path, len(state))
+    return kind
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a plain state dict safely (`weights_only=True`, onto the CPU), without the DDP prefix."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint file not found") from None
+    except Exception as err:  # torch raises several types for a non-checkpoint or unsafe pickle
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable plain state dict ({first_line})") from None
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{path}: expected a plain state dict of named tensors")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _first(items: list[str], limit: int = 5) -> list[str]:
+    return items[:limit] + ([f"... {len(items) - limit} more"] if len(items) > limit else [])
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
