@@ -1,0 +1,571 @@
+"""Morpheme-level WordPiece tokenizer with exact character offsets into the original text.
+
+The pretrained model saw Mecab morphemes split further by WordPiece, so text goes through:
+
+  clean       every whitespace kind, control, format and invalid character becomes a separator
+  lower-case  character by character, without Unicode decomposition (NFD turns Hangul into jamo)
+  analyze     morphemes from an analyzer chosen by name (`mecab` by default, `none` = whitespace)
+  split       punctuation and CJK ideographs become words of one character
+  WordPiece   greedy longest match with `##` continuations; a word with no match becomes one [UNK]
+
+Every piece keeps the (start, end) character offsets of the text it came from in the string
+the caller passed in, so answers are cut from the original context, never re-assembled.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import shutil
+import string
+import unicodedata
+from pathlib import Path
+from typing import Callable, Iterable, Protocol, Sequence
+
+logger = logging.getLogger(__name__)
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
+CONTINUATION_PREFIX = "##"
+MAX_WORD_CHARS = 100
+ANALYZER_NAMES = ("mecab", "okt", "komoran", "kkma", "hannanum", "none")
+
+Span = tuple[int, int]
+Piece = tuple[str, int, int]
+
+# Texts are usually tokenized several times in a row (one context per question of a paragraph);
+# a small cache of whole results keeps the analyzer to one run per distinct text.
+_TEXT_CACHE_SIZE = 128
+# WordPiece results per analyzer unit; cleared when full so memory stays bounded on big corpora.
+_WORD_CACHE_LIMIT = 1 << 18
+# How far the aligner looks for a morpheme the analyzer reports but the text does not hold
+# where expected (a restored base form): a few characters within the word, a few words ahead.
+_ALIGN_WINDOW_CHARS = 32
+_ALIGN_LOOKAHEAD_WORDS = 3
+
+_WORD = re.compile(r"[^ ]+")
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_ASCII_PUNCTUATION = frozenset(string.punctuation)
+_CJK_IDEOGRAPH_RANGES = (
+    (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0x2F800, 0x2FA1F),
+)
+
+
+class TokenizerError(ValueError):
+    """A bad vocab file, analyzer name or missing analyzer; its message is one line for a CLI."""
+
+
+# --- vocab ---------------------------------------------------------------------------------
+
+def read_vocab_tokens(vocab_file: str | os.PathLike[str]) -> list[str]:
+    """The tokens of a WordPiece vocab file, one per line; a token's id is its line number."""
+    path = Path(vocab_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TokenizerError(f"vocab file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise TokenizerError(f"vocab file is not UTF-8 text: {path}") from None
+    except OSError as error:
+        raise TokenizerError(f"cannot read vocab file {path}: {error.strerror or error}") from None
+    # Split on "\n" only: str.splitlines would also break tokens at \x1c, \x85, \u2028 and the like.
+    tokens = [line.rstrip("\r") for line in text.split("\n")]
+    if tokens and tokens[-1] == "":
+        tokens.pop()
+    if not any(token.strip() for token in tokens):
+        raise TokenizerError(f"vocab file is empty: {path}")
+    return tokens
+
+
+def build_vocab(tokens: Sequence[str], vocab_file: str | os.PathLike[str]) -> dict[str, int]:
+    """Token -> id (first line wins for a repeated token); checks the special tokens are there."""
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        vocab.setdefault(token, index)
+    missing = [token for token in SPECIAL_TOKENS if token not in vocab]
+    if missing:
+        raise TokenizerError(f"vocab file {vocab_file} lacks special token(s): {' '.join(missing)}")
+    return vocab
+
+
+# --- stage 1: clean ------------------------------------------------------------------------
+
+def is_separator(char: str) -> bool:
+    """True for characters that only separate words: whitespace, control/format, invalid ones."""
+    return (char.isspace() or char == "\ufffd"
+            or unicodedata.category(char) in ("Cc", "Cf", "Cs"))
+
+
+class _SeparatorTable(dict):
+    """str.translate table mapping separators to a space, filled lazily per code point."""
+
+    def __missing__(self, code: int) -> int:
+        value = 0x20 if is_separator(chr(code)) else code
+        self[code] = value
+        return value
+
+
+_SEPARATORS_TO_SPACE = _SeparatorTable()
+
+
+def clean(text: str) -> str:
+    """Replace each separator character with one space, so every index stays where it was.
+
+    Dropped characters separate words instead of gluing their neighbours together: a piece
+    never spans a character it does not spell, which keeps offsets exact.
+    """
+    # Only a space among the separators is printable, so most texts need no per-character work.
+    if text.isprintable() and "\ufffd" not in text:
+        return text
+    return text.translate(_SEPARATORS_TO_SPACE)
+
+
+# --- stage 2: lower-case -------------------------------------------------------------------
+
+def lower_case(text: str) -> tuple[str, list[int] | None]:
+    """Lower-case `text` without decomposing it.
+
+    Returns the lower-cased text and, only when its length changed (`İ` becomes two
+    characters), the index in `text` that produced each of its characters; otherwise None,
+    meaning index i of one is index i of the other.
+    """
+    lowered = text.lower()
+    if len(lowered) == len(text):
+        return lowered, None
+    parts: list[str] = []
+    origin: list[int] = []
+    for index, char in enumerate(text):
+        low = char.lower()
+        parts.append(low)
+        origin.extend([index] * len(low))
+    return "".join(parts), origin
+
+
+# --- stage 3: morpheme analysis ------------------------------------------------------------
+
+class Analyzer(Protocol):
+    """Splits a cleaned text, whose only separator is a space, into morpheme spans."""
+
+    name: str
+
+    def spans(self, text: str) -> list[Span]:
+        """(start, end) of each morpheme in `text`, in order."""
+        ...
+
+
+class WhitespaceAnalyzer:
+    """Analyzer `none`: words are the runs between spaces, as in the original baseline."""
+
+    name = "none"
+
+    def spans(self, text: str) -> list[Span]:
+        return [match.span() for match in _WORD.finditer(text)]
+
+
+class MecabKoAnalyzer:
+    """Analyzer `mecab` via python-mecab-ko: mecab-ko-dic morphemes with their character spans."""
+
+    name = "mecab"
+
+    def __init__(self) -> None:
+        import mecab  # ImportError here means python-mecab-ko is missing; the caller says so.
+
+        self._mecab = mecab.MeCab()
+        self._create_lattice = self._find_lattice_api()
+
+    def _find_lattice_api(self) -> Callable[[str], object] | None:
+        # MeCab.parse builds a Morpheme with a parsed Feature for every node, two thirds of its
+        # time; reading the spans straight off the lattice skips that. The lattice API is not
+        # public, so fall back to parse() where this python-mecab-ko version lacks it.
+        try:
+            from mecab.utils import create_lattice
+        except ImportError:
+            return None
+        return create_lattice if hasattr(getattr(self._mecab, "_tagger", None), "parse") else None
+
+    def spans(self, text: str) -> list[Span]:
+        if self._create_lattice is None:
+            return self._parse_spans(text)
+        lattice = self._create_lattice(text)
+        if not self._mecab._tagger.parse(lattice):
+            raise TokenizerError(f"mecab failed: {self._mecab._tagger.what()}")
+        return [tuple(span) for span, _node in lattice]
+
+    def _parse_spans(self, text: str) -> list[Span]:
+        """Spans through the public MeCab.parse (the slower path)."""
+        return [(morpheme.span.start, morpheme.span.end) for morpheme in self._mecab.parse(text)]
+
+
+class SurfaceAnalyzer:
+    """An analyzer that returns morpheme strings only (konlpy's taggers), aligned to the text.
+
+    `bmp_only` replaces characters beyond the Basic Multilingual Plane (emoji) with spaces
+    before calling it: konlpy's Java taggers mis-decode them and fail on the whole text.
+    Those characters still become words of their own, as every uncovered character does.
+    """
+
+    def __init__(self, name: str, morphemes: Callable[[str], list[str]], bmp_only: bool = False):
+        self.name = name
+        self._morphemes = morphemes
+        self._bmp_only = bmp_only
+
+    def spans(self, text: str) -> list[Span]:
+        query = _ASTRAL.sub(" ", text) if self._bmp_only else text
+        if not query.strip(" "):
+            return []  # konlpy's Hannanum hangs on blank input, Komoran and Kkma throw.
+        try:
+            surfaces = self._morphemes(query)
+        except Exception as error:  # Java taggers throw assorted JVM errors on odd input.
+            logger.warning("analyzer %r failed on a text of %d characters (%s); "
+                           "splitting that text on whitespace only", self.name, len(text),
+                           _one_line(error))
+            return []
+        return align_surfaces(query, surfaces)
+
+
+def align_surfaces(text: str, surfaces: Iterable[str]) -> list[Span]:
+    """Spans in `text` of the morpheme strings an analyzer returned, for those that can be found.
+
+    A morpheme is looked for in the current word from the last match on (within a short
+    window), then at the start of the next few words; one found nowhere is a form the analyzer
+    restored (komoran: `끌려` -> `끌리 + 어`) and is skipped. What no span covers is made into
+    units of its own later (`complete_spans`), so nothing is dropped. Linear in the text.
+    """
+    words = [match.span() for match in _WORD.finditer(text)]
+    spans: list[Span] = []
+    word_index = 0
+    cursor = words[0][0] if words else 0
+    for surface in surfaces:
+        if word_index >= len(words):
+            break
+        if not surface:
+            continue
+        word_end = words[word_index][1]
+        window_end = min(word_end, cursor + len(surface) + _ALIGN_WINDOW_CHARS)
+        start = text.find(surface, cursor, window_end)
+        if start < 0:
+            later = _word_starting_with(text, surface, words, word_index + 1)
+            if later < 0:
+                continue
+            word_index, start = later, words[later][0]
+        cursor = start + len(surface)
+        spans.append((start, cursor))
+        if cursor >= words[word_index][1]:
+            word_index += 1
+            cursor = words[word_index][0] if word_index < len(words) else len(text)
+    return spans
+
+
+def _word_starting_with(text: str, surface: str, words: Sequence[Span], first: int) -> int:
+    """Index of the first of a few words from `first` on that begins with `surface`, else -1."""
+    for index in range(first, min(first + _ALIGN_LOOKAHEAD_WORDS, len(words))):
+        start, end = words[index]
+        if text.startswith(surface, start, end):
+            return index
+    return -1
+
+
+def complete_spans(text: str, spans: Iterable[Span]) -> list[Span]:
+    """Analyzer spans made safe: in order, non-overlapping, never across a space, and covering
+    every non-space character (each uncovered run inside a word becomes a unit of its own)."""
+    units: list[Span] = []
+    cursor = 0
+    length = len(text)
+    for start, end in spans:
+        if start < cursor:
+            start = cursor
+        if end > length:
+            end = length
+        if end <= start:
+            continue
+        if start > cursor and text.count(" ", cursor, start) != start - cursor:
+            units.extend(match.span() for match in _WORD.finditer(text, cursor, start))
+        if text.find(" ", start, end) < 0:
+            units.append((start, end))
+        else:
+            units.extend(match.span() for match in _WORD.finditer(text, start, end))
+        cursor = end
+    units.extend(match.span() for match in _WORD.finditer(text, cursor, length))
+    return units
+
+
+def make_analyzer(name: str) -> Analyzer:
+    """The analyzer called `name` (see ANALYZER_NAMES), loaded now.
+
+    Raises TokenizerError for an unknown name or one whose software is not installed.
+    """
+    if name == "none":
+        return WhitespaceAnalyzer()
+    if name == "mecab":
+        return _load_mecab()
+    if name in _JAVA_TAGGERS:
+        return _load_java_tagger(name)
+    raise TokenizerError(f"unknown analyzer {name!r}; choose one of: {', '.join(ANALYZER_NAMES)}")
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception as `Type: message` on one line, for a CLI's one-line error."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def _load_mecab() -> Analyzer:
+    """konlpy's Mecab where a system mecab-ko is installed (as on Colab), else python-mecab-ko."""
+    try:
+        from konlpy.tag import Mecab
+
+        return SurfaceAnalyzer("mecab", Mecab().morphs)
+    except Exception as error:  # konlpy raises a bare Exception when mecab-ko is not installed.
+        logger.debug("konlpy's Mecab is unavailable (%s); using python-mecab-ko", _one_line(error))
+    try:
+        return MecabKoAnalyzer()
+    except ImportError as error:
+        raise TokenizerError(
+            "analyzer 'mecab' needs mecab-ko: pip install python-mecab-ko python-mecab-ko-dic "
+            f"(or install a system mecab-ko for konlpy) [{_one_line(error)}]") from None
+    except Exception as error:  # a broken dictionary install surfaces as various errors
+        raise TokenizerError(
+            f"analyzer 'mecab' failed to start ({_one_line(error)}); reinstall it: "
+            "pip install --force-reinstall python-mecab-ko python-mecab-ko-dic") from None
+
+
+_JAVA_TAGGERS = {"okt": "Okt", "komoran": "Komoran", "kkma": "Kkma", "hannanum": "Hannanum"}
+_JAVA_HELP = "install Java 8+ (e.g. apt-get install -y default-jdk) and pip install konlpy JPype1"
+
+
+def _load_java_tagger(name: str) -> Analyzer:
+    """One of konlpy's Java taggers; starting it starts a JVM, so it happens only when asked."""
+    class_name = _JAVA_TAGGERS[name]
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        raise TokenizerError(f"analyzer {name!r} needs Java, which was not found: {_JAVA_HELP}")
+    try:
+        import jpype  # noqa: F401  (konlpy imports it lazily; checking here gives a clear message)
+        from konlpy import tag
+    except ImportError as error:
+        raise TokenizerError(f"analyzer {name!r} needs konlpy and JPype1 "
+                             f"[{_one_line(error)}]: {_JAVA_HELP}") from None
+    try:
+        tagger = getattr(tag, class_name)()
+    except Exception as error:  # JVM start-up failures come in many exception types
+        raise TokenizerError(f"analyzer {name!r}: konlpy's {class_name} failed to start "
+                             f"[{_one_line(error)}]: {_JAVA_HELP}") from None
+    return SurfaceAnalyzer(name, tagger.morphs, bmp_only=True)
+
+
+# --- stage 4: punctuation and CJK ideographs -----------------------------------------------
+
+@functools.lru_cache(maxsize=4096)
+def is_split_character(char: str) -> bool:
+    """True for punctuation (Unicode P* or any ASCII symbol) and CJK ideographs (Hanja)."""
+    if char in _ASCII_PUNCTUATION or unicodedata.category(char).startswith("P"):
+        return True
+    code = ord(char)
+    return any(low <= code <= high for low, high in _CJK_IDEOGRAPH_RANGES)
+
+
+def split_punctuation(word: str) -> list[Span]:
+    """Spans of `word` with each punctuation mark and CJK ideograph as a word of its own."""
+    spans: list[Span] = []
+    run_start = 0
+    for index, char in enumerate(word):
+        if is_split_character(char):
+            if run_start < index:
+                spans.append((run_start, index))
+            spans.append((index, index + 1))
+            run_start = index + 1
+    if run_start < len(word):
+        spans.append((run_start, len(word)))
+    return spans
+
+
+# --- stage 5: WordPiece --------------------------------------------------------------------
+
+class WordPiece:
+    """Greedy longest-match-first WordPiece over a vocab."""
+
+    def __init__(self, vocab: dict[str, int]):
+        self.vocab = vocab
+        # No piece is longer than the longest token, which bounds the search for each piece.
+        self._longest = max(len(token) - len(CONTINUATION_PREFIX)
+                            if token.startswith(CONTINUATION_PREFIX) else len(token)
+                            for token in vocab)
+
+    def split(self, text: str, start: int, end: int) -> list[Piece]:
+        """Pieces of the word text[start:end] with their offsets in `text`.
+
+        A word over MAX_WORD_CHARS characters, or one with a part no token matches, becomes
+        a single [UNK] over the whole word.
+        """
+        if end - start > MAX_WORD_CHARS:
+            return [(UNK, start, end)]
+        pieces: list[Piece] = []
+        position = start
+        while position < end:
+            prefix = CONTINUATION_PREFIX if position > start else ""
+            piece_end = min(end, position + self._longest)
+            while piece_end > position and prefix + text[position:piece_end] not in self.vocab:
+                piece_end -= 1
+            if piece_end == position:
+                return [(UNK, start, end)]
+            pieces.append((prefix + text[position:piece_end], position, piece_end))
+            position = piece_end
+        return pieces
+
+
+# --- the tokenizer -------------------------------------------------------------------------
+
+class BertTokenizer:
+    """Morpheme-level WordPiece tokenizer with character offsets (BERT's class name, kept so
+    existing code works).
+
+    `analyzer` is a name from ANALYZER_NAMES or an object with `name` and `spans(text)`.
+    `max_len`, when set, makes convert_tokens_to_ids warn about longer sequences.
+    """
+
+    def __init__(self, vocab_file: str | os.PathLike[str], analyzer: str | Analyzer = "mecab",
+                 do_lower_case: bool = True, max_len: int | None = None):
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)
+                                    or max_len <= 0):
+            raise TokenizerError(f"max_len must be a positive integer or None, not {max_len!r}")
+        self.vocab_file = str(vocab_file)
+        tokens = read_vocab_tokens(vocab_file)
+        self.vocab = build_vocab(tokens, vocab_file)
+        self.ids_to_tokens = dict(enumerate(tokens))
+        self.do_lower_case = bool(do_lower_case)
+        self.max_len = max_len
+        self._analyzer = self._resolve_analyzer(analyzer)
+        self.analyzer_name: str = self._analyzer.name
+        self._wordpiece = WordPiece(self.vocab)
+        self._word_cache: dict[str, tuple[Piece, ...]] = {}
+        self._cached_tokenize = functools.lru_cache(maxsize=_TEXT_CACHE_SIZE)(self._tokenize_text)
+
+    @staticmethod
+    def _resolve_analyzer(analyzer: str | Analyzer) -> Analyzer:
+        if isinstance(analyzer, str):
+            return make_analyzer(analyzer)
+        if not callable(getattr(analyzer, "spans", None)) or not isinstance(
+                getattr(analyzer, "name", None), str):
+            raise TokenizerError(f"analyzer must be one of {', '.join(ANALYZER_NAMES)} or an "
+                                 f"object with a `name` and `spans(text)`, not {analyzer!r}")
+        return analyzer
+
+    @property
+    def analyzer(self) -> str:
+        """The analyzer's name (the same as `analyzer_name`)."""
+        return self.analyzer_name
+
+    def __len__(self) -> int:
+        return len(self.ids_to_tokens)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.vocab[PAD]
+
+    @property
+    def unk_token_id(self) -> int:
+        return self.vocab[UNK]
+
+    @property
+    def cls_token_id(self) -> int:
+        return self.vocab[CLS]
+
+    @property
+    def sep_token_id(self) -> int:
+        return self.vocab[SEP]
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.vocab[MASK]
+
+    def tokenize(self, text: str) -> list[str]:
+        """The WordPiece tokens of `text`."""
+        return [piece for piece, _start, _end in self.tokenize_with_offsets(text)]
+
+    def tokenize_with_offsets(self, text: str) -> list[Piece]:
+        """Each piece of `text` with its (start, end) character offsets in `text`.
+
+        text[start:end], lower-cased, is the piece without `##`; for [UNK] it is the whole
+        unknown word. Pieces are in order and never overlap.
+        """
+        if not isinstance(text, str):
+            raise TokenizerError(f"text to tokenize must be a str, not {type(text).__name__}")
+        return list(self._cached_tokenize(text))
+
+    def _tokenize_text(self, text: str) -> tuple[Piece, ...]:
+        cleaned = clean(text)
+        normalized, origin = lower_case(cleaned) if self.do_lower_case else (cleaned, None)
+        if not normalized.strip(" "):
+            return ()
+        units = complete_spans(normalized, self._analyzer.spans(normalized))
+        if origin is None:
+            return tuple(self._pieces_of_units(normalized, units))
+        return tuple(self._pieces_through_origin(normalized, units, origin))
+
+    def _pieces_of_units(self, text: str, units: Iterable[Span]) -> list[Piece]:
+        pieces: list[Piece] = []
+        cache = self._word_cache
+        for start, end in units:
+            word = text[start:end]
+            relative = cache.get(word) or self._word_pieces(word)
+            if len(relative) == 1:  # most units are one piece: skip the comprehension
+                pieces.append((relative[0][0], start, end))
+            else:
+                pieces.extend([(piece, start + s, start + e) for piece, s, e in relative])
+        return pieces
+
+    def _pieces_through_origin(self, text: str, units: list[Span],
+                               origin: list[int]) -> list[Piece]:
+        """Pieces of a lower-cased text longer than its source, mapped back through `origin`.
+
+        A boundary inside one source character's lower-case form (between `i` and the dot of
+        `İ`) has no offset in the source: units split there are joined, and a unit whose
+        pieces would split there becomes one [UNK] over the whole unit.
+        """
+        def inside_character(index: int) -> bool:
+            return 0 < index < len(origin) and origin[index] == origin[index - 1]
+
+        joined: list[Span] = []
+        for start, end in units:
+            if joined and joined[-1][1] == start and inside_character(start):
+                joined[-1] = (joined[-1][0], end)
+            else:
+                joined.append((start, end))
+        pieces: list[Piece] = []
+        for start, end in joined:
+            unit_pieces = self._pieces_of_units(text, [(start, end)])
+            if any(inside_character(piece_start) for _, piece_start, _ in unit_pieces):
+                unit_pieces = [(UNK, start, end)]
+            pieces.extend((piece, origin[s], origin[e - 1] + 1) for piece, s, e in unit_pieces)
+        return pieces
+
+    def _word_pieces(self, word: str) -> tuple[Piece, ...]:
+        """Pieces of one analyzer unit, offsets relative to it; memoised per distinct unit."""
+        cached = self._word_cache.get(word)
+        if cached is None:
+            if len(self._word_cache) >= _WORD_CACHE_LIMIT:
+                self._word_cache.clear()
+            cached = tuple(piece for start, end in split_punctuation(word)
+                           for piece in self._wordpiece.split(word, start, end))
+            self._word_cache[word] = cached
+        return cached
+
+    def convert_tokens_to_ids(self, tokens: Iterable[str]) -> list[int]:
+        """Vocab ids of `tokens`; a token not in the vocab gets the [UNK] id."""
+        unk_id = self.unk_token_id
+        ids = [self.vocab.get(token, unk_id) for token in tokens]
+        if self.max_len is not None and len(ids) > self.max_len:
+            logger.warning("sequence of %d token ids is longer than max_len %d; the model "
+                           "cannot take it in one piece", len(ids), self.max_len)
+        return ids
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        """Tokens of vocab ids; raises TokenizerError for an id outside the vocab."""
+        tokens = []
+        for index in ids:
+            token = self.ids_to_tokens.get(index) if isinstance(index, int) else None
+            if token is None:
+                raise TokenizerError(f"token id {index!r} is not in the vocab of {len(self)} "
+                                     f"tokens ({self.vocab_file})")
+            tokens.append(token)
+        return tokens
