@@ -255,14 +255,22 @@ class QuestionAnswering(nn.Module):
         start_logits, end_logits = self.qa_outputs(sequence_output).unbind(dim=-1)
         if start_positions is None or end_positions is None:
             return start_logits, end_logits
-        return (span_loss(start_logits, start_positions) + span_loss(end_logits, end_positions)) / 2
+        return (span_loss(start_logits, start_positions, attention_mask)
+                + span_loss(end_logits, end_positions, attention_mask)) / 2
 
 
-def span_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over positions; targets outside the sequence are ignored (0 if all are)."""
+def span_loss(logits: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy over the real tokens; targets outside the sequence are ignored (0 if all are).
+
+    Padding is excluded from the softmax, so a feature's loss does not depend on how far its
+    batch was padded (batches are padded only to their own longest feature).
+    """
     seq_len = logits.size(1)
+    logits = logits.float()
+    if attention_mask is not None:
+        logits = logits.masked_fill(attention_mask == 0, torch.finfo(logits.dtype).min)
     positions = torch.where((positions < 0) | (positions >= seq_len), seq_len, positions)
-    total = F.cross_entropy(logits.float(), positions, ignore_index=seq_len, reduction="sum")
+    total = F.cross_entropy(logits, positions, ignore_index=seq_len, reduction="sum")
     return total / (positions != seq_len).sum().clamp(min=1)
 
 

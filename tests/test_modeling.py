@@ -227,6 +227,18 @@ def test_loss_ignores_positions_outside_the_sequence():
     assert torch.allclose(loss, expected, atol=1e-6)
 
 
+def test_loss_does_not_depend_on_padding():
+    config = Config(**{**TINY, "dropout_prob": 0.0})
+    model = QuestionAnswering(config)
+    ids, types, _ = random_batch(config, batch=1, seq=9)
+    positions = dict(start_positions=torch.tensor([2]), end_positions=torch.tensor([5]))
+    short = model(ids, types, torch.ones_like(ids), **positions)
+    padded = model(torch.cat([ids, torch.zeros(1, 7, dtype=torch.long)], 1),
+                   torch.cat([types, torch.zeros(1, 7, dtype=torch.long)], 1),
+                   torch.cat([torch.ones(1, 9), torch.zeros(1, 7)], 1).long(), **positions)
+    assert torch.allclose(short, padded, atol=1e-6)
+
+
 def test_bf16_autocast_forward_and_backward_on_cpu():
     config = Config(**TINY)
     model = QuestionAnswering(config).train()

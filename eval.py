@@ -1,0 +1,281 @@
+"""Evaluate fine-tuned checkpoints on a KorQuAD v1.0 file: predictions, n-best lists and EM/F1.
+
+    python3 eval.py --checkpoint=output/korquad_3.bin --output_dir=debug \
+        --predict_file=data/KorQuAD_v1.0_dev.json
+
+Several `--checkpoint` files make an ensemble: their start/end logits are averaged before decoding.
+The last stdout line is `{"exact_match": .., "f1": ..}` (skipped for a file without answers).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import evaluate_v1_0
+from korquad_utils import (InputFeature, SquadExample, collate_features, decode_predictions,
+                           load_or_build_features, make_length_grouped_batches, write_predictions)
+from modeling import Config, QuestionAnswering, load_checkpoint
+from tokenization import BertTokenizer
+
+logger = logging.getLogger("korquad")
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = ROOT / "data" / "bert_small.json"
+DEFAULT_VOCAB = ROOT / "data" / "ko_vocab_32k.txt"
+SAVED_CONFIG_NAME = "config.json"          # written by train.py beside its checkpoints
+SAVED_ARGS_NAME = "training_args.json"
+
+
+class UsageError(ValueError):
+    """A flag or input file that cannot work; the message names it."""
+
+
+# --- shared by train.py and eval.py --------------------------------------------------------
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The flags for turning KorQuAD JSON into features, shared with train.py (baseline names and defaults)."""
+    parser.add_argument("--max_seq_length", type=int, default=512, help="pieces per window, [CLS]/[SEP] included")
+    parser.add_argument("--max_query_length", type=int, default=96, help="question pieces kept")
+    parser.add_argument("--doc_stride", type=int, default=128, help="step between context windows, in pieces")
+    parser.add_argument("--max_answer_length", type=int, default=30, help="longest answer, in pieces")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--analyzer", default=None,
+                        help="morpheme analyzer: mecab (default), okt, komoran, kkma, hannanum or none")
+    parser.add_argument("--cache_dir", default=None, help="where feature caches go (default: beside the data file)")
+    parser.add_argument("--overwrite_cache", action="store_true", help="rebuild cached features")
+    parser.add_argument("--preprocess_workers", type=int, default=1, help="processes for tokenization")
+    parser.add_argument("--no_cuda", action="store_true", help="run on the CPU even if a GPU is present")
+    parser.add_argument("--fp16", action="store_true", help="float16 autocast (CUDA only)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA or CPU)")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # torch.distributed.launch
+
+
+def check_data_args(args: argparse.Namespace, config: Config) -> None:
+    """Refuse lengths that cannot produce valid windows, before any work is done."""
+    if args.max_seq_length > config.max_position_embeddings:
+        raise UsageError(f"--max_seq_length {args.max_seq_length} is larger than the model's "
+                         f"max_position_embeddings {config.max_position_embeddings}")
+    if args.max_query_length < 1:
+        raise UsageError("--max_query_length must be at least 1")
+    window = args.max_seq_length - args.max_query_length - 3
+    if window < 1:
+        raise UsageError(f"--max_seq_length {args.max_seq_length} leaves no room for the context after "
+                         f"--max_query_length {args.max_query_length} and [CLS]/[SEP]/[SEP]")
+    if not 0 < args.doc_stride < window:
+        raise UsageError(f"--doc_stride {args.doc_stride} must be positive and smaller than the context window "
+                         f"({window} pieces = max_seq_length - max_query_length - 3)")
+    if args.max_answer_length < 1:
+        raise UsageError("--max_answer_length must be at least 1")
+    if args.fp16 and args.bf16:
+        raise UsageError("--fp16 and --bf16 exclude each other")
+
+
+def prepare_output_dir(path: str) -> Path:
+    """Create the output directory, refusing a path that is a file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--output_dir {out}: cannot create it ({err.strerror})") from None
+    return out
+
+
+def build_tokenizer(vocab_file: str | os.PathLike, analyzer: str, config: Config) -> BertTokenizer:
+    """The morpheme-level tokenizer, checked against the model's vocabulary size."""
+    tokenizer = BertTokenizer(str(vocab_file), analyzer=analyzer, do_lower_case=True)
+    if len(tokenizer.vocab) != config.vocab_size:
+        raise UsageError(f"vocab file {vocab_file} has {len(tokenizer.vocab)} entries but the model config says "
+                         f"vocab_size {config.vocab_size}")
+    return tokenizer
+
+
+def pick_device(no_cuda: bool) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not no_cuda else "cpu")
+
+
+def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision dtype: bf16 where the GPU supports it, else fp16; on a CPU only if asked for."""
+    if args.fp16:
+        if device.type != "cuda":
+            raise UsageError("--fp16 needs a CUDA GPU; use --bf16 for mixed precision on a CPU")
+        return torch.float16
+    if args.bf16:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UsageError("--bf16: this GPU does not support bfloat16; use --fp16")
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """One autocast context for the whole forward pass (a no-op in full precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def setup_logging(quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
+    """Run a CLI: a user error becomes one line on stderr and exit status 1, never a traceback."""
+    prog = Path(sys.argv[0]).name
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        sys.exit(f"{prog}: interrupted")
+    except (ValueError, OSError) as err:  # our input errors all derive from ValueError
+        message = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
+            message = f"{err.filename}: {message}"
+        sys.exit(f"{prog}: error: {message}")
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, features: Sequence[InputFeature], batch_size: int,
+                   device: torch.device, amp_dtype: torch.dtype | None = None,
+                   show_progress: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Start and end logits for every feature (float32 arrays as long as its input_ids), in feature order.
+
+    Batches are length-sorted and padded to their own longest feature, so little compute goes to padding.
+    """
+    was_training = model.training
+    model.eval()
+    starts: list[np.ndarray | None] = [None] * len(features)
+    ends: list[np.ndarray | None] = [None] * len(features)
+    batches = make_length_grouped_batches([len(f.input_ids) for f in features], batch_size, shuffle=False)
+    for batch in tqdm(batches, desc="predict", unit="batch", disable=not show_progress):
+        tensors = collate_features([features[i] for i in batch], is_training=False)
+        inputs = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+        with autocast_context(device, amp_dtype):
+            start_logits, end_logits = model(inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"])
+        start_logits, end_logits = start_logits.float().cpu().numpy(), end_logits.float().cpu().numpy()
+        for row, index in enumerate(batch):
+            length = len(features[index].input_ids)
+            starts[index], ends[index] = start_logits[row, :length], end_logits[row, :length]
+    model.train(was_training)
+    return starts, ends
+
+
+def has_answers(examples: Sequence[SquadExample]) -> bool:
+    return any(example.answers for example in examples)
+
+
+def score(predict_file: str | os.PathLike, predictions: dict[str, str]) -> dict[str, float]:
+    """EM/F1 from the official KorQuAD v1.0 metric."""
+    with open(predict_file, encoding="utf-8") as f:
+        dataset = json.load(f)["data"]
+    return evaluate_v1_0.evaluate(dataset, predictions)
+
+
+def evaluate_model(model: torch.nn.Module, examples: Sequence[SquadExample], features: Sequence[InputFeature],
+                   args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None,
+                   batch_size: int) -> tuple[dict[str, str], dict[str, list[dict]]]:
+    """Predictions and n-best lists of one model (train.py calls this after each epoch)."""
+    starts, ends = predict_logits(model, features, batch_size, device, amp_dtype)
+    return decode_predictions(examples, features, starts, ends, n_best_size=args.n_best_size,
+                              max_answer_length=args.max_answer_length)
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate KorQuAD v1.0 checkpoints (several = an ensemble).")
+    parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
+                        help="fine-tuned checkpoint(s); several are ensembled by averaging logits")
+    parser.add_argument("--predict_file", default="data/KorQuAD_v1.0_dev.json")
+    parser.add_argument("--output_dir", default="debug", help="where predictions.json and nbest_predictions.json go")
+    parser.add_argument("--model_config", "--config_name", dest="model_config", default=None,
+                        help="model config (default: the one train.py saved beside the checkpoint, "
+                             "else data/bert_small.json)")
+    parser.add_argument("--vocab_file", default=None, help="default: the training run's, else data/ko_vocab_32k.txt")
+    parser.add_argument("--train_batch_size", "--batch_size", dest="batch_size", type=int, default=16,
+                        help="features per forward pass")
+    parser.add_argument("--n_best_size", type=int, default=20)
+    parser.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
+    add_data_args(parser)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.n_best_size < 1:
+        parser.error("--train_batch_size and --n_best_size must be at least 1")
+    return args
+
+
+def resolve_from_training_run(args: argparse.Namespace) -> None:
+    """Fill config, vocab and analyzer from the training run beside the first checkpoint, else defaults."""
+    run_dir = Path(args.checkpoint[0]).parent
+    saved_args: dict = {}
+    if (run_dir / SAVED_ARGS_NAME).is_file():
+        with open(run_dir / SAVED_ARGS_NAME, encoding="utf-8") as f:
+            saved_args = json.load(f)
+    if args.model_config is None:
+        saved_config = run_dir / SAVED_CONFIG_NAME
+        args.model_config = str(saved_config if saved_config.is_file() else DEFAULT_CONFIG)
+    if args.vocab_file is None:
+        args.vocab_file = saved_args.get("vocab_file", str(DEFAULT_VOCAB))
+    if args.analyzer is None:
+        args.analyzer = saved_args.get("analyzer", "mecab")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.quiet)
+    resolve_from_training_run(args)
+    config = Config.from_json_file(args.model_config)
+    check_data_args(args, config)
+    for path in args.checkpoint:
+        if not Path(path).is_file():
+            raise UsageError(f"--checkpoint {path}: file not found")
+    output_dir = prepare_output_dir(args.output_dir)
+    device = pick_device(args.no_cuda)
+    amp_dtype = autocast_dtype(args, device)
+
+    tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config)
+    examples, features = load_or_build_features(
+        args.predict_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
+        is_training=False, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache,
+        num_workers=args.preprocess_workers)
+    logger.info("%d questions, %d features from %s", len(examples), len(features), args.predict_file)
+
+    model = QuestionAnswering(config).to(device)
+    summed_starts = summed_ends = None
+    for path in args.checkpoint:
+        load_checkpoint(model, path)
+        starts, ends = predict_logits(model, features, args.batch_size, device, amp_dtype, not args.quiet)
+        if summed_starts is None:
+            summed_starts, summed_ends = starts, ends
+        else:
+            summed_starts = [a + b for a, b in zip(summed_starts, starts)]
+            summed_ends = [a + b for a, b in zip(summed_ends, ends)]
+    n = len(args.checkpoint)
+    mean_starts = [s / n for s in summed_starts]
+    mean_ends = [e / n for e in summed_ends]
+    predictions, nbest = decode_predictions(examples, features, mean_starts, mean_ends,
+                                            n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
+    write_predictions(predictions, nbest, output_dir)
+    logger.info("wrote %s and %s", output_dir / "predictions.json", output_dir / "nbest_predictions.json")
+    if not has_answers(examples):
+        print(f"{args.predict_file} has no answers (a test set?): predictions written, scoring skipped",
+              file=sys.stderr)
+        return
+    print(json.dumps(score(args.predict_file, predictions)))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,205 @@
+"""train.py and eval.py through their real command lines: fitting, resume, torchrun DDP, ensembles."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, VOCAB_FILE
+from modeling import Config, QuestionAnswering
+
+TINY_CONFIG = dict(act_fn="gelu", dropout_prob=0.0, ff_dim=128, hidden_size=64, initializer_range=0.02,
+                   max_position_embeddings=512, num_heads=4, num_hidden_layers=2, type_vocab_size=2,
+                   vocab_size=32000)
+# The baseline's data flags, at lengths that keep a CPU test quick.
+DATA_FLAGS = ["--max_seq_length=192", "--max_query_length=32", "--max_answer_length=30", "--doc_stride=64"]
+
+
+def run_script(script: str, *flags: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *flags], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def write_subset(dev_file: Path, path: Path, num_questions: int, skip_paragraphs: int = 0) -> list[str]:
+    """The first `num_questions` questions of the real dev set (whole paragraphs), as a KorQuAD file."""
+    dataset = json.loads(dev_file.read_text(encoding="utf-8"))
+    paragraphs, ids = [], []
+    for article in dataset["data"]:
+        for paragraph in article["paragraphs"]:
+            if skip_paragraphs:
+                skip_paragraphs -= 1
+                continue
+            if len(ids) >= num_questions:
+                break
+            qas = paragraph["qas"][: num_questions - len(ids)]
+            paragraphs.append({"context": paragraph["context"], "qas": qas})
+            ids += [qa["id"] for qa in qas]
+    path.write_text(json.dumps({"version": dataset["version"], "data": [{"title": "subset", "paragraphs": paragraphs}]},
+                               ensure_ascii=False), encoding="utf-8")
+    return ids
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory, dev_file):
+    """A tiny config, a pretrained-format encoder checkpoint and 24 real dev questions."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    torch.manual_seed(0)
+    torch.save(QuestionAnswering(Config(**TINY_CONFIG)).bert.state_dict(), root / "pretrained.bin")
+    write_subset(dev_file, root / "train.json", 24)
+    return root
+
+
+def train_flags(setup: Path, output_dir: Path, epochs: int, batch_size: int = 8, lr: float = 2e-3) -> list[str]:
+    return [f"--output_dir={output_dir}", f"--checkpoint={setup / 'pretrained.bin'}",
+            f"--model_config={setup / 'tiny.json'}", f"--train_file={setup / 'train.json'}", *DATA_FLAGS,
+            f"--train_batch_size={batch_size}", f"--learning_rate={lr}", f"--num_train_epochs={epochs}",
+            "--seed=42", "--no_cuda", "--quiet", f"--cache_dir={setup / 'cache'}", "--logging_steps=1"]
+
+
+def test_train_then_eval_fits_the_questions_it_saw(tiny_setup, tmp_path):
+    out = tmp_path / "output"
+    trained = run_script("train.py", *train_flags(tiny_setup, out, epochs=30), "--save_total_limit=2")
+    assert trained.returncode == 0, trained.stderr
+    assert sorted(p.name for p in out.glob("korquad_*.bin")) == ["korquad_28.bin", "korquad_29.bin"]
+    assert {"config.json", "training_args.json", "training_state.pt", "training_log.jsonl"} <= {
+        p.name for p in out.iterdir()}
+    losses = [json.loads(line)["loss"] for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] / 5
+
+    debug = tmp_path / "debug"
+    evaluated = run_script("eval.py", f"--checkpoint={out / 'korquad_29.bin'}", f"--output_dir={debug}",
+                           f"--predict_file={tiny_setup / 'train.json'}", *DATA_FLAGS, "--train_batch_size=16",
+                           "--n_best_size=20", "--seed=42", f"--cache_dir={tiny_setup / 'cache'}")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert set(result) == {"exact_match", "f1"}
+    assert result["exact_match"] >= 80, result
+    predictions = json.loads((debug / "predictions.json").read_text(encoding="utf-8"))
+    nbest = json.loads((debug / "nbest_predictions.json").read_text(encoding="utf-8"))
+    assert len(predictions) == 24 and set(nbest) == set(predictions)
+
+
+def test_resume_after_a_lost_session_ends_with_the_same_weights(tiny_setup, tmp_path, monkeypatch):
+    import train
+
+    flags = train_flags(tiny_setup, tmp_path / "straight", epochs=2, batch_size=4)
+    train.main(flags)
+
+    interrupted = train_flags(tiny_setup, tmp_path / "resumed", epochs=2, batch_size=4)
+    real_epoch = train.train_one_epoch
+
+    def lose_session_in_epoch_1(*args, epoch, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt("Colab session lost")
+        return real_epoch(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", lose_session_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(interrupted)
+    assert not (tmp_path / "resumed" / "korquad_1.bin").exists()
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    train.main(interrupted + ["--resume"])
+
+    straight = torch.load(tmp_path / "straight" / "korquad_1.bin", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "korquad_1.bin", weights_only=True)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.allclose(straight[name], resumed[name], atol=1e-6, rtol=0), name
+
+
+def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(tiny_setup, tmp_path):
+    single = run_script("train.py", *train_flags(tiny_setup, tmp_path / "single", epochs=2, batch_size=8))
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+         *train_flags(tiny_setup, tmp_path / "ddp", epochs=2, batch_size=4)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+
+    written = sorted(p.name for p in (tmp_path / "ddp").iterdir())
+    assert written == ["config.json", "korquad_0.bin", "korquad_1.bin", "training_args.json",
+                       "training_log.jsonl", "training_state.pt"]
+    args = json.loads((tmp_path / "ddp" / "training_args.json").read_text())
+    assert (args["world_size"], args["global_batch_size"]) == (2, 8)
+
+    def losses(run: str) -> list[float]:
+        lines = (tmp_path / run / "training_log.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+    assert len(losses("ddp")) == len(losses("single")) > 4
+    np.testing.assert_allclose(losses("ddp"), losses("single"), rtol=1e-4, atol=1e-5)
+    a = torch.load(tmp_path / "single" / "korquad_1.bin", weights_only=True)
+    b = torch.load(tmp_path / "ddp" / "korquad_1.bin", weights_only=True)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-4), name
+
+
+def test_ensemble_decodes_the_mean_of_its_members_logits(tiny_setup, tmp_path):
+    import eval as eval_cli
+    from korquad_utils import decode_predictions, load_or_build_features
+    from tokenization import BertTokenizer
+
+    config = Config(**TINY_CONFIG)
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = QuestionAnswering(config).eval()
+        torch.save(model.state_dict(), tmp_path / f"member{seed}.bin")
+        models.append(model)
+    eval_cli.main([f"--checkpoint={tmp_path / 'member1.bin'}", f"--checkpoint={tmp_path / 'member2.bin'}",
+                   f"--model_config={tiny_setup / 'tiny.json'}", f"--output_dir={tmp_path / 'ens'}",
+                   f"--predict_file={tiny_setup / 'train.json'}", *DATA_FLAGS, "--no_cuda", "--quiet",
+                   f"--cache_dir={tiny_setup / 'cache'}"])
+    ensembled = json.loads((tmp_path / "ens" / "predictions.json").read_text(encoding="utf-8"))
+
+    tokenizer = BertTokenizer(str(VOCAB_FILE))
+    examples, features = load_or_build_features(tiny_setup / "train.json", tokenizer, 192, 64, 32,
+                                                is_training=False, cache_dir=tiny_setup / "cache")
+    member_logits = []
+    with torch.no_grad():
+        for model in models:
+            outputs = [model(torch.tensor([f.input_ids]), torch.tensor([f.segment_ids])) for f in features]
+            member_logits.append(([s[0].numpy() for s, _ in outputs], [e[0].numpy() for _, e in outputs]))
+    mean_starts = [(a + b) / 2 for a, b in zip(member_logits[0][0], member_logits[1][0])]
+    mean_ends = [(a + b) / 2 for a, b in zip(member_logits[0][1], member_logits[1][1])]
+    expected, _ = decode_predictions(examples, features, mean_starts, mean_ends, n_best_size=20, max_answer_length=30)
+    assert ensembled == expected
+    first_alone, _ = decode_predictions(examples, features, *member_logits[0], n_best_size=20, max_answer_length=30)
+    assert first_alone != expected  # the members disagree, so the average decides
+
+
+BAD_INPUT_CASES = {
+    "missing train file": (["--train_file=/nonexistent/train.json"], "/nonexistent/train.json"),
+    "train file not JSON": (["--train_file={bad_json}"], "bad.json"),
+    "checkpoint shapes": (["--checkpoint={wrong_ckpt}"], "embeddings.word_embeddings.weight"),
+    "vocab size": (["--vocab_file={small_vocab}"], "vocab_size"),
+    "max_seq_length": (["--max_seq_length=600"], "max_position_embeddings"),
+    "doc_stride": (["--doc_stride=200"], "--doc_stride"),
+    "output dir is a file": (["--output_dir={a_file}"], "--output_dir"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT_CASES))
+def test_bad_input_is_one_clear_line(case, tiny_setup, tmp_path):
+    (tmp_path / "bad.json").write_text("{not json", encoding="utf-8")
+    torch.save(QuestionAnswering(Config(**{**TINY_CONFIG, "hidden_size": 32})).bert.state_dict(), tmp_path / "w.bin")
+    vocab = VOCAB_FILE.read_text(encoding="utf-8").splitlines()[:1000]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (tmp_path / "file").write_text("x")
+    paths = dict(bad_json=tmp_path / "bad.json", wrong_ckpt=tmp_path / "w.bin", small_vocab=tmp_path / "vocab.txt",
+                 a_file=tmp_path / "file")
+    overrides, expected = BAD_INPUT_CASES[case]
+    flags = train_flags(tiny_setup, tmp_path / "out", epochs=1) + [f.format(**paths) for f in overrides]
+    result = run_script("train.py", *flags)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    assert not list((tmp_path / "out").glob("korquad_*.bin")) if (tmp_path / "out").is_dir() else True
