@@ -28,9 +28,241 @@ def benchmark(name: str):
 
 # --- tokenizer (issue 3) -----------------------------------------------------------------
 
+def _dev_contexts(dev_file: Path) -> list[str]:
+    """The distinct paragraph contexts of a KorQuAD file, in file order."""
+    import json
+
+    with open(dev_file, encoding="utf-8") as handle:
+        articles = json.load(handle)["data"]
+    contexts = (paragraph["context"] for article in articles for paragraph in article["paragraphs"])
+    return list(dict.fromkeys(contexts))
+
+
+@benchmark("tokenize")
+def bench_tokenize(args: argparse.Namespace) -> None:
+    """Mecab + WordPiece over every dev context: time, pieces, `##` and [UNK] shares."""
+    import time
+
+    from tokenization import BertTokenizer, make_analyzer
+
+    contexts = _dev_contexts(args.dev)
+    analyzer = make_analyzer("mecab")
+    started = time.perf_counter()
+    for context in contexts:
+        analyzer.spans(context.lower())
+    analyzer_seconds = time.perf_counter() - started
+
+    tokenizer = BertTokenizer(VOCAB_FILE, analyzer="mecab")  # fresh: empty caches
+    started = time.perf_counter()
+    pieces = [piece for context in contexts for piece, _, _ in tokenizer.tokenize_with_offsets(context)]
+    seconds = time.perf_counter() - started
+    continuations = sum(piece.startswith("##") for piece in pieces)
+    unknowns = sum(piece == "[UNK]" for piece in pieces)
+    print(f"tokenize.contexts: {len(contexts)}")
+    print(f"tokenize.analyzer_only_seconds: {analyzer_seconds:.2f}")
+    print(f"tokenize.seconds: {seconds:.2f}")
+    print(f"tokenize.pieces: {len(pieces)}")
+    print(f"tokenize.continuation_share: {continuations / len(pieces):.2%}")
+    print(f"tokenize.unk_share: {unknowns / len(pieces):.3%}")
+
+
 # --- features, decoding, oracle (issue 4) ------------------------------------------------
+# Dev set at 512 / 128 / 96 with Mecab; times are the median of 3 runs, each with a fresh tokenizer.
+_KQ_SETTINGS = {"max_seq_length": 512, "doc_stride": 128, "max_query_length": 96}
+_KQ_RUNS = 3
+_kq_built: dict = {}
+
+
+def _kq_tokenizer():
+    from tokenization import BertTokenizer
+    return BertTokenizer(str(VOCAB_FILE), analyzer="mecab", do_lower_case=True)
+
+
+def _kq_median_seconds(run: Callable[[], object], prepare: Callable[[], object] = lambda: None) -> float:
+    """Median wall time of `run(prepare())` over _KQ_RUNS runs; `prepare` is not timed."""
+    import statistics
+    import time
+    seconds = []
+    for _ in range(_KQ_RUNS):
+        prepared = prepare()
+        began = time.perf_counter()
+        run(prepared)
+        seconds.append(time.perf_counter() - began)
+    return statistics.median(seconds)
+
+
+def _kq_dev_features(dev: Path):
+    """Training-mode dev examples and features (gold positions for the oracle), built once."""
+    if dev not in _kq_built:
+        from korquad_utils import convert_examples_to_features, read_squad_examples
+        examples = read_squad_examples(dev, is_training=True)
+        features = convert_examples_to_features(examples, _kq_tokenizer(), is_training=True, progress=False,
+                                                **_KQ_SETTINGS)
+        _kq_built[dev] = examples, features
+    return _kq_built[dev]
+
+
+def _kq_gold_logits(features):
+    """Logits 10 at each feature's gold start/end, 0 elsewhere (answerless windows all 0)."""
+    import numpy as np
+    starts, ends = [], []
+    for feature in features:
+        start, end = np.zeros(len(feature.input_ids), np.float32), np.zeros(len(feature.input_ids), np.float32)
+        if feature.start_position:
+            start[feature.start_position] = end[feature.end_position] = 10.0
+        starts.append(start)
+        ends.append(end)
+    return starts, ends
+
+
+@benchmark("features")
+def bench_features(args: argparse.Namespace) -> None:
+    """Reading + Mecab + WordPiece + windows for the dev set, in 1 and 2 processes (target: <= 4.0 s)."""
+    from korquad_utils import convert_examples_to_features, read_squad_examples
+    for workers in (1, 2):
+        seconds = _kq_median_seconds(
+            lambda tokenizer: convert_examples_to_features(read_squad_examples(args.dev, is_training=False),
+                                                           tokenizer, is_training=False, num_workers=workers,
+                                                           progress=False, **_KQ_SETTINGS),
+            prepare=_kq_tokenizer)
+        print(f"features_dev_s[num_workers={workers}]: {seconds:.2f}")
+
+
+@benchmark("feature_cache")
+def bench_feature_cache(args: argparse.Namespace) -> None:
+    """load_or_build_features on the dev set when its cache is current (read + cache load + assembly)."""
+    import tempfile
+    from korquad_utils import load_or_build_features
+
+    def load(tokenizer, cache_dir: str):
+        return load_or_build_features(args.dev, tokenizer, is_training=False, cache_dir=cache_dir, progress=False,
+                                      **_KQ_SETTINGS)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        load(_kq_tokenizer(), cache_dir)
+        seconds = _kq_median_seconds(lambda tokenizer: load(tokenizer, cache_dir), prepare=_kq_tokenizer)
+    print(f"features_dev_s[cache_hit]: {seconds:.2f}")
+
+
+@benchmark("decode")
+def bench_decode(args: argparse.Namespace) -> None:
+    """n-best decoding of all dev questions, from gold and from random logits (target: <= 1.0 s)."""
+    import numpy as np
+    from korquad_utils import decode_predictions
+    examples, features = _kq_dev_features(args.dev)
+    rng = np.random.default_rng(0)
+    random_logits = [[rng.normal(size=len(f.input_ids)).astype(np.float32) for f in features] for _ in range(2)]
+    for name, (starts, ends) in (("gold", _kq_gold_logits(features)), ("random", random_logits)):
+        seconds = _kq_median_seconds(lambda _: decode_predictions(examples, features, starts, ends))
+        print(f"decode_dev_s[{name}_logits]: {seconds:.2f}")
+
+
+@benchmark("oracle")
+def bench_oracle(args: argparse.Namespace) -> None:
+    """Gold positions as logits -> decode_predictions -> evaluate_v1_0 (target: EM >= 99.65, F1 >= 99.9)."""
+    import json
+    import evaluate_v1_0
+    from korquad_utils import decode_predictions
+    examples, features = _kq_dev_features(args.dev)
+    predictions, _ = decode_predictions(examples, features, *_kq_gold_logits(features))
+    with open(args.dev, encoding="utf-8") as file:
+        scores = evaluate_v1_0.evaluate(json.load(file)["data"], predictions)
+    print(f"oracle_dev_exact_match: {scores['exact_match']:.2f}")
+    print(f"oracle_dev_f1: {scores['f1']:.2f}")
+
 
 # --- training throughput (issue 6) -------------------------------------------------------
+
+def _timed_training_steps(model, optimizer, batches) -> float:
+    """Seconds for forward + backward + AdamW over `batches` (dicts of tensors), after one warm-up step."""
+    import time
+
+    def step(batch):
+        loss = model(**batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(batches[0])
+    start = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    return time.perf_counter() - start
+
+
+@benchmark("train_throughput")
+def bench_train_throughput(args: argparse.Namespace) -> None:
+    """Features per second on real dev features: length-grouped dynamic padding vs padding to 512."""
+    import torch
+    from korquad_utils import collate_features, convert_examples_to_features, make_length_grouped_batches, \
+        read_squad_examples
+    from modeling import Config, QuestionAnswering
+    from tokenization import BertTokenizer
+
+    torch.manual_seed(0)
+    examples = read_squad_examples(str(args.dev), is_training=True)
+    features = convert_examples_to_features(examples, BertTokenizer(str(VOCAB_FILE)), 512, 128, 96, is_training=True)
+    lengths = [len(f.input_ids) for f in features]
+    batch_size, num_batches = 16, 6
+    batches = make_length_grouped_batches(lengths, batch_size, shuffle=True, seed=0)[:num_batches]
+    dynamic = [collate_features([features[i] for i in b], is_training=True) for b in batches]
+    padded = []
+    for batch in dynamic:  # the same features, every batch padded to max_seq_length as the baseline did
+        grow = 512 - batch["input_ids"].shape[1]
+        padded.append({k: torch.nn.functional.pad(v, (0, grow)) if v.dim() == 2 else v for k, v in batch.items()})
+    model = QuestionAnswering(Config.from_json_file(ROOT / "data" / "bert_small.json")).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    n = sum(len(b) for b in batches)
+    dynamic_rate = n / _timed_training_steps(model, optimizer, dynamic)
+    padded_rate = n / _timed_training_steps(model, optimizer, padded)
+    print(f"train_throughput: dev features mean length {sum(lengths) / len(lengths):.0f} pieces, "
+          f"{num_batches} batches of {batch_size}, BERT-small, CPU x{torch.get_num_threads()} threads")
+    print(f"train_throughput: length-grouped dynamic padding {dynamic_rate:.2f} features/s, "
+          f"padded to 512 {padded_rate:.2f} features/s, speed-up {dynamic_rate / padded_rate:.2f}x")
+
+
+@benchmark("step_vs_transformers")
+def bench_step_vs_transformers(args: argparse.Namespace) -> None:
+    """fwd+bwd step time of our model vs transformers' BertForQuestionAnswering (sdpa), same shape."""
+    import time
+
+    import torch
+    from modeling import Config, QuestionAnswering
+    try:
+        import transformers
+    except ImportError:
+        print("step_vs_transformers: skipped (pip install transformers; it is needed for this benchmark only)")
+        return
+    config = Config.from_json_file(ROOT / "data" / "bert_small.json")
+    theirs = transformers.BertForQuestionAnswering(transformers.BertConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_heads, intermediate_size=config.ff_dim, hidden_act="gelu_new",
+        max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
+        attn_implementation="sdpa")).train()
+    ours = QuestionAnswering(config).train()
+    batch, length, repeats = 4, 512, 3
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(input_ids=torch.randint(5, config.vocab_size, (batch, length), generator=g),
+                  token_type_ids=torch.zeros(batch, length, dtype=torch.long),
+                  attention_mask=torch.ones(batch, length, dtype=torch.long),
+                  start_positions=torch.randint(0, length, (batch,), generator=g),
+                  end_positions=torch.randint(0, length, (batch,), generator=g))
+
+    def seconds_per_step(model, loss_of) -> float:
+        loss_of(model).backward()  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model.zero_grad(set_to_none=True)
+            loss_of(model).backward()
+        return (time.perf_counter() - start) / repeats
+
+    # Interleave the two so that drifting machine load hurts both alike.
+    ours_s = seconds_per_step(ours, lambda m: m(**inputs))
+    theirs_s = seconds_per_step(theirs, lambda m: m(**inputs).loss)
+    ours_s = min(ours_s, seconds_per_step(ours, lambda m: m(**inputs)))
+    theirs_s = min(theirs_s, seconds_per_step(theirs, lambda m: m(**inputs).loss))
+    print(f"step_vs_transformers: B={batch} L={length} fwd+bwd, CPU x{torch.get_num_threads()} threads: "
+          f"ours {ours_s:.2f} s/step, transformers {transformers.__version__} sdpa {theirs_s:.2f} s/step "
+          f"(ours/theirs {ours_s / theirs_s:.2f})")
 
 
 def main() -> None:

@@ -22,10 +22,10 @@ import torch
 from tqdm import tqdm
 
 import evaluate_v1_0
-from korquad_utils import (InputFeature, SquadExample, collate_features, decode_predictions,
+from korquad_utils import (InputFeature, KorquadFormatError, SquadExample, collate_features, decode_predictions,
                            load_or_build_features, make_length_grouped_batches, write_predictions)
-from modeling import Config, QuestionAnswering, load_checkpoint
-from tokenization import BertTokenizer
+from modeling import CheckpointError, Config, ConfigError, QuestionAnswering, load_checkpoint
+from tokenization import BertTokenizer, TokenizerError
 
 logger = logging.getLogger("korquad")
 
@@ -38,6 +38,11 @@ SAVED_ARGS_NAME = "training_args.json"
 
 class UsageError(ValueError):
     """A flag or input file that cannot work; the message names it."""
+
+
+# What a user can cause: reported as one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UsageError, ConfigError, CheckpointError, TokenizerError, KorquadFormatError, OSError)
 
 
 # --- shared by train.py and eval.py --------------------------------------------------------
@@ -132,14 +137,15 @@ def setup_logging(quiet: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def run_cli(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
+def run_cli(main: Callable[[Sequence[str] | None], None],
+            user_errors: tuple[type[BaseException], ...] = USER_ERRORS) -> None:
     """Run a CLI: a user error becomes one line on stderr and exit status 1, never a traceback."""
     prog = Path(sys.argv[0]).name
     try:
-        main(argv)
+        main(None)
     except KeyboardInterrupt:
         sys.exit(f"{prog}: interrupted")
-    except (ValueError, OSError) as err:  # our input errors all derive from ValueError
+    except user_errors as err:
         message = " ".join(str(err).split()) or type(err).__name__
         if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
             message = f"{err.filename}: {message}"
@@ -197,7 +203,8 @@ def evaluate_model(model: torch.nn.Module, examples: Sequence[SquadExample], fea
 # --- CLI -------------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate KorQuAD v1.0 checkpoints (several = an ensemble).")
+    parser = argparse.ArgumentParser(description="Evaluate KorQuAD v1.0 checkpoints (several = an ensemble).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
                         help="fine-tuned checkpoint(s); several are ensembled by averaging logits")
     parser.add_argument("--predict_file", default="data/KorQuAD_v1.0_dev.json")
@@ -250,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     examples, features = load_or_build_features(
         args.predict_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
         is_training=False, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache,
-        num_workers=args.preprocess_workers)
+        num_workers=args.preprocess_workers, progress=not args.quiet)
     logger.info("%d questions, %d features from %s", len(examples), len(features), args.predict_file)
 
     model = QuestionAnswering(config).to(device)

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from eval import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, UsageError, add_data_args, autocast_context,
+from eval import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, UsageError, add_data_args, autocast_context,
                   autocast_dtype, build_tokenizer, check_data_args, evaluate_model, has_answers,
                   pick_device, prepare_output_dir, run_cli, score, setup_logging)
 from korquad_utils import collate_features, load_or_build_features, make_length_grouped_batches
@@ -108,7 +108,8 @@ def setup_distributed(no_cuda: bool) -> tuple[Distributed, torch.device]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Fine-tune BERT-small on KorQuAD v1.0.")
+    parser = argparse.ArgumentParser(description="Fine-tune BERT-small on KorQuAD v1.0.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--train_file", default="data/KorQuAD_v1.0_train.json")
     parser.add_argument("--output_dir", default="output")
     parser.add_argument("--checkpoint", default="pretrain_ckpt/bert_small_ckpt.bin",
@@ -312,14 +313,15 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
     examples, features = ctx.main_first(lambda: load_or_build_features(
         args.train_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
         is_training=True, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache and ctx.is_main,
-        num_workers=args.preprocess_workers))
+        num_workers=args.preprocess_workers, progress=not args.quiet))
     if not features:
         raise UsageError(f"--train_file {args.train_file}: no usable training questions")
     eval_data = None
     if args.eval_file and ctx.is_main:
-        eval_data = load_or_build_features(args.eval_file, tokenizer, args.max_seq_length, args.doc_stride,
-                                           args.max_query_length, is_training=False, cache_dir=args.cache_dir,
-                                           overwrite_cache=args.overwrite_cache, num_workers=args.preprocess_workers)
+        eval_data = load_or_build_features(
+            args.eval_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
+            is_training=False, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache,
+            num_workers=args.preprocess_workers, progress=not args.quiet)
         if not has_answers(eval_data[0]):
             raise UsageError(f"--eval_file {args.eval_file} has no answers to score against")
 
@@ -395,4 +397,4 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, USER_ERRORS + (TrainingDiverged,))

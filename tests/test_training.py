@@ -203,3 +203,40 @@ def test_bad_input_is_one_clear_line(case, tiny_setup, tmp_path):
     assert len(lines) == 1, result.stderr
     assert expected in lines[0]
     assert not list((tmp_path / "out").glob("korquad_*.bin")) if (tmp_path / "out").is_dir() else True
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_setup, tmp_path, monkeypatch):
+    import modeling
+    import train
+
+    out = tmp_path / "run"
+    flags = train_flags(tiny_setup, out, epochs=2, batch_size=8) + ["--logging_steps=50"]
+    real_loss, calls = modeling.span_loss, []
+
+    def loss_that_turns_nan(logits, positions, mask):
+        calls.append(1)
+        loss = real_loss(logits, positions, mask)
+        return loss * float("nan") if len(calls) > 2 * 10 else loss  # two calls per step: NaN from step 11
+
+    train.main(flags[:-1] + ["--num_train_epochs=1", f"--output_dir={tmp_path / 'reference'}"])
+    steps_per_epoch = sum(1 for _ in (tmp_path / "reference" / "training_log.jsonl").open())
+    assert steps_per_epoch < 11 < 2 * steps_per_epoch  # the NaN arrives in the second epoch
+
+    monkeypatch.setattr(modeling, "span_loss", loss_that_turns_nan)
+    with pytest.raises(train.TrainingDiverged, match="non-finite loss at optimizer step 11"):
+        train.main(flags)
+    assert (out / "korquad_0.bin").is_file() and not (out / "korquad_1.bin").exists()
+    state = torch.load(out / "korquad_0.bin", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_torchrun_every_rank_stops_on_a_bad_train_file(tiny_setup, tmp_path):
+    (tmp_path / "broken.json").write_text('{"data": [{"paragraphs": [{"qas": []}]}]}', encoding="utf-8")
+    flags = train_flags(tiny_setup, tmp_path / "out", epochs=1) + [f"--train_file={tmp_path / 'broken.json'}"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "train.py"), *flags], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "train.py: error: " in result.stderr and "broken.json" in result.stderr
+    assert "rank 0 failed while preparing the data" in result.stderr  # rank 1 stopped too, without hanging
+    assert not (tmp_path / "out" / "korquad_0.bin").exists()

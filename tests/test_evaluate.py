@@ -1,0 +1,105 @@
+"""The official KorQuAD v1.0 metric: hand-computed cases and the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluate_v1_0 import evaluate, exact_match_score, f1_score, normalize_answer
+
+SCRIPT = Path(__file__).resolve().parent.parent / "evaluate_v1_0.py"
+
+
+@pytest.mark.parametrize("text, normalized", [
+    ('《서울》 "대한민국"의 (수도)', "서울 대한민국 의 수도"),
+    ("‘한강’ 〈기적〉 <KorQuAD>", "한강 기적 korquad"),
+    ("a(b)c", "a b c"),            # brackets become spaces ...
+    ("a-b.c!", "abc"),             # ... other ASCII punctuation just goes
+    ("  1,000  원 ", "1000 원"),
+    ("「가」·나", "「가」·나"),        # non-ASCII punctuation outside the list stays
+])
+def test_normalize_answer(text, normalized):
+    assert normalize_answer(text) == normalized
+
+
+def test_exact_match_after_normalisation():
+    assert exact_match_score("《KorQuAD》", "korquad")
+    assert exact_match_score("a-b", "ab")
+    assert not exact_match_score("a(b", "ab")     # "a b" is not "ab"
+    assert not exact_match_score("서울 시", "서울시")
+
+
+def test_f1_is_over_characters_without_spaces():
+    # 서울특별시 vs 서울시: 3 shared characters; precision 3/5, recall 3/3.
+    assert f1_score("서울특별시", "서울시") == pytest.approx(2 * 0.6 * 1.0 / 1.6)
+    assert f1_score("서울 시", "서울시") == 1.0
+    # Character multisets: one shared 아 out of three predicted.
+    assert f1_score("아아아", "아") == pytest.approx(0.5)
+    assert f1_score("부산", "서울") == 0
+    assert f1_score("(  )", "서울") == 0
+
+
+def _dataset(*questions: tuple[str, list[str]]) -> list[dict]:
+    qas = [{"id": qid, "question": "?", "answers": [{"text": t, "answer_start": 0} for t in answers]}
+           for qid, answers in questions]
+    return [{"title": "t", "paragraphs": [{"context": "c", "qas": qas}]}]
+
+
+def test_evaluate_takes_best_gold_and_scores_missing_as_zero(capsys):
+    dataset = _dataset(("q1", ["서울특별시", "서울"]),   # prediction matches the second gold exactly
+                       ("q2", ["서울시"]),               # partial: F1 0.75, EM 0
+                       ("q3", ["부산"]),                 # no prediction
+                       ("q4", ["대전"]))                 # wrong
+    predictions = {"q1": "서울", "q2": "서울특별시", "q4": "광주"}
+    scores = evaluate(dataset, predictions)
+    assert scores == {"exact_match": 100.0 * 1 / 4, "f1": 100.0 * (1.0 + 0.75) / 4}
+    assert "q3" in capsys.readouterr().err
+    # The whole file's object works as well as its `data` list.
+    assert evaluate({"version": "KorQuAD_v1.0_dev", "data": dataset}, predictions) == scores
+
+
+def _run_cli(tmp_path, dataset: dict, predictions: dict | str) -> subprocess.CompletedProcess:
+    dataset_file = tmp_path / "dataset.json"
+    prediction_file = tmp_path / "predictions.json"
+    dataset_file.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
+    prediction_file.write_text(predictions if isinstance(predictions, str) else json.dumps(predictions),
+                               encoding="utf-8")
+    return subprocess.run([sys.executable, str(SCRIPT), str(dataset_file), str(prediction_file)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_prints_scores_and_notes_only_a_foreign_version(tmp_path):
+    data = _dataset(("q1", ["서울"]), ("q2", ["부산"]))
+    result = _run_cli(tmp_path, {"version": "KorQuAD_v1.0_dev", "data": data}, {"q1": "서울", "q2": "부산항"})
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == {"exact_match": 50.0, "f1": 100.0 * (1.0 + 2 * (2 / 3) * 1.0 / (2 / 3 + 1)) / 2}
+    assert result.stderr == ""
+    result = _run_cli(tmp_path, {"version": "1.1", "data": data}, {"q1": "서울", "q2": "부산"})
+    assert json.loads(result.stdout) == {"exact_match": 100.0, "f1": 100.0}
+    assert "KorQuAD_v1.0" in result.stderr and "'1.1'" in result.stderr
+
+
+@pytest.mark.parametrize("dataset, predictions, message", [
+    ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", ["서울"]))}, "{not json", "predictions"),
+    ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", ["서울"]))}, {"q1": 3}, "question q1"),
+    ({"version": "KorQuAD_v1.0"}, {}, "'data'"),
+    ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", []))}, {}, "question q1"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, dataset, predictions, message):
+    result = _run_cli(tmp_path, dataset, predictions)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_gold_answers_score_100_on_the_dev_set(dev_file):
+    with open(dev_file, encoding="utf-8") as file:
+        dataset = json.load(file)
+    gold = {qa["id"]: qa["answers"][0]["text"]
+            for article in dataset["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]}
+    assert len(gold) == 5774
+    assert evaluate(dataset["data"], gold) == {"exact_match": 100.0, "f1": 100.0}
