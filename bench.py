@@ -200,7 +200,8 @@ def bench_train_throughput(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     examples = read_squad_examples(str(args.dev), is_training=True)
-    features = convert_examples_to_features(examples, BertTokenizer(str(VOCAB_FILE)), 512, 128, 96, is_training=True)
+    features = convert_examples_to_features(examples, BertTokenizer(str(VOCAB_FILE)), 512, 128, 96, is_training=True,
+                                            progress=False)
     lengths = [len(f.input_ids) for f in features]
     batch_size, num_batches = 16, 6
     batches = make_length_grouped_batches(lengths, batch_size, shuffle=True, seed=0)[:num_batches]
