@@ -102,19 +102,6 @@ def _kq_dev_features(dev: Path):
     return _kq_built[dev]
 
 
-def _kq_gold_logits(features):
-    """Logits 10 at each feature's gold start/end, 0 elsewhere (answerless windows all 0)."""
-    import numpy as np
-    starts, ends = [], []
-    for feature in features:
-        start, end = np.zeros(len(feature.input_ids), np.float32), np.zeros(len(feature.input_ids), np.float32)
-        if feature.start_position:
-            start[feature.start_position] = end[feature.end_position] = 10.0
-        starts.append(start)
-        ends.append(end)
-    return starts, ends
-
-
 @benchmark("features")
 def bench_features(args: argparse.Namespace) -> None:
     """Reading + Mecab + WordPiece + windows for the dev set, in 1 and 2 processes (target: <= 4.0 s)."""
@@ -147,11 +134,11 @@ def bench_feature_cache(args: argparse.Namespace) -> None:
 def bench_decode(args: argparse.Namespace) -> None:
     """n-best decoding of all dev questions, from gold and from random logits (target: <= 1.0 s)."""
     import numpy as np
-    from korquad_utils import decode_predictions
+    from korquad_utils import decode_predictions, gold_logits
     examples, features = _kq_dev_features(args.dev)
     rng = np.random.default_rng(0)
     random_logits = [[rng.normal(size=len(f.input_ids)).astype(np.float32) for f in features] for _ in range(2)]
-    for name, (starts, ends) in (("gold", _kq_gold_logits(features)), ("random", random_logits)):
+    for name, (starts, ends) in (("gold", gold_logits(features)), ("random", random_logits)):
         seconds = _kq_median_seconds(lambda _: decode_predictions(examples, features, starts, ends))
         print(f"decode_dev_s[{name}_logits]: {seconds:.2f}")
 
@@ -161,9 +148,9 @@ def bench_oracle(args: argparse.Namespace) -> None:
     """Gold positions as logits -> decode_predictions -> evaluate_v1_0 (target: EM >= 99.65, F1 >= 99.9)."""
     import json
     import evaluate_v1_0
-    from korquad_utils import decode_predictions
+    from korquad_utils import decode_predictions, gold_logits
     examples, features = _kq_dev_features(args.dev)
-    predictions, _ = decode_predictions(examples, features, *_kq_gold_logits(features))
+    predictions, _ = decode_predictions(examples, features, *gold_logits(features))
     with open(args.dev, encoding="utf-8") as file:
         scores = evaluate_v1_0.evaluate(json.load(file)["data"], predictions)
     print(f"oracle_dev_exact_match: {scores['exact_match']:.2f}")

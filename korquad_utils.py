@@ -689,6 +689,22 @@ def _softmax(scores: list[float]) -> list[float]:
     return [value / total for value in exps]
 
 
+def gold_logits(features: Sequence[InputFeature]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Logits pointing at each training feature's gold start/end (flat in windows without the answer).
+
+    Decoding these measures the pipeline's own ceiling: what a perfect model could score after
+    tokenization, windowing and decoding.
+    """
+    starts, ends = [], []
+    for feature in features:
+        start, end = np.zeros(len(feature.input_ids), np.float32), np.zeros(len(feature.input_ids), np.float32)
+        if feature.start_position:
+            start[feature.start_position] = end[feature.end_position] = 10.0
+        starts.append(start)
+        ends.append(end)
+    return starts, ends
+
+
 @_gc_paused()
 def decode_predictions(examples: Sequence[SquadExample], features: Sequence[InputFeature], start_logits: Sequence,
                        end_logits: Sequence, n_best_size: int = 20, max_answer_length: int = 30,

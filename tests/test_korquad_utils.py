@@ -470,24 +470,12 @@ def test_write_predictions_is_utf8_and_leaves_no_temp_files(tmp_path):
 # ----------------------------------------------------------------------------- the dev-set oracle
 
 
-def gold_logits(features: list[ku.InputFeature]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Logits that point at each training feature's gold start/end (and nowhere in answerless windows)."""
-    starts, ends = [], []
-    for feature in features:
-        start, end = np.zeros(len(feature.input_ids), np.float32), np.zeros(len(feature.input_ids), np.float32)
-        if feature.start_position:
-            start[feature.start_position] = end[feature.end_position] = 10.0
-        starts.append(start)
-        ends.append(end)
-    return starts, ends
-
-
 def test_oracle_reaches_the_ceiling_on_the_dev_set(dev_file, vocab_file):
     tokenization = pytest.importorskip("tokenization")
     tokenizer = tokenization.BertTokenizer(str(vocab_file), analyzer="mecab", do_lower_case=True)
     examples = ku.read_squad_examples(dev_file, is_training=True)
     features = ku.convert_examples_to_features(examples, tokenizer, 512, 128, 96, is_training=True, progress=False)
-    predictions, _ = ku.decode_predictions(examples, features, *gold_logits(features))
+    predictions, _ = ku.decode_predictions(examples, features, *ku.gold_logits(features))
     with open(dev_file, encoding="utf-8") as file:
         scores = evaluate(json.load(file)["data"], predictions)
     assert scores["exact_match"] >= 99.65 and scores["f1"] >= 99.9, scores
