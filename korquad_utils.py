@@ -450,8 +450,10 @@ def _cache_paths(input_file: Path, cache_dir: Path, analyzer: str, max_seq_lengt
     return cache_dir / f"{stem}.features.npz", cache_dir / f"{stem}.features.json"
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a temporary file in the same directory, then rename it into place."""
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through a temporary file in the same directory, then rename it into place, so a reader
+    (or a crash half-way) never leaves half a file under `path`."""
+    path = Path(path)
     temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     # os.open with mode 0o666 lets the user's umask decide the final permissions, as for a plain open().
     descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -505,11 +507,11 @@ def _write_cached_table(table: _FeatureTable, npz_path: Path, json_path: Path, k
     arrays = {field.name: getattr(table, field.name) for field in fields(_FeatureTable)}
     try:
         npz_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(npz_path, lambda file: np.savez(file, key=np.array(key), **arrays))
+        atomic_write(npz_path, lambda file: np.savez(file, key=np.array(key), **arrays))
         # The sidecar is for people and tools: what the cache was built from.
         sidecar = {"key": key, "cache_version": CACHE_VERSION, "num_examples": len(table.example_context),
                    "num_features": len(table.feature_example), **metadata}
-        _atomic_write(json_path, lambda file: file.write(json.dumps(sidecar, indent=1).encode("utf-8")))
+        atomic_write(json_path, lambda file: file.write(json.dumps(sidecar, indent=1).encode("utf-8")))
     except OSError as error:
         logger.warning("cannot write the feature cache in %s (%s): features are not cached",
                        npz_path.parent, error.strerror or error)
@@ -772,5 +774,5 @@ def write_predictions(predictions: dict[str, str], nbest: dict[str, list[dict[st
     paths = output_dir / "predictions.json", output_dir / "nbest_predictions.json"
     for path, content in zip(paths, (predictions, nbest)):
         text = json.dumps(content, ensure_ascii=False, indent=2) + "\n"
-        _atomic_write(path, lambda file, text=text: file.write(text.encode("utf-8")))
+        atomic_write(path, lambda file, text=text: file.write(text.encode("utf-8")))
     return paths

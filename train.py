@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import math
@@ -32,8 +31,8 @@ from tqdm import tqdm
 from eval import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, UsageError, add_data_args, autocast_context,
                   autocast_dtype, build_tokenizer, check_data_args, evaluate_model, has_answers,
                   pick_device, prepare_output_dir, run_cli, score, setup_logging)
-from korquad_utils import collate_features, load_or_build_features, make_length_grouped_batches
-from modeling import Config, QuestionAnswering, atomic_write_bytes, count_parameters, load_checkpoint
+from korquad_utils import atomic_write, collate_features, load_or_build_features, make_length_grouped_batches
+from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
 
 logger = logging.getLogger("korquad")
 
@@ -188,13 +187,11 @@ def rank_batches(lengths: Sequence[int], args: argparse.Namespace, ctx: Distribu
 
 
 def save_torch_atomic(obj, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, lambda file: torch.save(obj, file))
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def write_json_atomic(obj, path: Path) -> None:
+    atomic_write(path, lambda file: file.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
 
 
 def load_resume_state(output_dir: Path, model: torch.nn.Module, args: argparse.Namespace,
@@ -357,10 +354,10 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
         if ctx.enabled else model
 
     if ctx.is_main:
-        config.to_json_file(output_dir / SAVED_CONFIG_NAME)
+        write_json_atomic(config.to_dict(), output_dir / SAVED_CONFIG_NAME)
         saved = {**vars(args), "world_size": ctx.world_size,
                  "global_batch_size": args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps}
-        atomic_write_bytes(output_dir / SAVED_ARGS_NAME, (json.dumps(saved, indent=2, ensure_ascii=False) + "\n").encode())
+        write_json_atomic(saved, output_dir / SAVED_ARGS_NAME)
     logger.info("%d questions, %d features; %d parameters; %d epochs of %d optimizer steps; global batch %d; "
                 "device %s, autocast %s", len(examples), len(features), count_parameters(model), num_epochs,
                 optimizer_steps_per_epoch, args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps,
