@@ -235,7 +235,11 @@ def resolve_from_training_run(args: argparse.Namespace) -> None:
         saved_config = run_dir / SAVED_CONFIG_NAME
         args.model_config = str(saved_config if saved_config.is_file() else DEFAULT_CONFIG)
     if args.vocab_file is None:
-        args.vocab_file = saved_args.get("vocab_file", str(DEFAULT_VOCAB))
+        saved_vocab = saved_args.get("vocab_file")
+        if saved_vocab and not Path(saved_vocab).is_file():
+            logger.warning("the training run's vocab %s is not here; using %s", saved_vocab, DEFAULT_VOCAB)
+            saved_vocab = None
+        args.vocab_file = saved_vocab or str(DEFAULT_VOCAB)
     if args.analyzer is None:
         args.analyzer = saved_args.get("analyzer", "mecab")
 

@@ -240,3 +240,26 @@ def test_torchrun_every_rank_stops_on_a_bad_train_file(tiny_setup, tmp_path):
     assert "train.py: error: " in result.stderr and "broken.json" in result.stderr
     assert "rank 0 failed while preparing the data" in result.stderr  # rank 1 stopped too, without hanging
     assert not (tmp_path / "out" / "korquad_0.bin").exists()
+
+
+def test_eval_bad_input_is_one_clear_line(tiny_setup, tmp_path):
+    finetuned = tmp_path / "korquad_0.bin"
+    torch.save(QuestionAnswering(Config(**TINY_CONFIG)).state_dict(), finetuned)
+    (tmp_path / "bad.json").write_text('{"data": [{"paragraphs": [{"context": "x"}]}]}', encoding="utf-8")
+    common = [f"--model_config={tiny_setup / 'tiny.json'}", f"--output_dir={tmp_path / 'debug'}", *DATA_FLAGS,
+              "--no_cuda", "--quiet", f"--cache_dir={tmp_path / 'cache'}"]
+    cases = {
+        "missing checkpoint": ([f"--checkpoint={tmp_path / 'absent.bin'}",
+                                f"--predict_file={tiny_setup / 'train.json'}"], "absent.bin: file not found"),
+        "predict file without qas": ([f"--checkpoint={finetuned}", f"--predict_file={tmp_path / 'bad.json'}"],
+                                     "bad.json: article 0 paragraph 0: missing 'qas'"),
+        "published config on a tiny checkpoint": ([f"--checkpoint={finetuned}",
+                                                   f"--predict_file={tiny_setup / 'train.json'}",
+                                                   "--model_config=data/bert_small.json"], "shape mismatch"),
+    }
+    for name, (flags, expected) in cases.items():
+        result = run_script("eval.py", *common, *flags)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, (name, result.stderr)
+        assert expected in lines[0], (name, lines[0])
+    assert not (tmp_path / "debug" / "predictions.json").exists()
