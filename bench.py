@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parent
 DEV_CANDIDATES = (ROOT / "data" / "KorQuAD_v1.0_dev.json",

@@ -13,7 +13,8 @@ import re
 import string
 import sys
 from collections import Counter
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 EXPECTED_VERSION_PREFIX = "KorQuAD_v1.0"
 

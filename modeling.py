@@ -59,7 +59,7 @@ class Config:
             raise ConfigError(f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "Config":
+    def from_dict(cls, values: dict, source: str = "config") -> Config:
         """Build a config from a dict; every key must be known and every required key present."""
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: expected a JSON object of model hyper-parameters")
@@ -80,7 +80,7 @@ class Config:
             raise ConfigError(f"{source}: {err}") from None
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "Config":
+    def from_json_file(cls, path: str | os.PathLike) -> Config:
         """Read a config JSON file such as `data/bert_small.json`."""
         try:
             with open(path, encoding="utf-8") as f:

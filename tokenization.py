@@ -21,7 +21,8 @@ import shutil
 import string
 import unicodedata
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
 
 logger = logging.getLogger(__name__)
 

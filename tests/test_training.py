@@ -65,8 +65,10 @@ def train_flags(setup: Path, output_dir: Path, epochs: int, batch_size: int = 8,
 
 def test_train_then_eval_fits_the_questions_it_saw(tiny_setup, tmp_path):
     out = tmp_path / "output"
-    trained = run_script("train.py", *train_flags(tiny_setup, out, epochs=30), "--save_total_limit=2")
+    trained = run_script("train.py", *train_flags(tiny_setup, out, epochs=30), "--save_total_limit=2",
+                         f"--eval_file={tiny_setup / 'train.json'}")
     assert trained.returncode == 0, trained.stderr
+    assert set(json.loads(trained.stdout.strip().splitlines()[-1])) == {"exact_match", "f1"}
     assert sorted(p.name for p in out.glob("korquad_*.bin")) == ["korquad_28.bin", "korquad_29.bin"]
     assert {"config.json", "training_args.json", "training_state.pt", "training_log.jsonl"} <= {
         p.name for p in out.iterdir()}
