@@ -60,8 +60,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite_cache", action="store_true", help="rebuild cached features")
     parser.add_argument("--preprocess_workers", type=int, default=1, help="processes for tokenization")
     parser.add_argument("--no_cuda", action="store_true", help="run on the CPU even if a GPU is present")
-    parser.add_argument("--fp16", action="store_true", help="float16 autocast (CUDA only)")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA or CPU)")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_true", help="float16 autocast (CUDA only)")
+    precision.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA or CPU)")
+    precision.add_argument("--fp32", action="store_true",
+                           help="full precision even on a GPU (default there: bf16 where supported, else fp16)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # torch.distributed.launch
 
 
@@ -81,8 +84,6 @@ def check_data_args(args: argparse.Namespace, config: Config) -> None:
                          f"({window} pieces = max_seq_length - max_query_length - 3)")
     if args.max_answer_length < 1:
         raise UsageError("--max_answer_length must be at least 1")
-    if args.fp16 and args.bf16:
-        raise UsageError("--fp16 and --bf16 exclude each other")
 
 
 def prepare_output_dir(path: str) -> Path:
@@ -107,11 +108,17 @@ def build_tokenizer(vocab_file: str | os.PathLike, analyzer: str, config: Config
 
 
 def pick_device(no_cuda: bool) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and not no_cuda else "cpu")
+    """The GPU when there is one (and --no_cuda is not given), else the CPU."""
+    if torch.cuda.is_available() and not no_cuda:
+        # TF32 for whatever runs outside autocast (or all of it under --fp32) on Ampere and newer.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
-    """The mixed-precision dtype: bf16 where the GPU supports it, else fp16; on a CPU only if asked for."""
+    """The mixed-precision dtype: on a GPU bf16 where supported, else fp16 (unless --fp32); on a CPU only if asked."""
     if args.fp16:
         if device.type != "cuda":
             raise UsageError("--fp16 needs a CUDA GPU; use --bf16 for mixed precision on a CPU")
@@ -120,7 +127,7 @@ def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtyp
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UsageError("--bf16: this GPU does not support bfloat16; use --fp16")
         return torch.bfloat16
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.fp32:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None
 
