@@ -124,12 +124,18 @@ def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtyp
             raise UsageError("--fp16 needs a CUDA GPU; use --bf16 for mixed precision on a CPU")
         return torch.float16
     if args.bf16:
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UsageError("--bf16: this GPU does not support bfloat16; use --fp16")
+        if device.type == "cuda" and not has_native_bf16(device):
+            raise UsageError("--bf16: this GPU has no native bfloat16 (it needs compute capability 8.0+); use --fp16")
         return torch.bfloat16
     if device.type == "cuda" and not args.fp32:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if has_native_bf16(device) else torch.float16
     return None
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Ampere (compute capability 8.0) and newer. `torch.cuda.is_bf16_supported()` also says yes
+    for older GPUs that only emulate bf16, slowly (a Colab T4), where fp16 is the right choice."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -152,6 +158,9 @@ def run_cli(main: Callable[[Sequence[str] | None], None],
         main(None)
     except KeyboardInterrupt:
         sys.exit(f"{prog}: interrupted")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit(f"{prog}: error: CUDA out of memory; lower --train_batch_size (train.py: raise "
+                 f"--gradient_accumulation_steps to keep the global batch) or --max_seq_length")
     except user_errors as err:
         message = " ".join(str(err).split()) or type(err).__name__
         if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
@@ -226,8 +235,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
     add_data_args(parser)
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.n_best_size < 1:
-        parser.error("--train_batch_size and --n_best_size must be at least 1")
+    if args.batch_size < 1 or args.n_best_size < 1 or args.preprocess_workers < 1:
+        parser.error("--train_batch_size, --n_best_size and --preprocess_workers must be at least 1")
     return args
 
 
@@ -236,8 +245,12 @@ def resolve_from_training_run(args: argparse.Namespace) -> None:
     run_dir = Path(args.checkpoint[0]).parent
     saved_args: dict = {}
     if (run_dir / SAVED_ARGS_NAME).is_file():
-        with open(run_dir / SAVED_ARGS_NAME, encoding="utf-8") as f:
-            saved_args = json.load(f)
+        try:
+            with open(run_dir / SAVED_ARGS_NAME, encoding="utf-8") as f:
+                saved_args = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UsageError(f"{run_dir / SAVED_ARGS_NAME}: not readable JSON ({err}); pass --vocab_file "
+                             f"and --analyzer, or remove the file") from None
     if args.model_config is None:
         saved_config = run_dir / SAVED_CONFIG_NAME
         args.model_config = str(saved_config if saved_config.is_file() else DEFAULT_CONFIG)
@@ -274,7 +287,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = QuestionAnswering(config).to(device)
     summed_starts = summed_ends = None
     for path in args.checkpoint:
-        load_checkpoint(model, path)
+        if load_checkpoint(model, path) != "finetuned":
+            raise UsageError(f"--checkpoint {path} is a pretrained encoder without a trained span head; "
+                             f"pass a fine-tuned korquad_*.bin from train.py")
         starts, ends = predict_logits(model, features, args.batch_size, device, amp_dtype, not args.quiet)
         if summed_starts is None:
             summed_starts, summed_ends = starts, ends

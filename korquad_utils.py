@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import re
 import secrets
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -460,6 +461,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     try:
         with os.fdopen(descriptor, "wb") as file:
             write(file)
+            file.flush()
+            os.fsync(file.fileno())  # the data is on disk before the name points at it
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
@@ -477,7 +480,7 @@ def _read_cached_table(npz_path: Path, key: str, num_examples: int) -> _FeatureT
             table = _FeatureTable(**{field.name: arrays[field.name] for field in fields(_FeatureTable)})
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, AttributeError, EOFError, zipfile.BadZipFile) as error:
         logger.warning("feature cache %s is unreadable (%s); rebuilding", npz_path, error)
         return None
     if (len(table.example_context) != num_examples or len(table.max_context) != table.feature_doc_length.sum()

@@ -68,24 +68,25 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
-    def main_first(self, work: Callable[[], T]) -> T:
-        """Run `work` on rank 0, then on the other ranks (which then find rank 0's cache).
-
-        If rank 0 fails, the others stop too instead of waiting for it forever.
-        """
+    def on_main(self, work: Callable[[], T]) -> T | None:
+        """Run `work` on rank 0 only (None elsewhere); if it fails there, every rank stops."""
         if not self.enabled:
             return work()
+        result = None
         if self.is_main:
             try:
                 result = work()
             except BaseException:
                 self._all_succeeded(False)
                 raise
-            self._all_succeeded(True)
-            return result
         if not self._all_succeeded(True):
             raise UsageError("rank 0 failed while preparing the data; its error message says why")
-        return work()
+        return result
+
+    def main_first(self, work: Callable[[], T]) -> T:
+        """Run `work` on rank 0, then on the other ranks (which then find rank 0's cache)."""
+        result = self.on_main(work)
+        return result if self.is_main else work()
 
     def _all_succeeded(self, ok: bool) -> bool:
         flag = torch.tensor([1 if ok else 0], device=self.device)
@@ -136,7 +137,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.set_defaults(analyzer="mecab")
     args = parser.parse_args(argv)
     for flag in ("train_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_batch_size",
-                 "save_total_limit"):
+                 "save_total_limit", "preprocess_workers"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
     if args.num_train_epochs <= 0 or args.learning_rate <= 0:
@@ -168,23 +169,28 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, tot
 
 def rank_batches(lengths: Sequence[int], args: argparse.Namespace, ctx: Distributed,
                  epoch: int) -> tuple[list[np.ndarray], list[float]]:
-    """This rank's batches for `epoch` and their loss weights.
+    """This rank's micro-batches for `epoch`, and their loss weights.
 
-    Every rank draws the same length-grouped global batches (same seed) and takes its share of
-    each, so all shares of global batch i meet in the same optimizer step. A share's weight,
-    (its size x ranks / global batch size), makes the averaged gradient the mean over the whole
-    global batch even when the last one does not split evenly.
+    Every rank draws the same length-grouped global batches (same seed). Each global batch is one
+    optimizer step: it is cut into ranks x gradient_accumulation_steps shares, and this rank takes
+    one share per micro-step. So a global batch trains alike whatever the number of ranks and
+    micro-steps it is spread over. A share's weight, its size x shares / global batch size, keeps
+    the averaged gradient the mean over the whole global batch when it does not split evenly.
     """
-    global_batches = make_length_grouped_batches(lengths, args.train_batch_size * ctx.world_size,
+    accumulation = args.gradient_accumulation_steps
+    num_shares = ctx.world_size * accumulation
+    global_batches = make_length_grouped_batches(lengths, args.train_batch_size * num_shares,
                                                  shuffle=True, seed=args.seed + epoch)
-    shares, weights = [], []
+    micro_batches, weights = [], []
     for batch in global_batches:
-        if len(batch) < ctx.world_size:  # a last scrap too small to give every rank a feature
+        if len(batch) < num_shares:  # a last scrap too small to give every share a feature
             continue
-        share = np.array_split(np.asarray(batch), ctx.world_size)[ctx.rank]
-        shares.append(share)
-        weights.append(len(share) * ctx.world_size / len(batch))
-    return shares, weights
+        shares = np.array_split(np.asarray(batch), num_shares)
+        for micro_step in range(accumulation):
+            share = shares[micro_step * ctx.world_size + ctx.rank]
+            micro_batches.append(share)
+            weights.append(len(share) * num_shares / len(batch))
+    return micro_batches, weights
 
 
 def save_torch_atomic(obj, path: Path) -> None:
@@ -214,6 +220,15 @@ def load_resume_state(output_dir: Path, model: torch.nn.Module, args: argparse.N
     return state
 
 
+def keep_log_until(log_file: Path, last_step: int) -> None:
+    """Drop loss-log lines past `last_step` (all of them for a fresh run; a resumed run's lost epoch)."""
+    if not log_file.is_file():
+        return
+    lines = log_file.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    atomic_write(log_file, lambda file: file.write("".join(line + "\n" for line in kept).encode("utf-8")))
+
+
 def schedule_settings(args: argparse.Namespace, world_size: int) -> dict:
     """What the optimizer schedule depends on, checked when resuming."""
     return {"global_batch_size": args.train_batch_size * world_size * args.gradient_accumulation_steps,
@@ -231,11 +246,11 @@ def train_one_epoch(model, optimizer, scheduler, scaler, features, batches, weig
     loss_sum = torch.zeros((), device=device)       # read back only when shown: no sync per step
     loss_count = 0
     first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
-    progress = tqdm(total=math.ceil(len(batches) / accumulation), desc=f"epoch {epoch}", unit="step",
+    progress = tqdm(total=len(batches) // accumulation, desc=f"epoch {epoch}", unit="step",
                     disable=args.quiet or not ctx.is_main)
     model.train()
     for micro_step, (batch, weight) in enumerate(zip(loader, weights)):
-        is_update = (micro_step + 1) % accumulation == 0 or micro_step + 1 == len(batches)
+        is_update = (micro_step + 1) % accumulation == 0  # rank_batches gives whole groups
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # Gradients are all-reduced only on the micro-step that updates the weights.
         sync = contextlib.nullcontext() if is_update or not ctx.enabled else model.no_sync()
@@ -306,6 +321,11 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
     output_dir = prepare_output_dir(args.output_dir)
     amp_dtype = autocast_dtype(args, device)
     tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config)
+    if ctx.enabled and args.preprocess_workers > 1:
+        # Forking tokenizer workers from a process whose process group (and CUDA) threads are
+        # running can deadlock; build the cache once in a single-process run to get both.
+        logger.warning("--preprocess_workers is 1 under torchrun")
+        args.preprocess_workers = 1
 
     # Rank 0 builds (and caches) the features first; the others then read its cache.
     examples, features = ctx.main_first(lambda: load_or_build_features(
@@ -315,13 +335,16 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
     if not features:
         raise UsageError(f"--train_file {args.train_file}: no usable training questions")
     eval_data = None
-    if args.eval_file and ctx.is_main:
-        eval_data = load_or_build_features(
-            args.eval_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
-            is_training=False, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache,
-            num_workers=args.preprocess_workers, progress=not args.quiet)
-        if not has_answers(eval_data[0]):
-            raise UsageError(f"--eval_file {args.eval_file} has no answers to score against")
+    if args.eval_file:
+        def load_eval_data():
+            examples_and_features = load_or_build_features(
+                args.eval_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
+                is_training=False, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache,
+                num_workers=args.preprocess_workers, progress=not args.quiet)
+            if not has_answers(examples_and_features[0]):
+                raise UsageError(f"--eval_file {args.eval_file} has no answers to score against")
+            return examples_and_features
+        eval_data = ctx.on_main(load_eval_data)  # only rank 0 evaluates
 
     torch.manual_seed(args.seed)
     model = QuestionAnswering(config)
@@ -333,7 +356,7 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
     # does not wait for gradients that never come.
     model.bert.pooler.requires_grad_(False)
     lengths = [len(f.input_ids) for f in features]
-    optimizer_steps_per_epoch = math.ceil(len(rank_batches(lengths, args, ctx, 0)[0]) / args.gradient_accumulation_steps)
+    optimizer_steps_per_epoch = len(rank_batches(lengths, args, ctx, 0)[0]) // args.gradient_accumulation_steps
     total_steps = max(1, int(optimizer_steps_per_epoch * args.num_train_epochs))
     num_epochs = math.ceil(args.num_train_epochs)
 
@@ -349,12 +372,17 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        elif scaler.is_enabled():
+            logger.info("the interrupted run did not use fp16: starting a fresh gradient scaler")
         logger.info("resumed after epoch %d (optimizer step %d)", state["epoch"], global_step)
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.enabled else model
 
+    log_file = output_dir / "training_log.jsonl"
     if ctx.is_main:
+        keep_log_until(log_file, global_step)
         write_json_atomic(config.to_dict(), output_dir / SAVED_CONFIG_NAME)
         saved = {**vars(args), "world_size": ctx.world_size,
                  "global_batch_size": args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps}
@@ -372,10 +400,11 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
         batches, weights = rank_batches(lengths, args, ctx, epoch)
         global_step = train_one_epoch(train_model, optimizer, scheduler, scaler, features, batches, weights, args, ctx,
                                       device, amp_dtype, epoch=epoch, global_step=global_step,
-                                      total_steps=total_steps, log_file=output_dir / "training_log.jsonl")
+                                      total_steps=total_steps, log_file=log_file)
         if ctx.is_main:
             checkpoint = output_dir / f"korquad_{epoch}.bin"
-            save_torch_atomic(model.state_dict(), checkpoint)
+            # CPU tensors, so the file loads anywhere, also with a plain torch.load.
+            save_torch_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, checkpoint)
             save_torch_atomic({"epoch": epoch, "global_step": global_step, "optimizer": optimizer.state_dict(),
                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                "schedule": schedule_settings(args, ctx.world_size)}, output_dir / STATE_NAME)

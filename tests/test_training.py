@@ -88,13 +88,20 @@ def test_train_then_eval_fits_the_questions_it_saw(tiny_setup, tmp_path):
     assert len(predictions) == 24 and set(nbest) == set(predictions)
 
 
-def test_resume_after_a_lost_session_ends_with_the_same_weights(tiny_setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_resume_after_a_lost_session_ends_with_the_same_weights(precision, tiny_setup, tmp_path, monkeypatch):
+    """Dropout on, so the random state after resuming matters; fp16 (forced on the CPU) brings the GradScaler in."""
     import train
 
-    flags = train_flags(tiny_setup, tmp_path / "straight", epochs=2, batch_size=4)
-    train.main(flags)
+    (tmp_path / "dropout.json").write_text(json.dumps({**TINY_CONFIG, "dropout_prob": 0.1}))
+    if precision == "fp16":
+        monkeypatch.setattr(train, "autocast_dtype", lambda args, device: torch.float16)
 
-    interrupted = train_flags(tiny_setup, tmp_path / "resumed", epochs=2, batch_size=4)
+    def flags(run: str) -> list[str]:
+        return train_flags(tiny_setup, tmp_path / run, epochs=2, batch_size=4) + [
+            f"--model_config={tmp_path / 'dropout.json'}"]
+
+    train.main(flags("straight"))
     real_epoch = train.train_one_epoch
 
     def lose_session_in_epoch_1(*args, epoch, **kwargs):
@@ -104,16 +111,67 @@ def test_resume_after_a_lost_session_ends_with_the_same_weights(tiny_setup, tmp_
 
     monkeypatch.setattr(train, "train_one_epoch", lose_session_in_epoch_1)
     with pytest.raises(KeyboardInterrupt):
-        train.main(interrupted)
+        train.main(flags("resumed"))
     assert not (tmp_path / "resumed" / "korquad_1.bin").exists()
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)
-    train.main(interrupted + ["--resume"])
+    train.main(flags("resumed") + ["--resume"])
 
     straight = torch.load(tmp_path / "straight" / "korquad_1.bin", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "korquad_1.bin", weights_only=True)
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.allclose(straight[name], resumed[name], atol=1e-6, rtol=0), name
+    # The loss log of the resumed run reads as one run: no step twice.
+    assert ((tmp_path / "resumed" / "training_log.jsonl").read_text()
+            == (tmp_path / "straight" / "training_log.jsonl").read_text())
+
+
+def test_resume_on_another_precision_starts_a_fresh_scaler(tiny_setup, tmp_path, monkeypatch):
+    """A bf16 run (an A100) resumed in fp16 (a T4) must not trip over the empty scaler state."""
+    import train
+
+    flags = train_flags(tiny_setup, tmp_path / "run", epochs=2, batch_size=4)
+    train.main(flags + ["--num_train_epochs=1", "--bf16"])
+    monkeypatch.setattr(train, "autocast_dtype", lambda args, device: torch.float16)
+    with pytest.raises(train.UsageError, match="num_train_epochs was 1.0"):
+        train.main(flags + ["--resume"])  # a changed schedule is refused...
+    train.main(flags + ["--num_train_epochs=1", "--resume"])  # ...the same one resumes (nothing left to do)
+    assert (tmp_path / "run" / "korquad_0.bin").is_file()
+
+
+def test_gradient_accumulation_trains_like_the_whole_global_batch(tiny_setup, tmp_path):
+    import train
+
+    train.main(train_flags(tiny_setup, tmp_path / "whole", epochs=1, batch_size=8))
+    train.main(train_flags(tiny_setup, tmp_path / "accumulated", epochs=1, batch_size=4)
+               + ["--gradient_accumulation_steps=2"])
+
+    def losses(run: str) -> list[float]:
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "training_log.jsonl").read_text().splitlines()]
+    assert len(losses("whole")) == len(losses("accumulated")) > 4
+    np.testing.assert_allclose(losses("accumulated"), losses("whole"), rtol=1e-4, atol=1e-5)
+    a = torch.load(tmp_path / "whole" / "korquad_0.bin", weights_only=True)
+    b = torch.load(tmp_path / "accumulated" / "korquad_0.bin", weights_only=True)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-4), name
+
+
+def test_default_precision_on_gpus(monkeypatch):
+    """bf16 only where the GPU has it natively (an A100), fp16 with a scaler on a T4; --fp32 turns autocast off."""
+    import argparse
+
+    import eval as eval_cli
+
+    gpu = torch.device("cuda", 0)
+    flags = dict(fp16=False, bf16=False, fp32=False)
+    for capability, expected in (((8, 0), torch.bfloat16), ((7, 5), torch.float16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert eval_cli.autocast_dtype(argparse.Namespace(**flags), gpu) == expected
+    assert eval_cli.autocast_dtype(argparse.Namespace(**{**flags, "fp32": True}), gpu) is None
+    with pytest.raises(eval_cli.UsageError, match="no native bfloat16"):
+        eval_cli.autocast_dtype(argparse.Namespace(**{**flags, "bf16": True}), gpu)
+    assert eval_cli.autocast_dtype(argparse.Namespace(**flags), torch.device("cpu")) is None
+    assert eval_cli.autocast_dtype(argparse.Namespace(**{**flags, "bf16": True}), torch.device("cpu")) == torch.bfloat16
 
 
 def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(tiny_setup, tmp_path):
@@ -255,6 +313,8 @@ def test_eval_bad_input_is_one_clear_line(tiny_setup, tmp_path):
                                 f"--predict_file={tiny_setup / 'train.json'}"], "absent.bin: file not found"),
         "predict file without qas": ([f"--checkpoint={finetuned}", f"--predict_file={tmp_path / 'bad.json'}"],
                                      "bad.json: article 0 paragraph 0: missing 'qas'"),
+        "pretrained encoder": ([f"--checkpoint={tiny_setup / 'pretrained.bin'}",
+                                f"--predict_file={tiny_setup / 'train.json'}"], "without a trained span head"),
         "published config on a tiny checkpoint": ([f"--checkpoint={finetuned}",
                                                    f"--predict_file={tiny_setup / 'train.json'}",
                                                    "--model_config=data/bert_small.json"], "shape mismatch"),
