@@ -467,6 +467,20 @@ def test_write_predictions_is_utf8_and_leaves_no_temp_files(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["nbest_predictions.json", "predictions.json"]
 
 
+def test_a_write_that_fails_half_way_leaves_the_old_file(tmp_path):
+    target = tmp_path / "predictions.json"
+    target.write_text('{"q": "old"}', encoding="utf-8")
+
+    def fail_half_way(file):
+        file.write(b'{"q": "ne')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ku.atomic_write(target, fail_half_way)
+    assert target.read_text(encoding="utf-8") == '{"q": "old"}'
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.json"]
+
+
 # ----------------------------------------------------------------------------- the dev-set oracle
 
 
