@@ -45,6 +45,18 @@ def write_subset(dev_file: Path, path: Path, num_questions: int, skip_paragraphs
     return ids
 
 
+def assert_same_training(expected_run: Path, run: Path, checkpoint: str) -> None:
+    """Two runs that must train alike: the same loss at every step and the same final weights."""
+    def losses(output_dir: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+    assert len(losses(run)) == len(losses(expected_run)) > 4
+    np.testing.assert_allclose(losses(run), losses(expected_run), rtol=1e-4, atol=1e-5)
+    expected = torch.load(expected_run / checkpoint, weights_only=True)
+    actual = torch.load(run / checkpoint, weights_only=True)
+    for name in expected:
+        assert torch.allclose(actual[name], expected[name], atol=1e-4), name
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, dev_file):
     """A tiny config, a pretrained-format encoder checkpoint and 24 real dev questions."""
@@ -146,14 +158,7 @@ def test_gradient_accumulation_trains_like_the_whole_global_batch(tiny_setup, tm
     train.main(train_flags(tiny_setup, tmp_path / "accumulated", epochs=1, batch_size=4)
                + ["--gradient_accumulation_steps=2"])
 
-    def losses(run: str) -> list[float]:
-        return [json.loads(line)["loss"] for line in (tmp_path / run / "training_log.jsonl").read_text().splitlines()]
-    assert len(losses("whole")) == len(losses("accumulated")) > 4
-    np.testing.assert_allclose(losses("accumulated"), losses("whole"), rtol=1e-4, atol=1e-5)
-    a = torch.load(tmp_path / "whole" / "korquad_0.bin", weights_only=True)
-    b = torch.load(tmp_path / "accumulated" / "korquad_0.bin", weights_only=True)
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-4), name
+    assert_same_training(tmp_path / "whole", tmp_path / "accumulated", "korquad_0.bin")
 
 
 def test_default_precision_on_gpus(monkeypatch):
@@ -189,15 +194,7 @@ def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(tiny_se
     args = json.loads((tmp_path / "ddp" / "training_args.json").read_text())
     assert (args["world_size"], args["global_batch_size"]) == (2, 8)
 
-    def losses(run: str) -> list[float]:
-        lines = (tmp_path / run / "training_log.jsonl").read_text().splitlines()
-        return [json.loads(line)["loss"] for line in lines]
-    assert len(losses("ddp")) == len(losses("single")) > 4
-    np.testing.assert_allclose(losses("ddp"), losses("single"), rtol=1e-4, atol=1e-5)
-    a = torch.load(tmp_path / "single" / "korquad_1.bin", weights_only=True)
-    b = torch.load(tmp_path / "ddp" / "korquad_1.bin", weights_only=True)
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-4), name
+    assert_same_training(tmp_path / "single", tmp_path / "ddp", "korquad_1.bin")
 
 
 def test_ensemble_decodes_the_mean_of_its_members_logits(tiny_setup, tmp_path):
