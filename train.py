@@ -115,7 +115,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="output")
     parser.add_argument("--checkpoint", default="pretrain_ckpt/bert_small_ckpt.bin",
                         help="pretrained encoder (or a fine-tuned checkpoint); 'none' = random initialisation")
-    parser.add_argument("--model_config", "--config_name", dest="model_config", default=str(ROOT / "data" / "bert_small.json"))
+    parser.add_argument("--model_config", "--config_name", dest="model_config",
+                        default=str(ROOT / "data" / "bert_small.json"))
     parser.add_argument("--vocab_file", default=str(ROOT / "data" / "ko_vocab_32k.txt"))
     parser.add_argument("--train_batch_size", type=int, default=16, help="features per step on each rank")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -297,7 +298,8 @@ def read_loss(loss_sum: torch.Tensor, count: int, first_bad_step: torch.Tensor, 
         dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
     mean, bad = mean_loss.item(), int(bad_step.item())
     if bad >= 0:
-        raise TrainingDiverged(f"non-finite loss at optimizer step {bad}; stopped without writing this epoch's checkpoint (try a lower --learning_rate)")
+        raise TrainingDiverged(f"non-finite loss at optimizer step {bad}; stopped without writing this epoch's "
+                               "checkpoint (try a lower --learning_rate)")
     return mean
 
 
@@ -384,13 +386,14 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
     if ctx.is_main:
         keep_log_until(log_file, global_step)
         write_json_atomic(config.to_dict(), output_dir / SAVED_CONFIG_NAME)
-        saved = {**vars(args), "world_size": ctx.world_size,
-                 "global_batch_size": args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps}
-        write_json_atomic(saved, output_dir / SAVED_ARGS_NAME)
-    logger.info("%d questions, %d features; %d parameters; %d epochs of %d optimizer steps; global batch %d; "
-                "device %s, autocast %s", len(examples), len(features), count_parameters(model), num_epochs,
-                optimizer_steps_per_epoch, args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps,
-                device, amp_dtype)
+        schedule = schedule_settings(args, ctx.world_size)
+        write_json_atomic({**vars(args), "world_size": ctx.world_size,
+                           "global_batch_size": schedule["global_batch_size"]}, output_dir / SAVED_ARGS_NAME)
+    logger.info("%d questions, %d features; %d parameters; %d epochs of %d optimizer steps; global batch %d "
+                "(%d per rank x %d ranks x %d accumulation steps); device %s, autocast %s", len(examples),
+                len(features), count_parameters(model), num_epochs, optimizer_steps_per_epoch,
+                args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps, args.train_batch_size,
+                ctx.world_size, args.gradient_accumulation_steps, device, amp_dtype)
 
     result = None
     for epoch in range(start_epoch, num_epochs):
