@@ -29,9 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from eval import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, UsageError, add_data_args, autocast_context,
-                  autocast_dtype, build_tokenizer, check_data_args, evaluate_model, has_answers,
-                  pick_device, prepare_output_dir, run_cli, score, setup_logging)
+from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, UsageError, add_data_args, autocast_context,
+                        autocast_dtype, build_tokenizer, check_data_args, evaluate_model, has_answers, pick_device,
+                        prepare_output_dir, run_cli, save_torch_atomic, score, setup_logging, write_json_atomic)
 from korquad_utils import atomic_write, collate_features, load_or_build_features, make_length_grouped_batches
 from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
 
@@ -192,14 +192,6 @@ def rank_batches(lengths: Sequence[int], args: argparse.Namespace, ctx: Distribu
             micro_batches.append(share)
             weights.append(len(share) * num_shares / len(batch))
     return micro_batches, weights
-
-
-def save_torch_atomic(obj, path: Path) -> None:
-    atomic_write(path, lambda file: torch.save(obj, file))
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    atomic_write(path, lambda file: file.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
 
 
 def load_resume_state(output_dir: Path, model: torch.nn.Module, args: argparse.Namespace,

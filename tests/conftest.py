@@ -1,7 +1,9 @@
 """Shared test fixtures: where the real data lives, and skipping cleanly where it does not."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 
 VOCAB_FILE = ROOT / "data" / "ko_vocab_32k.txt"
 CONFIG_FILE = ROOT / "data" / "bert_small.json"
+SAMPLE_FILE = ROOT / "data" / "korquad_sample.json"   # bundled: every fresh clone has it
 DEV_CANDIDATES = (
     ROOT.parent / "shared" / "data" / "KorQuAD_v1.0_dev.json",
     ROOT / "data" / "KorQuAD_v1.0_dev.json",
@@ -40,6 +43,55 @@ def vocab_file() -> Path:
 @pytest.fixture(scope="session")
 def config_file() -> Path:
     return CONFIG_FILE
+
+
+TINY_CONFIG = dict(act_fn="gelu", dropout_prob=0.0, ff_dim=128, hidden_size=64, initializer_range=0.02,
+                   max_position_embeddings=512, num_heads=4, num_hidden_layers=2, type_vocab_size=2,
+                   vocab_size=32000)
+# The baseline's data flags, at lengths that keep a CPU test quick.
+DATA_FLAGS = ["--max_seq_length=192", "--max_query_length=32", "--max_answer_length=30", "--doc_stride=64"]
+
+
+def run_script(script: str, *flags: str, env: dict | None = None, timeout: int = 300,
+               input: str | None = None) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts as a user would, capturing its output."""
+    return subprocess.run([sys.executable, str(ROOT / script), *flags], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})}, input=input)
+
+
+def write_subset(source: Path, path: Path, num_questions: int, skip_paragraphs: int = 0) -> list[str]:
+    """The first `num_questions` questions of a KorQuAD file (whole paragraphs), as a KorQuAD file."""
+    dataset = json.loads(source.read_text(encoding="utf-8"))
+    paragraphs, ids = [], []
+    for article in dataset["data"]:
+        for paragraph in article["paragraphs"]:
+            if skip_paragraphs:
+                skip_paragraphs -= 1
+                continue
+            if len(ids) >= num_questions:
+                break
+            qas = paragraph["qas"][: num_questions - len(ids)]
+            paragraphs.append({"context": paragraph["context"], "qas": qas})
+            ids += [qa["id"] for qa in qas]
+    path.write_text(json.dumps({"version": dataset["version"], "data": [{"title": "subset", "paragraphs": paragraphs}]},
+                               ensure_ascii=False), encoding="utf-8")
+    return ids
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory) -> Path:
+    """A tiny config (`tiny.json`), a pretrained-format encoder checkpoint (`pretrained.bin`) and
+    24 questions of the bundled sample (`train.json`): what training tests need, in any clone."""
+    import torch
+
+    from modeling import Config, QuestionAnswering
+
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    torch.manual_seed(0)
+    torch.save(QuestionAnswering(Config(**TINY_CONFIG)).bert.state_dict(), root / "pretrained.bin")
+    write_subset(SAMPLE_FILE, root / "train.json", 24)
+    return root
 
 
 # Keep CPU tests deterministic and polite on a 2-core runner.

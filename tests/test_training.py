@@ -11,38 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, VOCAB_FILE
+from conftest import DATA_FLAGS, ROOT, TINY_CONFIG, VOCAB_FILE, run_script
 from modeling import Config, QuestionAnswering
-
-TINY_CONFIG = dict(act_fn="gelu", dropout_prob=0.0, ff_dim=128, hidden_size=64, initializer_range=0.02,
-                   max_position_embeddings=512, num_heads=4, num_hidden_layers=2, type_vocab_size=2,
-                   vocab_size=32000)
-# The baseline's data flags, at lengths that keep a CPU test quick.
-DATA_FLAGS = ["--max_seq_length=192", "--max_query_length=32", "--max_answer_length=30", "--doc_stride=64"]
-
-
-def run_script(script: str, *flags: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *flags], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def write_subset(dev_file: Path, path: Path, num_questions: int, skip_paragraphs: int = 0) -> list[str]:
-    """The first `num_questions` questions of the real dev set (whole paragraphs), as a KorQuAD file."""
-    dataset = json.loads(dev_file.read_text(encoding="utf-8"))
-    paragraphs, ids = [], []
-    for article in dataset["data"]:
-        for paragraph in article["paragraphs"]:
-            if skip_paragraphs:
-                skip_paragraphs -= 1
-                continue
-            if len(ids) >= num_questions:
-                break
-            qas = paragraph["qas"][: num_questions - len(ids)]
-            paragraphs.append({"context": paragraph["context"], "qas": qas})
-            ids += [qa["id"] for qa in qas]
-    path.write_text(json.dumps({"version": dataset["version"], "data": [{"title": "subset", "paragraphs": paragraphs}]},
-                               ensure_ascii=False), encoding="utf-8")
-    return ids
 
 
 def assert_same_training(expected_run: Path, run: Path, checkpoint: str) -> None:
@@ -54,18 +24,11 @@ def assert_same_training(expected_run: Path, run: Path, checkpoint: str) -> None
     expected = torch.load(expected_run / checkpoint, weights_only=True)
     actual = torch.load(run / checkpoint, weights_only=True)
     for name in expected:
+        if name == "qa_outputs.bias":
+            # Its true gradient is exactly zero (a softmax ignores a shift shared by all positions), so
+            # Adam turns rounding noise of either run into steps of +-lr: nothing to compare.
+            continue
         assert torch.allclose(actual[name], expected[name], atol=1e-4), name
-
-
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory, dev_file):
-    """A tiny config, a pretrained-format encoder checkpoint and 24 real dev questions."""
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
-    torch.manual_seed(0)
-    torch.save(QuestionAnswering(Config(**TINY_CONFIG)).bert.state_dict(), root / "pretrained.bin")
-    write_subset(dev_file, root / "train.json", 24)
-    return root
 
 
 def train_flags(setup: Path, output_dir: Path, epochs: int, batch_size: int = 8, lr: float = 2e-3) -> list[str]:
@@ -165,18 +128,18 @@ def test_default_precision_on_gpus(monkeypatch):
     """bf16 only where the GPU has it natively (an A100), fp16 with a scaler on a T4; --fp32 turns autocast off."""
     import argparse
 
-    import eval as eval_cli
+    import cli_common
 
     gpu = torch.device("cuda", 0)
     flags = dict(fp16=False, bf16=False, fp32=False)
     for capability, expected in (((8, 0), torch.bfloat16), ((7, 5), torch.float16)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert eval_cli.autocast_dtype(argparse.Namespace(**flags), gpu) == expected
-    assert eval_cli.autocast_dtype(argparse.Namespace(**{**flags, "fp32": True}), gpu) is None
-    with pytest.raises(eval_cli.UsageError, match="no native bfloat16"):
-        eval_cli.autocast_dtype(argparse.Namespace(**{**flags, "bf16": True}), gpu)
-    assert eval_cli.autocast_dtype(argparse.Namespace(**flags), torch.device("cpu")) is None
-    assert eval_cli.autocast_dtype(argparse.Namespace(**{**flags, "bf16": True}), torch.device("cpu")) == torch.bfloat16
+        assert cli_common.autocast_dtype(argparse.Namespace(**flags), gpu) == expected
+    assert cli_common.autocast_dtype(argparse.Namespace(**{**flags, "fp32": True}), gpu) is None
+    with pytest.raises(cli_common.UsageError, match="no native bfloat16"):
+        cli_common.autocast_dtype(argparse.Namespace(**{**flags, "bf16": True}), gpu)
+    assert cli_common.autocast_dtype(argparse.Namespace(**flags), torch.device("cpu")) is None
+    assert cli_common.autocast_dtype(argparse.Namespace(**{**flags, "bf16": True}), torch.device("cpu")) == torch.bfloat16
 
 
 def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(tiny_setup, tmp_path):
@@ -268,19 +231,18 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
     out = tmp_path / "run"
     flags = train_flags(tiny_setup, out, epochs=2, batch_size=8) + ["--logging_steps=50"]
+    train.main(flags[:-1] + ["--num_train_epochs=1", f"--output_dir={tmp_path / 'reference'}"])
+    steps_per_epoch = sum(1 for _ in (tmp_path / "reference" / "training_log.jsonl").open())
+    nan_step = steps_per_epoch + 2  # in the second epoch
     real_loss, calls = modeling.span_loss, []
 
     def loss_that_turns_nan(logits, positions, mask):
         calls.append(1)
         loss = real_loss(logits, positions, mask)
-        return loss * float("nan") if len(calls) > 2 * 10 else loss  # two calls per step: NaN from step 11
-
-    train.main(flags[:-1] + ["--num_train_epochs=1", f"--output_dir={tmp_path / 'reference'}"])
-    steps_per_epoch = sum(1 for _ in (tmp_path / "reference" / "training_log.jsonl").open())
-    assert steps_per_epoch < 11 < 2 * steps_per_epoch  # the NaN arrives in the second epoch
+        return loss * float("nan") if len(calls) > 2 * (nan_step - 1) else loss  # two calls per step
 
     monkeypatch.setattr(modeling, "span_loss", loss_that_turns_nan)
-    with pytest.raises(train.TrainingDiverged, match="non-finite loss at optimizer step 11"):
+    with pytest.raises(train.TrainingDiverged, match=f"non-finite loss at optimizer step {nan_step}"):
         train.main(flags)
     assert (out / "korquad_0.bin").is_file() and not (out / "korquad_1.bin").exists()
     state = torch.load(out / "korquad_0.bin", weights_only=True)
