@@ -86,7 +86,8 @@ def test_cli_prints_scores_and_notes_only_a_foreign_version(tmp_path):
     ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", ["서울"]))}, "{not json", "predictions"),
     ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", ["서울"]))}, {"q1": 3}, "question q1"),
     ({"version": "KorQuAD_v1.0"}, {}, "'data'"),
-    ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", []))}, {}, "question q1"),
+    ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", []))}, {}, "no question with answers"),
+    ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", [7]))}, {}, "question q1"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, dataset, predictions, message):
     result = _run_cli(tmp_path, dataset, predictions)
