@@ -64,6 +64,10 @@ def bench_tokenize(args: argparse.Namespace) -> None:
     print(f"tokenize.pieces: {len(pieces)}")
     print(f"tokenize.continuation_share: {continuations / len(pieces):.2%}")
     print(f"tokenize.unk_share: {unknowns / len(pieces):.3%}")
+    # The same vocab on whitespace words (the original baseline): how far from the pretraining pieces it is.
+    whitespace_tokenizer = BertTokenizer(VOCAB_FILE, analyzer="none")
+    spaced = [piece for context in contexts for piece in whitespace_tokenizer.tokenize(context)]
+    print(f"tokenize.continuation_share[analyzer=none]: {sum(p.startswith('##') for p in spaced) / len(spaced):.2%}")
 
 
 # --- features, decoding, oracle (issue 4) ------------------------------------------------

@@ -379,8 +379,9 @@ def _load_java_tagger(name: str) -> Analyzer:
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         raise TokenizerError(f"analyzer {name!r} needs Java, which was not found: {_JAVA_HELP}")
     try:
-        import jpype  # noqa: F401  (konlpy imports it lazily; checking here gives a clear message)
+        import jpype  # konlpy imports it lazily; importing it here gives a clear message
         from konlpy import tag
+        del jpype  # only its presence was checked
     except ImportError as error:
         raise TokenizerError(f"analyzer {name!r} needs konlpy and JPype1 "
                              f"[{_one_line(error)}]: {_JAVA_HELP}") from None
