@@ -67,7 +67,6 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         if number < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
         return number
-    parse.__name__ = f"integer >= {minimum}"
     return parse
 
 
@@ -89,7 +88,6 @@ def finite_float(low: float = -math.inf, high: float = math.inf, low_inclusive: 
     bounds = ([f"{'>=' if low_inclusive else '>'} {low:g}"] if math.isfinite(low) else []) + (
         [f"{'<=' if high_inclusive else '<'} {high:g}"] if math.isfinite(high) else [])
     allowed = " and ".join(bounds)
-    parse.__name__ = "number"
     return parse
 
 
@@ -157,9 +155,10 @@ def prepare_output_dir(path: str, flag: str = "--output_dir") -> Path:
         with open(probe, "wb") as file:
             file.write(b"0")
     except OSError as err:
+        with contextlib.suppress(OSError):  # created but not written (a full disk): tidy up
+            probe.unlink()
         raise UsageError(f"{flag} {out}: cannot write there ({err.strerror})") from None
-    finally:
-        probe.unlink(missing_ok=True)
+    probe.unlink()
     return out
 
 
