@@ -64,6 +64,10 @@ def bench_tokenize(args: argparse.Namespace) -> None:
     print(f"tokenize.pieces: {len(pieces)}")
     print(f"tokenize.continuation_share: {continuations / len(pieces):.2%}")
     print(f"tokenize.unk_share: {unknowns / len(pieces):.3%}")
+    # The same vocab on whitespace words (the original baseline): how far from the pretraining pieces it is.
+    whitespace_tokenizer = BertTokenizer(VOCAB_FILE, analyzer="none")
+    spaced = [piece for context in contexts for piece in whitespace_tokenizer.tokenize(context)]
+    print(f"tokenize.continuation_share[analyzer=none]: {sum(p.startswith('##') for p in spaced) / len(spaced):.2%}")
 
 
 # --- features, decoding, oracle (issue 4) ------------------------------------------------
@@ -155,6 +159,24 @@ def bench_oracle(args: argparse.Namespace) -> None:
         scores = evaluate_v1_0.evaluate(json.load(file)["data"], predictions)
     print(f"oracle_dev_exact_match: {scores['exact_match']:.2f}")
     print(f"oracle_dev_f1: {scores['f1']:.2f}")
+
+
+@benchmark("max_context")
+def bench_max_context(args: argparse.Namespace) -> None:
+    """Window ownership (max-context flags) of one very long context: time and peak memory (linear in pieces)."""
+    import time
+    import tracemalloc
+
+    from korquad_utils import _doc_windows, _max_context_flags
+    for num_pieces in (80_000, 230_000):
+        windows = _doc_windows(num_pieces, 512 - 96 - 3, 128)  # the 512 / 128 / 96 settings
+        tracemalloc.start()
+        started = time.perf_counter()
+        _max_context_flags(windows, num_pieces)
+        seconds = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"max_context[{num_pieces} pieces, {len(windows)} windows]: {seconds:.3f} s, peak {peak / 2**20:.1f} MiB")
 
 
 # --- training throughput (issue 6) -------------------------------------------------------
@@ -253,19 +275,25 @@ def bench_step_vs_transformers(args: argparse.Namespace) -> None:
           f"(ours/theirs {ours_s / theirs_s:.2f})")
 
 
+# Benchmarks on made-up inputs, which run without the dev set.
+WITHOUT_DEV = {"max_context"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dev", type=Path, default=None, help="KorQuAD v1.0 dev JSON")
-    parser.add_argument("--only", default="", help="comma-separated benchmark names: " + ", ".join(BENCHMARKS))
+    parser.add_argument("--dev", type=Path, default=None,
+                        help="KorQuAD v1.0 dev JSON (if not given: data/ or ../shared/data/).")
+    parser.add_argument("--only", default="",
+                        help="Comma-separated benchmark names (if not given: all): " + ", ".join(BENCHMARKS) + ".")
     args = parser.parse_args()
-    if args.dev is None:
-        args.dev = next((p for p in DEV_CANDIDATES if p.is_file()), None)
-    if args.dev is None or not args.dev.is_file():
-        sys.exit("bench.py: KorQuAD_v1.0_dev.json not found; pass --dev PATH (or run `python3 download.py`)")
     names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         sys.exit(f"bench.py: unknown benchmark(s) for --only: {', '.join(unknown)}")
+    if args.dev is None:
+        args.dev = next((p for p in DEV_CANDIDATES if p.is_file()), None)
+    if (args.dev is None or not args.dev.is_file()) and not set(names) <= WITHOUT_DEV:
+        sys.exit("bench.py: KorQuAD_v1.0_dev.json not found; pass --dev PATH (or run `python3 download.py`)")
     for name in names:
         BENCHMARKS[name](args)
 

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -44,24 +45,79 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 # --- flags and checks ------------------------------------------------------------------------
 
+class HelpFormatter(argparse.HelpFormatter):
+    """--help that shows each flag's default once: appended as "(default: X)" unless the help text
+    already says it ("(if not given: ...)" for defaults that depend on something else)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text or "if not given" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `minimum`."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        return number
+    return parse
+
+
+def finite_float(low: float = -math.inf, high: float = math.inf, low_inclusive: bool = True,
+                 high_inclusive: bool = True) -> Callable[[str], float]:
+    """An argparse type: a finite number within [low, high] (`*_inclusive=False` opens that end).
+
+    float() accepts "nan" and "inf", which pass every `<` check; they are refused here."""
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        too_low = number < low if low_inclusive else number <= low
+        too_high = number > high if high_inclusive else number >= high
+        if not math.isfinite(number) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"expected a finite number {allowed}, got {value!r}")
+        return number
+    bounds = ([f"{'>=' if low_inclusive else '>'} {low:g}"] if math.isfinite(low) else []) + (
+        [f"{'<=' if high_inclusive else '<'} {high:g}"] if math.isfinite(high) else [])
+    allowed = " and ".join(bounds)
+    return parse
+
+
+positive_int = int_at_least(1)
+positive_float = finite_float(0.0, low_inclusive=False)
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """The flags for turning KorQuAD JSON into features, shared by every entry point (baseline names and defaults)."""
-    parser.add_argument("--max_seq_length", type=int, default=512, help="pieces per window, [CLS]/[SEP] included")
-    parser.add_argument("--max_query_length", type=int, default=96, help="question pieces kept")
-    parser.add_argument("--doc_stride", type=int, default=128, help="step between context windows, in pieces")
-    parser.add_argument("--max_answer_length", type=int, default=30, help="longest answer, in pieces")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max_seq_length", type=positive_int, default=512,
+                        help="Pieces per window, [CLS]/[SEP] included.")
+    parser.add_argument("--max_query_length", type=positive_int, default=96, help="Question pieces kept.")
+    parser.add_argument("--doc_stride", type=positive_int, default=128,
+                        help="Step between context windows, in pieces.")
+    parser.add_argument("--max_answer_length", type=positive_int, default=30, help="Longest answer, in pieces.")
+    parser.add_argument("--seed", type=int, default=42, help="Random seed for initialisation and shuffling.")
     parser.add_argument("--analyzer", default=None,
-                        help="morpheme analyzer: mecab (default), okt, komoran, kkma, hannanum or none")
-    parser.add_argument("--cache_dir", default=None, help="where feature caches go (default: beside the data file)")
-    parser.add_argument("--overwrite_cache", action="store_true", help="rebuild cached features")
-    parser.add_argument("--preprocess_workers", type=int, default=1, help="processes for tokenization")
-    parser.add_argument("--no_cuda", action="store_true", help="run on the CPU even if a GPU is present")
+                        help="Morpheme analyzer: mecab, okt, komoran, kkma, hannanum or none "
+                             "(if not given: mecab, or the training run's for eval.py).")
+    parser.add_argument("--cache_dir", default=None,
+                        help="Where feature caches go (if not given: cache/ beside the data file).")
+    parser.add_argument("--overwrite_cache", action="store_true", help="Rebuild cached features.")
+    parser.add_argument("--preprocess_workers", type=positive_int, default=1, help="Processes for tokenization.")
+    parser.add_argument("--no_cuda", action="store_true", help="Run on the CPU even if a GPU is present.")
     precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="float16 autocast (CUDA only)")
-    precision.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA or CPU)")
+    precision.add_argument("--fp16", action="store_true", help="Float16 autocast (CUDA only).")
+    precision.add_argument("--bf16", action="store_true", help="Bfloat16 autocast (CUDA or CPU).")
     precision.add_argument("--fp32", action="store_true",
-                           help="full precision even on a GPU (default there: bf16 where supported, else fp16)")
+                           help="Full precision even on a GPU (if not given there: bf16 where supported, "
+                                "else fp16).")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # torch.distributed.launch
 
 
@@ -83,16 +139,40 @@ def check_data_args(args: argparse.Namespace, config: Config) -> None:
         raise UsageError("--max_answer_length must be at least 1")
 
 
-def prepare_output_dir(path: str) -> Path:
-    """Create the output directory, refusing a path that is a file."""
+def prepare_output_dir(path: str, flag: str = "--output_dir") -> Path:
+    """Create the output directory and prove it writable by writing (and removing) a file there,
+    so a read-only or full directory is found before any work rather than after it."""
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--output_dir {out} exists and is not a directory")
+        raise UsageError(f"{flag} {out} exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UsageError(f"--output_dir {out}: cannot create it ({err.strerror})") from None
+        raise UsageError(f"{flag} {out}: cannot create it ({err.strerror})") from None
+    # A real write, not os.access: root passes os.access everywhere, and neither sees a read-only mount.
+    probe = out / f".write_test.{os.getpid()}.tmp"
+    try:
+        with open(probe, "wb") as file:
+            file.write(b"0")
+    except OSError as err:
+        with contextlib.suppress(OSError):  # created but not written (a full disk): tidy up
+            probe.unlink()
+        raise UsageError(f"{flag} {out}: cannot write there ({err.strerror})") from None
+    probe.unlink()
     return out
+
+
+def check_checkpoint_file(path: str, flag: str = "--checkpoint") -> None:
+    """Refuse a checkpoint path that is missing or a directory, saying which and what to pass instead."""
+    checkpoint = Path(path)
+    if checkpoint.is_dir():
+        inside = list(checkpoint.glob("korquad_*.bin"))
+        newest = max(inside, key=lambda file: file.stat().st_mtime, default=None)
+        hint = (f"pass one of its checkpoints, e.g. {newest}" if newest
+                else "it holds no korquad_*.bin; pass a checkpoint file")
+        raise UsageError(f"{flag} {path} is a directory, not a checkpoint file: {hint}")
+    if not checkpoint.is_file():
+        raise UsageError(f"{flag} {path}: file not found")
 
 
 def build_tokenizer(vocab_file: str | os.PathLike, analyzer: str, config: Config) -> BertTokenizer:
@@ -183,7 +263,7 @@ def resolve_from_training_run(args: argparse.Namespace) -> None:
     saved_args: dict = {}
     if (run_dir / SAVED_ARGS_NAME).is_file():
         try:
-            with open(run_dir / SAVED_ARGS_NAME, encoding="utf-8") as f:
+            with open(run_dir / SAVED_ARGS_NAME, encoding="utf-8-sig") as f:
                 saved_args = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UsageError(f"{run_dir / SAVED_ARGS_NAME}: not readable JSON ({err}); pass --vocab_file "
@@ -235,7 +315,7 @@ def has_answers(examples: Sequence[SquadExample]) -> bool:
 
 def score(predict_file: str | os.PathLike, predictions: dict[str, str]) -> dict[str, float]:
     """EM/F1 from the official KorQuAD v1.0 metric."""
-    with open(predict_file, encoding="utf-8") as f:
+    with open(predict_file, encoding="utf-8-sig") as f:
         dataset = json.load(f)["data"]
     return evaluate_v1_0.evaluate(dataset, predictions)
 

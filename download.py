@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -83,7 +84,7 @@ def check_content(path: Path, name: str) -> None:
             raise VerificationError(f"{path}: sha256 {actual} does not match the published {expected}")
         return
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             content = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VerificationError(f"{path}: not valid KorQuAD JSON ({e})") from None
@@ -234,16 +235,30 @@ def non_negative_int(value: str) -> int:
     return int(value)
 
 
+def positive_seconds(value: str) -> float:
+    """A finite number of seconds > 0 (for argparse)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0 (got {value!r})")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", type=Path, default=DEFAULT_DATA_DIR,
-                        help="where the files go (default: data/ beside this script)")
+                        help="Where the files go (default: data/ beside this script).")
     parser.add_argument("--files", type=parse_file_keys, default=list(FILES),
-                        help="comma-separated subset of: " + ", ".join(FILES) + " (default: all)")
-    parser.add_argument("--base_url", default=DEFAULT_BASE_URL, help=f"default: {DEFAULT_BASE_URL}")
-    parser.add_argument("--retries", type=non_negative_int, default=2, help="resume attempts after a broken connection")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait on a silent connection")
-    parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+                        help="Comma-separated subset of: " + ", ".join(FILES) + " (default: all).")
+    parser.add_argument("--base_url", default=DEFAULT_BASE_URL,
+                        help=f"Where the files are published (default: {DEFAULT_BASE_URL}).")
+    parser.add_argument("--retries", type=non_negative_int, default=2,
+                        help="Resume attempts after a broken connection (default: 2).")
+    parser.add_argument("--timeout", type=positive_seconds, default=60.0,
+                        help="Seconds to wait on a silent connection (default: 60).")
+    parser.add_argument("--no_progress", action="store_true", help="Hide the progress bars.")
     return parser
 
 
@@ -261,7 +276,10 @@ def checkpoint_hint() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.data_dir.exists() and not args.data_dir.is_dir():
+        parser.error(f"--data_dir {args.data_dir} exists and is not a directory")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     failed = False
     # One file failing does not stop the others: dev alone is enough to evaluate.
@@ -270,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             downloaded = download_file(name, args.data_dir, args.base_url, retries=args.retries,
                                        timeout=args.timeout, progress=not args.no_progress)
-        except DownloadError as e:
+        except OSError as e:  # DownloadError, or the data directory cannot be created or written
             print(f"download.py: error: {e}", file=sys.stderr)
             failed = True
             continue

@@ -12,12 +12,11 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from collections.abc import Sequence
 
-from cli_common import (UsageError, add_data_args, autocast_dtype, build_tokenizer, check_data_args, has_answers,
-                        pick_device, predict_logits, prepare_output_dir, resolve_from_training_run, run_cli, score,
-                        setup_logging)
+from cli_common import (HelpFormatter, UsageError, add_data_args, autocast_dtype, build_tokenizer,
+                        check_checkpoint_file, check_data_args, has_answers, pick_device, positive_int, predict_logits,
+                        prepare_output_dir, resolve_from_training_run, run_cli, score, setup_logging)
 from korquad_utils import decode_predictions, load_or_build_features, write_predictions
 from modeling import Config, QuestionAnswering, load_checkpoint
 
@@ -28,24 +27,24 @@ logger = logging.getLogger("korquad")
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate KorQuAD v1.0 checkpoints (several = an ensemble).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
-                        help="fine-tuned checkpoint(s); several are ensembled by averaging logits")
-    parser.add_argument("--predict_file", default="data/KorQuAD_v1.0_dev.json")
-    parser.add_argument("--output_dir", default="debug", help="where predictions.json and nbest_predictions.json go")
+                        help="Fine-tuned checkpoint(s); several are ensembled by averaging their logits.")
+    parser.add_argument("--predict_file", default="data/KorQuAD_v1.0_dev.json",
+                        help="KorQuAD-format JSON to predict (and score, if it has answers).")
+    parser.add_argument("--output_dir", default="debug", help="Where predictions.json and nbest_predictions.json go.")
     parser.add_argument("--model_config", "--config_name", dest="model_config", default=None,
-                        help="model config (default: the one train.py saved beside the checkpoint, "
-                             "else data/bert_small.json)")
-    parser.add_argument("--vocab_file", default=None, help="default: the training run's, else data/ko_vocab_32k.txt")
-    parser.add_argument("--train_batch_size", "--batch_size", dest="batch_size", type=int, default=16,
-                        help="features per forward pass")
-    parser.add_argument("--n_best_size", type=int, default=20)
-    parser.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
+                        help="Model config (if not given: the one train.py saved beside the checkpoint, "
+                             "else data/bert_small.json).")
+    parser.add_argument("--vocab_file", default=None,
+                        help="WordPiece vocab (if not given: the training run's, else data/ko_vocab_32k.txt).")
+    parser.add_argument("--train_batch_size", "--batch_size", dest="batch_size", type=positive_int, default=16,
+                        help="Features per forward pass.")
+    parser.add_argument("--n_best_size", type=positive_int, default=20,
+                        help="Candidate answers kept per question in nbest_predictions.json.")
+    parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
     add_data_args(parser)
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.n_best_size < 1 or args.preprocess_workers < 1:
-        parser.error("--train_batch_size, --n_best_size and --preprocess_workers must be at least 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -55,8 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = Config.from_json_file(args.model_config)
     check_data_args(args, config)
     for path in args.checkpoint:
-        if not Path(path).is_file():
-            raise UsageError(f"--checkpoint {path}: file not found")
+        check_checkpoint_file(path)
     output_dir = prepare_output_dir(args.output_dir)
     device = pick_device(args.no_cuda)
     amp_dtype = autocast_dtype(args, device)

@@ -58,14 +58,19 @@ def evaluate(dataset: list[dict[str, Any]] | Mapping[str, Any],
     """Score `predictions` ({question id: answer text}) against the dataset's articles.
 
     `dataset` is the file's `data` list (as in the official script) or the whole file's object.
-    A question without a prediction scores 0 and is reported on stderr.
+    A question without a prediction scores 0 and is reported on stderr. A question whose `answers`
+    list is empty has nothing to score against: it is left out of the average (where the official
+    script would crash), and how many were left out is reported on stderr.
     """
     articles = dataset["data"] if isinstance(dataset, Mapping) else dataset
     exact_match = f1 = 0.0
-    total = 0
+    total = without_answers = 0
     for article in articles:
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
+                if not qa["answers"]:
+                    without_answers += 1
+                    continue
                 total += 1
                 if qa["id"] not in predictions:
                     print(f"Unanswered question {qa['id']} will receive score 0.", file=sys.stderr)
@@ -75,13 +80,16 @@ def evaluate(dataset: list[dict[str, Any]] | Mapping[str, Any],
                 exact_match += best_over_ground_truths(exact_match_score, prediction, ground_truths)
                 f1 += best_over_ground_truths(f1_score, prediction, ground_truths)
     if total == 0:
-        raise ValueError("dataset has no questions to score")
+        raise ValueError("dataset has no question with answers to score (is this a test set without answers?)")
+    if without_answers:
+        print(f"Warning: {without_answers} question(s) with an empty 'answers' list were not scored.",
+              file=sys.stderr)
     return {"exact_match": 100.0 * exact_match / total, "f1": 100.0 * f1 / total}
 
 
 def _load_json(path: str, what: str) -> Any:
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8-sig") as file:  # -sig: a BOM (Windows Notepad) is fine too
             return json.load(file)
     except OSError as error:
         raise ValueError(f"{what} {path}: cannot read: {error.strerror or error}") from None
@@ -104,9 +112,9 @@ def _check_dataset(dataset: Any, path: str) -> None:
                 if not isinstance(qa, dict) or "id" not in qa:
                     raise ValueError(f"dataset {path}: article {article_index}: a question lacks an 'id'")
                 answers = qa.get("answers")
-                if not isinstance(answers, list) or not answers or not all(
+                if not isinstance(answers, list) or not all(
                         isinstance(a, dict) and isinstance(a.get("text"), str) for a in answers):
-                    raise ValueError(f"dataset {path}: question {qa['id']}: 'answers' must be a non-empty "
+                    raise ValueError(f"dataset {path}: question {qa['id']}: 'answers' must be a "
                                      "list of objects with a 'text' (is this a test set without answers?)")
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 # Bump whenever reading, tokenising or windowing changes what the features contain.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 # Features whose logits are masked and ranked together in one set of numpy operations; small enough
 # that a chunk's (features x length) arrays stay in cache (measured faster than 512 here).
@@ -93,7 +93,7 @@ def _gc_paused() -> Iterator[None]:
 
 def _load_json_file(path: Path) -> Any:
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8-sig") as file:  # -sig: a BOM (Windows Notepad) is fine too
             return json.load(file)
     except OSError as error:
         raise KorquadFormatError(f"{path}: cannot read: {error.strerror or error}") from None
@@ -255,19 +255,23 @@ def _doc_windows(num_pieces: int, max_pieces: int, doc_stride: int) -> list[tupl
 
 
 def _max_context_flags(windows: list[tuple[int, int]], num_pieces: int) -> list[np.ndarray]:
-    """Per window, whether each of its pieces has its most context there.
+    """Per window, whether each of its pieces has its most context there (the original BERT rule).
 
-    A piece's context in a window is min(pieces left of it, pieces right of it); the earlier window
-    wins a tie. (Only the last window can be shorter, so this also favours the longer window.)
+    A piece's score in a window is min(pieces left of it, pieces right of it) + 0.01 x the window's
+    length; the highest score wins, the earlier window on a tie. The length term matters where the
+    last window is short: it can outweigh a one-piece difference in context. Memory and time are
+    linear in the pieces: one best-so-far array, updated window by window.
     """
     if len(windows) == 1:
         return [np.ones(windows[0][1], dtype=bool)]
-    positions = np.arange(num_pieces)
-    scores = np.full((len(windows), num_pieces), -np.inf)
+    best_score = np.full(num_pieces, -np.inf)
+    best_window = np.zeros(num_pieces, dtype=np.int64)
     for index, (start, length) in enumerate(windows):
-        inside = positions[start:start + length]
-        scores[index, start:start + length] = np.minimum(inside - start, start + length - 1 - inside)
-    best_window = scores.argmax(axis=0)
+        left = np.arange(length)
+        score = np.minimum(left, length - 1 - left) + 0.01 * length
+        better = score > best_score[start:start + length]
+        best_score[start:start + length][better] = score[better]
+        best_window[start:start + length][better] = index
     return [best_window[start:start + length] == index for index, (start, length) in enumerate(windows)]
 
 

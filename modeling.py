@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +85,7 @@ class Config:
     def from_json_file(cls, path: str | os.PathLike) -> Config:
         """Read a config JSON file such as `data/bert_small.json`."""
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 values = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: model config file not found") from None
@@ -309,15 +311,42 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint file not found") from None
-    except Exception as err:  # torch raises several types for a non-checkpoint or unsafe pickle
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable plain state dict ({first_line})") from None
+    except Exception:  # torch raises many types for a file that is not a checkpoint
+        # torch's own message advises weights_only=False: wrong for a damaged file, unsafe for a
+        # malicious one. Say instead what the file is not.
+        raise CheckpointError(f"{path}: {_why_unreadable(Path(path))}") from None
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path}: expected a plain state dict of named tensors")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+_PICKLE_PROTOCOL_OPCODE = 0x80  # the first byte of a pickle of protocol 2 or newer (torch's legacy format)
+
+
+def _why_unreadable(path: Path) -> str:
+    """What a file torch.load(weights_only=True) refused is, in words a user can act on."""
+    if path.is_dir():
+        return "is a directory, not a checkpoint file"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if size == 0:
+        return "is an empty (0-byte) file, not a checkpoint (an interrupted copy or download?)"
+    if zipfile.is_zipfile(path):
+        return ("is a zip archive but not a complete PyTorch checkpoint (damaged, truncated, or a different "
+                "kind of archive)")
+    if head[:1] == bytes([_PICKLE_PROTOCOL_OPCODE]):
+        return ("is a pickle holding objects other than tensors, not a plain state dict; it is never unpickled "
+                "here, for safety (save checkpoints with torch.save(model.state_dict(), path))")
+    if head.startswith(b"PK"):
+        return "is a damaged zip archive, not a complete PyTorch checkpoint (a truncated copy?)"
+    return "is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; damaged or another format)"
 
 
 def _first(items: list[str], limit: int = 5) -> list[str]:

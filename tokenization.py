@@ -3,13 +3,16 @@
 The pretrained model saw Mecab morphemes split further by WordPiece, so text goes through:
 
   clean       every whitespace kind, control, format and invalid character becomes a separator
+  compose     Unicode NFC, so decomposed Hangul (NFD: what macOS writes) gives the same pieces as
+              composed Hangul; the vocab and the analyzer only know composed syllables
   lower-case  character by character, without Unicode decomposition (NFD turns Hangul into jamo)
   analyze     morphemes from an analyzer chosen by name (`mecab` by default, `none` = whitespace)
   split       punctuation and CJK ideographs become words of one character
   WordPiece   greedy longest match with `##` continuations; a word with no match becomes one [UNK]
 
 Every piece keeps the (start, end) character offsets of the text it came from in the string
-the caller passed in, so answers are cut from the original context, never re-assembled.
+the caller passed in (before composition), so answers are cut from the original context, never
+re-assembled.
 """
 from __future__ import annotations
 
@@ -64,7 +67,7 @@ def read_vocab_tokens(vocab_file: str | os.PathLike[str]) -> list[str]:
     """The tokens of a WordPiece vocab file, one per line; a token's id is its line number."""
     path = Path(vocab_file)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not part of [PAD]
     except FileNotFoundError:
         raise TokenizerError(f"vocab file not found: {path}") from None
     except UnicodeDecodeError:
@@ -123,7 +126,42 @@ def clean(text: str) -> str:
     return text.translate(_SEPARATORS_TO_SPACE)
 
 
-# --- stage 2: lower-case -------------------------------------------------------------------
+# --- stage 2: compose ---------------------------------------------------------------------
+
+def compose(text: str) -> tuple[str, list[Span] | None]:
+    """`text` in Unicode NFC, and, only when that changed it, the span of `text` each composed
+    character came from; None means index i of one is index i of the other.
+
+    The text is composed one cluster at a time (a character that combines with nothing before it,
+    plus what follows and combines with it), so every composed character has one source span.
+    """
+    if unicodedata.is_normalized("NFC", text):
+        return text, None
+    parts: list[str] = []
+    spans: list[Span] = []
+    cluster_start = 0
+    for index in range(1, len(text) + 1):
+        if index < len(text) and not _starts_cluster(text, cluster_start, index):
+            continue
+        composed = unicodedata.normalize("NFC", text[cluster_start:index])
+        parts.append(composed)
+        spans.extend([(cluster_start, index)] * len(composed))
+        cluster_start = index
+    return "".join(parts), spans
+
+
+def _starts_cluster(text: str, cluster_start: int, index: int) -> bool:
+    """Whether text[index] leaves the cluster text[cluster_start:index] as it is: a starter that
+    does not compose with it (Hangul vowel and final jamo are starters that do)."""
+    char = text[index]
+    if unicodedata.combining(char):
+        return False
+    cluster = text[cluster_start:index]
+    composed = unicodedata.normalize("NFC", cluster)
+    return unicodedata.normalize("NFC", cluster + char) == composed + unicodedata.normalize("NFC", char)
+
+
+# --- stage 3: lower-case -------------------------------------------------------------------
 
 def lower_case(text: str) -> tuple[str, list[int] | None]:
     """Lower-case `text` without decomposing it.
@@ -144,7 +182,7 @@ def lower_case(text: str) -> tuple[str, list[int] | None]:
     return "".join(parts), origin
 
 
-# --- stage 3: morpheme analysis ------------------------------------------------------------
+# --- stage 4: morpheme analysis ------------------------------------------------------------
 
 class Analyzer(Protocol):
     """Splits a cleaned text, whose only separator is a space, into morpheme spans."""
@@ -341,8 +379,9 @@ def _load_java_tagger(name: str) -> Analyzer:
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         raise TokenizerError(f"analyzer {name!r} needs Java, which was not found: {_JAVA_HELP}")
     try:
-        import jpype  # noqa: F401  (konlpy imports it lazily; checking here gives a clear message)
+        import jpype  # konlpy imports it lazily; importing it here gives a clear message
         from konlpy import tag
+        del jpype  # only its presence was checked
     except ImportError as error:
         raise TokenizerError(f"analyzer {name!r} needs konlpy and JPype1 "
                              f"[{_one_line(error)}]: {_JAVA_HELP}") from None
@@ -354,7 +393,7 @@ def _load_java_tagger(name: str) -> Analyzer:
     return SurfaceAnalyzer(name, tagger.morphs, bmp_only=True)
 
 
-# --- stage 4: punctuation and CJK ideographs -----------------------------------------------
+# --- stage 5: punctuation and CJK ideographs -----------------------------------------------
 
 @functools.lru_cache(maxsize=4096)
 def is_split_character(char: str) -> bool:
@@ -380,7 +419,7 @@ def split_punctuation(word: str) -> list[Span]:
     return spans
 
 
-# --- stage 5: WordPiece --------------------------------------------------------------------
+# --- stage 6: WordPiece --------------------------------------------------------------------
 
 class WordPiece:
     """Greedy longest-match-first WordPiece over a vocab."""
@@ -494,14 +533,16 @@ class BertTokenizer:
         return list(self._cached_tokenize(text))
 
     def _tokenize_text(self, text: str) -> tuple[Piece, ...]:
-        cleaned = clean(text)
-        normalized, origin = lower_case(cleaned) if self.do_lower_case else (cleaned, None)
+        composed, sources = compose(clean(text))
+        normalized, lower_origin = lower_case(composed) if self.do_lower_case else (composed, None)
         if not normalized.strip(" "):
             return ()
         units = complete_spans(normalized, self._analyzer.spans(normalized))
-        if origin is None:
+        if lower_origin is not None:
+            sources = [sources[i] if sources else (i, i + 1) for i in lower_origin]
+        if sources is None:
             return tuple(self._pieces_of_units(normalized, units))
-        return tuple(self._pieces_through_origin(normalized, units, origin))
+        return tuple(self._pieces_through_sources(normalized, units, sources))
 
     def _pieces_of_units(self, text: str, units: Iterable[Span]) -> list[Piece]:
         pieces: list[Piece] = []
@@ -515,29 +556,29 @@ class BertTokenizer:
                 pieces.extend([(piece, start + s, start + e) for piece, s, e in relative])
         return pieces
 
-    def _pieces_through_origin(self, text: str, units: list[Span],
-                               origin: list[int]) -> list[Piece]:
-        """Pieces of a lower-cased text longer than its source, mapped back through `origin`.
+    def _pieces_through_sources(self, text: str, units: list[Span],
+                                sources: list[Span]) -> list[Piece]:
+        """Pieces of a normalised text whose characters came from `sources` spans of the caller's text.
 
-        A boundary inside one source character's lower-case form (between `i` and the dot of
-        `İ`) has no offset in the source: units split there are joined, and a unit whose
-        pieces would split there becomes one [UNK] over the whole unit.
+        A boundary inside one source span (between `i` and the dot of lower-cased `İ`, or between
+        two characters one cluster composed to) has no offset in the caller's text: units split
+        there are joined, and a unit whose pieces would split there becomes one [UNK] over it.
         """
-        def inside_character(index: int) -> bool:
-            return 0 < index < len(origin) and origin[index] == origin[index - 1]
+        def inside_source(index: int) -> bool:
+            return 0 < index < len(sources) and sources[index] == sources[index - 1]
 
         joined: list[Span] = []
         for start, end in units:
-            if joined and joined[-1][1] == start and inside_character(start):
+            if joined and joined[-1][1] == start and inside_source(start):
                 joined[-1] = (joined[-1][0], end)
             else:
                 joined.append((start, end))
         pieces: list[Piece] = []
         for start, end in joined:
             unit_pieces = self._pieces_of_units(text, [(start, end)])
-            if any(inside_character(piece_start) for _, piece_start, _ in unit_pieces):
+            if any(inside_source(piece_start) for _, piece_start, _ in unit_pieces):
                 unit_pieces = [(UNK, start, end)]
-            pieces.extend((piece, origin[s], origin[e - 1] + 1) for piece, s, e in unit_pieces)
+            pieces.extend((piece, sources[s][0], sources[e - 1][1]) for piece, s, e in unit_pieces)
         return pieces
 
     def _word_pieces(self, word: str) -> tuple[Piece, ...]:

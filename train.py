@@ -29,8 +29,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, UsageError, add_data_args, autocast_context,
-                        autocast_dtype, build_tokenizer, check_data_args, evaluate_model, has_answers, pick_device,
+from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, HelpFormatter, UsageError, add_data_args,
+                        autocast_context, autocast_dtype, build_tokenizer, check_checkpoint_file, check_data_args,
+                        evaluate_model, finite_float, has_answers, pick_device, positive_float, positive_int,
                         prepare_output_dir, run_cli, save_torch_atomic, score, setup_logging, write_json_atomic)
 from korquad_utils import atomic_write, collate_features, load_or_build_features, make_length_grouped_batches
 from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
@@ -109,42 +110,44 @@ def setup_distributed(no_cuda: bool) -> tuple[Distributed, torch.device]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Fine-tune BERT-small on KorQuAD v1.0.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--train_file", default="data/KorQuAD_v1.0_train.json")
-    parser.add_argument("--output_dir", default="output")
+    parser = argparse.ArgumentParser(description="Fine-tune BERT-small on KorQuAD v1.0.", formatter_class=HelpFormatter)
+    parser.add_argument("--train_file", default="data/KorQuAD_v1.0_train.json", help="KorQuAD-format training JSON.")
+    parser.add_argument("--output_dir", default="output", help="Where checkpoints and run files go.")
     parser.add_argument("--checkpoint", default="pretrain_ckpt/bert_small_ckpt.bin",
-                        help="pretrained encoder (or a fine-tuned checkpoint); 'none' = random initialisation")
+                        help="Pretrained encoder (or a fine-tuned checkpoint); 'none' = random initialisation.")
     parser.add_argument("--model_config", "--config_name", dest="model_config",
-                        default=str(ROOT / "data" / "bert_small.json"))
-    parser.add_argument("--vocab_file", default=str(ROOT / "data" / "ko_vocab_32k.txt"))
-    parser.add_argument("--train_batch_size", type=int, default=16, help="features per step on each rank")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--num_train_epochs", type=float, default=4.0)
-    parser.add_argument("--warmup_proportion", type=float, default=0.1)
-    parser.add_argument("--weight_decay", type=float, default=0.01)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-6)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--eval_file", default=None, help="evaluate on this file after each epoch and log EM/F1")
-    parser.add_argument("--eval_batch_size", type=int, default=64)
-    parser.add_argument("--n_best_size", type=int, default=20)
-    parser.add_argument("--logging_steps", type=int, default=50, help="optimizer steps between loss read-outs")
-    parser.add_argument("--save_total_limit", type=int, default=None,
-                        help="keep only the newest N korquad_{epoch}.bin files (default: keep all)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last finished epoch in --output_dir")
-    parser.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
+                        default=str(ROOT / "data" / "bert_small.json"),
+                        help="Model config JSON (default: data/bert_small.json).")
+    parser.add_argument("--vocab_file", default=str(ROOT / "data" / "ko_vocab_32k.txt"),
+                        help="WordPiece vocab (default: data/ko_vocab_32k.txt).")
+    parser.add_argument("--train_batch_size", type=positive_int, default=16, help="Features per step on each rank.")
+    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
+                        help="Micro-batches per optimizer step.")
+    parser.add_argument("--learning_rate", type=positive_float, default=5e-5, help="Peak AdamW learning rate.")
+    parser.add_argument("--num_train_epochs", type=positive_float, default=4.0,
+                        help="Epochs to train (a fraction ends mid-epoch).")
+    parser.add_argument("--warmup_proportion", type=finite_float(0.0, 1.0, high_inclusive=False), default=0.1,
+                        help="Share of the steps over which the learning rate rises linearly.")
+    parser.add_argument("--weight_decay", type=finite_float(0.0), default=0.01,
+                        help="AdamW weight decay (not on biases and LayerNorm weights).")
+    parser.add_argument("--adam_epsilon", type=positive_float, default=1e-6, help="AdamW epsilon.")
+    parser.add_argument("--max_grad_norm", type=positive_float, default=1.0, help="Gradient norm clipping threshold.")
+    parser.add_argument("--eval_file", default=None, help="Evaluate on this file after each epoch and log EM/F1.")
+    parser.add_argument("--eval_batch_size", type=positive_int, default=64,
+                        help="Features per forward pass in evaluation.")
+    parser.add_argument("--n_best_size", type=positive_int, default=20,
+                        help="Candidate answers per question when evaluating.")
+    parser.add_argument("--logging_steps", type=positive_int, default=50,
+                        help="Optimizer steps between loss read-outs.")
+    parser.add_argument("--save_total_limit", type=positive_int, default=None,
+                        help="Keep only the newest N korquad_{epoch}.bin files (if not given: keep all).")
+    parser.add_argument("--resume", action="store_true", help="Continue from the last finished epoch in --output_dir.")
+    parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
     add_data_args(parser)
     parser.set_defaults(analyzer="mecab")
     args = parser.parse_args(argv)
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_batch_size",
-                 "save_total_limit", "preprocess_workers"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1")
-    if args.num_train_epochs <= 0 or args.learning_rate <= 0:
-        parser.error("--num_train_epochs and --learning_rate must be positive")
-    if not 0 <= args.warmup_proportion < 1:
-        parser.error("--warmup_proportion must be in [0, 1)")
+    if Path(args.checkpoint).is_dir():
+        check_checkpoint_file(args.checkpoint)  # says what to pass instead of a directory
     return args
 
 

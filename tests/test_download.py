@@ -1,6 +1,7 @@
 """download.py against a local HTTP server on 127.0.0.1: full, resumed, restarted and rejected downloads."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import download
+from conftest import SAMPLE_FILE
 
 DEV = download.FILES["dev"]
 TRAIN = download.FILES["train"]
@@ -85,9 +87,17 @@ def server():
     httpd.server_close()
 
 
-@pytest.fixture(scope="module")
-def dev_bytes(dev_file: Path) -> bytes:
-    return dev_file.read_bytes()
+@pytest.fixture
+def dev_bytes(monkeypatch) -> bytes:
+    """What the server serves as the dev file: the bundled sample, its hash standing in for the published
+    one, so these tests run in any clone (the published hash itself is checked against the real file below)."""
+    sample = SAMPLE_FILE.read_bytes()
+    monkeypatch.setitem(download.KNOWN_SHA256, DEV, hashlib.sha256(sample).hexdigest())
+    return sample
+
+
+def test_published_hash_is_the_real_dev_file(dev_file: Path):
+    assert download.sha256_of(dev_file) == download.KNOWN_SHA256[DEV]
 
 
 def fetch(server: FileServer, data_dir: Path, name: str = DEV, **kwargs) -> bool:

@@ -86,7 +86,8 @@ def test_cli_prints_scores_and_notes_only_a_foreign_version(tmp_path):
     ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", ["서울"]))}, "{not json", "predictions"),
     ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", ["서울"]))}, {"q1": 3}, "question q1"),
     ({"version": "KorQuAD_v1.0"}, {}, "'data'"),
-    ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", []))}, {}, "question q1"),
+    ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", []))}, {}, "no question with answers"),
+    ({"version": "KorQuAD_v1.0", "data": _dataset(("q1", [7]))}, {}, "question q1"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, dataset, predictions, message):
     result = _run_cli(tmp_path, dataset, predictions)
@@ -103,3 +104,33 @@ def test_gold_answers_score_100_on_the_dev_set(dev_file):
             for article in dataset["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]}
     assert len(gold) == 5774
     assert evaluate(dataset["data"], gold) == {"exact_match": 100.0, "f1": 100.0}
+    # What the official rules forgive keeps 100; one character more or less does not.
+    dressed = {qid: f" 《{text}》. " for qid, text in gold.items()}
+    assert evaluate(dataset["data"], dressed) == {"exact_match": 100.0, "f1": 100.0}
+    longer = evaluate(dataset["data"], {qid: text + "는" for qid, text in gold.items()})
+    assert longer["exact_match"] < 1.0 and 80.0 < longer["f1"] < 100.0
+
+
+def test_near_misses_lose_exact_match_and_part_of_f1():
+    # One character more: precision 5/6, recall 1.
+    assert not exact_match_score("서울특별시청", "서울특별시")
+    assert f1_score("서울특별시청", "서울특별시") == pytest.approx(2 * (5 / 6) / (5 / 6 + 1))
+    # One character less: precision 1, recall 4/5.
+    assert f1_score("서울특별", "서울특별시") == pytest.approx(2 * 0.8 / 1.8)
+
+
+def test_official_normalisation_of_whitespace_quotes_and_punctuation():
+    assert exact_match_score("  서울 \t특별시\n", "서울 특별시")    # runs of whitespace are one space
+    assert exact_match_score("\"서울\"", "서울") and exact_match_score("《서울》", "서울")
+    assert exact_match_score("1,000원.", "1000원") and exact_match_score("KorQuAD", "korquad")
+    assert not exact_match_score("서울특별시", "서울 특별시")          # EM keeps the space ...
+    assert f1_score("서울특별시", "서울 특별시") == 1.0                # ... F1 does not
+    assert not exact_match_score("서울·부산", "서울부산")              # non-ASCII punctuation stays
+
+
+def test_several_gold_answers_each_metric_takes_its_best():
+    dataset = _dataset(("q", ["서울특별시 중구", "중구청", "시청"]))
+    # "중구": EM 0 against all; F1 2/7 recall vs the first (0.444), 2/3 vs the second (0.8), 0 vs the third.
+    assert evaluate(dataset, {"q": "중구"}) == {"exact_match": 0.0, "f1": pytest.approx(80.0)}
+    # "시청" is exact for the last gold only; F1 is then 100 too, not an average over the golds.
+    assert evaluate(dataset, {"q": "시청"}) == {"exact_match": 100.0, "f1": 100.0}

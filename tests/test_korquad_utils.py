@@ -433,8 +433,15 @@ def test_decode_drops_duplicate_texts(tmp_path, tokenizer):
     # Pieces: [CLS] ? [SEP] 서울 부산 서울 [SEP]: both 서울 spans score 10, one is kept.
     logits = _logits(features, {0: {3: 5.0, 5: 5.0}})
     _, nbest = ku.decode_predictions(examples, features, logits, logits)
+    # Scores: 서울 and 서울 부산 서울 tie at 10, 서울 부산 and 부산 서울 at 5, 부산 is 0. The order
+    # within a tie is not specified; the ranking between scores and the probabilities are.
     texts = [entry["text"] for entry in nbest["q"]]
-    assert texts == ["서울", "서울 부산 서울", "서울 부산", "부산 서울", "부산"]
+    assert len(texts) == len(set(texts)) == 5
+    assert set(texts[:2]) == {"서울", "서울 부산 서울"} and set(texts[2:4]) == {"서울 부산", "부산 서울"}
+    assert texts[4] == "부산"
+    probabilities = [entry["probability"] for entry in nbest["q"]]
+    assert probabilities[0] == pytest.approx(probabilities[1]) and probabilities[2] == pytest.approx(probabilities[3])
+    assert probabilities[1] > probabilities[2] > probabilities[4]
     # With n_best_size 2 the two best pairs are both 서울; the next text must still be found.
     starts, ends = _logits(features, {0: {3: 1.0, 5: 5.0}}), _logits(features, {0: {3: 10.0, 5: 5.0}})
     _, nbest = ku.decode_predictions(examples, features, starts, ends, n_best_size=2)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import tokenization
+from conftest import SAMPLE_FILE
 from tokenization import (BertTokenizer, SurfaceAnalyzer, TokenizerError, clean, complete_spans,
                           lower_case, make_analyzer)
 
@@ -196,23 +197,22 @@ def test_none_analyzer_splits_on_whitespace_only(vocab_file, mecab_tokenizer):
     assert mecab_tokenizer.tokenize("한국어에서 왔다") == ["한국어", "에서", "왔", "다"]
 
 
-def test_mecab_lattice_fast_path_matches_public_parse(dev_file):
+def test_mecab_lattice_fast_path_matches_public_parse():
     analyzer = make_analyzer("mecab")
     if not isinstance(analyzer, tokenization.MecabKoAnalyzer):
         pytest.skip("konlpy's Mecab is installed, so python-mecab-ko is not used")
-    contexts = _contexts(dev_file)[:20]
-    for context in contexts:
+    for context in _contexts(SAMPLE_FILE):  # real Korean paragraphs, in every clone
         assert analyzer.spans(context) == analyzer._parse_spans(context)
 
 
-def test_surface_only_mecab_aligns_to_the_same_pieces_as_spans(dev_file, vocab_file, mecab_tokenizer):
+def test_surface_only_mecab_aligns_to_the_same_pieces_as_spans(vocab_file, mecab_tokenizer):
     # konlpy's Mecab returns surfaces only; aligning them must reproduce the span path exactly.
     import mecab
 
     tagger = mecab.MeCab()
     surfaces = SurfaceAnalyzer("mecab", lambda text: [m.surface for m in tagger.parse(text)])
     aligned = BertTokenizer(vocab_file, analyzer=surfaces)
-    for context in _contexts(dev_file)[:30]:
+    for context in _contexts(SAMPLE_FILE):
         assert aligned.tokenize_with_offsets(context) == mecab_tokenizer.tokenize_with_offsets(context)
 
 
@@ -306,8 +306,8 @@ def test_wordpiece_greedy_longest_match_and_unknown_words(small_vocab_file):
 
 # --- the real dev set ----------------------------------------------------------------------
 
-def _contexts(dev_file) -> list[str]:
-    with open(dev_file, encoding="utf-8") as handle:
+def _contexts(korquad_file) -> list[str]:
+    with open(korquad_file, encoding="utf-8") as handle:
         articles = json.load(handle)["data"]
     return list(dict.fromkeys(p["context"] for a in articles for p in a["paragraphs"]))
 

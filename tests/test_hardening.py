@@ -1,0 +1,352 @@
+"""Hostile-user hardening (issue 13): decomposed Hangul, window ownership, empty answer lists, flags
+checked before work, unreadable checkpoints, download flags, directories given as checkpoints,
+byte-order marks, a very long context, and --help of every entry point."""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import tracemalloc
+import unicodedata
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli_common
+import download
+import evaluate_v1_0
+import korquad_utils as ku
+from conftest import DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script
+from modeling import CheckpointError, Config, QuestionAnswering, read_state_dict
+from test_korquad_utils import WINDOW_SETTINGS, WORDS, WhitespaceTokenizer, _char_span, _qa, _write_squad
+from tokenization import BertTokenizer, read_vocab_tokens
+
+
+def _nfd_copy(source: Path, path: Path) -> Path:
+    """The KorQuAD file `source` with every string decomposed (NFD), answer_start moved to match."""
+    dataset = json.loads(source.read_text(encoding="utf-8"))
+    for article in dataset["data"]:
+        for paragraph in article["paragraphs"]:
+            context = paragraph["context"]
+            paragraph["context"] = unicodedata.normalize("NFD", context)
+            for qa in paragraph["qas"]:
+                qa["question"] = unicodedata.normalize("NFD", qa["question"])
+                for answer in qa["answers"]:
+                    answer["answer_start"] = len(unicodedata.normalize("NFD", context[:answer["answer_start"]]))
+                    answer["text"] = unicodedata.normalize("NFD", answer["text"])
+    path.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mecab_tokenizer() -> BertTokenizer:
+    return BertTokenizer(str(VOCAB_FILE), analyzer="mecab")
+
+
+# --- 1. decomposed (NFD) Hangul ---------------------------------------------------------------
+
+def test_nfd_text_gives_the_pieces_of_nfc_text_with_offsets_into_itself(mecab_tokenizer):
+    composed = "대한민국의 수도는 서울이다. Café İstanbul"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert len(decomposed) > len(composed)
+    nfc_pieces = mecab_tokenizer.tokenize_with_offsets(composed)
+    nfd_pieces = mecab_tokenizer.tokenize_with_offsets(decomposed)
+    assert [piece for piece, _, _ in nfd_pieces] == [piece for piece, _, _ in nfc_pieces]
+    assert "[UNK]" not in mecab_tokenizer.tokenize(unicodedata.normalize("NFD", "대한민국의 수도는 서울이다."))
+    for (_, start, end), (_, nfc_start, nfc_end) in zip(nfd_pieces, nfc_pieces):
+        assert unicodedata.normalize("NFC", decomposed[start:end]) == composed[nfc_start:nfc_end]
+
+
+def test_nfd_and_nfc_samples_give_the_same_features_and_scores(mecab_tokenizer, tmp_path):
+    nfd_file = _nfd_copy(SAMPLE_FILE, tmp_path / "sample_nfd.json")
+    results = {}
+    for name, path in (("nfc", SAMPLE_FILE), ("nfd", nfd_file)):
+        examples = ku.read_squad_examples(path, is_training=True)
+        features = ku.convert_examples_to_features(examples, mecab_tokenizer, 256, 128, 32, is_training=True,
+                                                   progress=False)
+        predictions, _ = ku.decode_predictions(examples, features, *ku.gold_logits(features))
+        dataset = json.loads(path.read_text(encoding="utf-8"))
+        results[name] = examples, features, predictions, evaluate_v1_0.evaluate(dataset, predictions)
+    nfc_examples, nfc_features, _, nfc_scores = results["nfc"]
+    nfd_examples, nfd_features, nfd_predictions, nfd_scores = results["nfd"]
+    assert len(nfd_examples) == len(nfc_examples) == 56
+    # Same model inputs and labels, so training and prediction are the same too.
+    assert [(f.input_ids, f.start_position, f.end_position, f.token_is_max_context) for f in nfd_features] == \
+           [(f.input_ids, f.start_position, f.end_position, f.token_is_max_context) for f in nfc_features]
+    assert nfd_scores == nfc_scores and nfc_scores["exact_match"] > 90
+    # The answers are slices of the user's own (decomposed) contexts.
+    for example in nfd_examples:
+        assert nfd_predictions[example.qas_id] in example.context_text
+
+
+# --- 2 and 11. window ownership: the original rule, linear in the pieces -----------------------
+
+def _original_owner(windows: list[tuple[int, int]], position: int) -> int:
+    """Google BERT's _check_is_max_context, written out for one position."""
+    best_score, best_window = None, None
+    for index, (start, length) in enumerate(windows):
+        end = start + length - 1
+        if start <= position <= end:
+            score = min(position - start, end - position) + 0.01 * length
+            if best_score is None or score > best_score:
+                best_score, best_window = score, index
+    return best_window
+
+
+def test_a_short_last_window_owns_what_the_original_rule_gives_it():
+    windows = ku._doc_windows(500, 490, 128)
+    assert windows == [(0, 490), (128, 372)]
+    flags = ku._max_context_flags(windows, 500)
+    # Position 309: 180 pieces of context in window 0 (+4.9), 181 in window 1 (+3.72): window 0 wins.
+    assert flags[0][309] and not flags[1][309 - 128]
+
+
+@pytest.mark.parametrize("num_pieces, window, stride", [(500, 490, 128), (1000, 413, 128), (37, 8, 3), (64, 10, 7)])
+def test_max_context_flags_follow_the_original_rule_everywhere(num_pieces, window, stride):
+    windows = ku._doc_windows(num_pieces, window, stride)
+    flags = ku._max_context_flags(windows, num_pieces)
+    for position in range(num_pieces):
+        owners = [index for index, (start, length) in enumerate(windows)
+                  if start <= position < start + length and flags[index][position - start]]
+        assert owners == [_original_owner(windows, position)], position
+
+
+def test_max_context_memory_is_linear_in_the_pieces():
+    num_pieces = 80_000  # the old windows x pieces matrix took 381 MB here
+    windows = ku._doc_windows(num_pieces, 413, 128)
+    tracemalloc.start()
+    try:
+        ku._max_context_flags(windows, num_pieces)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * num_pieces  # a few arrays of one entry per piece, not windows x pieces
+
+
+# --- 13. window edges: an answer ending at, just before and just past a window's last piece ----
+
+@pytest.mark.parametrize("answer_words, first_window_positions", [
+    (WORDS[4:7], (4 + 4, 4 + 6)),    # ends one piece before the edge of window 0 (w0..w7)
+    (WORDS[5:8], (4 + 5, 4 + 7)),    # ends exactly on its last piece
+    (WORDS[6:9], (0, 0)),            # ends one piece past it: not in window 0 (its end would be [SEP])
+])
+def test_answer_ending_at_a_window_edge(tmp_path, answer_words, first_window_positions):
+    tokenizer = WhitespaceTokenizer(tmp_path / "vocab.txt")
+    start, text = _char_span(answer_words)
+    path = _write_squad(tmp_path / "edge.json", [{"context": " ".join(WORDS), "qas": [_qa("q", "q0 q1", text, start)]}])
+    examples = ku.read_squad_examples(path, is_training=True)
+    features = ku.convert_examples_to_features(examples, tokenizer, is_training=True, progress=False,
+                                               **WINDOW_SETTINGS)
+    assert (features[0].start_position, features[0].end_position) == first_window_positions
+    for feature in features:
+        if feature.start_position:
+            assert feature.input_ids[feature.end_position] != tokenizer.sep_token_id
+            offsets = feature.token_offsets
+            assert examples[0].context_text[offsets[feature.start_position][0]:offsets[feature.end_position][1]] == text
+
+
+# --- 3. questions with "answers": [] -------------------------------------------------------------
+
+def test_questions_without_answers_are_left_out_of_the_score_with_a_count(capsys):
+    dataset = [{"title": "t", "paragraphs": [{"context": "c", "qas": [
+        {"id": "q1", "question": "?", "answers": [{"text": "서울", "answer_start": 0}]},
+        {"id": "q2", "question": "?", "answers": []},
+        {"id": "q3", "question": "?", "answers": [{"text": "부산", "answer_start": 0}]},
+        {"id": "q4", "question": "?", "answers": []}]}]}]
+    scores = evaluate_v1_0.evaluate(dataset, {"q1": "서울", "q2": "x", "q3": "광주", "q4": "y"})
+    assert scores == {"exact_match": 50.0, "f1": 50.0}
+    assert "2 question(s) with an empty 'answers' list were not scored" in capsys.readouterr().err
+
+
+def test_eval_predicts_a_question_without_answers_and_scores_the_rest(tiny_setup, tmp_path, capsys):
+    import eval as eval_cli
+
+    dataset = json.loads((tiny_setup / "train.json").read_text(encoding="utf-8"))
+    emptied = dataset["data"][0]["paragraphs"][0]["qas"][0]
+    emptied["answers"] = []
+    predict_file = tmp_path / "predict.json"
+    predict_file.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
+    torch.manual_seed(0)
+    torch.save(QuestionAnswering(Config(**TINY_CONFIG)).state_dict(), tmp_path / "model.bin")
+    eval_cli.main([f"--checkpoint={tmp_path / 'model.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
+                   f"--output_dir={tmp_path / 'out'}", f"--predict_file={predict_file}", *DATA_FLAGS,
+                   "--no_cuda", "--quiet", f"--cache_dir={tmp_path / 'cache'}"])
+    captured = capsys.readouterr()
+    assert set(json.loads(captured.out.strip().splitlines()[-1])) == {"exact_match", "f1"}
+    assert "1 question(s) with an empty 'answers' list" in captured.err
+    predictions = json.loads((tmp_path / "out" / "predictions.json").read_text(encoding="utf-8"))
+    assert emptied["id"] in predictions and len(predictions) == 24
+
+
+# --- 4. flags checked before any work --------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value", [
+    ("--learning_rate", "nan"), ("--learning_rate", "0"), ("--num_train_epochs", "nan"),
+    ("--num_train_epochs", "inf"), ("--warmup_proportion", "nan"), ("--adam_epsilon", "-1e-6"),
+    ("--max_grad_norm", "inf"), ("--weight_decay", "nan"), ("--n_best_size", "0"), ("--eval_batch_size", "0"),
+    ("--preprocess_workers", "0"), ("--doc_stride", "-5"),
+])
+def test_train_refuses_bad_numbers_while_reading_its_flags(flag, value, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("flag, value", [("--n_best_size", "0"), ("--train_batch_size", "-1"),
+                                         ("--max_answer_length", "0")])
+def test_eval_refuses_bad_numbers_while_reading_its_flags(flag, value, capsys):
+    import eval as eval_cli
+
+    with pytest.raises(SystemExit):
+        eval_cli.parse_args(["--checkpoint", "x.bin", flag, value])
+    assert flag in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc for a directory nobody can write")
+def test_an_output_dir_that_cannot_be_written_is_found_before_any_work():
+    # /proc/self refuses new files even to root, who passes every permission check elsewhere.
+    with pytest.raises(cli_common.UsageError, match=r"--output_dir /proc/self: cannot write there"):
+        cli_common.prepare_output_dir("/proc/self")
+
+
+def test_prepare_output_dir_leaves_nothing_behind(tmp_path):
+    assert cli_common.prepare_output_dir(str(tmp_path / "new" / "dir")) == tmp_path / "new" / "dir"
+    assert list((tmp_path / "new" / "dir").iterdir()) == []
+
+
+# --- 6. corrupt, foreign and empty checkpoint files ------------------------------------------------
+
+class Foreign:
+    """Something that is not a tensor."""
+
+
+def _write_bad_checkpoints(root: Path) -> dict[str, Path]:
+    good = root / "good.bin"
+    torch.save({"weight": torch.zeros(64)}, good)
+    files = {name: root / f"{name}.bin" for name in ("empty", "text", "pickle", "truncated")}
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("not a checkpoint\n")
+    files["pickle"].write_bytes(pickle.dumps(Foreign(), protocol=2))
+    files["truncated"].write_bytes(good.read_bytes()[:200])
+    files["directory"] = root
+    return files
+
+
+@pytest.mark.parametrize("name, says", [
+    ("empty", "empty (0-byte) file"), ("text", "is not a PyTorch checkpoint"),
+    ("pickle", "objects other than tensors"), ("truncated", "not a complete PyTorch checkpoint"),
+    ("directory", "is a directory"),
+])
+def test_unreadable_checkpoints_say_what_the_file_is_not(tmp_path, name, says):
+    path = _write_bad_checkpoints(tmp_path)[name]
+    with pytest.raises(CheckpointError) as error:
+        read_state_dict(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and says in message and "\n" not in message
+    assert "weights_only" not in message  # torch's advice to unpickle anyway is wrong here
+
+
+# --- 7. download.py flags ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--timeout", "-1"], "--timeout"), (["--timeout", "nan"], "--timeout"), (["--timeout", "0"], "--timeout"),
+    (["--data_dir", str(SAMPLE_FILE)], "is not a directory"),
+])
+def test_download_refuses_bad_flags_in_one_line(flags, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        download.main(flags + ["--base_url", "http://127.0.0.1:9/none"])
+    assert exit_info.value.code == 2
+    assert fragment in capsys.readouterr().err.splitlines()[-1]
+
+
+# --- 8. a directory given as --checkpoint ----------------------------------------------------------
+
+def test_eval_checkpoint_that_is_a_directory_says_so_and_what_to_pass(tmp_path):
+    import eval as eval_cli
+
+    (tmp_path / "korquad_2.bin").write_bytes(b"")
+    with pytest.raises(cli_common.UsageError) as error:
+        eval_cli.main([f"--checkpoint={tmp_path}", f"--output_dir={tmp_path / 'out'}", "--no_cuda", "--quiet"])
+    assert "is a directory, not a checkpoint file" in str(error.value)
+    assert str(tmp_path / "korquad_2.bin") in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_checkpoint_that_is_a_directory_says_so(tmp_path):
+    import train
+
+    with pytest.raises(cli_common.UsageError, match="is a directory, not a checkpoint file"):
+        train.parse_args([f"--checkpoint={tmp_path}"])
+
+
+# --- 9. a UTF-8 byte-order mark (Windows Notepad) --------------------------------------------------
+
+def _with_bom(source: Path, path: Path) -> Path:
+    path.write_bytes(b"\xef\xbb\xbf" + source.read_bytes())
+    return path
+
+
+def test_a_byte_order_mark_is_accepted_on_every_input(tmp_path, capsys):
+    dataset = _with_bom(SAMPLE_FILE, tmp_path / "sample.json")
+    assert len(ku.read_squad_examples(dataset, is_training=True)) == 56
+    predictions = tmp_path / "predictions.json"
+    predictions.write_bytes(b"\xef\xbb\xbf" + json.dumps({"x": "y"}).encode())
+    assert evaluate_v1_0.main([str(dataset), str(predictions)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"exact_match": 0.0, "f1": 0.0}
+    assert read_vocab_tokens(_with_bom(VOCAB_FILE, tmp_path / "vocab.txt"))[0] == "[PAD]"
+    config = tmp_path / "config.json"
+    config.write_bytes(b"\xef\xbb\xbf" + json.dumps(TINY_CONFIG).encode())
+    assert Config.from_json_file(config) == Config(**TINY_CONFIG)
+    assert cli_common.score(dataset, {})["exact_match"] == 0.0
+
+
+# --- 14. --help of every entry point --------------------------------------------------------------
+
+# The merger adds predict.py and export.py here once they land.
+ENTRY_POINTS = ["train.py", "eval.py", "download.py", "bench.py", "evaluate_v1_0.py"]
+_DEFAULT_NOTES = re.compile(r"\(default: |\(if not given: ")
+
+
+def _help_entries(help_text: str) -> dict[str, str]:
+    """Each option or positional of an argparse --help, with its help text (without the invocation)."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in help_text.split("\n\n", 2)[-1].splitlines():
+        option = re.match(r"  (\S.*?)(?:  +(\S.*))?$", line)
+        if option and not line.startswith(" " * 4):
+            current = option.group(1)
+            entries[current] = option.group(2) or ""
+        elif current and line.startswith(" " * 4):
+            entries[current] += " " + line.strip()
+        elif not line.strip() or not line.startswith(" "):
+            current = None
+    return entries
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_help_gives_every_flag_a_sentence_and_its_default_once(script):
+    result = run_script(script, "--help", timeout=120)
+    assert result.returncode == 0, result.stderr
+    entries = _help_entries(result.stdout)
+    assert len(entries) >= 2
+    for invocation, text in entries.items():
+        if invocation.startswith("-h"):
+            continue
+        assert len(text.split()) >= 2, f"{script} {invocation}: no help sentence"
+        assert len(_DEFAULT_NOTES.findall(text)) <= 1, f"{script} {invocation}: default given twice: {text}"
+        assert "(default: None)" not in text, f"{script} {invocation}: {text}"
+
+
+def test_help_formatter_shows_a_default_once():
+    parser = __import__("argparse").ArgumentParser(formatter_class=cli_common.HelpFormatter)
+    parser.add_argument("--plain", type=int, default=3, help="A number.")
+    parser.add_argument("--told", default=None, help="A path (if not given: beside the data).")
+    parser.add_argument("--switch", action="store_true", help="A switch.")
+    text = " ".join(parser.format_help().split())
+    assert "A number. (default: 3)" in text
+    assert "A path (if not given: beside the data)." in text and "default: None" not in text
+    assert "default: False" not in text
