@@ -158,7 +158,7 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         if self.requested is None:
             self.requested = signal.Signals(signum)
-            logger.warning("%s received: stopping after the current optimizer step", self.requested.name)
+            logger.info("%s received: stopping after the current optimizer step", self.requested.name)
 
 
 def read_log(log_file: Path) -> list[dict]:

@@ -306,9 +306,11 @@ def save_checked(obj, path: Path) -> None:
     try:
         save_torch_atomic(obj, path)
     except (OSError, RuntimeError) as err:
-        code = getattr(err, "errno", None)
+        # torch reports a failed write as a RuntimeError whose context is the OSError that says why.
+        cause = err if isinstance(err, OSError) else err.__context__
+        code = cause.errno if isinstance(cause, OSError) else None
         reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                  errno.EFBIG: "the file-size limit is reached"}.get(code) or str(err).strip().splitlines()[0]
+                  errno.EFBIG: "the file-size limit is reached"}.get(code) or " ".join(str(cause or err).split())
         raise CheckpointWriteError(f"{path}: could not be written ({reason}); nothing was replaced, the previous "
                                    f"{path.name} (if any) is intact; free space, then rerun with --resume") from None
 
