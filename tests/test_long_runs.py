@@ -66,16 +66,16 @@ EPOCHS = 2
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
-    """Configs (with dropout: the random state after a resume matters), encoder, 5 questions (7 steps of
-    4 features, whole for 1 or 2 ranks), the stopper."""
+    """Configs (with dropout: the random state after a resume matters), encoder, 4 questions (5 steps of
+    4 features a epoch, whole for 1 or 2 ranks), the stopper."""
     root = tmp_path_factory.mktemp("long")
     (root / "dropout.json").write_text(json.dumps({**TINY_CONFIG, "dropout_prob": 0.1}))
     (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
     torch.manual_seed(0)
     from modeling import Config, QuestionAnswering
     torch.save(QuestionAnswering(Config(**TINY_CONFIG)).bert.state_dict(), root / "pretrained.bin")
-    write_subset(SAMPLE_FILE, root / "train.json", 5)
-    write_subset(SAMPLE_FILE, root / "other.json", 5, skip_paragraphs=3)
+    write_subset(SAMPLE_FILE, root / "train.json", 4)
+    write_subset(SAMPLE_FILE, root / "other.json", 4, skip_paragraphs=3)
     (root / "stopper.py").write_text(STOPPER.format(root=str(ROOT)))
     return root
 
@@ -132,23 +132,25 @@ def temp_files(output_dir: Path) -> list[str]:
 def test_kill_9_anywhere_then_resume_ends_like_an_uninterrupted_run(setup, straight, tmp_path):
     out = tmp_path / "run"
     run = flags(setup, out, "--save_steps=2")
-    steps_per_epoch = len((straight / "training_log.jsonl").read_text().splitlines()) // EPOCHS
-    assert steps_per_epoch >= 5
+    assert len((straight / "training_log.jsonl").read_text().splitlines()) == 5 * EPOCHS
 
-    killed = run_stopped(setup, run, "SIGKILL", when=5)  # inside step 5; the newest state is step 4's
-    assert killed.returncode == -signal.SIGKILL
-    assert torch.load(out / "training_state.pt", weights_only=True)["global_step"] == 4
+    def position() -> tuple:
+        state = torch.load(out / "training_state.pt", weights_only=True)
+        return state["epoch"], state["steps_in_epoch"], state["epoch_finished"]
+
+    killed = run_stopped(setup, run, "SIGKILL", when=3)  # inside step 3; the newest state is step 2's
+    assert killed.returncode == -signal.SIGKILL and position() == (0, 2, False)
     assert (out / ".train.lock").is_file()  # a dead run's lock: the next run takes it over
 
-    # Killed while writing its 2nd torch file after resuming (step 6's state, then korquad_0.bin).
+    # Resumed, killed while writing its 2nd torch file: step 4's state, then korquad_0.bin.
     killed = run_stopped(setup, run + ["--resume"], "SIGKILL", when=2, where="save")
-    assert killed.returncode == -signal.SIGKILL
+    assert killed.returncode == -signal.SIGKILL and position() == (0, 4, False)
     assert temp_files(out) and not (out / "korquad_0.bin").exists()
 
-    killed = run_stopped(setup, run + ["--resume"], "SIGKILL", when=steps_per_epoch - 3)  # in epoch 1
-    assert killed.returncode == -signal.SIGKILL
+    killed = run_stopped(setup, run + ["--resume"], "SIGKILL", when=3)  # steps 5 (epoch end), 6 (saved), 7
+    assert killed.returncode == -signal.SIGKILL and position() == (1, 1, False)
     assert temp_files(out) == []  # the half-written checkpoint of the killed run is gone
-    assert torch.load(out / "training_state.pt", weights_only=True)["epoch"] == 1
+    assert (out / "korquad_0.bin").is_file()
 
     finished = run_script("train.py", *run, "--resume")
     assert finished.returncode == 0, finished.stderr
@@ -178,17 +180,17 @@ def test_resume_skips_consumed_batches_without_collating_or_running_them(setup, 
     out = tmp_path / "run"
     real_clip, steps = torch.nn.utils.clip_grad_norm_, []
 
-    def clip_and_stop_at_step_4(*args, **kwargs):
+    def clip_and_stop_at_step_2(*args, **kwargs):
         steps.append(1)
-        if len(steps) == 4:
+        if len(steps) == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # the real handler, in this process
         return real_clip(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_stop_at_step_4)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_stop_at_step_2)
     with pytest.raises(train.TrainingStopped):
         train.main(flags(setup, out, "--num_train_epochs=1"))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
-    assert len((out / "training_log.jsonl").read_text().splitlines()) == 4
+    assert len((out / "training_log.jsonl").read_text().splitlines()) == 2
 
     collated, forwards = [], []
     real_collate, real_forward = train.collate_features, modeling.QuestionAnswering.forward
@@ -197,9 +199,8 @@ def test_resume_skips_consumed_batches_without_collating_or_running_them(setup, 
     monkeypatch.setattr(modeling.QuestionAnswering, "forward",
                         lambda self, *a, **kw: forwards.append(1) or real_forward(self, *a, **kw))
     train.main(flags(setup, out, "--num_train_epochs=1", "--resume"))
-    total = len((out / "training_log.jsonl").read_text().splitlines())
-    assert total > 4
-    assert len(collated) == len(forwards) == total - 4  # only the steps still to do
+    assert len((out / "training_log.jsonl").read_text().splitlines()) == 5
+    assert len(collated) == len(forwards) == 3  # only the steps still to do
 
 
 def test_second_run_into_a_live_runs_directory_is_refused(setup, tmp_path):
