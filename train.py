@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import pickle
+import signal
 import sys
 from dataclasses import dataclass, field
 from functools import partial
@@ -235,12 +236,15 @@ def rank_batches(lengths: Sequence[int], args: argparse.Namespace, ctx: Distribu
     return micro_batches, weights
 
 
-def file_digest(path: str | os.PathLike) -> str:
+def file_digest(flag: str, path: str | os.PathLike) -> str:
     """sha256 of a file's contents: what identifies a train file or vocab, whatever its name."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
     return digest.hexdigest()
 
 
@@ -250,7 +254,8 @@ def run_settings(args: argparse.Namespace, config: Config, do_lower_case: bool, 
     The global batch counts, not its split over ranks and accumulation steps (`rank_batches` trains alike).
     """
     return {
-        "--train_file": file_digest(args.train_file), "--vocab_file": file_digest(args.vocab_file),
+        "--train_file": file_digest("--train_file", args.train_file),
+        "--vocab_file": file_digest("--vocab_file", args.vocab_file),
         "--analyzer": args.analyzer, "lower-casing": do_lower_case,
         "--max_seq_length": args.max_seq_length, "--max_query_length": args.max_query_length,
         "--doc_stride": args.doc_stride, "model config": config.to_dict(),
@@ -392,7 +397,7 @@ class TrainingRun:
         message = (f"train.py: stopped by {sig.name if sig else 'a signal on another rank'} after optimizer step "
                    f"{global_step}; the resumable state is in {self.output_dir / STATE_NAME}; to continue, run the "
                    f"same command with --resume") if self.ctx.is_main else ""
-        return TrainingStopped(message, 128 + (sig or 15))
+        return TrainingStopped(message, 128 + (sig or signal.SIGTERM))
 
     def write_curves(self) -> None:
         try:
@@ -473,7 +478,6 @@ def train_one_epoch(run: TrainingRun, features, batches: list[np.ndarray], weigh
             # Never save weights that a non-finite loss has already touched.
             read_loss(loss_sum, loss_count, first_bad_step, ctx)
             run.save_state(epoch, step, False, global_step, float(loss_sum), loss_count)
-            ctx.barrier()
             if stopping:
                 progress.close()
                 return global_step, True

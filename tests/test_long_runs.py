@@ -339,3 +339,19 @@ def test_torchrun_sigterm_leaves_one_state_and_the_resumed_job_ends_like_an_unin
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_end(reference, out, tolerance=1e-4)
+
+
+def test_lock_of_another_host_is_honoured_while_its_heartbeat_is_fresh(tmp_path):
+    """A shared Drive or NFS folder: a pid on another machine cannot be checked, its heartbeat can."""
+    from long_run import STALE_AFTER_SECONDS, DirectoryLocked, RunLock
+
+    other = {"pid": 1, "host": "another-machine", "started": "earlier"}
+    (tmp_path / ".train.lock").write_text(json.dumps({**other, "heartbeat": time.time() - 5}))
+    with pytest.raises(DirectoryLocked, match="pid 1 on another-machine"):
+        RunLock(tmp_path).acquire()
+    (tmp_path / ".train.lock").write_text(json.dumps({**other, "heartbeat": time.time() - STALE_AFTER_SECONDS - 1}))
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / ".train.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / ".train.lock").exists()

@@ -41,7 +41,7 @@ def train_flags(setup: Path, output_dir: Path, epochs: int, batch_size: int = 8,
 def test_train_then_eval_fits_the_questions_it_saw(tiny_setup, tmp_path):
     out = tmp_path / "output"
     trained = run_script("train.py", *train_flags(tiny_setup, out, epochs=30), "--save_total_limit=2",
-                         f"--eval_file={tiny_setup / 'train.json'}")
+                         f"--eval_file={tiny_setup / 'train.json'}", timeout=600)  # 30 evaluations and curves
     assert trained.returncode == 0, trained.stderr
     summary = json.loads(trained.stdout.strip().splitlines()[-1])
     assert {"exact_match", "f1", "best_epoch"} <= set(summary)
@@ -157,7 +157,7 @@ def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(tiny_se
 
     written = sorted(p.name for p in (tmp_path / "ddp").iterdir())
     assert written == ["config.json", "korquad_0.bin", "korquad_1.bin", "training_args.json",
-                       "training_log.jsonl", "training_state.pt"]
+                       "training_curves.png", "training_log.jsonl", "training_state.pt"]
     args = json.loads((tmp_path / "ddp" / "training_args.json").read_text())
     assert (args["world_size"], args["global_batch_size"]) == (2, 8)
 
