@@ -41,14 +41,18 @@ def train_flags(setup: Path, output_dir: Path, epochs: int, batch_size: int = 8,
 def test_train_then_eval_fits_the_questions_it_saw(tiny_setup, tmp_path):
     out = tmp_path / "output"
     trained = run_script("train.py", *train_flags(tiny_setup, out, epochs=30), "--save_total_limit=2",
-                         f"--eval_file={tiny_setup / 'train.json'}")
+                         f"--eval_file={tiny_setup / 'train.json'}", timeout=600)  # 30 evaluations and curves
     assert trained.returncode == 0, trained.stderr
-    assert set(json.loads(trained.stdout.strip().splitlines()[-1])) == {"exact_match", "f1"}
-    assert sorted(p.name for p in out.glob("korquad_*.bin")) == ["korquad_28.bin", "korquad_29.bin"]
+    summary = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert {"exact_match", "f1", "best_epoch"} <= set(summary)
+    kept = {f"korquad_{epoch}.bin" for epoch in (28, 29, summary["best_epoch"])}
+    assert sorted(p.name for p in out.glob("korquad_*.bin")) == sorted(kept)
     assert {"config.json", "training_args.json", "training_state.pt", "training_log.jsonl"} <= {
         p.name for p in out.iterdir()}
-    losses = [json.loads(line)["loss"] for line in (out / "training_log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    losses = [record["loss"] for record in log if "loss" in record]
     assert losses[-1] < losses[0] / 5
+    assert [record["epoch"] for record in log if "f1" in record] == list(range(30))
 
     debug = tmp_path / "debug"
     evaluated = run_script("eval.py", f"--checkpoint={out / 'korquad_29.bin'}", f"--output_dir={debug}",
@@ -153,7 +157,7 @@ def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(tiny_se
 
     written = sorted(p.name for p in (tmp_path / "ddp").iterdir())
     assert written == ["config.json", "korquad_0.bin", "korquad_1.bin", "training_args.json",
-                       "training_log.jsonl", "training_state.pt"]
+                       "training_curves.png", "training_log.jsonl", "training_state.pt"]
     args = json.loads((tmp_path / "ddp" / "training_args.json").read_text())
     assert (args["world_size"], args["global_batch_size"]) == (2, 8)
 

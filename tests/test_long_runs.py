@@ -1,0 +1,357 @@
+"""Long runs: mid-epoch states, kill -9 / SIGTERM and resume, one writer per directory, refused resumes,
+best epoch, curves, a full disk, and torchrun stopping as one job. Tiny model on the bundled sample."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, run_script, write_subset
+
+# Run train.py, sending itself a signal at one chosen moment: in the Nth optimizer step (the Nth gradient
+# clipping) or while writing the Nth torch file (after part of it is on disk). A test hook only: train.py
+# itself is run unchanged, as a user would.
+STOPPER = '''
+import os, signal, sys
+sys.path.insert(0, {root!r})
+sys.argv[0] = "train.py"
+import torch
+import train
+
+when, sig, where = int(os.environ["STOP_AT"]), signal.Signals[os.environ["STOP_SIGNAL"]], os.environ["STOP_WHERE"]
+calls = 0
+
+
+def stop_here():
+    os.kill(os.getppid() if where == "agent" else os.getpid(), sig)
+
+
+def clip_then_maybe_stop(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == when and int(os.environ.get("RANK", "0")) == 0:
+        stop_here()
+    return real_clip(*args, **kwargs)
+
+
+def save_then_maybe_stop(obj, file, *args, **kwargs):
+    global calls
+    calls += 1
+    if calls == when:
+        file.write(b"half a checkpoint")
+        stop_here()
+    return real_save(obj, file, *args, **kwargs)
+
+
+real_clip, real_save = torch.nn.utils.clip_grad_norm_, torch.save
+if where == "save":
+    torch.save = save_then_maybe_stop
+else:
+    torch.nn.utils.clip_grad_norm_ = clip_then_maybe_stop
+train.run_cli(train.cli, train.USER_ERRORS + (train.TrainingDiverged, train.CheckpointWriteError,
+                                             train.DirectoryLocked))
+'''
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    """Configs (with dropout: the random state after a resume matters), encoder, 4 questions (5 steps of
+    4 features a epoch, whole for 1 or 2 ranks), the stopper."""
+    root = tmp_path_factory.mktemp("long")
+    (root / "dropout.json").write_text(json.dumps({**TINY_CONFIG, "dropout_prob": 0.1}))
+    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    torch.manual_seed(0)
+    from modeling import Config, QuestionAnswering
+    torch.save(QuestionAnswering(Config(**TINY_CONFIG)).bert.state_dict(), root / "pretrained.bin")
+    write_subset(SAMPLE_FILE, root / "train.json", 4)
+    write_subset(SAMPLE_FILE, root / "other.json", 4, skip_paragraphs=3)
+    (root / "stopper.py").write_text(STOPPER.format(root=str(ROOT)))
+    return root
+
+
+def flags(setup: Path, output_dir: Path, *extra: str, config: str = "dropout.json") -> list[str]:
+    return [f"--output_dir={output_dir}", f"--checkpoint={setup / 'pretrained.bin'}",
+            f"--model_config={setup / config}", f"--train_file={setup / 'train.json'}", *DATA_FLAGS,
+            "--train_batch_size=4", "--learning_rate=2e-3", f"--num_train_epochs={EPOCHS}", "--seed=42",
+            "--no_cuda", "--quiet", f"--cache_dir={setup / 'cache'}", "--logging_steps=1", *extra]
+
+
+def run_stopped(setup: Path, args: list[str], signal_name: str, when: int, where: str = "step",
+                torchrun: bool = False) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
+        if torchrun else [sys.executable]
+    env = {**os.environ, "STOP_AT": str(when), "STOP_SIGNAL": signal_name, "STOP_WHERE": where,
+           "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run([*launcher, str(setup / "stopper.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def straight(setup) -> Path:
+    """An uninterrupted run: what every interrupted and resumed run must end equal to."""
+    import train
+
+    output_dir = setup / "straight"
+    train.main(flags(setup, output_dir))
+    return output_dir
+
+
+def assert_same_end(expected_run: Path, run: Path, tolerance: float = 1e-6) -> None:
+    """The same final weights, and a loss log that reads as one run (no step lost, none twice)."""
+    checkpoint = f"korquad_{EPOCHS - 1}.bin"
+    expected = torch.load(expected_run / checkpoint, weights_only=True)
+    actual = torch.load(run / checkpoint, weights_only=True)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        if tolerance > 1e-6 and name == "qa_outputs.bias":
+            continue  # zero true gradient: across process layouts Adam amplifies rounding (see test_training)
+        assert torch.allclose(actual[name], expected[name], atol=tolerance, rtol=0), name
+
+    def log(output_dir: Path) -> list[dict]:
+        return [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log(run)] == [r["step"] for r in log(expected_run)]
+    np.testing.assert_allclose([r["loss"] for r in log(run)], [r["loss"] for r in log(expected_run)],
+                               rtol=1e-5 if tolerance <= 1e-6 else 1e-4, atol=1e-6)
+
+
+def temp_files(output_dir: Path) -> list[str]:
+    return sorted(p.name for p in output_dir.glob(".*.tmp"))
+
+
+def test_kill_9_anywhere_then_resume_ends_like_an_uninterrupted_run(setup, straight, tmp_path):
+    out = tmp_path / "run"
+    run = flags(setup, out, "--save_steps=2")
+    assert len((straight / "training_log.jsonl").read_text().splitlines()) == 5 * EPOCHS
+
+    def position() -> tuple:
+        state = torch.load(out / "training_state.pt", weights_only=True)
+        return state["epoch"], state["steps_in_epoch"], state["epoch_finished"]
+
+    killed = run_stopped(setup, run, "SIGKILL", when=3)  # inside step 3; the newest state is step 2's
+    assert killed.returncode == -signal.SIGKILL and position() == (0, 2, False)
+    assert (out / ".train.lock").is_file()  # a dead run's lock: the next run takes it over
+
+    # Resumed, killed while writing its 2nd torch file: step 4's state, then korquad_0.bin.
+    killed = run_stopped(setup, run + ["--resume"], "SIGKILL", when=2, where="save")
+    assert killed.returncode == -signal.SIGKILL and position() == (0, 4, False)
+    assert temp_files(out) and not (out / "korquad_0.bin").exists()
+
+    killed = run_stopped(setup, run + ["--resume"], "SIGKILL", when=3)  # steps 5 (epoch end), 6 (saved), 7
+    assert killed.returncode == -signal.SIGKILL and position() == (1, 1, False)
+    assert temp_files(out) == []  # the half-written checkpoint of the killed run is gone
+    assert (out / "korquad_0.bin").is_file()
+
+    finished = run_script("train.py", *run, "--resume")
+    assert finished.returncode == 0, finished.stderr
+    assert_same_end(straight, out)
+    assert not (out / ".train.lock").exists() and temp_files(out) == []
+
+
+def test_sigterm_finishes_the_step_writes_the_state_and_says_how_to_resume(setup, straight, tmp_path):
+    out = tmp_path / "run"
+    stopped = run_stopped(setup, flags(setup, out), "SIGTERM", when=3)
+    assert stopped.returncode == 128 + signal.SIGTERM
+    lines = [line for line in stopped.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert "stopped by SIGTERM after optimizer step 3" in lines[0] and "--resume" in lines[0]
+    state = torch.load(out / "training_state.pt", weights_only=True)
+    assert (state["epoch"], state["steps_in_epoch"], state["global_step"]) == (0, 3, 3)
+
+    resumed = run_script("train.py", *flags(setup, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_end(straight, out)
+
+
+def test_resume_skips_consumed_batches_without_collating_or_running_them(setup, tmp_path, monkeypatch):
+    import modeling
+    import train
+
+    out = tmp_path / "run"
+    real_clip, steps = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_and_stop_at_step_2(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real handler, in this process
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_stop_at_step_2)
+    with pytest.raises(train.TrainingStopped):
+        train.main(flags(setup, out, "--num_train_epochs=1"))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    assert len((out / "training_log.jsonl").read_text().splitlines()) == 2
+
+    collated, forwards = [], []
+    real_collate, real_forward = train.collate_features, modeling.QuestionAnswering.forward
+    monkeypatch.setattr(train, "collate_features", lambda features, **kw: collated.append(1) or real_collate(
+        features, **kw))
+    monkeypatch.setattr(modeling.QuestionAnswering, "forward",
+                        lambda self, *a, **kw: forwards.append(1) or real_forward(self, *a, **kw))
+    train.main(flags(setup, out, "--num_train_epochs=1", "--resume"))
+    assert len((out / "training_log.jsonl").read_text().splitlines()) == 5
+    assert len(collated) == len(forwards) == 3  # only the steps still to do
+
+
+def test_second_run_into_a_live_runs_directory_is_refused(setup, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "started": "earlier", "heartbeat": time.time()}
+    (out / ".train.lock").write_text(json.dumps(holder))
+    result = run_script("train.py", *flags(setup, out))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"pid {os.getppid()}" in lines[0] and str(out) in lines[0]
+    assert json.loads((out / ".train.lock").read_text()) == holder
+    assert sorted(p.name for p in out.iterdir()) == [".train.lock"]  # nothing written, nothing removed
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_dead_runs_lock_and_temp_files_are_taken_over_and_changed_resumes_refused(setup, tmp_path):
+    import train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    gone = dead_pid()
+    (out / ".train.lock").write_text(json.dumps({"pid": gone, "host": socket.gethostname(), "started": "x",
+                                                 "heartbeat": time.time()}))
+    (out / f".korquad_0.bin.{gone}.0123abcd.tmp").write_bytes(b"half a checkpoint")
+    (out / f".predictions.json.{os.getpid()}.4567cdef.tmp").write_bytes(b"eval.py writing now")
+    train.main(flags(setup, out, "--num_train_epochs=1"))
+    assert temp_files(out) == [f".predictions.json.{os.getpid()}.4567cdef.tmp"]  # a live writer's file stays
+    assert not (out / ".train.lock").exists()
+    args_before = (out / "training_args.json").read_bytes()
+
+    refusals = {
+        "--train_file": ([f"--train_file={setup / 'other.json'}"], ["--train_file", "other.json", "train.json"]),
+        "--max_seq_length": (["--max_seq_length=128"], ["--max_seq_length was 192", "now 128"]),
+        "model config": ([f"--model_config={setup / 'tiny.json'}"], ["dropout_prob was 0.1", "now 0.0"]),
+    }
+    for name, (changed, expected) in refusals.items():
+        with pytest.raises(train.UsageError) as refused:
+            train.main(flags(setup, out, "--num_train_epochs=1", "--resume") + changed)
+        assert all(part in str(refused.value) for part in expected), (name, str(refused.value))
+        assert (out / "training_args.json").read_bytes() == args_before
+        assert not (out / ".train.lock").exists()
+
+
+class Foreign:
+    """Not a tensor nor a plain value: what a malicious or foreign pickle holds."""
+
+
+@pytest.mark.parametrize("content", ["empty", "missing key", "foreign object", "garbage"])
+def test_unreadable_training_state_is_refused_without_unsafe_advice(content, setup, tmp_path):
+    import train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    state = out / "training_state.pt"
+    if content == "empty":
+        state.write_bytes(b"")
+    elif content == "missing key":
+        torch.save({"epoch": 0, "global_step": 3}, state)
+    elif content == "foreign object":
+        torch.save({"epoch": Foreign()}, state)
+    else:
+        state.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(train.UsageError) as refused:
+        train.main(flags(setup, out, "--resume"))
+    message = str(refused.value)
+    assert str(state) in message and "not a training state" in message
+    assert "weights_only" not in message
+    assert not (out / "training_args.json").exists()
+
+
+def test_best_epoch_is_named_kept_under_save_total_limit_and_curves_drawn(setup, tmp_path, monkeypatch, capsys):
+    import matplotlib.image
+
+    import train
+
+    scores = iter([(40.0, 50.0), (70.0, 80.0), (50.0, 60.0)])  # epoch 1 is the best, epoch 2 the last
+    monkeypatch.setattr(train, "score", lambda path, predictions: dict(zip(("exact_match", "f1"), next(scores))))
+    out = tmp_path / "run"
+    train.main(flags(setup, out, "--num_train_epochs=3", "--save_total_limit=1", "--tensorboard",
+                     f"--eval_file={setup / 'train.json'}", config="tiny.json"))
+
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["epoch"], summary["f1"], summary["best_epoch"], summary["best_f1"]) == (2, 60.0, 1, 80.0)
+    assert sorted(p.name for p in out.glob("korquad_*.bin")) == ["korquad_1.bin", "korquad_2.bin"]
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["f1"]) for r in log if "f1" in r] == [(0, 50.0), (1, 80.0), (2, 60.0)]
+
+    image = matplotlib.image.imread(out / "training_curves.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].std() > 0.05  # lines drawn, not a blank canvas
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_what_was_written(setup, tmp_path):
+    """A file-size limit (what a full disk looks like to a write) small enough for the checkpoint, not the state."""
+    out = tmp_path / "run"
+    checkpoint_bytes = sum(t.numel() * 4 for t in torch.load(setup / "pretrained.bin", weights_only=True).values())
+    limit = int(checkpoint_bytes * 1.6)  # the state also holds Adam's two moments per weight
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags(setup, out, "--num_train_epochs=1")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300, preexec_fn=limit_file_size)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "training_state.pt" in lines[0] and "file-size limit" in lines[0] and "intact" in lines[0]
+    assert torch.load(out / "korquad_0.bin", weights_only=True).keys()  # written before, still whole
+    assert not (out / "training_state.pt").exists() and temp_files(out) == []
+
+
+def test_torchrun_sigterm_leaves_one_state_and_the_resumed_job_ends_like_an_uninterrupted_one(setup, tmp_path):
+    import train
+
+    reference = tmp_path / "single"
+    train.main(flags(setup, reference, config="tiny.json"))  # dropout off: ranks draw differently
+    out = tmp_path / "ddp"
+    ddp_flags = flags(setup, out, "--train_batch_size=2", config="tiny.json")
+    stopped = run_stopped(setup, ddp_flags, "SIGTERM", when=3, where="agent", torchrun=True)
+    assert stopped.returncode != 0
+    assert stopped.stderr.count("stopped by SIGTERM") == 1, stopped.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.pt")) == ["training_state.pt"] and temp_files(out) == []
+    state = torch.load(out / "training_state.pt", weights_only=True)
+    assert state["global_step"] == state["steps_in_epoch"] >= 3  # the agent relays the signal a little later
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+         *ddp_flags, "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_end(reference, out, tolerance=1e-4)
+
+
+def test_lock_of_another_host_is_honoured_while_its_heartbeat_is_fresh(tmp_path):
+    """A shared Drive or NFS folder: a pid on another machine cannot be checked, its heartbeat can."""
+    from long_run import STALE_AFTER_SECONDS, DirectoryLocked, RunLock
+
+    other = {"pid": 1, "host": "another-machine", "started": "earlier"}
+    (tmp_path / ".train.lock").write_text(json.dumps({**other, "heartbeat": time.time() - 5}))
+    with pytest.raises(DirectoryLocked, match="pid 1 on another-machine"):
+        RunLock(tmp_path).acquire()
+    (tmp_path / ".train.lock").write_text(json.dumps({**other, "heartbeat": time.time() - STALE_AFTER_SECONDS - 1}))
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / ".train.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / ".train.lock").exists()
