@@ -4,7 +4,8 @@ The pretrained model saw Mecab morphemes split further by WordPiece, so text goe
 
   clean       every whitespace kind, control, format and invalid character becomes a separator
   lower-case  character by character, without Unicode decomposition (NFD turns Hangul into jamo)
-  analyze     morphemes from an analyzer chosen by name (`mecab` by default, `none` = whitespace)
+  analyze     morphemes from an analyzer chosen by name (`mecab` by default, `none` = whitespace
+              with transformers' BertTokenizer cleaning, so pieces equal its own)
   split       punctuation and CJK ideographs become words of one character
   WordPiece   greedy longest match with `##` continuations; a word with no match becomes one [UNK]
 
@@ -121,6 +122,29 @@ def clean(text: str) -> str:
     if text.isprintable() and "\ufffd" not in text:
         return text
     return text.translate(_SEPARATORS_TO_SPACE)
+
+
+def bert_clean(text: str) -> tuple[str, list[int] | None]:
+    """Clean `text` as transformers' BertTokenizer does (analyzer `none`): control, format and
+    private-use characters, NUL and U+FFFD are dropped, every other whitespace becomes a space.
+
+    Dropping (rather than spacing) keeps `ab<zero-width space>cd` one word, as transformers sees it.
+    Returns the cleaned text and, only when characters were dropped, the index in `text` of each
+    of its characters; otherwise None.
+    """
+    if text.isprintable() and "\ufffd" not in text:
+        return text, None
+    kept: list[str] = []
+    origin: list[int] = []
+    for index, char in enumerate(text):
+        if char in "\t\n\r" or (char.isspace() and unicodedata.category(char) != "Cc"):
+            kept.append(" ")
+        elif char == "\ufffd" or unicodedata.category(char) in ("Cc", "Cf", "Co"):
+            continue
+        else:
+            kept.append(char)
+        origin.append(index)
+    return "".join(kept), (origin if len(origin) < len(text) else None)
 
 
 # --- stage 2: lower-case -------------------------------------------------------------------
@@ -494,8 +518,10 @@ class BertTokenizer:
         return list(self._cached_tokenize(text))
 
     def _tokenize_text(self, text: str) -> tuple[Piece, ...]:
-        cleaned = clean(text)
+        cleaned, kept_origin = bert_clean(text) if self.analyzer_name == "none" else (clean(text), None)
         normalized, origin = lower_case(cleaned) if self.do_lower_case else (cleaned, None)
+        if kept_origin is not None:  # offsets into `text` go through both maps
+            origin = kept_origin if origin is None else [kept_origin[index] for index in origin]
         if not normalized.strip(" "):
             return ()
         units = complete_spans(normalized, self._analyzer.spans(normalized))
