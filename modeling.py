@@ -441,6 +441,15 @@ def config_to_transformers(config: Config, **extra) -> dict:
     return {**values, **extra}
 
 
+def read_transformers_config(directory: str | os.PathLike) -> dict:
+    """The raw config.json of a transformers model directory."""
+    config_file = Path(directory) / TRANSFORMERS_CONFIG
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{config_file}: not a readable JSON config ({err})") from None
+
+
 def read_transformers_dir(path: str | os.PathLike) -> tuple[Config, dict[str, torch.Tensor]]:
     """The Config and the state dict, in our names, of a transformers BERT/ELECTRA model directory.
 
@@ -449,12 +458,7 @@ def read_transformers_dir(path: str | os.PathLike) -> tuple[Config, dict[str, to
     Every tensor's shape is checked against config.json; a mismatch names the tensor.
     """
     directory = Path(path)
-    config_file = directory / TRANSFORMERS_CONFIG
-    try:
-        values = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{config_file}: not a readable JSON config ({err})") from None
-    config = config_from_transformers(values, str(config_file))
+    config = config_from_transformers(read_transformers_config(directory), str(directory / TRANSFORMERS_CONFIG))
     weights_file = next((directory / name for name in TRANSFORMERS_WEIGHTS if (directory / name).is_file()), None)
     if weights_file is None:
         raise CheckpointError(f"{directory}: no {' or '.join(TRANSFORMERS_WEIGHTS)} beside config.json")

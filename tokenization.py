@@ -15,6 +15,7 @@ the caller passed in, so answers are cut from the original context, never re-ass
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -90,6 +91,24 @@ def build_vocab(tokens: Sequence[str], vocab_file: str | os.PathLike[str]) -> di
     if missing:
         raise TokenizerError(f"vocab file {vocab_file} lacks special token(s): {' '.join(missing)}")
     return vocab
+
+
+def read_do_lower_case(model_dir: str | os.PathLike[str]) -> bool:
+    """`do_lower_case` from a transformers model directory's tokenizer_config.json
+    (transformers' own default, True, when the file or key is absent)."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return True
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TokenizerError(f"{path}: not readable JSON ({_one_line(error)})") from None
+    value = settings.get("do_lower_case", True) if isinstance(settings, dict) else None
+    if not isinstance(value, bool):
+        raise TokenizerError(f"{path}: do_lower_case must be true or false, not {value!r}")
+    if settings.get("strip_accents"):
+        logger.warning("%s: strip_accents is ignored (NFD accent stripping would break Hangul into jamo)", path)
+    return value
 
 
 # --- stage 1: clean ------------------------------------------------------------------------

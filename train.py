@@ -30,14 +30,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, UsageError, add_data_args, autocast_context,
-                        autocast_dtype, build_tokenizer, check_data_args, evaluate_model, has_answers, pick_device,
-                        prepare_output_dir, run_cli, save_torch_atomic, score, setup_logging, write_json_atomic)
+                        autocast_dtype, build_tokenizer, check_data_args, copy_vocab_into, evaluate_model,
+                        fetch_hub_model, has_answers, pick_device, prepare_output_dir, resolve_model_settings, run_cli,
+                        save_torch_atomic, score, setup_logging, write_json_atomic)
 from korquad_utils import atomic_write, collate_features, load_or_build_features, make_length_grouped_batches
-from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
+from modeling import QuestionAnswering, count_parameters, load_checkpoint
 
 logger = logging.getLogger("korquad")
 
-ROOT = Path(__file__).resolve().parent
 STATE_NAME = "training_state.pt"
 T = TypeVar("T")
 NO_DECAY = ("bias", "LayerNorm.weight", "attention_norm.weight", "ffn_norm.weight")
@@ -114,10 +114,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train_file", default="data/KorQuAD_v1.0_train.json")
     parser.add_argument("--output_dir", default="output")
     parser.add_argument("--checkpoint", default="pretrain_ckpt/bert_small_ckpt.bin",
-                        help="pretrained encoder (or a fine-tuned checkpoint); 'none' = random initialisation")
-    parser.add_argument("--model_config", "--config_name", dest="model_config",
-                        default=str(ROOT / "data" / "bert_small.json"))
-    parser.add_argument("--vocab_file", default=str(ROOT / "data" / "ko_vocab_32k.txt"))
+                        help="pretrained encoder, fine-tuned checkpoint, transformers BERT/ELECTRA model directory "
+                             "or hub model id; 'none' = random initialisation")
+    parser.add_argument("--model_config", "--config_name", dest="model_config", default=None,
+                        help="model config (if not given: a transformers directory's own, else data/bert_small.json)")
+    parser.add_argument("--vocab_file", default=None,
+                        help="WordPiece vocab (if not given: a transformers directory's vocab.txt, "
+                             "else data/ko_vocab_32k.txt)")
     parser.add_argument("--train_batch_size", type=int, default=16, help="features per step on each rank")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
@@ -135,7 +138,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the last finished epoch in --output_dir")
     parser.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
     add_data_args(parser)
-    parser.set_defaults(analyzer="mecab")
     args = parser.parse_args(argv)
     for flag in ("train_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_batch_size",
                  "save_total_limit", "preprocess_workers"):
@@ -307,14 +309,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.device) -> None:
-    config = Config.from_json_file(args.model_config)
+    if args.checkpoint.lower() != "none":
+        args.checkpoint = fetch_hub_model(args.checkpoint)
+    config = resolve_model_settings(args, args.checkpoint)
     check_data_args(args, config)
-    if args.checkpoint.lower() != "none" and not Path(args.checkpoint).is_file():
+    if args.checkpoint.lower() != "none" and not Path(args.checkpoint).exists():
         raise UsageError(f"--checkpoint {args.checkpoint}: file not found; download the pretrained checkpoint "
                          f"as pretrain_ckpt/README.md says, or pass --checkpoint none to train from scratch")
     output_dir = prepare_output_dir(args.output_dir)
     amp_dtype = autocast_dtype(args, device)
-    tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config)
+    tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config, args.do_lower_case)
     if ctx.enabled and args.preprocess_workers > 1:
         # Forking tokenizer workers from a process whose process group (and CUDA) threads are
         # running can deadlock; build the cache once in a single-process run to get both.
@@ -378,6 +382,7 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
     if ctx.is_main:
         keep_log_until(log_file, global_step)
         write_json_atomic(config.to_dict(), output_dir / SAVED_CONFIG_NAME)
+        copy_vocab_into(args.vocab_file, output_dir)
         schedule = schedule_settings(args, ctx.world_size)
         write_json_atomic({**vars(args), "world_size": ctx.world_size,
                            "global_batch_size": schedule["global_batch_size"]}, output_dir / SAVED_ARGS_NAME)
