@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.checkpoint = [fetch_hub_model(path) for path in args.checkpoint]
     for path in args.checkpoint:
         if not Path(path).is_file() and not is_transformers_dir(path):
-            raise UsageError(f"--checkpoint {path}: neither a checkpoint file nor a transformers model directory")
+            raise UsageError(f"--checkpoint {path}: file not found (nor a transformers model directory)")
     if is_transformers_dir(args.checkpoint[0]):
         config = settings_from_model_dir(args, args.checkpoint[0])
     else:
