@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -22,8 +24,9 @@ from tqdm import tqdm
 import evaluate_v1_0
 from korquad_utils import (InputFeature, KorquadFormatError, SquadExample, atomic_write, collate_features,
                            decode_predictions, make_length_grouped_batches)
-from modeling import CheckpointError, Config, ConfigError
-from tokenization import BertTokenizer, TokenizerError
+from modeling import (CheckpointError, Config, ConfigError, config_from_transformers, is_transformers_dir,
+                      read_transformers_config)
+from tokenization import BertTokenizer, TokenizerError, read_do_lower_case
 
 logger = logging.getLogger("korquad")
 
@@ -32,6 +35,11 @@ DEFAULT_CONFIG = ROOT / "data" / "bert_small.json"
 DEFAULT_VOCAB = ROOT / "data" / "ko_vocab_32k.txt"
 SAVED_CONFIG_NAME = "config.json"          # written by train.py beside its checkpoints
 SAVED_ARGS_NAME = "training_args.json"
+SAVED_VOCAB_NAME = "vocab.txt"             # train.py copies the vocab here, so a moved run directory works
+ANALYZER_CONFIG_KEY = "korquad_analyzer"   # recorded in an exported transformers config.json
+# A hub model id such as `monologg/koelectra-small-v3-discriminator` (a local path wins).
+HUB_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer_config.json")
 
 
 class UsageError(ValueError):
@@ -163,8 +171,10 @@ def prepare_output_dir(path: str, flag: str = "--output_dir") -> Path:
 
 
 def check_checkpoint_file(path: str, flag: str = "--checkpoint") -> None:
-    """Refuse a checkpoint path that is missing or a directory, saying which and what to pass instead."""
+    """Refuse a checkpoint path that is missing or a directory (other than a transformers model directory)."""
     checkpoint = Path(path)
+    if is_transformers_dir(checkpoint):
+        return
     if checkpoint.is_dir():
         inside = list(checkpoint.glob("korquad_*.bin"))
         newest = max(inside, key=lambda file: file.stat().st_mtime, default=None)
@@ -175,9 +185,10 @@ def check_checkpoint_file(path: str, flag: str = "--checkpoint") -> None:
         raise UsageError(f"{flag} {path}: file not found")
 
 
-def build_tokenizer(vocab_file: str | os.PathLike, analyzer: str, config: Config) -> BertTokenizer:
+def build_tokenizer(vocab_file: str | os.PathLike, analyzer: str, config: Config,
+                    do_lower_case: bool = True) -> BertTokenizer:
     """The morpheme-level tokenizer, checked against the model's vocabulary size."""
-    tokenizer = BertTokenizer(str(vocab_file), analyzer=analyzer, do_lower_case=True)
+    tokenizer = BertTokenizer(str(vocab_file), analyzer=analyzer, do_lower_case=do_lower_case)
     if len(tokenizer.vocab) != config.vocab_size:
         raise UsageError(f"vocab file {vocab_file} has {len(tokenizer.vocab)} entries but the model config says "
                          f"vocab_size {config.vocab_size}")
@@ -271,6 +282,9 @@ def resolve_from_training_run(args: argparse.Namespace) -> None:
     if args.model_config is None:
         saved_config = run_dir / SAVED_CONFIG_NAME
         args.model_config = str(saved_config if saved_config.is_file() else DEFAULT_CONFIG)
+    args.do_lower_case = saved_args.get("do_lower_case", True)
+    if args.vocab_file is None and (run_dir / SAVED_VOCAB_NAME).is_file():
+        args.vocab_file = str(run_dir / SAVED_VOCAB_NAME)
     if args.vocab_file is None:
         saved_vocab = saved_args.get("vocab_file")
         if saved_vocab and not Path(saved_vocab).is_file():
@@ -279,6 +293,68 @@ def resolve_from_training_run(args: argparse.Namespace) -> None:
         args.vocab_file = saved_vocab or str(DEFAULT_VOCAB)
     if args.analyzer is None:
         args.analyzer = saved_args.get("analyzer", "mecab")
+
+
+def fetch_hub_model(checkpoint: str) -> str:
+    """A local path as it is; a hub model id (not a local path) downloaded with huggingface_hub into its cache."""
+    if Path(checkpoint).exists() or not HUB_MODEL_ID.fullmatch(checkpoint) or checkpoint.endswith(
+            (".bin", ".pt", ".pth", ".safetensors")):
+        return checkpoint
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UsageError(f"--checkpoint {checkpoint}: no such file or directory; to use the hub model of that name, "
+                         f"pip install huggingface_hub, or git clone https://huggingface.co/{checkpoint} and pass "
+                         f"the directory") from None
+    logger.info("downloading %s from the model hub", checkpoint)
+    try:
+        return snapshot_download(repo_id=checkpoint, allow_patterns=list(HUB_FILES))
+    except Exception as err:  # network, authentication and not-found errors come in many types
+        message = " ".join(str(err).split())[:200] or type(err).__name__
+        raise UsageError(f"--checkpoint {checkpoint}: not a local path, and the hub download failed ({message})"
+                         ) from None
+
+
+def settings_from_model_dir(args: argparse.Namespace, model_dir: str | os.PathLike) -> Config:
+    """Config, vocab, lower-casing and analyzer of a transformers model directory, into `args`."""
+    model_dir = Path(model_dir)
+    if args.model_config is not None:
+        raise UsageError(f"--model_config: the transformers model directory {model_dir} brings its own "
+                         f"config.json; leave --model_config out")
+    raw_config = read_transformers_config(model_dir)
+    config = config_from_transformers(raw_config, str(model_dir / "config.json"))
+    if args.vocab_file is None:
+        if not (model_dir / SAVED_VOCAB_NAME).is_file():
+            raise UsageError(f"--checkpoint {model_dir}: no vocab.txt in the model directory; pass --vocab_file")
+        args.vocab_file = str(model_dir / SAVED_VOCAB_NAME)
+    args.do_lower_case = read_do_lower_case(model_dir)
+    if args.analyzer is None:
+        args.analyzer = raw_config.get(ANALYZER_CONFIG_KEY, "mecab")
+    return config
+
+
+def resolve_model_settings(args: argparse.Namespace, checkpoint: str) -> Config:
+    """train.py: the model config, vocab, lower-casing and analyzer that go with `checkpoint`
+    (a transformers directory brings its own; otherwise the flags or the published model's)."""
+    if checkpoint.lower() != "none":
+        if Path(checkpoint).is_dir() and not is_transformers_dir(checkpoint):
+            raise UsageError(f"--checkpoint {checkpoint}: a directory, but not a transformers model directory "
+                             f"(its config.json with num_attention_heads is missing)")
+        if is_transformers_dir(checkpoint):
+            return settings_from_model_dir(args, checkpoint)
+    args.model_config = args.model_config or str(DEFAULT_CONFIG)
+    args.vocab_file = args.vocab_file or str(DEFAULT_VOCAB)
+    args.do_lower_case = True  # the published vocab is uncased
+    args.analyzer = args.analyzer or "mecab"
+    return Config.from_json_file(args.model_config)
+
+
+def copy_vocab_into(vocab_file: str | os.PathLike, directory: Path) -> None:
+    """Copy the vocab into a run or model directory as vocab.txt (atomically), so it works once moved."""
+    target = directory / SAVED_VOCAB_NAME
+    if Path(vocab_file).resolve() != target.resolve():
+        with open(vocab_file, "rb") as source:
+            atomic_write(target, lambda file: shutil.copyfileobj(source, file))
 
 
 # --- evaluation ------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ import sys
 from collections.abc import Sequence
 
 from cli_common import (HelpFormatter, UsageError, add_data_args, autocast_dtype, build_tokenizer,
-                        check_checkpoint_file, check_data_args, has_answers, pick_device, positive_int, predict_logits,
-                        prepare_output_dir, resolve_from_training_run, run_cli, score, setup_logging)
+                        check_checkpoint_file, check_data_args, fetch_hub_model, has_answers, pick_device,
+                        positive_int, predict_logits, prepare_output_dir, resolve_from_training_run, run_cli, score,
+                        settings_from_model_dir, setup_logging)
 from korquad_utils import decode_predictions, load_or_build_features, write_predictions
-from modeling import Config, QuestionAnswering, load_checkpoint
+from modeling import Config, QuestionAnswering, is_transformers_dir, load_checkpoint
 
 logger = logging.getLogger("korquad")
 
@@ -29,7 +30,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate KorQuAD v1.0 checkpoints (several = an ensemble).",
                                      formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
-                        help="Fine-tuned checkpoint(s); several are ensembled by averaging their logits.")
+                        help="Fine-tuned checkpoint(s), transformers QA model directories or hub ids; several are "
+                             "ensembled by averaging their logits.")
     parser.add_argument("--predict_file", default="data/KorQuAD_v1.0_dev.json",
                         help="KorQuAD-format JSON to predict (and score, if it has answers).")
     parser.add_argument("--output_dir", default="debug", help="Where predictions.json and nbest_predictions.json go.")
@@ -50,16 +52,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.quiet)
-    resolve_from_training_run(args)
-    config = Config.from_json_file(args.model_config)
-    check_data_args(args, config)
+    args.checkpoint = [fetch_hub_model(path) for path in args.checkpoint]
     for path in args.checkpoint:
         check_checkpoint_file(path)
+    if is_transformers_dir(args.checkpoint[0]):
+        config = settings_from_model_dir(args, args.checkpoint[0])
+    else:
+        resolve_from_training_run(args)
+        config = Config.from_json_file(args.model_config)
+    check_data_args(args, config)
     output_dir = prepare_output_dir(args.output_dir)
     device = pick_device(args.no_cuda)
     amp_dtype = autocast_dtype(args, device)
 
-    tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config)
+    tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config, args.do_lower_case)
     examples, features = load_or_build_features(
         args.predict_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
         is_training=False, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache,

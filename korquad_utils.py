@@ -36,7 +36,7 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 # Bump whenever reading, tokenising or windowing changes what the features contain.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 # Features whose logits are masked and ranked together in one set of numpy operations; small enough
 # that a chunk's (features x length) arrays stay in cache (measured faster than 512 here).

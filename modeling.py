@@ -22,6 +22,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 LAYER_NORM_EPS = 1e-12
+MODEL_TYPES = ("bert", "electra")
 ACTIVATIONS = {
     # The checkpoint was pre-trained with GELU in its tanh approximation.
     "gelu": lambda x: F.gelu(x, approximate="tanh"),
@@ -53,12 +54,22 @@ class Config:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     initializer_range: float = 0.02
+    # Optional keys (absent from the published config): what transformers BERT and ELECTRA models need.
+    embedding_size: int | None = None    # ELECTRA: smaller embeddings projected up; None = hidden_size
+    layer_norm_eps: float = LAYER_NORM_EPS
+    model_type: str = "bert"             # "bert" or "electra": only the tensor names of an export differ
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.act_fn not in ACTIVATIONS:
             raise ConfigError(f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type {self.model_type!r} is not one of {list(MODEL_TYPES)}")
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.hidden_size if self.embedding_size is None else self.embedding_size
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> Config:
@@ -69,11 +80,13 @@ class Config:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {unknown}; expected keys are {sorted(known)}")
-        missing = sorted(set(known) - set(values))
+        missing = sorted(set(known) - set(values) - set(OPTIONAL_CONFIG_KEYS))
         if missing:
             raise ConfigError(f"{source}: missing key(s) {missing}")
         for name, value in values.items():
-            expected = float if known[name].type == "float" else int if known[name].type == "int" else str
+            if name == "embedding_size" and value is None:
+                continue
+            expected = {"float": float, "int": int, "int | None": int}.get(known[name].type, str)
             if not isinstance(value, (int, float) if expected is float else expected) or isinstance(value, bool):
                 raise ConfigError(f"{source}: key {name!r} must be {expected.__name__}, got {value!r}")
         try:
@@ -97,15 +110,19 @@ class Config:
         return asdict(self)
 
 
+OPTIONAL_CONFIG_KEYS = ("embedding_size", "layer_norm_eps", "model_type")
+
+
 class Embeddings(nn.Module):
     """Word + position + token-type embeddings, summed, normalised and dropped out."""
 
     def __init__(self, config: Config):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        size = config.embedding_dim
+        self.word_embeddings = nn.Embedding(config.vocab_size, size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, size)
+        self.LayerNorm = nn.LayerNorm(size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
@@ -160,9 +177,9 @@ class EncoderLayer(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.attn = SelfAttention(config)
-        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config)
-        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None) -> torch.Tensor:
         x = self.attention_norm(x + self.attn(x, keep_mask))
@@ -198,6 +215,9 @@ class BertModel(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = Embeddings(config)
+        # ELECTRA's small embeddings are projected up to the hidden size; BERT has no such layer.
+        self.embeddings_project = (nn.Linear(config.embedding_dim, config.hidden_size)
+                                   if config.embedding_dim != config.hidden_size else None)
         self.encoder = Encoder(config)
         self.pooler = Pooler(config)
 
@@ -208,7 +228,10 @@ class BertModel(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         # Broadcast over heads and query positions; padded keys get no attention.
         keep_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        sequence_output = self.encoder(self.embeddings(input_ids, token_type_ids), keep_mask)
+        embedded = self.embeddings(input_ids, token_type_ids)
+        if self.embeddings_project is not None:
+            embedded = self.embeddings_project(embedded)
+        sequence_output = self.encoder(embedded, keep_mask)
         return sequence_output, self.pooler(sequence_output)
 
 
@@ -263,9 +286,11 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
 
     Accepted: the published encoder (bare names), a fine-tuned `QuestionAnswering` state dict
     (`bert.*` + `qa_outputs.*`), either with an LM head (`cls.*`, dropped) or with the
-    `module.` prefix that DistributedDataParallel adds. Anything else raises `CheckpointError`.
+    `module.` prefix that DistributedDataParallel adds, and a transformers BERT/ELECTRA model
+    directory (see `read_transformers_dir`). Anything else raises `CheckpointError`.
     """
-    state = read_state_dict(path)
+    may_lack_pooler = is_transformers_dir(path)
+    state = read_transformers_dir(path)[1] if may_lack_pooler else read_state_dict(path)
     if any(k.startswith("cls.") for k in state):
         dropped = [k for k in state if k.startswith("cls.")]
         logger.info("%s: dropping the pre-training LM head (%d tensors: cls.*)", path, len(dropped))
@@ -277,10 +302,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
             state = {f"bert.{k}": v for k, v in state.items()}
         # A pretrained encoder has no span head: it keeps its fresh initialisation.
         may_be_missing = set() if is_finetuned else {"qa_outputs.weight", "qa_outputs.bias"}
+        if may_lack_pooler:  # transformers QA and ELECTRA models have none; ours is never used for QA
+            may_be_missing |= {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
     elif isinstance(model, BertModel):
         if is_finetuned:
             state = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")}
-        may_be_missing = set()
+        may_be_missing = {"pooler.dense.weight", "pooler.dense.bias"} if may_lack_pooler else set()
     else:
         raise TypeError(f"load_checkpoint expects QuestionAnswering or BertModel, got {type(model).__name__}")
 
@@ -356,3 +383,199 @@ def _first(items: list[str], limit: int = 5) -> list[str]:
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
+
+
+# --- transformers model directories ----------------------------------------------------------
+# Read and written by mapping names and settings: transformers itself is never imported.
+
+TRANSFORMERS_CONFIG = "config.json"
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# transformers' activation names -> ours, by meaning: its "gelu" is the exact erf GELU, while
+# ours (the published config's) is the tanh approximation that its "gelu_new" names.
+ACTIVATIONS_FROM_TRANSFORMERS = {"gelu": "gelu_exact", "gelu_python": "gelu_exact", "gelu_new": "gelu",
+                                 "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu", "relu": "relu"}
+ACTIVATIONS_TO_TRANSFORMERS = {"gelu": "gelu_new", "gelu_new": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
+QA_ARCHITECTURES = {"bert": "BertForQuestionAnswering", "electra": "ElectraForQuestionAnswering"}
+# Tensors of pre-training heads QA has no use for, and buffers transformers re-creates itself.
+DROPPED_PREFIXES = ("cls.", "discriminator_predictions.", "generator_predictions.", "generator_lm_head.")
+DROPPED_BUFFERS = ("embeddings.position_ids",)
+# Per-layer names: transformers' -> ours.
+_LAYER_NAMES = {"attention.self.query": "attn.query", "attention.self.key": "attn.key",
+                "attention.self.value": "attn.value", "attention.output.dense": "attn.o_proj",
+                "attention.output.LayerNorm": "attention_norm", "intermediate.dense": "ffn.fc1",
+                "output.dense": "ffn.fc2", "output.LayerNorm": "ffn_norm"}
+_LAYER_NAMES_BACK = {ours: theirs for theirs, ours in _LAYER_NAMES.items()}
+
+
+def is_transformers_dir(path: str | os.PathLike) -> bool:
+    """True for a directory holding a transformers `config.json` (ours, from train.py, has no `num_attention_heads`)."""
+    config_file = Path(path) / TRANSFORMERS_CONFIG
+    if not config_file.is_file():
+        return False
+    try:
+        values = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True  # read_transformers_dir says what is wrong with it
+    return isinstance(values, dict) and "num_attention_heads" in values
+
+
+def config_from_transformers(values: dict, source: str = TRANSFORMERS_CONFIG) -> Config:
+    """Our Config from a transformers BERT/ELECTRA config dict; what we do not implement is refused, naming the field."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    model_type = values.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported (only {' and '.join(MODEL_TYPES)})")
+    position_type = values.get("position_embedding_type", "absolute")
+    if position_type != "absolute":
+        raise ConfigError(f"{source}: position_embedding_type {position_type!r} is not supported (only 'absolute')")
+    activation = values.get("hidden_act", "gelu")
+    if activation not in ACTIVATIONS_FROM_TRANSFORMERS:
+        raise ConfigError(f"{source}: hidden_act {activation!r} is not supported "
+                          f"(one of {sorted(ACTIVATIONS_FROM_TRANSFORMERS)})")
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [key for key in required if key not in values]
+    if missing:
+        raise ConfigError(f"{source}: missing key(s) {missing}")
+    if values.get("attention_probs_dropout_prob", values.get("hidden_dropout_prob")) != values.get(
+            "hidden_dropout_prob"):
+        logger.info("%s: one dropout probability for all layers here: hidden_dropout_prob", source)
+    hidden_size = values["hidden_size"]
+    embedding_size = values.get("embedding_size", hidden_size) if model_type == "electra" else hidden_size
+    ours = {"vocab_size": values["vocab_size"], "hidden_size": hidden_size,
+            "num_hidden_layers": values["num_hidden_layers"], "num_heads": values["num_attention_heads"],
+            "ff_dim": values["intermediate_size"], "act_fn": ACTIVATIONS_FROM_TRANSFORMERS[activation],
+            "dropout_prob": values.get("hidden_dropout_prob", 0.1),
+            "max_position_embeddings": values.get("max_position_embeddings", 512),
+            "type_vocab_size": values.get("type_vocab_size", 2),
+            "initializer_range": values.get("initializer_range", 0.02),
+            "embedding_size": None if embedding_size == hidden_size else embedding_size,
+            "layer_norm_eps": values.get("layer_norm_eps", LAYER_NORM_EPS), "model_type": model_type}
+    return Config.from_dict(ours, source)
+
+
+def config_to_transformers(config: Config, **extra) -> dict:
+    """A transformers config dict for `config` as a QA model; `extra` keys are added (e.g. our analyzer)."""
+    values = {"architectures": [QA_ARCHITECTURES[config.model_type]], "model_type": config.model_type,
+              "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+              "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_heads,
+              "intermediate_size": config.ff_dim, "hidden_act": ACTIVATIONS_TO_TRANSFORMERS[config.act_fn],
+              "hidden_dropout_prob": config.dropout_prob, "attention_probs_dropout_prob": config.dropout_prob,
+              "max_position_embeddings": config.max_position_embeddings, "type_vocab_size": config.type_vocab_size,
+              "initializer_range": config.initializer_range, "layer_norm_eps": config.layer_norm_eps,
+              "position_embedding_type": "absolute", "pad_token_id": 0}
+    if config.model_type == "electra":
+        values["embedding_size"] = config.embedding_dim
+    return {**values, **extra}
+
+
+def read_transformers_config(directory: str | os.PathLike) -> dict:
+    """The raw config.json of a transformers model directory."""
+    config_file = Path(directory) / TRANSFORMERS_CONFIG
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{config_file}: not a readable JSON config ({err})") from None
+
+
+def read_transformers_dir(path: str | os.PathLike) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The Config and the state dict, in our names, of a transformers BERT/ELECTRA model directory.
+
+    A model with a QA head gives our fine-tuned format (`bert.*` + `qa_outputs.*`), a bare or
+    pre-training model our pretrained-encoder format (bare names); pre-training heads are dropped.
+    Every tensor's shape is checked against config.json; a mismatch names the tensor.
+    """
+    directory = Path(path)
+    config = config_from_transformers(read_transformers_config(directory), str(directory / TRANSFORMERS_CONFIG))
+    weights_file = next((directory / name for name in TRANSFORMERS_WEIGHTS if (directory / name).is_file()), None)
+    if weights_file is None:
+        raise CheckpointError(f"{directory}: no {' or '.join(TRANSFORMERS_WEIGHTS)} beside config.json")
+    theirs = _read_transformers_weights(weights_file)
+    state, source_names = from_transformers_state(theirs, str(weights_file))
+    _check_shapes(state, source_names, config, weights_file)
+    return config, state
+
+
+def _read_transformers_weights(weights_file: Path) -> dict[str, torch.Tensor]:
+    if weights_file.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(weights_file))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{weights_file}: not a readable safetensors file ({err})") from None
+    return read_state_dict(weights_file)
+
+
+def from_transformers_state(theirs: dict[str, torch.Tensor],
+                            source: str = "weights") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """transformers tensor names -> ours; also returns ours -> theirs, for messages."""
+    dropped = sorted(k for k in theirs if k.startswith(DROPPED_PREFIXES))
+    if dropped:
+        heads = sorted({k.split(".")[0] for k in dropped})
+        logger.info("%s: dropping the pre-training head(s) QA does not use (%d tensors: %s)",
+                    source, len(dropped), ", ".join(f"{h}.*" for h in heads))
+    has_qa_head = any(k.startswith("qa_outputs.") for k in theirs)
+    state: dict[str, torch.Tensor] = {}
+    source_names: dict[str, str] = {}
+    for name, tensor in theirs.items():
+        if name.startswith(DROPPED_PREFIXES):
+            continue
+        encoder_name = name.split(".", 1)[1] if name.startswith(("bert.", "electra.")) else name
+        if encoder_name.endswith(DROPPED_BUFFERS):
+            continue
+        ours = encoder_name if encoder_name.startswith("qa_outputs.") else _encoder_name_to_ours(encoder_name)
+        if ours is None:
+            raise CheckpointError(f"{source}: tensor {name} is not part of a BERT or ELECTRA encoder")
+        if has_qa_head and not ours.startswith("qa_outputs."):
+            ours = f"bert.{ours}"
+        state[ours] = tensor.float()
+        source_names[ours] = name
+    return state, source_names
+
+
+def _encoder_name_to_ours(name: str) -> str | None:
+    """`encoder.layer.3.attention.self.query.weight` -> `encoder.layer.3.attn.query.weight`, etc.; None if unknown."""
+    module, _, leaf = name.rpartition(".")
+    leaf = {"gamma": "weight", "beta": "bias"}.get(leaf, leaf)  # the older LayerNorm spelling
+    if module.startswith("encoder.layer."):
+        _, _, index, layer_module = module.split(".", 3)
+        if layer_module not in _LAYER_NAMES:
+            return None
+        return f"encoder.layer.{index}.{_LAYER_NAMES[layer_module]}.{leaf}"
+    if module in ("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings",
+                  "embeddings.LayerNorm", "embeddings_project", "pooler.dense"):
+        return f"{module}.{leaf}"
+    return None
+
+
+def _check_shapes(state: dict[str, torch.Tensor], source_names: dict[str, str], config: Config,
+                  weights_file: Path) -> None:
+    with torch.device("meta"):
+        expected = QuestionAnswering(config).state_dict()
+    for ours, tensor in state.items():
+        key = ours if ours in expected or ours.startswith("qa_outputs.") else f"bert.{ours}"
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{weights_file}: tensor {source_names[ours]} has shape {tuple(tensor.shape)} but config.json "
+                f"(hidden_size {config.hidden_size}, embedding_size {config.embedding_dim}, vocab_size "
+                f"{config.vocab_size}, intermediate_size {config.ff_dim}) needs {tuple(expected[key].shape)}")
+
+
+def to_transformers_state(model: QuestionAnswering) -> dict[str, torch.Tensor]:
+    """The QA model's weights under transformers' `...ForQuestionAnswering` names (no pooler: it has none)."""
+    prefix = f"{model.config.model_type}."
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("bert.pooler."):
+            continue
+        if name.startswith("bert."):
+            name = name[len("bert."):]
+            module, _, leaf = name.rpartition(".")
+            if module.startswith("encoder.layer."):
+                _, _, index, layer_module = module.split(".", 3)
+                module = f"encoder.layer.{index}.{_LAYER_NAMES_BACK[layer_module]}"
+            name = prefix + f"{module}.{leaf}"
+        state[name] = tensor.detach().cpu().contiguous()
+    return state

@@ -6,7 +6,8 @@ The pretrained model saw Mecab morphemes split further by WordPiece, so text goe
   compose     Unicode NFC, so decomposed Hangul (NFD: what macOS writes) gives the same pieces as
               composed Hangul; the vocab and the analyzer only know composed syllables
   lower-case  character by character, without Unicode decomposition (NFD turns Hangul into jamo)
-  analyze     morphemes from an analyzer chosen by name (`mecab` by default, `none` = whitespace)
+  analyze     morphemes from an analyzer chosen by name (`mecab` by default, `none` = whitespace
+              with transformers' BertTokenizer cleaning, so pieces equal its own)
   split       punctuation and CJK ideographs become words of one character
   WordPiece   greedy longest match with `##` continuations; a word with no match becomes one [UNK]
 
@@ -17,6 +18,7 @@ re-assembled.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -94,6 +96,24 @@ def build_vocab(tokens: Sequence[str], vocab_file: str | os.PathLike[str]) -> di
     return vocab
 
 
+def read_do_lower_case(model_dir: str | os.PathLike[str]) -> bool:
+    """`do_lower_case` from a transformers model directory's tokenizer_config.json
+    (transformers' own default, True, when the file or key is absent)."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return True
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TokenizerError(f"{path}: not readable JSON ({_one_line(error)})") from None
+    value = settings.get("do_lower_case", True) if isinstance(settings, dict) else None
+    if not isinstance(value, bool):
+        raise TokenizerError(f"{path}: do_lower_case must be true or false, not {value!r}")
+    if settings.get("strip_accents"):
+        logger.warning("%s: strip_accents is ignored (NFD accent stripping would break Hangul into jamo)", path)
+    return value
+
+
 # --- stage 1: clean ------------------------------------------------------------------------
 
 def is_separator(char: str) -> bool:
@@ -124,6 +144,29 @@ def clean(text: str) -> str:
     if text.isprintable() and "\ufffd" not in text:
         return text
     return text.translate(_SEPARATORS_TO_SPACE)
+
+
+def bert_clean(text: str) -> tuple[str, list[int] | None]:
+    """Clean `text` as transformers' BertTokenizer does (analyzer `none`): control, format and
+    private-use characters, NUL and U+FFFD are dropped, every other whitespace becomes a space.
+
+    Dropping (rather than spacing) keeps `ab<zero-width space>cd` one word, as transformers sees it.
+    Returns the cleaned text and, only when characters were dropped, the index in `text` of each
+    of its characters; otherwise None.
+    """
+    if text.isprintable() and "\ufffd" not in text:
+        return text, None
+    kept: list[str] = []
+    origin: list[int] = []
+    for index, char in enumerate(text):
+        if char in "\t\n\r" or (char.isspace() and unicodedata.category(char) != "Cc"):
+            kept.append(" ")
+        elif char == "\ufffd" or unicodedata.category(char) in ("Cc", "Cf", "Co"):
+            continue
+        else:
+            kept.append(char)
+        origin.append(index)
+    return "".join(kept), (origin if len(origin) < len(text) else None)
 
 
 # --- stage 2: compose ---------------------------------------------------------------------
@@ -533,13 +576,17 @@ class BertTokenizer:
         return list(self._cached_tokenize(text))
 
     def _tokenize_text(self, text: str) -> tuple[Piece, ...]:
-        composed, sources = compose(clean(text))
+        cleaned, kept = bert_clean(text) if self.analyzer_name == "none" else (clean(text), None)
+        composed, sources = compose(cleaned)
         normalized, lower_origin = lower_case(composed) if self.do_lower_case else (composed, None)
         if not normalized.strip(" "):
             return ()
         units = complete_spans(normalized, self._analyzer.spans(normalized))
         if lower_origin is not None:
             sources = [sources[i] if sources else (i, i + 1) for i in lower_origin]
+        if kept is not None:  # spans of `cleaned` become spans of `text`, over what cleaning dropped
+            spans = sources or [(i, i + 1) for i in range(len(normalized))]
+            sources = [(kept[start], kept[end - 1] + 1) for start, end in spans]
         if sources is None:
             return tuple(self._pieces_of_units(normalized, units))
         return tuple(self._pieces_through_sources(normalized, units, sources))

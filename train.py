@@ -38,15 +38,15 @@ from tqdm import tqdm
 
 from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, HelpFormatter, UsageError, add_data_args,
                         autocast_context, autocast_dtype, build_tokenizer, check_checkpoint_file, check_data_args,
-                        evaluate_model, finite_float, has_answers, pick_device, positive_float, positive_int,
-                        prepare_output_dir, run_cli, save_torch_atomic, score, setup_logging, write_json_atomic)
+                        copy_vocab_into, evaluate_model, fetch_hub_model, finite_float, has_answers, pick_device,
+                        positive_float, positive_int, prepare_output_dir, resolve_model_settings, run_cli,
+                        save_torch_atomic, score, setup_logging, write_json_atomic)
 from korquad_utils import atomic_write, collate_features, load_or_build_features, make_length_grouped_batches
 from long_run import DirectoryLocked, RunLock, StopSignals, plot_training_curves, read_log, remove_dead_temp_files
 from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
 
 logger = logging.getLogger("korquad")
 
-ROOT = Path(__file__).resolve().parent
 STATE_NAME = "training_state.pt"
 LOG_NAME = "training_log.jsonl"
 CURVES_NAME = "training_curves.png"
@@ -148,12 +148,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train_file", default="data/KorQuAD_v1.0_train.json", help="KorQuAD-format training JSON.")
     parser.add_argument("--output_dir", default="output", help="Where checkpoints and run files go.")
     parser.add_argument("--checkpoint", default="pretrain_ckpt/bert_small_ckpt.bin",
-                        help="Pretrained encoder (or a fine-tuned checkpoint); 'none' = random initialisation.")
-    parser.add_argument("--model_config", "--config_name", dest="model_config",
-                        default=str(ROOT / "data" / "bert_small.json"),
-                        help="Model config JSON (default: data/bert_small.json).")
-    parser.add_argument("--vocab_file", default=str(ROOT / "data" / "ko_vocab_32k.txt"),
-                        help="WordPiece vocab (default: data/ko_vocab_32k.txt).")
+                        help="Pretrained encoder, fine-tuned checkpoint, transformers BERT/ELECTRA model directory "
+                             "or hub model id; 'none' = random initialisation.")
+    parser.add_argument("--model_config", "--config_name", dest="model_config", default=None,
+                        help="Model config JSON (if not given: a transformers directory's own, "
+                             "else data/bert_small.json).")
+    parser.add_argument("--vocab_file", default=None,
+                        help="WordPiece vocab (if not given: a transformers directory's vocab.txt, "
+                             "else data/ko_vocab_32k.txt).")
     parser.add_argument("--train_batch_size", type=positive_int, default=16, help="Features per step on each rank.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
                         help="Micro-batches per optimizer step.")
@@ -186,7 +188,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="Also log loss, learning rate and EM/F1 for TensorBoard in output_dir/tensorboard.")
     parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
     add_data_args(parser)
-    parser.set_defaults(analyzer="mecab")
     args = parser.parse_args(argv)
     if Path(args.checkpoint).is_dir():
         check_checkpoint_file(args.checkpoint)  # says what to pass instead of a directory
@@ -560,9 +561,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.device) -> None:
-    config = Config.from_json_file(args.model_config)
+    if args.checkpoint.lower() != "none":
+        args.checkpoint = fetch_hub_model(args.checkpoint)
+    config = resolve_model_settings(args, args.checkpoint)
     check_data_args(args, config)
-    if args.checkpoint.lower() != "none" and not Path(args.checkpoint).is_file():
+    if args.checkpoint.lower() != "none" and not Path(args.checkpoint).exists():
         raise UsageError(f"--checkpoint {args.checkpoint}: file not found; download the pretrained checkpoint "
                          f"as pretrain_ckpt/README.md says, or pass --checkpoint none to train from scratch")
     if args.tensorboard:
@@ -583,7 +586,7 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
 def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torch.device, config: Config,
                         output_dir: Path) -> None:
     amp_dtype = autocast_dtype(args, device)
-    tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config)
+    tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config, args.do_lower_case)
     settings = run_settings(args, config, tokenizer.do_lower_case, ctx.world_size)
     paths = {"--train_file": str(args.train_file), "--vocab_file": str(args.vocab_file)}
     state = load_resume_state(output_dir, settings, paths) if args.resume else None
@@ -657,6 +660,7 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
         keep_log_until(run.log_file, global_step)
         run.evaluations = [r for r in read_log(run.log_file) if "f1" in r]
         write_json_atomic(config.to_dict(), output_dir / SAVED_CONFIG_NAME)
+        copy_vocab_into(args.vocab_file, output_dir)
         write_json_atomic({**vars(args), "world_size": ctx.world_size,
                            "global_batch_size": args.train_batch_size * ctx.world_size
                            * args.gradient_accumulation_steps}, output_dir / SAVED_ARGS_NAME)

@@ -157,7 +157,7 @@ def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(tiny_se
 
     written = sorted(p.name for p in (tmp_path / "ddp").iterdir())
     assert written == ["config.json", "korquad_0.bin", "korquad_1.bin", "training_args.json",
-                       "training_curves.png", "training_log.jsonl", "training_state.pt"]
+                        "training_curves.png", "training_log.jsonl", "training_state.pt", "vocab.txt"]
     args = json.loads((tmp_path / "ddp" / "training_args.json").read_text())
     assert (args["world_size"], args["global_batch_size"]) == (2, 8)
 
