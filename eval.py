@@ -12,14 +12,13 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from collections.abc import Sequence
 
-from cli_common import (UsageError, add_data_args, autocast_dtype, build_tokenizer, check_data_args, has_answers,
-                        pick_device, predict_logits, prepare_output_dir, resolve_from_training_run, run_cli, score,
-                        setup_logging)
+from cli_common import (add_data_args, autocast_dtype, average_logits, build_tokenizer, check_data_args, has_answers,
+                        load_finetuned, pick_device, predict_logits, prepare_output_dir, resolve_checkpoints,
+                        resolve_from_training_run, run_cli, score, setup_logging)
 from korquad_utils import decode_predictions, load_or_build_features, write_predictions
-from modeling import Config, QuestionAnswering, load_checkpoint
+from modeling import Config
 
 logger = logging.getLogger("korquad")
 
@@ -30,7 +29,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate KorQuAD v1.0 checkpoints (several = an ensemble).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
-                        help="fine-tuned checkpoint(s); several are ensembled by averaging logits")
+                        help="fine-tuned checkpoint(s) or training run directories (their newest korquad_N.bin); "
+                             "several are ensembled by averaging logits")
     parser.add_argument("--predict_file", default="data/KorQuAD_v1.0_dev.json")
     parser.add_argument("--output_dir", default="debug", help="where predictions.json and nbest_predictions.json go")
     parser.add_argument("--model_config", "--config_name", dest="model_config", default=None,
@@ -51,12 +51,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.quiet)
+    args.checkpoint = resolve_checkpoints(args.checkpoint)
     resolve_from_training_run(args)
     config = Config.from_json_file(args.model_config)
     check_data_args(args, config)
-    for path in args.checkpoint:
-        if not Path(path).is_file():
-            raise UsageError(f"--checkpoint {path}: file not found")
     output_dir = prepare_output_dir(args.output_dir)
     device = pick_device(args.no_cuda)
     amp_dtype = autocast_dtype(args, device)
@@ -68,21 +66,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_workers=args.preprocess_workers, progress=not args.quiet)
     logger.info("%d questions, %d features from %s", len(examples), len(features), args.predict_file)
 
-    model = QuestionAnswering(config).to(device)
-    summed_starts = summed_ends = None
-    for path in args.checkpoint:
-        if load_checkpoint(model, path) != "finetuned":
-            raise UsageError(f"--checkpoint {path} is a pretrained encoder without a trained span head; "
-                             f"pass a fine-tuned korquad_*.bin from train.py")
-        starts, ends = predict_logits(model, features, args.batch_size, device, amp_dtype, not args.quiet)
-        if summed_starts is None:
-            summed_starts, summed_ends = starts, ends
-        else:
-            summed_starts = [a + b for a, b in zip(summed_starts, starts)]
-            summed_ends = [a + b for a, b in zip(summed_ends, ends)]
-    n = len(args.checkpoint)
-    mean_starts = [s / n for s in summed_starts]
-    mean_ends = [e / n for e in summed_ends]
+    # One member in memory at a time; the ensemble decodes the mean of their logits.
+    mean_starts, mean_ends = average_logits(
+        predict_logits(load_finetuned(path, config, device), features, args.batch_size, device, amp_dtype,
+                       not args.quiet)
+        for path in args.checkpoint)
     predictions, nbest = decode_predictions(examples, features, mean_starts, mean_ends,
                                             n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
     write_predictions(predictions, nbest, output_dir)
