@@ -176,7 +176,7 @@ def test_a_reader_that_stops_early_ends_the_run_quietly(run_dir):
     process = subprocess.Popen([sys.executable, str(ROOT / "predict.py"), f"--checkpoint={run_dir}", "--input=-",
                                 *DATA_FLAGS, "--no_cuda", "--quiet"], cwd=ROOT, text=True,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    process.stdin.write((line + "\n") * 2000)
+    process.stdin.write((line + "\n") * 1000)   # ~90 KB of answers: more than a pipe holds
     process.stdin.close()
     assert json.loads(process.stdout.readline())["answer"]
     process.stdout.close()
