@@ -275,6 +275,124 @@ def bench_step_vs_transformers(args: argparse.Namespace) -> None:
           f"(ours/theirs {ours_s / theirs_s:.2f})")
 
 
+# --- predict.py (issue 10) ---------------------------------------------------------------
+_PREDICT_QUESTIONS = 64   # the first dev questions, with their real (shared) contexts
+
+
+def _dev_questions(dev_file: Path, count: int) -> list[dict]:
+    import json
+
+    with open(dev_file, encoding="utf-8") as handle:
+        articles = json.load(handle)["data"]
+    questions = [{"id": qa["id"], "question": qa["question"], "context": paragraph["context"]}
+                 for article in articles for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+    return questions[:count]
+
+
+def _pipeline_stand_in(config, max_seq_length: int = 512, doc_stride: int = 128, max_answer_length: int = 30):
+    """What transformers' `pipeline("question-answering")` does per question, for a version that no
+    longer ships it: its fast WordPiece tokenizer on our vocab, the same windows (step `doc_stride`),
+    each window through a randomly initialised BertForQuestionAnswering of the same size at batch
+    size 1 (the pipeline's default), and its decoding (softmax, start <= end <= start + max length)."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(VOCAB_FILE), do_lower_case=True)
+    model = transformers.BertForQuestionAnswering(transformers.BertConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_heads, intermediate_size=config.ff_dim, hidden_act="gelu_new",
+        max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
+        attn_implementation="sdpa")).eval()
+
+    @torch.inference_mode()
+    def answer(question: str, context: str) -> dict:
+        question_pieces = len(tokenizer(question, add_special_tokens=False)["input_ids"][:96])
+        window = max_seq_length - question_pieces - 3
+        encoded = tokenizer(question, context, truncation="only_second", max_length=max_seq_length,
+                            stride=max(window - doc_stride, 0), return_overflowing_tokens=True,
+                            return_offsets_mapping=True)
+        best = (-1.0, 0, 0)
+        pieces = sum(len(ids) for ids in encoded["input_ids"])
+        for index, ids in enumerate(encoded["input_ids"]):
+            outputs = model(input_ids=torch.tensor([ids]),
+                            token_type_ids=torch.tensor([encoded["token_type_ids"][index]]))
+            in_context = torch.tensor([s == 1 for s in encoded.sequence_ids(index)])
+            start = outputs.start_logits[0].masked_fill(~in_context, -1e4).softmax(-1)
+            end = outputs.end_logits[0].masked_fill(~in_context, -1e4).softmax(-1)
+            scores = torch.triu(torch.tril(start[:, None] * end[None, :], max_answer_length - 1))
+            flat = int(scores.argmax())
+            start_index, end_index = divmod(flat, scores.shape[1])
+            if float(scores.flatten()[flat]) > best[0]:
+                offsets = encoded["offset_mapping"][index]
+                best = (float(scores.flatten()[flat]), offsets[start_index][0], offsets[end_index][1])
+        return {"answer": context[best[1]:best[2]], "start": best[1], "end": best[2], "score": best[0],
+                "pieces": pieces}
+    return answer
+
+
+@benchmark("predict")
+def bench_predict(args: argparse.Namespace) -> None:
+    """predict.py on CPU with BERT-small (random weights: speed only): load time, answers per second
+    one at a time and batched, next to transformers' question-answering pipeline (goal: batched >= 2x)."""
+    import json
+    import tempfile
+    import time
+
+    import torch
+
+    from korquad_utils import SquadExample, convert_examples_to_features
+    from modeling import Config, QuestionAnswering
+    from predict import Reader
+
+    config = Config.from_json_file(ROOT / "data" / "bert_small.json")
+    questions = _dev_questions(args.dev, _PREDICT_QUESTIONS)
+    with tempfile.TemporaryDirectory() as run:
+        (Path(run) / "config.json").write_text(json.dumps(config.to_dict()))
+        torch.manual_seed(0)
+        torch.save(QuestionAnswering(config).state_dict(), Path(run) / "korquad_1.bin")
+        started = time.perf_counter()
+        reader = Reader.load(run, no_cuda=True, analyzer="mecab")
+        load_seconds = time.perf_counter() - started
+    reader("워밍업?", questions[0]["context"])   # first-call costs (allocator, Mecab dictionary) not timed
+
+    def rate(answer_questions: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        answer_questions()
+        return len(questions) / (time.perf_counter() - started)
+
+    # Interleaved, so drifting machine load hurts all three alike; the best of two runs each.
+    rates: dict[str, list[float]] = {"one": [], "batched": [], "pipeline": []}
+    try:
+        pipeline = _pipeline_stand_in(config)
+        pipeline("워밍업?", questions[0]["context"])
+    except ImportError:
+        pipeline = None
+    pipeline_answers: list[dict] = []
+    for _ in range(2):
+        rates["one"].append(rate(lambda: [reader(q["question"], q["context"]) for q in questions]))
+        rates["batched"].append(rate(lambda: reader.answer_all(questions)))
+        if pipeline is not None:
+            rates["pipeline"].append(rate(lambda: pipeline_answers.extend(
+                pipeline(q["question"], q["context"]) for q in questions)))
+    one, batched = max(rates["one"]), max(rates["batched"])
+    examples = [SquadExample(str(n), q["question"], q["context"], []) for n, q in enumerate(questions)]
+    features = convert_examples_to_features(examples, reader.tokenizer, reader.max_seq_length, reader.doc_stride,
+                                            reader.max_query_length, is_training=False, progress=False)
+    print(f"predict: {len(questions)} dev questions with their real contexts, BERT-small, "
+          f"CPU x{torch.get_num_threads()} threads, batch size {reader.batch_size}; "
+          f"{sum(len(f.input_ids) for f in features) / len(questions):.0f} pieces per question (Mecab + WordPiece)")
+    print(f"predict.load_seconds: {load_seconds:.2f}")
+    print(f"predict.answers_per_second[one_at_a_time]: {one:.2f}")
+    print(f"predict.answers_per_second[batched]: {batched:.2f}")
+    if pipeline is None:
+        print("predict.answers_per_second[transformers_pipeline]: skipped (transformers not installed)")
+        return
+    theirs = max(rates["pipeline"])
+    their_pieces = sum(answer["pieces"] for answer in pipeline_answers) / len(pipeline_answers)
+    print(f"predict.answers_per_second[transformers_pipeline_stand_in]: {theirs:.2f} "
+          f"(batched / pipeline: {batched / theirs:.2f}x; {their_pieces:.0f} pieces per question, WordPiece only)")
+
+
 # Benchmarks on made-up inputs, which run without the dev set.
 WITHOUT_DEV = {"max_context"}
 

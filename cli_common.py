@@ -15,7 +15,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -24,8 +24,8 @@ from tqdm import tqdm
 import evaluate_v1_0
 from korquad_utils import (InputFeature, KorquadFormatError, SquadExample, atomic_write, collate_features,
                            decode_predictions, make_length_grouped_batches)
-from modeling import (CheckpointError, Config, ConfigError, config_from_transformers, is_transformers_dir,
-                      read_transformers_config)
+from modeling import (CheckpointError, Config, ConfigError, QuestionAnswering, config_from_transformers,
+                      is_transformers_dir, load_checkpoint, read_transformers_config)
 from tokenization import BertTokenizer, TokenizerError, read_do_lower_case
 
 logger = logging.getLogger("korquad")
@@ -105,20 +105,31 @@ positive_float = finite_float(0.0, low_inclusive=False)
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """The flags for turning KorQuAD JSON into features, shared by every entry point (baseline names and defaults)."""
+    add_window_args(parser)
+    parser.add_argument("--seed", type=int, default=42, help="Random seed for initialisation and shuffling.")
+    parser.add_argument("--cache_dir", default=None,
+                        help="Where feature caches go (if not given: cache/ beside the data file).")
+    parser.add_argument("--overwrite_cache", action="store_true", help="Rebuild cached features.")
+    parser.add_argument("--preprocess_workers", type=positive_int, default=1, help="Processes for tokenization.")
+    add_device_args(parser)
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # torch.distributed.launch
+
+
+def add_window_args(parser: argparse.ArgumentParser) -> None:
+    """How text becomes windows and answers are bounded: eval.py and predict.py must agree on these."""
     parser.add_argument("--max_seq_length", type=positive_int, default=512,
                         help="Pieces per window, [CLS]/[SEP] included.")
     parser.add_argument("--max_query_length", type=positive_int, default=96, help="Question pieces kept.")
     parser.add_argument("--doc_stride", type=positive_int, default=128,
                         help="Step between context windows, in pieces.")
     parser.add_argument("--max_answer_length", type=positive_int, default=30, help="Longest answer, in pieces.")
-    parser.add_argument("--seed", type=int, default=42, help="Random seed for initialisation and shuffling.")
     parser.add_argument("--analyzer", default=None,
                         help="Morpheme analyzer: mecab, okt, komoran, kkma, hannanum or none "
-                             "(if not given: mecab, or the training run's for eval.py).")
-    parser.add_argument("--cache_dir", default=None,
-                        help="Where feature caches go (if not given: cache/ beside the data file).")
-    parser.add_argument("--overwrite_cache", action="store_true", help="Rebuild cached features.")
-    parser.add_argument("--preprocess_workers", type=positive_int, default=1, help="Processes for tokenization.")
+                             "(if not given: the model's or training run's, else mecab).")
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """--no_cuda and the precision flags."""
     parser.add_argument("--no_cuda", action="store_true", help="Run on the CPU even if a GPU is present.")
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="Float16 autocast (CUDA only).")
@@ -126,7 +137,6 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     precision.add_argument("--fp32", action="store_true",
                            help="Full precision even on a GPU (if not given there: bf16 where supported, "
                                 "else fp16).")
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # torch.distributed.launch
 
 
 def check_data_args(args: argparse.Namespace, config: Config) -> None:
@@ -268,8 +278,78 @@ def write_json_atomic(obj, path: Path) -> None:
     atomic_write(path, lambda file: file.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
 
 
+CHECKPOINT_NAME = re.compile(r"korquad_(\d+)\.bin")   # train.py's per-epoch checkpoints
+
+
+def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Checkpoints for `--checkpoint` values: a file or a transformers model directory as it is, a
+    hub model id downloaded (`fetch_hub_model`), a training run directory as its newest
+    `korquad_N.bin` (highest N). Several make an ensemble."""
+    resolved = []
+    for path in (Path(fetch_hub_model(str(value))) for value in paths):
+        if is_transformers_dir(path):
+            pass
+        elif path.is_dir():
+            numbered = [(int(match.group(1)), child) for child in path.iterdir()
+                        if (match := CHECKPOINT_NAME.fullmatch(child.name)) and child.is_file()]
+            if not numbered:
+                raise UsageError(f"--checkpoint {path}: a directory without any korquad_N.bin checkpoint, nor a "
+                                 f"transformers model directory (pass a training run's output_dir, a checkpoint "
+                                 f"file, or a directory with config.json and model.safetensors/pytorch_model.bin)")
+            path = max(numbered)[1]
+        elif not path.is_file():
+            raise UsageError(f"--checkpoint {path}: file not found")
+        resolved.append(path)
+    return resolved
+
+
+def resolve_finetuned_settings(args: argparse.Namespace) -> Config:
+    """eval.py, predict.py, export.py: resolve `args.checkpoint` (a list) and fill config, vocab,
+    lower-casing and analyzer from the first one's transformers directory or training run."""
+    args.checkpoint = resolve_checkpoints(args.checkpoint)
+    if is_transformers_dir(args.checkpoint[0]):
+        return settings_from_model_dir(args, args.checkpoint[0])
+    resolve_from_training_run(args)
+    return Config.from_json_file(args.model_config)
+
+
+def load_finetuned(path: str | os.PathLike, config: Config, device: torch.device) -> QuestionAnswering:
+    """A fine-tuned QA model from `path`, in eval mode on `device`; a bare pretrained encoder is refused."""
+    model = QuestionAnswering(config)
+    if load_checkpoint(model, path) != "finetuned":
+        raise UsageError(f"--checkpoint {path} is a pretrained encoder without a trained span head; "
+                         f"pass a fine-tuned korquad_*.bin from train.py")
+    return model.to(device).eval()
+
+
+def average_logits(member_logits: Iterable[tuple[list[np.ndarray], list[np.ndarray]]]
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The mean of several models' per-feature (start, end) logits: how an ensemble decodes.
+
+    Taking an iterable lets a caller load one member at a time and drop it once its logits are in.
+    """
+    summed_starts: list[np.ndarray] | None = None
+    summed_ends: list[np.ndarray] = []
+    count = 0
+    for starts, ends in member_logits:
+        if summed_starts is None:
+            summed_starts, summed_ends = list(starts), list(ends)
+        else:
+            summed_starts = [a + b for a, b in zip(summed_starts, starts)]
+            summed_ends = [a + b for a, b in zip(summed_ends, ends)]
+        count += 1
+    if summed_starts is None:
+        raise ValueError("average_logits needs at least one model's logits")
+    if count == 1:
+        return summed_starts, summed_ends
+    return [s / count for s in summed_starts], [e / count for e in summed_ends]
+
+
 def resolve_from_training_run(args: argparse.Namespace) -> None:
-    """Fill config, vocab and analyzer from the training run beside the first checkpoint, else defaults."""
+    """Fill config, vocab and analyzer from the training run beside the first checkpoint, else defaults.
+
+    `args.checkpoint` must already be resolved to files (`resolve_checkpoints`).
+    """
     run_dir = Path(args.checkpoint[0]).parent
     saved_args: dict = {}
     if (run_dir / SAVED_ARGS_NAME).is_file():

@@ -14,12 +14,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cli_common import (HelpFormatter, UsageError, add_data_args, autocast_dtype, build_tokenizer,
-                        check_checkpoint_file, check_data_args, fetch_hub_model, has_answers, pick_device,
-                        positive_int, predict_logits, prepare_output_dir, resolve_from_training_run, run_cli, score,
-                        settings_from_model_dir, setup_logging)
+from cli_common import (HelpFormatter, add_data_args, autocast_dtype, average_logits, build_tokenizer,
+                        check_data_args, has_answers, load_finetuned, pick_device, positive_int, predict_logits,
+                        prepare_output_dir, resolve_finetuned_settings, run_cli, score, setup_logging)
 from korquad_utils import decode_predictions, load_or_build_features, write_predictions
-from modeling import Config, QuestionAnswering, is_transformers_dir, load_checkpoint
 
 logger = logging.getLogger("korquad")
 
@@ -30,8 +28,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate KorQuAD v1.0 checkpoints (several = an ensemble).",
                                      formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
-                        help="Fine-tuned checkpoint(s), transformers QA model directories or hub ids; several are "
-                             "ensembled by averaging their logits.")
+                        help="Fine-tuned checkpoint(s), training run directories (their newest korquad_N.bin), "
+                             "transformers QA model directories or hub ids; several are ensembled by averaging "
+                             "their logits.")
     parser.add_argument("--predict_file", default="data/KorQuAD_v1.0_dev.json",
                         help="KorQuAD-format JSON to predict (and score, if it has answers).")
     parser.add_argument("--output_dir", default="debug", help="Where predictions.json and nbest_predictions.json go.")
@@ -52,14 +51,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.quiet)
-    args.checkpoint = [fetch_hub_model(path) for path in args.checkpoint]
-    for path in args.checkpoint:
-        check_checkpoint_file(path)
-    if is_transformers_dir(args.checkpoint[0]):
-        config = settings_from_model_dir(args, args.checkpoint[0])
-    else:
-        resolve_from_training_run(args)
-        config = Config.from_json_file(args.model_config)
+    config = resolve_finetuned_settings(args)
     check_data_args(args, config)
     output_dir = prepare_output_dir(args.output_dir)
     device = pick_device(args.no_cuda)
@@ -72,21 +64,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_workers=args.preprocess_workers, progress=not args.quiet)
     logger.info("%d questions, %d features from %s", len(examples), len(features), args.predict_file)
 
-    model = QuestionAnswering(config).to(device)
-    summed_starts = summed_ends = None
-    for path in args.checkpoint:
-        if load_checkpoint(model, path) != "finetuned":
-            raise UsageError(f"--checkpoint {path} is a pretrained encoder without a trained span head; "
-                             f"pass a fine-tuned korquad_*.bin from train.py")
-        starts, ends = predict_logits(model, features, args.batch_size, device, amp_dtype, not args.quiet)
-        if summed_starts is None:
-            summed_starts, summed_ends = starts, ends
-        else:
-            summed_starts = [a + b for a, b in zip(summed_starts, starts)]
-            summed_ends = [a + b for a, b in zip(summed_ends, ends)]
-    n = len(args.checkpoint)
-    mean_starts = [s / n for s in summed_starts]
-    mean_ends = [e / n for e in summed_ends]
+    # One member in memory at a time; the ensemble decodes the mean of their logits.
+    mean_starts, mean_ends = average_logits(
+        predict_logits(load_finetuned(path, config, device), features, args.batch_size, device, amp_dtype,
+                       not args.quiet)
+        for path in args.checkpoint)
     predictions, nbest = decode_predictions(examples, features, mean_starts, mean_ends,
                                             n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
     write_predictions(predictions, nbest, output_dir)

@@ -15,13 +15,13 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from safetensors.torch import save as safetensors_bytes
 
-from cli_common import (ANALYZER_CONFIG_KEY, UsageError, copy_vocab_into, prepare_output_dir, resolve_from_training_run,
-                        run_cli, setup_logging, write_json_atomic)
+from cli_common import (ANALYZER_CONFIG_KEY, HelpFormatter, UsageError, copy_vocab_into, load_finetuned,
+                        prepare_output_dir, resolve_finetuned_settings, run_cli, setup_logging, write_json_atomic)
 from korquad_utils import atomic_write
-from modeling import (TRANSFORMERS_CONFIG, Config, QuestionAnswering, config_to_transformers, load_checkpoint,
-                      to_transformers_state)
+from modeling import TRANSFORMERS_CONFIG, QuestionAnswering, config_to_transformers, to_transformers_state
 from tokenization import build_vocab, read_vocab_tokens
 
 logger = logging.getLogger("korquad")
@@ -31,16 +31,18 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Write a fine-tuned checkpoint as a transformers model directory.")
-    parser.add_argument("--checkpoint", required=True, help="a fine-tuned korquad_*.bin from train.py")
-    parser.add_argument("--output_dir", required=True, help="the transformers model directory to write")
-    parser.add_argument("--model_config", default=None,
-                        help="model config (if not given: the training run's, else data/bert_small.json)")
+    parser = argparse.ArgumentParser(description="Write a fine-tuned checkpoint as a transformers model directory.",
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="A fine-tuned korquad_*.bin from train.py, or its run directory (the newest one).")
+    parser.add_argument("--output_dir", required=True, help="The transformers model directory to write.")
+    parser.add_argument("--model_config", "--config_name", dest="model_config", default=None,
+                        help="Model config (if not given: the training run's, else data/bert_small.json).")
     parser.add_argument("--vocab_file", default=None,
-                        help="WordPiece vocab (if not given: the training run's, else data/ko_vocab_32k.txt)")
+                        help="WordPiece vocab (if not given: the training run's, else data/ko_vocab_32k.txt).")
     parser.add_argument("--analyzer", default=None,
-                        help="the analyzer the model was fine-tuned with (if not given: the training run's)")
-    parser.add_argument("--quiet", action="store_true", help="warnings only")
+                        help="The analyzer the model was fine-tuned with (if not given: the training run's).")
+    parser.add_argument("--quiet", action="store_true", help="Warnings only.")
     return parser.parse_args(argv)
 
 
@@ -62,11 +64,8 @@ def export(model: QuestionAnswering, vocab_file: str | Path, do_lower_case: bool
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.quiet)
-    if not Path(args.checkpoint).is_file():
-        raise UsageError(f"--checkpoint {args.checkpoint}: file not found")
-    args.checkpoint = [args.checkpoint]  # resolve_from_training_run reads the run beside the first checkpoint
-    resolve_from_training_run(args)
-    config = Config.from_json_file(args.model_config)
+    args.checkpoint = [args.checkpoint]
+    config = resolve_finetuned_settings(args)
     vocab_tokens = read_vocab_tokens(args.vocab_file)
     build_vocab(vocab_tokens, args.vocab_file)  # checks the special tokens are there
     vocab_size = len(vocab_tokens)
@@ -74,10 +73,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UsageError(f"vocab file {args.vocab_file} has {vocab_size} entries but the model config says "
                          f"vocab_size {config.vocab_size}")
     output_dir = prepare_output_dir(args.output_dir)
-    model = QuestionAnswering(config)
-    if load_checkpoint(model, args.checkpoint[0]) != "finetuned":
-        raise UsageError(f"--checkpoint {args.checkpoint[0]} is a pretrained encoder without a trained span head; "
-                         f"pass a fine-tuned korquad_*.bin from train.py")
+    model = load_finetuned(args.checkpoint[0], config, torch.device("cpu"))
     export(model, args.vocab_file, args.do_lower_case, args.analyzer, output_dir)
     if args.analyzer != "none":
         logger.warning("fine-tuned with analyzer %r: transformers users must split text into %s morphemes "

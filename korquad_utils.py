@@ -723,8 +723,9 @@ def decode_predictions(examples: Sequence[SquadExample], features: Sequence[Inpu
     `start_logits[i]`/`end_logits[i]` belong to `features[i]` and are at least as long as its
     `input_ids`. Candidates pair the `n_best_size` best starts (at max-context pieces) and ends of each
     feature's context, `start <= end`, at most `max_answer_length` pieces. Answer texts are slices of
-    the original context; duplicates are dropped; probabilities are a softmax over the kept ones.
-    A question without any valid candidate gets "".
+    the original context, and each n-best entry carries its `start`/`end` character offsets
+    (`context[start:end] == text`); duplicates are dropped; probabilities are a softmax over the kept
+    ones. A question without any valid candidate gets "" (n-best offsets None).
     """
     if len(start_logits) != len(features) or len(end_logits) != len(features):
         raise ValueError(f"got {len(start_logits)} start and {len(end_logits)} end logit rows "
@@ -748,26 +749,30 @@ def decode_predictions(examples: Sequence[SquadExample], features: Sequence[Inpu
         # Each feature's candidates come best first; merge them lazily.
         streams = candidate_streams.get(example_index, [])
         candidates = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=itemgetter(0), reverse=True)
-        kept = _distinct_texts(example.context_text, features, candidates, n_best_size) or [("", 0.0, 0.0, 0.0)]
-        probabilities = _softmax([score for _, score, _, _ in kept])
+        kept = (_distinct_texts(example.context_text, features, candidates, n_best_size)
+                or [("", 0.0, 0.0, 0.0, None, None)])
+        probabilities = _softmax([candidate[1] for candidate in kept])
         predictions[example.qas_id] = kept[0][0]
         nbest[example.qas_id] = [
-            {"text": text, "probability": probability, "start_logit": start_logit, "end_logit": end_logit}
-            for (text, _, start_logit, end_logit), probability in zip(kept, probabilities)]
+            {"text": text, "probability": probability, "start_logit": start_logit, "end_logit": end_logit,
+             "start": start, "end": end}
+            for (text, _, start_logit, end_logit, start, end), probability in zip(kept, probabilities)]
     return predictions, nbest
 
 
 def _distinct_texts(context: str, features: Sequence[InputFeature], candidates: Iterator[tuple],
-                    n_best_size: int) -> list[tuple[str, float, float, float]]:
-    """(text, score, start logit, end logit) of the first `n_best_size` candidates with distinct texts."""
-    kept: list[tuple[str, float, float, float]] = []
+                    n_best_size: int) -> list[tuple[str, float, float, float, int, int]]:
+    """(text, score, start logit, end logit, start char, end char) of the first `n_best_size`
+    candidates with distinct texts; text == context[start char:end char]."""
+    kept: list[tuple[str, float, float, float, int, int]] = []
     seen_texts: set[str] = set()
     for score, start_logit, end_logit, start, end, feature_number in candidates:
         offsets = features[feature_number].token_offsets
-        text = context[offsets[start][0]:offsets[end][1]]
+        start_char, end_char = offsets[start][0], offsets[end][1]
+        text = context[start_char:end_char]
         if text not in seen_texts:
             seen_texts.add(text)
-            kept.append((text, score, start_logit, end_logit))
+            kept.append((text, score, start_logit, end_logit, start_char, end_char))
             if len(kept) == n_best_size:
                 break
     return kept

@@ -1,0 +1,412 @@
+"""Ask a fine-tuned model questions about your own Korean text: from the shell, a file, a pipe or Python.
+
+    python3 predict.py --checkpoint=output --question="수도는?" --context="서울은 대한민국의 수도이다."
+    python3 predict.py --checkpoint=output --input=questions.jsonl --output=answers.jsonl
+    python3 predict.py --checkpoint=output --interactive --context_file=article.txt
+
+Input lines are JSON objects {"id": .., "question": .., "context": ..} (id optional), or the whole
+input is a KorQuAD/SQuAD-format file. Each answer is one JSON line: id (when given), answer, start,
+end (context[start:end] == answer) and probability; --top_k K adds the K best as `answers`.
+
+From Python:
+
+    from predict import Reader
+    reader = Reader.load("output")
+    reader("수도는?", "서울은 대한민국의 수도이다.")   # {"answer": "서울", "start": 0, "end": 2, ...}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from cli_common import (HelpFormatter, UsageError, add_device_args, add_window_args, autocast_dtype, average_logits,
+                        build_tokenizer, check_data_args, load_finetuned, pick_device, positive_int, predict_logits,
+                        resolve_finetuned_settings, run_cli, setup_logging)
+from korquad_utils import (SquadExample, atomic_write, convert_examples_to_features, decode_predictions,
+                           read_squad_examples)
+from modeling import QuestionAnswering
+from tokenization import BertTokenizer
+
+logger = logging.getLogger("korquad")
+
+PROG = "predict.py"
+# Questions answered together from --input: enough to fill length-grouped batches, few enough
+# that answers stream out and memory stays flat on a large file.
+CHUNK_QUESTIONS = 1024
+
+
+class InputError(ValueError):
+    """One question that cannot be answered (empty text, a missing field); the message says why."""
+
+
+def check_question(record: Any) -> dict[str, Any]:
+    """`record` as {"id"?, "question", "context"}, or InputError naming what is wrong with it."""
+    if not isinstance(record, Mapping):
+        raise InputError(f"expected a JSON object with \"question\" and \"context\", got {type(record).__name__}")
+    checked: dict[str, Any] = {}
+    if record.get("id") is not None:
+        checked["id"] = record["id"]
+    for field in ("question", "context"):
+        if field not in record:
+            raise InputError(f"missing \"{field}\"")
+        if not isinstance(record[field], str):
+            raise InputError(f"\"{field}\" must be a string, got {type(record[field]).__name__}")
+        if not record[field].strip():
+            raise InputError(f"\"{field}\" is empty")
+        checked[field] = record[field]
+    return checked
+
+
+@dataclass
+class Reader:
+    """A fine-tuned model (or ensemble) and its tokenizer, loaded once, answering many questions."""
+    models: list[QuestionAnswering]
+    tokenizer: BertTokenizer
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    max_seq_length: int = 512
+    max_query_length: int = 96
+    doc_stride: int = 128
+    max_answer_length: int = 30
+    n_best_size: int = 20
+    batch_size: int = 32
+
+    @classmethod
+    def load(cls, checkpoint: str | os.PathLike | Sequence[str | os.PathLike], **settings: Any) -> Reader:
+        """Load a checkpoint, a training run directory (its newest checkpoint), a transformers QA model
+        directory or hub id, or several of these (an ensemble).
+
+        `settings` are predict.py's flags by name (model_config, vocab_file, analyzer, batch_size,
+        max_seq_length, doc_stride, max_query_length, max_answer_length, n_best_size, no_cuda, bf16,
+        fp16, fp32); anything not given is read from the training run or takes the flag's default.
+        """
+        checkpoints = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
+        args = build_parser().parse_args(["--checkpoint", *map(str, checkpoints)])
+        unknown = sorted(set(settings) - set(vars(args)) - {"checkpoint"})
+        if unknown:
+            raise TypeError(f"Reader.load got unknown setting(s): {', '.join(unknown)}")
+        vars(args).update(settings)
+        check_numbers(args)
+        return cls.from_args(args)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Reader:
+        """The Reader predict.py's flags describe; config, vocab, lower-casing and analyzer default
+        to the training run's or the transformers directory's."""
+        config = resolve_finetuned_settings(args)
+        check_data_args(args, config)
+        device = pick_device(args.no_cuda)
+        amp_dtype = autocast_dtype(args, device)
+        tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config, args.do_lower_case)
+        models = [load_finetuned(path, config, device) for path in args.checkpoint]
+        return cls(models, tokenizer, device, amp_dtype, args.max_seq_length, args.max_query_length,
+                   args.doc_stride, args.max_answer_length, args.n_best_size, args.batch_size)
+
+    def __call__(self, question: str, context: str, top_k: int | None = None) -> dict[str, Any]:
+        """The best answer to one question: answer, start, end, probability (and `answers` with top_k)."""
+        return self.answer_all([{"question": question, "context": context}], top_k=top_k)[0]
+
+    def answer_all(self, questions: Iterable[Mapping[str, Any] | tuple[str, str]], top_k: int | None = None,
+                   progress: bool = False) -> list[dict[str, Any]]:
+        """Answers to many questions at once, in order: {"id"?, "question", "context"} mappings or
+        (question, context) pairs. Windows of all of them go through the model in length-grouped,
+        dynamically padded batches; a context shared by several questions is tokenized once."""
+        records = []
+        for number, item in enumerate(questions):
+            record = {"question": item[0], "context": item[1]} if isinstance(item, tuple) else item
+            try:
+                records.append(check_question(record))
+            except InputError as err:
+                raise InputError(f"question {number}: {err}") from None
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if not records:
+            return []
+        examples = [SquadExample(str(number), record["question"], record["context"], [])
+                    for number, record in enumerate(records)]
+        features = convert_examples_to_features(examples, self.tokenizer, self.max_seq_length, self.doc_stride,
+                                                self.max_query_length, is_training=False, progress=False)
+        with torch.inference_mode():
+            starts, ends = average_logits(
+                predict_logits(model, features, self.batch_size, self.device, self.amp_dtype, progress)
+                for model in self.models)
+        _, nbest = decode_predictions(examples, features, starts, ends,
+                                      n_best_size=max(self.n_best_size, top_k or 1),
+                                      max_answer_length=self.max_answer_length)
+        return [answer_record(record, nbest[example.qas_id], top_k) for record, example in zip(records, examples)]
+
+
+def answer_record(record: Mapping[str, Any], nbest: list[dict[str, Any]], top_k: int | None) -> dict[str, Any]:
+    """The output line of one question from its n-best list; no possible span: "" and null offsets."""
+    ranked = [{"answer": entry["text"], "start": entry["start"], "end": entry["end"],
+               "probability": entry["probability"] if entry["start"] is not None else 0.0} for entry in nbest]
+    answer = {"id": record["id"]} if "id" in record else {}
+    answer.update(ranked[0])
+    if top_k is not None:
+        answer["answers"] = [entry for entry in ranked[:top_k] if entry["start"] is not None]
+    return answer
+
+
+# --- reading questions -----------------------------------------------------------------------
+
+# A question to answer, or the reason an input line cannot be one; `where` names it for messages.
+Item = tuple[str, dict[str, Any] | InputError]
+
+
+def read_input_text(path: str) -> str:
+    """The whole of --input (a file, or stdin for "-"), a leading BOM dropped."""
+    if path == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+        except UnicodeDecodeError:
+            raise UsageError(f"--input {path}: not UTF-8 text") from None
+        except OSError as err:
+            raise UsageError(f"--input {path}: cannot read it ({err.strerror or err})") from None
+    return text.removeprefix("\ufeff")
+
+
+def korquad_items(path: str, text: str) -> list[Item]:
+    """The questions of a KorQuAD/SQuAD-format input, checked by the same reader eval.py uses."""
+    if path != "-":
+        examples = read_squad_examples(path, is_training=False)
+    else:
+        with tempfile.TemporaryDirectory() as directory:
+            copy = Path(directory) / "stdin.json"
+            copy.write_text(text, encoding="utf-8")
+            examples = read_squad_examples(copy, is_training=False)
+    items: list[Item] = []
+    for example in examples:
+        record = {"id": example.qas_id, "question": example.question_text, "context": example.context_text}
+        try:
+            items.append((f"question {example.qas_id}", check_question(record)))
+        except InputError as err:
+            items.append((f"question {example.qas_id}", err))
+    return items
+
+
+def json_lines_items(lines: Iterable[str]) -> Iterator[Item]:
+    """One item per non-blank JSON line, numbered from 1 as an editor shows them."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"input line {number}"
+        try:
+            yield where, check_question(json.loads(line))
+        except json.JSONDecodeError as err:
+            yield where, InputError(f"not JSON ({err.msg} at column {err.colno})")
+        except InputError as err:
+            yield where, err
+
+
+def input_items(path: str) -> list[Item] | Iterator[Item]:
+    """The questions of --input: a KorQuAD/SQuAD file when the whole input is one, else JSON lines."""
+    text = read_input_text(path)
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict) and "data" in whole:
+        return korquad_items(path, text)
+    return json_lines_items(text.splitlines())
+
+
+def interactive_items(context: str | None, stdin: TextIO) -> Iterator[Item]:
+    """A context (given, else the first non-blank line read), then one question per line until EOF."""
+    prompt = stdin.isatty()
+    if context is None:
+        if prompt:
+            print("context> ", end="", file=sys.stderr, flush=True)
+        for line in stdin:
+            if line.strip():
+                context = line.rstrip("\n").removeprefix("\ufeff")
+                break
+        else:
+            raise UsageError("--interactive: no context given (pass --context/--context_file or type it first)")
+    if prompt:
+        print("question> ", end="", file=sys.stderr, flush=True)
+    for number, line in enumerate(stdin, start=1):
+        if line.strip():
+            try:
+                yield f"question {number}", check_question({"question": line.rstrip("\n"), "context": context})
+            except InputError as err:
+                yield f"question {number}", err
+        if prompt:
+            print("question> ", end="", file=sys.stderr, flush=True)
+
+
+# --- answering -------------------------------------------------------------------------------
+
+def answer_items(reader: Reader, items: Iterable[Item], emit: Callable[[str], None], top_k: int | None,
+                 chunk_questions: int, progress: bool) -> int:
+    """Answer every valid item (chunk by chunk, in order) through `emit`; report the others on
+    stderr, one line each. Returns how many items failed."""
+    failures = 0
+    chunk: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        for answer in reader.answer_all(chunk, top_k=top_k, progress=progress):
+            emit(json.dumps(answer, ensure_ascii=False))
+        chunk.clear()
+
+    for where, item in items:
+        if isinstance(item, InputError):
+            failures += 1
+            print(f"{PROG}: {where}: {item}", file=sys.stderr, flush=True)
+            continue
+        chunk.append(item)
+        if len(chunk) >= chunk_questions:
+            flush()
+    if chunk:
+        flush()
+    return failures
+
+
+def question_items(args: argparse.Namespace) -> Iterable[Item]:
+    """The questions the flags ask for (read now where cheap, so bad input fails before the model loads)."""
+    context = read_context(args)
+    if args.question is not None:
+        return [("--question", check_question_flag(args.question, context))]
+    if args.input is not None:
+        return input_items(args.input)
+    return interactive_items(context, sys.stdin)
+
+
+def read_context(args: argparse.Namespace) -> str | None:
+    if args.context_file is None:
+        return args.context
+    try:
+        with open(args.context_file, encoding="utf-8-sig") as file:
+            return file.read()
+    except UnicodeDecodeError:
+        raise UsageError(f"--context_file {args.context_file}: not UTF-8 text") from None
+    except OSError as err:
+        raise UsageError(f"--context_file {args.context_file}: cannot read it ({err.strerror or err})") from None
+
+
+def check_question_flag(question: str, context: str | None) -> dict[str, Any]:
+    if context is None:
+        raise UsageError("--question needs --context or --context_file")
+    if not question.strip():
+        raise UsageError("--question is empty")
+    if not context.strip():
+        raise UsageError("--context is empty")
+    return {"question": question, "context": context}
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Answer questions about your own text with a "
+                                     "fine-tuned checkpoint (several = an ensemble).", formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
+                        help="Fine-tuned checkpoint(s), training run directories (their newest korquad_N.bin), "
+                             "transformers QA model directories or hub ids.")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--question", help="One question, about --context or --context_file.")
+    source.add_argument("--input", metavar="FILE",
+                        help="JSON lines {\"id\", \"question\", \"context\"} or a KorQuAD/SQuAD file; - for stdin.")
+    source.add_argument("--interactive", action="store_true",
+                        help="Read a context (unless given), then answer one question per line until EOF.")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--context", help="The text to answer from.")
+    text.add_argument("--context_file", metavar="FILE", help="A UTF-8 text file to answer from.")
+    parser.add_argument("--output", metavar="FILE", help="Write the JSON lines here (if not given: stdout).")
+    parser.add_argument("--top_k", type=positive_int, default=None,
+                        help="Also list the K best answers as `answers` (if not given: the best one only).")
+    parser.add_argument("--model_config", "--config_name", dest="model_config", default=None,
+                        help="Model config (if not given: the training run's, else data/bert_small.json).")
+    parser.add_argument("--vocab_file", default=None,
+                        help="Vocabulary (if not given: the training run's, else data/ko_vocab_32k.txt).")
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="Windows per forward pass.")
+    parser.add_argument("--n_best_size", type=positive_int, default=20,
+                        help="Spans the probabilities are spread over, as in eval.py.")
+    parser.add_argument("--quiet", action="store_true", help="Warnings only.")
+    add_window_args(parser)
+    add_device_args(parser)
+    return parser
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "n_best_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if getattr(args, "top_k", None) is not None and args.top_k < 1:
+        raise UsageError("--top_k must be at least 1")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.question is None and args.input is None and not args.interactive:
+        parser.error("give --question (with --context or --context_file), --input FILE or --interactive")
+    if args.input is not None and (args.context is not None or args.context_file is not None):
+        parser.error("--input brings its own contexts; drop --context/--context_file")
+    return args
+
+
+def check_output(path: str | None) -> Path | None:
+    """Refuse an --output that cannot be written, before the model loads."""
+    if path is None:
+        return None
+    output = Path(path)
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a directory")
+    if not output.parent.is_dir():
+        raise UsageError(f"--output {output}: directory {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise UsageError(f"--output {output}: directory {output.parent} is not writable")
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_numbers(args)
+    setup_logging(args.quiet)
+    output = check_output(args.output)
+    items = question_items(args)
+    reader = Reader.from_args(args)
+    # Interactive answers go out one by one, as they are typed.
+    chunk_questions = 1 if args.interactive else CHUNK_QUESTIONS
+    progress = not args.quiet and args.input is not None
+    if output is None:
+        def emit(line: str) -> None:
+            print(line, flush=args.interactive)
+        failures = answer_items(reader, items, emit, args.top_k, chunk_questions, progress)
+    else:
+        failures = 0
+
+        def write_all(file) -> None:
+            nonlocal failures
+            failures = answer_items(reader, items, lambda line: file.write((line + "\n").encode("utf-8")),
+                                    args.top_k, chunk_questions, progress)
+        atomic_write(output, write_all)
+    if failures:
+        sys.exit(f"{PROG}: {failures} question(s) could not be answered (see the lines above)")
+
+
+def main_quiet_on_broken_pipe(argv: Sequence[str] | None = None) -> None:
+    """main, but a reader that stops early (`| head`) ends the run without a message or traceback."""
+    try:
+        main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at devnull so that flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main_quiet_on_broken_pipe)

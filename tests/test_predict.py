@@ -1,0 +1,184 @@
+"""predict.py: a user's questions about their own text, from flags, files, pipes and Python."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
+from modeling import Config, QuestionAnswering
+
+# The window flags of DATA_FLAGS as Reader.load settings.
+WINDOWS = dict(max_seq_length=192, max_query_length=32, max_answer_length=30, doc_stride=64)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A training run directory as train.py leaves it: config, training args and two epochs' checkpoints."""
+    run = tmp_path_factory.mktemp("run")
+    (run / "config.json").write_text(json.dumps(TINY_CONFIG))
+    (run / "training_args.json").write_text(json.dumps({"vocab_file": str(VOCAB_FILE), "analyzer": "mecab"}))
+    for epoch in (2, 10):   # 10 is the newest: a numeric, not alphabetical, choice
+        torch.manual_seed(epoch)
+        torch.save(QuestionAnswering(Config(**TINY_CONFIG)).state_dict(), run / f"korquad_{epoch}.bin")
+    return run
+
+
+@pytest.fixture(scope="module")
+def reader(run_dir):
+    from predict import Reader
+    return Reader.load(run_dir, no_cuda=True, **WINDOWS)
+
+
+def predict(*flags: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return run_script("predict.py", *flags, *DATA_FLAGS, "--no_cuda", "--quiet", input=input)
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def assert_offsets_slice_the_context(answer: dict, context: str) -> None:
+    for entry in [answer, *answer.get("answers", [])]:
+        assert context[entry["start"]:entry["end"]] == entry["answer"] != ""
+        assert 0 < entry["probability"] <= 1
+
+
+def test_a_run_directory_means_its_newest_checkpoint(run_dir, tmp_path):
+    from cli_common import UsageError, resolve_checkpoints
+
+    assert resolve_checkpoints([run_dir, run_dir / "korquad_2.bin"]) == [run_dir / "korquad_10.bin",
+                                                                          run_dir / "korquad_2.bin"]
+    with pytest.raises(UsageError, match="without any korquad_N.bin"):
+        resolve_checkpoints([tmp_path])
+
+
+def test_korquad_input_gives_eval_predictions(run_dir, tiny_setup, tmp_path):
+    import eval as eval_cli
+    import predict as predict_cli
+
+    eval_cli.main([f"--checkpoint={run_dir / 'korquad_10.bin'}", f"--predict_file={tiny_setup / 'train.json'}",
+                   f"--output_dir={tmp_path / 'eval'}", f"--cache_dir={tmp_path / 'cache'}", *DATA_FLAGS,
+                   "--no_cuda", "--quiet"])
+    predict_cli.main([f"--checkpoint={run_dir}", f"--input={tiny_setup / 'train.json'}",
+                      f"--output={tmp_path / 'answers.jsonl'}", *DATA_FLAGS, "--no_cuda", "--quiet"])
+    expected = json.loads((tmp_path / "eval" / "predictions.json").read_text(encoding="utf-8"))
+    answers = json_lines((tmp_path / "answers.jsonl").read_text(encoding="utf-8"))
+    assert {answer["id"]: answer["answer"] for answer in answers} == expected
+    assert [answer["id"] for answer in answers] == list(expected)   # file order kept
+    # The n-best file carries the same offsets and probabilities.
+    nbest = json.loads((tmp_path / "eval" / "nbest_predictions.json").read_text(encoding="utf-8"))
+    for answer in answers:
+        best = nbest[answer["id"]][0]
+        assert (best["start"], best["end"], best["probability"]) == (answer["start"], answer["end"],
+                                                                     pytest.approx(answer["probability"]))
+
+
+def test_json_lines_keep_ids_and_offsets_slice_real_dev_contexts(run_dir, dev_file, tmp_path):
+    write_subset(dev_file, tmp_path / "dev.json", 40, skip_paragraphs=100)
+    paragraphs = json.loads((tmp_path / "dev.json").read_text(encoding="utf-8"))["data"][0]["paragraphs"]
+    questions = [{"id": f"dev-{qa['id']}", "question": qa["question"], "context": p["context"]}
+                 for p in paragraphs for qa in p["qas"]]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions),
+                                       encoding="utf-8")
+    result = predict(f"--checkpoint={run_dir}", f"--input={tmp_path / 'in.jsonl'}", "--top_k=5")
+    assert result.returncode == 0, result.stderr
+    answers = json_lines(result.stdout)
+    assert [a["id"] for a in answers] == [q["id"] for q in questions]
+    for question, answer in zip(questions, answers):
+        assert len(answer["answers"]) == 5 and answer["answers"][0]["answer"] == answer["answer"]
+        assert_offsets_slice_the_context(answer, question["context"])
+
+
+def test_stdin_and_the_python_reader_agree(run_dir, reader):
+    context = json.loads(SAMPLE_FILE.read_text(encoding="utf-8"))["data"][0]["paragraphs"][0]["context"]
+    lines = [{"question": "언제 시작되었나?", "context": context}, {"id": 7, "question": "누구인가?", "context": context}]
+    result = predict(f"--checkpoint={run_dir}", "--input=-",
+                     input="\ufeff" + "\n".join(json.dumps(line, ensure_ascii=False) for line in lines))
+    assert result.returncode == 0, result.stderr
+    piped = json_lines(result.stdout)
+    assert "id" not in piped[0] and piped[1]["id"] == 7
+    assert piped[0] == reader(lines[0]["question"], context)
+    assert piped == reader.answer_all(lines)
+
+
+def test_interactive_answers_each_line_of_a_pipe(run_dir):
+    context = "서울은 대한민국의 수도이고, 부산은 대한민국 제2의 도시이다."
+    result = predict(f"--checkpoint={run_dir}", "--interactive", input=f"{context}\n수도는?\n\n제2의 도시는?\n")
+    assert result.returncode == 0, result.stderr
+    answers = json_lines(result.stdout)
+    assert len(answers) == 2
+    for answer in answers:
+        assert_offsets_slice_the_context(answer, context)
+
+
+def test_a_30000_character_context_is_answered(reader):
+    paragraphs = [p["context"] for article in json.loads(SAMPLE_FILE.read_text(encoding="utf-8"))["data"]
+                  for p in article["paragraphs"]]
+    context = ""
+    while len(context) < 30_000:
+        context += "\n\n".join(paragraphs)
+    context = context[:30_000]
+    answer = reader("이 글에서 가장 중요한 사건은?", context, top_k=3)
+    assert_offsets_slice_the_context(answer, context)
+
+
+def test_odd_text_keeps_offsets_in_the_text_as_given(reader):
+    # NFD Hangul, a BOM, an ideographic space and a no-break space: offsets index the string as passed.
+    context = "\ufeff" + unicodedata.normalize("NFD", "세종대왕은\u3000훈민정음을 1443년에\u00a0창제하였다.")
+    answer = reader("훈민정음은 언제 창제되었나?", context, top_k=3)
+    assert_offsets_slice_the_context(answer, context)
+
+
+def test_no_possible_span_is_an_empty_answer(reader):
+    # A zero-width space is text, but no piece of it can be an answer.
+    assert reader("무엇인가?", "\u200b", top_k=3) == {"answer": "", "start": None, "end": None, "probability": 0.0,
+                                                   "answers": []}
+
+
+def test_bad_lines_are_reported_and_the_others_answered(run_dir):
+    lines = ['{"id": "ok1", "question": "수도는?", "context": "서울은 수도이다."}',
+             'this is not JSON',
+             '{"id": "q3", "question": "", "context": "서울은 수도이다."}',
+             '{"id": "q4", "question": "수도는?"}',
+             '["a", "list"]',
+             '{"id": "ok6", "question": "수도는?", "context": "부산은 도시이다."}']
+    result = predict(f"--checkpoint={run_dir}", "--input=-", input="\n".join(lines) + "\n")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert [a["id"] for a in json_lines(result.stdout)] == ["ok1", "ok6"]
+    errors = result.stderr.splitlines()
+    assert [line.split(":")[1].strip() for line in errors[:4]] == [f"input line {n}" for n in (2, 3, 4, 5)]
+    assert "not JSON" in errors[0] and '"question" is empty' in errors[1] and 'missing "context"' in errors[2]
+    assert len(errors) == 5 and "4 question(s) could not be answered" in errors[4]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--question=수도는?"], "--question needs --context or --context_file"),
+    (["--question= ", "--context=서울"], "--question is empty"),
+    (["--question=수도는?", "--context_file=/nonexistent/doc.txt"], "/nonexistent/doc.txt"),
+    (["--input=/nonexistent/in.jsonl"], "/nonexistent/in.jsonl"),
+    (["--input=-", "--output=/nonexistent/dir/out.jsonl"], "/nonexistent/dir does not exist"),
+    (["--input=-", "--top_k=0"], "--top_k must be at least 1"),
+])
+def test_bad_flags_are_one_clear_line(run_dir, flags, message):
+    result = predict(f"--checkpoint={run_dir}", *flags, input="")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_run_quietly(run_dir):
+    line = json.dumps({"question": "수도는?", "context": "서울은 대한민국의 수도이다. " * 3}, ensure_ascii=False)
+    process = subprocess.Popen([sys.executable, str(ROOT / "predict.py"), f"--checkpoint={run_dir}", "--input=-",
+                                *DATA_FLAGS, "--no_cuda", "--quiet"], cwd=ROOT, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdin.write((line + "\n") * 1000)   # ~90 KB of answers: more than a pipe holds
+    process.stdin.close()
+    assert json.loads(process.stdout.readline())["answer"]
+    process.stdout.close()
+    assert process.wait(timeout=120) != 0
+    assert process.stderr.read() == ""
