@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from collections.abc import Sequence
 
-from cli_common import (UsageError, add_data_args, autocast_dtype, build_tokenizer, check_data_args, has_answers,
-                        pick_device, predict_logits, prepare_output_dir, resolve_from_training_run, run_cli, score,
-                        setup_logging)
+from cli_common import (UsageError, add_compile_args, add_data_args, autocast_dtype, build_tokenizer,
+                        check_compile_args, check_data_args, compile_model, has_answers, pick_device, predict_logits,
+                        prepare_output_dir, resolve_from_training_run, run_cli, score, setup_logging)
 from korquad_utils import decode_predictions, load_or_build_features, write_predictions
 from modeling import Config, QuestionAnswering, load_checkpoint
 
@@ -42,6 +42,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--n_best_size", type=int, default=20)
     parser.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
     add_data_args(parser)
+    add_compile_args(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.n_best_size < 1 or args.preprocess_workers < 1:
         parser.error("--train_batch_size, --n_best_size and --preprocess_workers must be at least 1")
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     output_dir = prepare_output_dir(args.output_dir)
     device = pick_device(args.no_cuda)
     amp_dtype = autocast_dtype(args, device)
+    check_compile_args(args, device)
 
     tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config)
     examples, features = load_or_build_features(
@@ -69,12 +71,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.info("%d questions, %d features from %s", len(examples), len(features), args.predict_file)
 
     model = QuestionAnswering(config).to(device)
+    # Loading a checkpoint changes only parameter values: one compilation serves an ensemble.
+    compiled = compile_model(model, args, device, max_width=args.max_seq_length)
     summed_starts = summed_ends = None
     for path in args.checkpoint:
         if load_checkpoint(model, path) != "finetuned":
             raise UsageError(f"--checkpoint {path} is a pretrained encoder without a trained span head; "
                              f"pass a fine-tuned korquad_*.bin from train.py")
-        starts, ends = predict_logits(model, features, args.batch_size, device, amp_dtype, not args.quiet)
+        starts, ends = predict_logits(compiled, features, args.batch_size, device, amp_dtype, not args.quiet,
+                                      pad_to_multiple=args.compile_bucket if args.compile else None)
         if summed_starts is None:
             summed_starts, summed_ends = starts, ends
         else:

@@ -29,9 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, UsageError, add_data_args, autocast_context,
-                        autocast_dtype, build_tokenizer, check_data_args, evaluate_model, has_answers, pick_device,
-                        prepare_output_dir, run_cli, save_torch_atomic, score, setup_logging, write_json_atomic)
+from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, UsageError, add_compile_args, add_data_args,
+                        autocast_context, autocast_dtype, build_tokenizer, check_compile_args, check_data_args,
+                        compile_model, compile_padding, evaluate_model, has_answers, pick_device, prepare_output_dir,
+                        run_cli, save_torch_atomic, score, setup_logging, write_json_atomic)
 from korquad_utils import atomic_write, collate_features, load_or_build_features, make_length_grouped_batches
 from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
 
@@ -135,6 +136,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the last finished epoch in --output_dir")
     parser.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
     add_data_args(parser)
+    add_compile_args(parser)
     parser.set_defaults(analyzer="mecab")
     args = parser.parse_args(argv)
     for flag in ("train_batch_size", "gradient_accumulation_steps", "logging_steps", "eval_batch_size",
@@ -233,8 +235,9 @@ def train_one_epoch(model, optimizer, scheduler, scaler, features, batches, weig
                     device: torch.device, amp_dtype, epoch: int, global_step: int, total_steps: int,
                     log_file: Path) -> int:
     """One pass over this rank's batches (see `rank_batches`); returns the global optimizer step reached."""
-    loader = DataLoader(features, batch_sampler=batches, collate_fn=partial(collate_features, is_training=True),
-                        pin_memory=device.type == "cuda")
+    collate = partial(collate_features, is_training=True,
+                      **compile_padding(args, rows=args.train_batch_size, max_width=args.max_seq_length))
+    loader = DataLoader(features, batch_sampler=batches, collate_fn=collate, pin_memory=device.type == "cuda")
     accumulation = args.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=device)       # read back only when shown: no sync per step
     loss_count = 0
@@ -314,6 +317,7 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
                          f"as pretrain_ckpt/README.md says, or pass --checkpoint none to train from scratch")
     output_dir = prepare_output_dir(args.output_dir)
     amp_dtype = autocast_dtype(args, device)
+    check_compile_args(args, device)
     tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config)
     if ctx.enabled and args.preprocess_workers > 1:
         # Forking tokenizer workers from a process whose process group (and CUDA) threads are
@@ -373,6 +377,8 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
         logger.info("resumed after epoch %d (optimizer step %d)", state["epoch"], global_step)
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.enabled else model
+    train_model = compile_model(train_model, args, device, max_width=args.max_seq_length)
+    eval_model = model if ctx.enabled else train_model  # rank 0 alone evaluates: not through DDP
 
     log_file = output_dir / "training_log.jsonl"
     if ctx.is_main:
@@ -408,7 +414,7 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
                 (output_dir / f"korquad_{epoch - args.save_total_limit}.bin").unlink(missing_ok=True)
             if eval_data is not None:
                 eval_examples, eval_features = eval_data
-                predictions, _ = evaluate_model(model, eval_examples, eval_features, args, device, amp_dtype,
+                predictions, _ = evaluate_model(eval_model, eval_examples, eval_features, args, device, amp_dtype,
                                                 args.eval_batch_size)
                 result = score(args.eval_file, predictions)
                 logger.info("epoch %d on %s: exact_match %.2f, f1 %.2f", epoch, args.eval_file,
