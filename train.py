@@ -312,12 +312,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.device) -> None:
     config = Config.from_json_file(args.model_config)
     check_data_args(args, config)
+    check_compile_args(args, device)
     if args.checkpoint.lower() != "none" and not Path(args.checkpoint).is_file():
         raise UsageError(f"--checkpoint {args.checkpoint}: file not found; download the pretrained checkpoint "
                          f"as pretrain_ckpt/README.md says, or pass --checkpoint none to train from scratch")
     output_dir = prepare_output_dir(args.output_dir)
     amp_dtype = autocast_dtype(args, device)
-    check_compile_args(args, device)
     tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config)
     if ctx.enabled and args.preprocess_workers > 1:
         # Forking tokenizer workers from a process whose process group (and CUDA) threads are
