@@ -204,7 +204,7 @@ def compile_model(model: torch.nn.Module, args: argparse.Namespace, device: torc
                   max_width: int) -> torch.nn.Module:
     """`model` compiled for static, bucketed shapes (the model itself without --compile).
 
-    On CUDA, mode "reduce-overhead" replays each shape as a CUDA graph: a step of this small model
+    On one GPU, mode "reduce-overhead" replays each shape as a CUDA graph: a step of this small model
     is bound by kernel launches, not arithmetic. The compiled module shares `model`'s parameters.
     """
     if not args.compile:
@@ -213,7 +213,9 @@ def compile_model(model: torch.nn.Module, args: argparse.Namespace, device: torc
     # One graph per bucket, in training and in evaluation mode; past the limit torch falls back to eager.
     limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 2 * buckets + 2))
-    mode = "reduce-overhead" if device.type == "cuda" else None
+    # CUDA graphs cannot hold DDP's gradient all-reduce hooks: under torchrun, fused kernels only.
+    distributed = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    mode = "reduce-overhead" if device.type == "cuda" and not distributed else None
     logger.info("compiling the model for up to %d sequence buckets of %d pieces (mode %s); the first batch "
                 "of each bucket waits for its compilation", buckets, args.compile_bucket, mode or "default")
     return torch.compile(model, mode=mode, dynamic=False)
