@@ -583,11 +583,13 @@ def make_length_grouped_batches(lengths: Sequence[int], batch_size: int, shuffle
     return batches + [short] if short else batches
 
 
-def bucket_width(length: int, multiple: int, max_width: int) -> int:
-    """`length` rounded up to a multiple of `multiple`, capped at `max_width`: the padded width of a bucket."""
+def bucket_width(length: int, multiple: int, max_width: int | None = None) -> int:
+    """`length` rounded up to a multiple of `multiple`, capped at `max_width` (never below `length`):
+    the padded width of a bucket."""
     if multiple < 1:
         raise ValueError(f"multiple must be at least 1, got {multiple}")
-    return min(-(-length // multiple) * multiple, max(max_width, length))
+    rounded = -(-length // multiple) * multiple
+    return rounded if max_width is None else min(rounded, max(max_width, length))
 
 
 def collate_features(features: list[InputFeature], is_training: bool, pad_id: int = 0,
@@ -606,7 +608,7 @@ def collate_features(features: list[InputFeature], is_training: bool, pad_id: in
     lengths = np.array([len(feature.input_ids) for feature in features])
     width = int(lengths.max())
     if pad_to_multiple is not None:
-        width = bucket_width(width, pad_to_multiple, max_width if max_width is not None else width)
+        width = bucket_width(width, pad_to_multiple, max_width)
     rows = max(len(features), pad_rows_to or 0)
     real = np.zeros((rows, width), dtype=bool)
     real[:len(features)] = np.arange(width) < lengths[:, None]

@@ -32,6 +32,7 @@ def feature(length: int, start: int, end: int) -> InputFeature:
 def test_bucket_width_rounds_up_to_the_multiple_and_stops_at_the_max():
     assert [bucket_width(n, 64, 192) for n in (1, 64, 65, 128, 150, 192)] == [64, 64, 128, 128, 192, 192]
     assert bucket_width(170, 64, 180) == 180  # a max that is no multiple still caps the width
+    assert bucket_width(170, 64) == 192
 
 
 def test_bucketed_batch_trains_and_predicts_like_the_unpadded_one():
