@@ -393,6 +393,120 @@ def bench_predict(args: argparse.Namespace) -> None:
           f"(batched / pipeline: {batched / theirs:.2f}x; {their_pieces:.0f} pieces per question, WordPiece only)")
 
 
+# --- the compiled CUDA loop (issue 12) ---------------------------------------------------
+_GPU_BATCH_SIZE = 16              # the recipe's
+_GPU_TIMED_STEPS = 150
+_RECIPE_TRAIN_QUESTIONS = 60_400  # KorQuAD v1.0 train
+_RECIPE_EPOCHS = 4
+
+
+def _gpu_training_rate(model, batches, device, amp_dtype, warm_up: int) -> tuple[float, float, float]:
+    """(features/s, seconds of warm-up, peak GiB) of train.py's step: collation, pinned copies, autocast,
+    AdamW (fused), clipping. The first `warm_up` batches are run untimed (compilation happens there)."""
+    import time
+
+    import torch
+    from cli_common import autocast_context
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    def step(collate):
+        inputs = {k: v.pin_memory().to(device, non_blocking=True) for k, v in collate().items()}
+        with autocast_context(device, amp_dtype):
+            loss = model(**inputs)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    began = time.perf_counter()
+    for collate in batches[:warm_up]:
+        step(collate)
+    torch.cuda.synchronize()
+    warm_up_seconds = time.perf_counter() - began
+    torch.cuda.reset_peak_memory_stats()
+    began = time.perf_counter()
+    for collate in batches[warm_up:]:
+        step(collate)
+    torch.cuda.synchronize()
+    rate = _GPU_BATCH_SIZE * (len(batches) - warm_up) / (time.perf_counter() - began)
+    return rate, warm_up_seconds, torch.cuda.max_memory_allocated() / 2**30
+
+
+@benchmark("gpu")
+def bench_gpu(args: argparse.Namespace) -> None:
+    """Training features/s at the recipe shape on a GPU: (a) padded to 512, (b) length-grouped, (c) (b) + --compile;
+    peak memory, evaluation features/s and the projected time of the 4-epoch recipe (goals: (c) >= 2x (b), < 3 min)."""
+    import time
+    from functools import partial
+
+    import torch
+    if not torch.cuda.is_available():
+        print("gpu: skipped (torch sees no CUDA GPU; run this on a GPU machine)")
+        return
+    from cli_common import compile_model, has_native_bf16, pick_device, predict_logits
+    from korquad_utils import bucket_width, collate_features, make_length_grouped_batches
+    from modeling import Config, QuestionAnswering
+
+    device = pick_device(no_cuda=False)
+    amp_dtype = torch.bfloat16 if has_native_bf16(device) else torch.float16
+    compile_args = argparse.Namespace(compile=True, compile_bucket=64)
+    examples, features = _kq_dev_features(args.dev)
+    lengths = [len(f.input_ids) for f in features]
+    batches = [b for b in make_length_grouped_batches(lengths, _GPU_BATCH_SIZE, shuffle=True, seed=0)
+               if len(b) == _GPU_BATCH_SIZE]
+    config = Config.from_json_file(ROOT / "data" / "bert_small.json")
+
+    def fresh_model():
+        torch.manual_seed(0)
+        return QuestionAnswering(config).to(device).train()
+
+    def collations(**padding):
+        return [partial(collate_features, [features[i] for i in b], is_training=True, **padding) for b in batches]
+
+    # (c) first sees one batch of every bucket in its warm-up, so that all compilation happens there.
+    by_bucket = {}
+    for index, batch in enumerate(batches):
+        by_bucket.setdefault(bucket_width(max(lengths[i] for i in batch), 64, 512), index)
+    warm_first = sorted(by_bucket.values())
+    order = warm_first + [i for i in range(len(batches)) if i not in by_bucket.values()]
+    batches = [batches[i] for i in order][:len(warm_first) + _GPU_TIMED_STEPS]
+
+    print(f"gpu.name: {torch.cuda.get_device_name(device)} (torch {torch.__version__}, autocast {amp_dtype})")
+    print(f"gpu.shape: BERT-small, batch {_GPU_BATCH_SIZE}, dev windows at 512/128/96, {_GPU_TIMED_STEPS} timed steps")
+    rates = {}
+    runs = {"padded_512_eager": (fresh_model(), dict(pad_to_multiple=512, max_width=512), 3),
+            "length_grouped_eager": (fresh_model(), {}, 3)}
+    for name, (model, padding, warm_up) in runs.items():
+        rates[name], _, peak = _gpu_training_rate(model, collations(**padding), device, amp_dtype, warm_up)
+        print(f"gpu.train_features_per_s[{name}]: {rates[name]:.0f} (peak {peak:.2f} GiB)")
+        del model
+    model = fresh_model()
+    compiled = compile_model(model, compile_args, device, max_width=512)
+    rates["length_grouped_compiled"], compile_seconds, peak = _gpu_training_rate(
+        compiled, collations(pad_to_multiple=64, max_width=512, pad_rows_to=_GPU_BATCH_SIZE), device, amp_dtype,
+        len(warm_first))
+    print(f"gpu.train_features_per_s[length_grouped_compiled]: {rates['length_grouped_compiled']:.0f} "
+          f"(peak {peak:.2f} GiB; compiling {len(warm_first)} buckets took {compile_seconds:.0f} s)")
+    speed_up = rates["length_grouped_compiled"] / rates["length_grouped_eager"]
+    print(f"gpu.compile_speed_up: {speed_up:.2f}x over length-grouped eager (goal: 2x)")
+
+    for name, eval_model, multiple in (("eager", model, None), ("compiled", compiled, 64)):
+        predict_logits(eval_model, features, 64, device, amp_dtype, show_progress=False,
+                       pad_to_multiple=multiple)  # warm-up (and compilation of the evaluation graphs)
+        began = time.perf_counter()
+        predict_logits(eval_model, features, 64, device, amp_dtype, show_progress=False, pad_to_multiple=multiple)
+        print(f"gpu.eval_features_per_s[{name}]: {len(features) / (time.perf_counter() - began):.0f}")
+
+    windows = _RECIPE_TRAIN_QUESTIONS * len(features) / len(examples)
+    for name, extra_seconds in (("length_grouped_eager", 0.0), ("length_grouped_compiled", compile_seconds)):
+        minutes = (_RECIPE_EPOCHS * windows / rates[name] + extra_seconds) / 60
+        print(f"gpu.recipe_minutes[{name}]: {minutes:.1f} ({_RECIPE_EPOCHS} epochs x {windows:,.0f} windows, "
+              f"compilation included, tokenization and evaluation not; goal < 3)")
+
+
 # Benchmarks on made-up inputs, which run without the dev set.
 WITHOUT_DEV = {"max_context"}
 

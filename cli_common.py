@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -266,6 +267,59 @@ def run_cli(main: Callable[[Sequence[str] | None], None],
         sys.exit(f"{prog}: error: {message}")
 
 
+# --- torch.compile ---------------------------------------------------------------------------
+
+def add_compile_args(parser: argparse.ArgumentParser) -> None:
+    """--compile and its bucket width, shared by the entry points."""
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model, with CUDA-graph replay on a GPU (slower on a CPU).")
+    parser.add_argument("--compile_bucket", type=positive_int, default=64,
+                        help="With --compile, pad batches up to a multiple of this many pieces, so that a run "
+                             "compiles one input shape per bucket.")
+
+
+def check_compile_args(args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse --compile where it cannot work, before any data is read."""
+    if not args.compile:
+        return
+    if args.compile_bucket < 1:
+        raise UsageError(f"--compile_bucket must be at least 1, got {args.compile_bucket}")
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            raise UsageError("--compile on a GPU needs Triton (pip install triton), or leave --compile off")
+    elif not (os.environ.get("CXX") or any(shutil.which(name) for name in ("g++", "c++", "clang++"))):
+        raise UsageError("--compile on a CPU needs a C++ compiler (g++ or clang++, or set CXX); "
+                         "install one or leave --compile off")
+
+
+def compile_padding(args: argparse.Namespace, rows: int, max_width: int) -> dict:
+    """collate_features arguments that keep a compiled model to one input shape per bucket (none without --compile)."""
+    if not args.compile:
+        return {}
+    return {"pad_to_multiple": args.compile_bucket, "max_width": max_width, "pad_rows_to": rows}
+
+
+def compile_model(model: torch.nn.Module, args: argparse.Namespace, device: torch.device,
+                  max_width: int) -> torch.nn.Module:
+    """`model` compiled for static, bucketed shapes (the model itself without --compile).
+
+    On one GPU, mode "reduce-overhead" replays each shape as a CUDA graph: a step of this small model
+    is bound by kernel launches, not arithmetic. The compiled module shares `model`'s parameters.
+    """
+    if not args.compile:
+        return model
+    buckets = math.ceil(max_width / args.compile_bucket)
+    # One graph per bucket, in training and in evaluation mode; past the limit torch falls back to eager.
+    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 2 * buckets + 2))
+    # CUDA graphs cannot hold DDP's gradient all-reduce hooks: under torchrun, fused kernels only.
+    distributed = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    mode = "reduce-overhead" if device.type == "cuda" and not distributed else None
+    logger.info("compiling the model for up to %d sequence buckets of %d pieces (mode %s); the first batch "
+                "of each bucket waits for its compilation", buckets, args.compile_bucket, mode or "default")
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
 # --- run-directory files ---------------------------------------------------------------------
 
 def save_torch_atomic(obj, path: Path) -> None:
@@ -313,9 +367,12 @@ def resolve_finetuned_settings(args: argparse.Namespace) -> Config:
     return Config.from_json_file(args.model_config)
 
 
-def load_finetuned(path: str | os.PathLike, config: Config, device: torch.device) -> QuestionAnswering:
-    """A fine-tuned QA model from `path`, in eval mode on `device`; a bare pretrained encoder is refused."""
-    model = QuestionAnswering(config)
+def load_finetuned(path: str | os.PathLike, config: Config, device: torch.device,
+                   into: QuestionAnswering | None = None) -> QuestionAnswering:
+    """A fine-tuned QA model from `path`, in eval mode on `device`; a bare pretrained encoder is refused.
+
+    With `into`, the weights are loaded into that model (its compiled wrapper keeps working)."""
+    model = into if into is not None else QuestionAnswering(config)
     if load_checkpoint(model, path) != "finetuned":
         raise UsageError(f"--checkpoint {path} is a pretrained encoder without a trained span head; "
                          f"pass a fine-tuned korquad_*.bin from train.py")
@@ -343,6 +400,25 @@ def average_logits(member_logits: Iterable[tuple[list[np.ndarray], list[np.ndarr
     if count == 1:
         return summed_starts, summed_ends
     return [s / count for s in summed_starts], [e / count for e in summed_ends]
+
+
+def ensemble_logits(args: argparse.Namespace, config: Config, features: Sequence[InputFeature],
+                    device: torch.device, amp_dtype: torch.dtype | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The mean start/end logits of every checkpoint in `args.checkpoint` over `features`.
+
+    One model is built (and compiled, with --compile) and each member's weights loaded into it in
+    turn: one member in memory at a time, one compilation for the whole ensemble.
+    """
+    model = QuestionAnswering(config).to(device)
+    compiled = compile_model(model, args, device, max_width=args.max_seq_length)
+    padding = args.compile_bucket if args.compile else None
+
+    def member_logits() -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
+        for path in args.checkpoint:
+            load_finetuned(path, config, device, into=model)
+            yield predict_logits(compiled, features, args.batch_size, device, amp_dtype, not args.quiet, padding)
+
+    return average_logits(member_logits())
 
 
 def resolve_from_training_run(args: argparse.Namespace) -> None:
@@ -442,25 +518,38 @@ def copy_vocab_into(vocab_file: str | os.PathLike, directory: Path) -> None:
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, features: Sequence[InputFeature], batch_size: int,
                    device: torch.device, amp_dtype: torch.dtype | None = None,
-                   show_progress: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                   show_progress: bool = True,
+                   pad_to_multiple: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Start and end logits for every feature (float32 arrays as long as its input_ids), in feature order.
 
-    Batches are length-sorted and padded to their own longest feature, so little compute goes to padding.
+    Batches are length-sorted and padded to their own longest feature, so little compute goes to padding;
+    with `pad_to_multiple` (for a compiled model) to that multiple and to `batch_size` rows.
+    Logits come back to the host without a wait per batch: one synchronisation at the end.
     """
     was_training = model.training
     model.eval()
     starts: list[np.ndarray | None] = [None] * len(features)
     ends: list[np.ndarray | None] = [None] * len(features)
-    batches = make_length_grouped_batches([len(f.input_ids) for f in features], batch_size, shuffle=False)
+    lengths = [len(f.input_ids) for f in features]
+    padding = {} if pad_to_multiple is None else {
+        "pad_to_multiple": pad_to_multiple, "max_width": max(lengths, default=0), "pad_rows_to": batch_size}
+    batches = make_length_grouped_batches(lengths, batch_size, shuffle=False)
+    on_gpu = device.type == "cuda"
+    pending = []
     for batch in tqdm(batches, desc="predict", unit="batch", disable=not show_progress):
-        tensors = collate_features([features[i] for i in batch], is_training=False)
-        inputs = {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+        tensors = collate_features([features[i] for i in batch], is_training=False, **padding)
+        inputs = {k: (v.pin_memory() if on_gpu else v).to(device, non_blocking=True) for k, v in tensors.items()}
         with autocast_context(device, amp_dtype):
             start_logits, end_logits = model(inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"])
-        start_logits, end_logits = start_logits.float().cpu().numpy(), end_logits.float().cpu().numpy()
+        # stack copies: a CUDA-graph replay overwrites its outputs on the next call.
+        logits = torch.stack([start_logits, end_logits]).float()
+        pending.append((batch, logits.to("cpu", non_blocking=True)))
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    for batch, logits in pending:
+        batch_logits = logits.numpy()
         for row, index in enumerate(batch):
-            length = len(features[index].input_ids)
-            starts[index], ends[index] = start_logits[row, :length], end_logits[row, :length]
+            starts[index], ends[index] = batch_logits[0, row, :lengths[index]], batch_logits[1, row, :lengths[index]]
     model.train(was_training)
     return starts, ends
 
@@ -480,6 +569,7 @@ def evaluate_model(model: torch.nn.Module, examples: Sequence[SquadExample], fea
                    args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None,
                    batch_size: int) -> tuple[dict[str, str], dict[str, list[dict]]]:
     """Predictions and n-best lists of one model (train.py calls this after each epoch)."""
-    starts, ends = predict_logits(model, features, batch_size, device, amp_dtype)
+    starts, ends = predict_logits(model, features, batch_size, device, amp_dtype,
+                                  pad_to_multiple=args.compile_bucket if args.compile else None)
     return decode_predictions(examples, features, starts, ends, n_best_size=args.n_best_size,
                               max_answer_length=args.max_answer_length)

@@ -14,8 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cli_common import (HelpFormatter, add_data_args, autocast_dtype, average_logits, build_tokenizer,
-                        check_data_args, has_answers, load_finetuned, pick_device, positive_int, predict_logits,
+from cli_common import (HelpFormatter, add_compile_args, add_data_args, autocast_dtype, build_tokenizer,
+                        check_compile_args, check_data_args, ensemble_logits, has_answers, pick_device, positive_int,
                         prepare_output_dir, resolve_finetuned_settings, run_cli, score, setup_logging)
 from korquad_utils import decode_predictions, load_or_build_features, write_predictions
 
@@ -45,6 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="Candidate answers kept per question in nbest_predictions.json.")
     parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
     add_data_args(parser)
+    add_compile_args(parser)
     return parser.parse_args(argv)
 
 
@@ -56,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     output_dir = prepare_output_dir(args.output_dir)
     device = pick_device(args.no_cuda)
     amp_dtype = autocast_dtype(args, device)
+    check_compile_args(args, device)
 
     tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config, args.do_lower_case)
     examples, features = load_or_build_features(
@@ -64,11 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         num_workers=args.preprocess_workers, progress=not args.quiet)
     logger.info("%d questions, %d features from %s", len(examples), len(features), args.predict_file)
 
-    # One member in memory at a time; the ensemble decodes the mean of their logits.
-    mean_starts, mean_ends = average_logits(
-        predict_logits(load_finetuned(path, config, device), features, args.batch_size, device, amp_dtype,
-                       not args.quiet)
-        for path in args.checkpoint)
+    mean_starts, mean_ends = ensemble_logits(args, config, features, device, amp_dtype)
     predictions, nbest = decode_predictions(examples, features, mean_starts, mean_ends,
                                             n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
     write_predictions(predictions, nbest, output_dir)

@@ -587,23 +587,48 @@ def make_length_grouped_batches(lengths: Sequence[int], batch_size: int, shuffle
     return batches + [short] if short else batches
 
 
-def collate_features(features: list[InputFeature], is_training: bool, pad_id: int = 0) -> dict[str, torch.Tensor]:
+def bucket_width(length: int, multiple: int, max_width: int | None = None) -> int:
+    """`length` rounded up to a multiple of `multiple`, capped at `max_width` (never below `length`):
+    the padded width of a bucket."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be at least 1, got {multiple}")
+    rounded = -(-length // multiple) * multiple
+    return rounded if max_width is None else min(rounded, max(max_width, length))
+
+
+def collate_features(features: list[InputFeature], is_training: bool, pad_id: int = 0,
+                     pad_to_multiple: int | None = None, max_width: int | None = None,
+                     pad_rows_to: int | None = None) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest feature: int64 `input_ids`, `token_type_ids`, `attention_mask`
-    (1 = real token) and, for training, `start_positions`/`end_positions`."""
+    (1 = real token) and, for training, `start_positions`/`end_positions`.
+
+    For a compiled model, which compiles once per input shape: `pad_to_multiple` pads the width up
+    to a multiple of it (at most `max_width`), and `pad_rows_to` adds filler rows up to that many
+    rows. A filler row attends only to its first token and its positions are -1, which the loss
+    ignores, so real rows train and predict as without it.
+    """
     if not features:
         raise ValueError("collate_features needs at least one feature")
     lengths = np.array([len(feature.input_ids) for feature in features])
-    real = np.arange(lengths.max()) < lengths[:, None]
+    width = int(lengths.max())
+    if pad_to_multiple is not None:
+        width = bucket_width(width, pad_to_multiple, max_width)
+    rows = max(len(features), pad_rows_to or 0)
+    real = np.zeros((rows, width), dtype=bool)
+    real[:len(features)] = np.arange(width) < lengths[:, None]
     total = int(lengths.sum())
     input_ids = np.full(real.shape, pad_id, dtype=np.int64)
     input_ids[real] = np.fromiter(chain.from_iterable(f.input_ids for f in features), np.int64, count=total)
     token_type_ids = np.zeros(real.shape, dtype=np.int64)
     token_type_ids[real] = np.fromiter(chain.from_iterable(f.segment_ids for f in features), np.int64, count=total)
+    attention_mask = real.astype(np.int64)
+    attention_mask[len(features):, 0] = 1  # a row with no key to attend to would give NaN
     batch = {"input_ids": torch.from_numpy(input_ids), "token_type_ids": torch.from_numpy(token_type_ids),
-             "attention_mask": torch.from_numpy(real.astype(np.int64))}
+             "attention_mask": torch.from_numpy(attention_mask)}
     if is_training:
-        batch["start_positions"] = torch.tensor([f.start_position for f in features], dtype=torch.int64)
-        batch["end_positions"] = torch.tensor([f.end_position for f in features], dtype=torch.int64)
+        filler = [-1] * (rows - len(features))
+        batch["start_positions"] = torch.tensor([f.start_position for f in features] + filler, dtype=torch.int64)
+        batch["end_positions"] = torch.tensor([f.end_position for f in features] + filler, dtype=torch.int64)
     return batch
 
 

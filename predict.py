@@ -29,12 +29,12 @@ from typing import Any, TextIO
 
 import torch
 
-from cli_common import (HelpFormatter, UsageError, add_device_args, add_window_args, autocast_dtype, average_logits,
-                        build_tokenizer, check_data_args, load_finetuned, pick_device, positive_int, predict_logits,
-                        resolve_finetuned_settings, run_cli, setup_logging)
+from cli_common import (HelpFormatter, UsageError, add_compile_args, add_device_args, add_window_args, autocast_dtype,
+                        average_logits, build_tokenizer, check_compile_args, check_data_args, compile_model,
+                        load_finetuned, pick_device, positive_int, predict_logits, resolve_finetuned_settings, run_cli,
+                        setup_logging)
 from korquad_utils import (SquadExample, atomic_write, convert_examples_to_features, decode_predictions,
                            read_squad_examples)
-from modeling import QuestionAnswering
 from tokenization import BertTokenizer
 
 logger = logging.getLogger("korquad")
@@ -70,7 +70,7 @@ def check_question(record: Any) -> dict[str, Any]:
 @dataclass
 class Reader:
     """A fine-tuned model (or ensemble) and its tokenizer, loaded once, answering many questions."""
-    models: list[QuestionAnswering]
+    models: list[torch.nn.Module]   # QuestionAnswering, or its torch.compile wrapper
     tokenizer: BertTokenizer
     device: torch.device
     amp_dtype: torch.dtype | None
@@ -80,6 +80,7 @@ class Reader:
     max_answer_length: int = 30
     n_best_size: int = 20
     batch_size: int = 32
+    pad_to_multiple: int | None = None   # with --compile: a few static shapes
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike | Sequence[str | os.PathLike], **settings: Any) -> Reader:
@@ -88,7 +89,7 @@ class Reader:
 
         `settings` are predict.py's flags by name (model_config, vocab_file, analyzer, batch_size,
         max_seq_length, doc_stride, max_query_length, max_answer_length, n_best_size, no_cuda, bf16,
-        fp16, fp32); anything not given is read from the training run or takes the flag's default.
+        fp16, fp32, compile, compile_bucket); anything not given is read from the training run or takes the flag's default.
         """
         checkpoints = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
         args = build_parser().parse_args(["--checkpoint", *map(str, checkpoints)])
@@ -107,10 +108,13 @@ class Reader:
         check_data_args(args, config)
         device = pick_device(args.no_cuda)
         amp_dtype = autocast_dtype(args, device)
+        check_compile_args(args, device)
         tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config, args.do_lower_case)
-        models = [load_finetuned(path, config, device) for path in args.checkpoint]
+        models = [compile_model(load_finetuned(path, config, device), args, device, max_width=args.max_seq_length)
+                  for path in args.checkpoint]
         return cls(models, tokenizer, device, amp_dtype, args.max_seq_length, args.max_query_length,
-                   args.doc_stride, args.max_answer_length, args.n_best_size, args.batch_size)
+                   args.doc_stride, args.max_answer_length, args.n_best_size, args.batch_size,
+                   args.compile_bucket if args.compile else None)
 
     def __call__(self, question: str, context: str, top_k: int | None = None) -> dict[str, Any]:
         """The best answer to one question: answer, start, end, probability (and `answers` with top_k)."""
@@ -138,7 +142,8 @@ class Reader:
                                                 self.max_query_length, is_training=False, progress=False)
         with torch.inference_mode():
             starts, ends = average_logits(
-                predict_logits(model, features, self.batch_size, self.device, self.amp_dtype, progress)
+                predict_logits(model, features, self.batch_size, self.device, self.amp_dtype, progress,
+                               self.pad_to_multiple)
                 for model in self.models)
         _, nbest = decode_predictions(examples, features, starts, ends,
                                       n_best_size=max(self.n_best_size, top_k or 1),
@@ -336,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="Warnings only.")
     add_window_args(parser)
     add_device_args(parser)
+    add_compile_args(parser)
     return parser
 
 

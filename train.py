@@ -36,11 +36,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, HelpFormatter, UsageError, add_data_args,
-                        autocast_context, autocast_dtype, build_tokenizer, check_checkpoint_file, check_data_args,
-                        copy_vocab_into, evaluate_model, fetch_hub_model, finite_float, has_answers, pick_device,
-                        positive_float, positive_int, prepare_output_dir, resolve_model_settings, run_cli,
-                        save_torch_atomic, score, setup_logging, write_json_atomic)
+from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, HelpFormatter, UsageError, add_compile_args,
+                        add_data_args, autocast_context, autocast_dtype, build_tokenizer, check_checkpoint_file,
+                        check_compile_args, check_data_args, compile_model, compile_padding, copy_vocab_into,
+                        evaluate_model, fetch_hub_model, finite_float, has_answers, pick_device, positive_float,
+                        positive_int, prepare_output_dir, resolve_model_settings, run_cli, save_torch_atomic, score,
+                        setup_logging, write_json_atomic)
 from korquad_utils import atomic_write, collate_features, load_or_build_features, make_length_grouped_batches
 from long_run import DirectoryLocked, RunLock, StopSignals, plot_training_curves, read_log, remove_dead_temp_files
 from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
@@ -188,6 +189,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="Also log loss, learning rate and EM/F1 for TensorBoard in output_dir/tensorboard.")
     parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
     add_data_args(parser)
+    add_compile_args(parser)
     args = parser.parse_args(argv)
     if Path(args.checkpoint).is_dir():
         check_checkpoint_file(args.checkpoint)  # says what to pass instead of a directory
@@ -366,6 +368,11 @@ class TrainingRun:
     evaluations: list[dict] = field(default_factory=list)
 
     @property
+    def eval_model(self) -> torch.nn.Module:
+        """What rank 0 evaluates with: the compiled model where there is one, but never through DDP."""
+        return self.model if self.ctx.enabled else self.train_model
+
+    @property
     def log_file(self) -> Path:
         return self.output_dir / LOG_NAME
 
@@ -431,8 +438,10 @@ def train_one_epoch(run: TrainingRun, features, batches: list[np.ndarray], weigh
     args, ctx, device = run.args, run.ctx, run.device
     accumulation = args.gradient_accumulation_steps
     steps_in_epoch = len(batches) // accumulation
-    loader = DataLoader(features, batch_sampler=batches[first_step * accumulation:],
-                        collate_fn=partial(collate_features, is_training=True), pin_memory=device.type == "cuda")
+    collate = partial(collate_features, is_training=True,
+                      **compile_padding(args, rows=args.train_batch_size, max_width=args.max_seq_length))
+    loader = DataLoader(features, batch_sampler=batches[first_step * accumulation:], collate_fn=collate,
+                        pin_memory=device.type == "cuda")
     loss_sum = torch.full((), pending_loss[0], device=device)  # read back only when shown: no sync per step
     loss_count = pending_loss[1]
     first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
@@ -519,7 +528,7 @@ def finish_epoch(run: TrainingRun, epoch: int, global_step: int, eval_data) -> b
         return True
     if ctx.is_main and eval_data is not None:
         eval_examples, eval_features = eval_data
-        predictions, _ = evaluate_model(run.model, eval_examples, eval_features, args, run.device, run.amp_dtype,
+        predictions, _ = evaluate_model(run.eval_model, eval_examples, eval_features, args, run.device, run.amp_dtype,
                                         args.eval_batch_size)
         result = score(args.eval_file, predictions)
         logger.info("epoch %d on %s: exact_match %.2f, f1 %.2f", epoch, args.eval_file,
@@ -565,6 +574,7 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
         args.checkpoint = fetch_hub_model(args.checkpoint)
     config = resolve_model_settings(args, args.checkpoint)
     check_data_args(args, config)
+    check_compile_args(args, device)
     if args.checkpoint.lower() != "none" and not Path(args.checkpoint).exists():
         raise UsageError(f"--checkpoint {args.checkpoint}: file not found; download the pretrained checkpoint "
                          f"as pretrain_ckpt/README.md says, or pass --checkpoint none to train from scratch")
@@ -653,6 +663,7 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
                     optimizer_steps_per_epoch, global_step)
     train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.enabled else model
+    train_model = compile_model(train_model, args, device, max_width=args.max_seq_length)
 
     run = TrainingRun(args, ctx, device, amp_dtype, output_dir, model, train_model, optimizer, scheduler, scaler,
                       settings, paths, total_steps)
