@@ -265,14 +265,14 @@ def test_download_refuses_bad_flags_in_one_line(flags, fragment, capsys):
 
 # --- 8. a directory given as --checkpoint ----------------------------------------------------------
 
-def test_eval_checkpoint_that_is_a_directory_says_so_and_what_to_pass(tmp_path):
+def test_eval_checkpoint_directory_without_a_model_says_what_to_pass(tmp_path):
     import eval as eval_cli
 
-    (tmp_path / "korquad_2.bin").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(cli_common.UsageError) as error:
         eval_cli.main([f"--checkpoint={tmp_path}", f"--output_dir={tmp_path / 'out'}", "--no_cuda", "--quiet"])
-    assert "is a directory, not a checkpoint file" in str(error.value)
-    assert str(tmp_path / "korquad_2.bin") in str(error.value)
+    assert "without any korquad_N.bin" in str(error.value)
+    assert "transformers model directory" in str(error.value)
     assert not (tmp_path / "out").exists()
 
 
