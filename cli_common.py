@@ -16,6 +16,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import NoReturn
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -64,6 +65,18 @@ class HelpFormatter(argparse.HelpFormatter):
                 or "default" in text or "if not given" in text):
             return text
         return f"{text} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The entry points' parser: --help in `HelpFormatter`'s style, and a bad flag reported as one
+    line (argparse would print the whole usage block above it)."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cli_common import (HelpFormatter, add_compile_args, add_data_args, autocast_dtype, build_tokenizer,
+from cli_common import (ArgumentParser, add_compile_args, add_data_args, autocast_dtype, build_tokenizer,
                         check_compile_args, check_data_args, ensemble_logits, has_answers, pick_device, positive_int,
                         prepare_output_dir, resolve_finetuned_settings, run_cli, score, setup_logging)
 from korquad_utils import decode_predictions, load_or_build_features, write_predictions
@@ -25,8 +25,7 @@ logger = logging.getLogger("korquad")
 # --- CLI -------------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate KorQuAD v1.0 checkpoints (several = an ensemble).",
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="Evaluate KorQuAD v1.0 checkpoints (several = an ensemble).")
     parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
                         help="Fine-tuned checkpoint(s), training run directories (their newest korquad_N.bin), "
                              "transformers QA model directories or hub ids; several are ensembled by averaging "

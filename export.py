@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from cli_common import (ANALYZER_CONFIG_KEY, HelpFormatter, UsageError, copy_vocab_into, load_finetuned,
+from cli_common import (ANALYZER_CONFIG_KEY, ArgumentParser, UsageError, copy_vocab_into, load_finetuned,
                         prepare_output_dir, resolve_finetuned_settings, run_cli, setup_logging, write_json_atomic)
 from korquad_utils import atomic_write
 from modeling import TRANSFORMERS_CONFIG, QuestionAnswering, config_to_transformers, to_transformers_state
@@ -31,8 +31,7 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Write a fine-tuned checkpoint as a transformers model directory.",
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="Write a fine-tuned checkpoint as a transformers model directory.")
     parser.add_argument("--checkpoint", required=True,
                         help="A fine-tuned korquad_*.bin from train.py, or its run directory (the newest one).")
     parser.add_argument("--output_dir", required=True, help="The transformers model directory to write.")

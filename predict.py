@@ -29,7 +29,7 @@ from typing import Any, TextIO
 
 import torch
 
-from cli_common import (HelpFormatter, UsageError, add_compile_args, add_device_args, add_window_args, autocast_dtype,
+from cli_common import (ArgumentParser, UsageError, add_compile_args, add_device_args, add_window_args, autocast_dtype,
                         average_logits, build_tokenizer, check_compile_args, check_data_args, compile_model,
                         load_finetuned, pick_device, positive_int, predict_logits, resolve_finetuned_settings, run_cli,
                         setup_logging)
@@ -314,8 +314,8 @@ def check_question_flag(question: str, context: str | None) -> dict[str, Any]:
 # --- CLI -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Answer questions about your own text with a "
-                                     "fine-tuned checkpoint (several = an ensemble).", formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog=PROG, description="Answer questions about your own text with a "
+                                     "fine-tuned checkpoint (several = an ensemble).")
     parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
                         help="Fine-tuned checkpoint(s), training run directories (their newest korquad_N.bin), "
                              "transformers QA model directories or hub ids.")

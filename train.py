@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, HelpFormatter, UsageError, add_compile_args,
+from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, ArgumentParser, UsageError, add_compile_args,
                         add_data_args, autocast_context, autocast_dtype, build_tokenizer, check_checkpoint_file,
                         check_compile_args, check_data_args, compile_model, compile_padding, copy_vocab_into,
                         evaluate_model, fetch_hub_model, finite_float, has_answers, pick_device, positive_float,
@@ -145,7 +145,7 @@ def setup_distributed(no_cuda: bool) -> tuple[Distributed, torch.device]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Fine-tune BERT-small on KorQuAD v1.0.", formatter_class=HelpFormatter)
+    parser = ArgumentParser(description="Fine-tune BERT-small on KorQuAD v1.0.")
     parser.add_argument("--train_file", default="data/KorQuAD_v1.0_train.json", help="KorQuAD-format training JSON.")
     parser.add_argument("--output_dir", default="output", help="Where checkpoints and run files go.")
     parser.add_argument("--checkpoint", default="pretrain_ckpt/bert_small_ckpt.bin",

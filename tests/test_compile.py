@@ -122,6 +122,7 @@ def test_compile_without_a_cpp_compiler_is_one_clear_line(tiny_setup, tmp_path):
 def test_compile_bucket_must_be_positive(tiny_setup, tmp_path):
     result = run_script("eval.py", f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--output_dir={tmp_path}",
                         "--compile", "--compile_bucket=0", "--no_cuda")
-    assert result.returncode == 1
-    assert result.stderr.strip() == "eval.py: error: --compile_bucket must be at least 1, got 0"
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("eval.py: error: argument --compile_bucket: must be at least 1, got 0 "
+                                     "(see eval.py --help)")
 

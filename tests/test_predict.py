@@ -163,7 +163,7 @@ def test_bad_lines_are_reported_and_the_others_answered(run_dir):
     (["--question=수도는?", "--context_file=/nonexistent/doc.txt"], "/nonexistent/doc.txt"),
     (["--input=/nonexistent/in.jsonl"], "/nonexistent/in.jsonl"),
     (["--input=-", "--output=/nonexistent/dir/out.jsonl"], "/nonexistent/dir does not exist"),
-    (["--input=-", "--top_k=0"], "--top_k must be at least 1"),
+    (["--input=-", "--top_k=0"], "argument --top_k: must be at least 1"),
 ])
 def test_bad_flags_are_one_clear_line(run_dir, flags, message):
     result = predict(f"--checkpoint={run_dir}", *flags, input="")
