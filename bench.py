@@ -289,44 +289,38 @@ def _dev_questions(dev_file: Path, count: int) -> list[dict]:
     return questions[:count]
 
 
-def _pipeline_stand_in(config, max_seq_length: int = 512, doc_stride: int = 128, max_answer_length: int = 30):
-    """What transformers' `pipeline("question-answering")` does per question, for a version that no
-    longer ships it: its fast WordPiece tokenizer on our vocab, the same windows (step `doc_stride`),
-    each window through a randomly initialised BertForQuestionAnswering of the same size at batch
-    size 1 (the pipeline's default), and its decoding (softmax, start <= end <= start + max length)."""
+def _question_answering_pipeline(config):
+    """transformers' `pipeline("question-answering")` on a randomly initialised BertForQuestionAnswering
+    of the same size and our vocab, as `answer(question, context)`; None where the installed
+    transformers has no such pipeline (5.x dropped it) or none is installed."""
     import torch
-    import transformers
 
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(VOCAB_FILE), do_lower_case=True)
+    try:
+        import transformers
+        from transformers.pipelines import SUPPORTED_TASKS
+    except ImportError:
+        return None
+    if "question-answering" not in SUPPORTED_TASKS:
+        return None
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        shutil.copy(VOCAB_FILE, Path(vocab_dir) / "vocab.txt")
+        # No accent stripping: with lower-casing it would decompose Hangul into jamo, all [UNK].
+        tokenizer = transformers.BertTokenizerFast.from_pretrained(vocab_dir, do_lower_case=True,
+                                                                   strip_accents=False)
+    torch.manual_seed(0)
     model = transformers.BertForQuestionAnswering(transformers.BertConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
         num_attention_heads=config.num_heads, intermediate_size=config.ff_dim, hidden_act="gelu_new",
-        max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
-        attn_implementation="sdpa")).eval()
+        max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size)).eval()
+    pipeline = transformers.pipeline("question-answering", model=model, tokenizer=tokenizer, device=-1)
 
-    @torch.inference_mode()
     def answer(question: str, context: str) -> dict:
-        question_pieces = len(tokenizer(question, add_special_tokens=False)["input_ids"][:96])
-        window = max_seq_length - question_pieces - 3
-        encoded = tokenizer(question, context, truncation="only_second", max_length=max_seq_length,
-                            stride=max(window - doc_stride, 0), return_overflowing_tokens=True,
-                            return_offsets_mapping=True)
-        best = (-1.0, 0, 0)
-        pieces = sum(len(ids) for ids in encoded["input_ids"])
-        for index, ids in enumerate(encoded["input_ids"]):
-            outputs = model(input_ids=torch.tensor([ids]),
-                            token_type_ids=torch.tensor([encoded["token_type_ids"][index]]))
-            in_context = torch.tensor([s == 1 for s in encoded.sequence_ids(index)])
-            start = outputs.start_logits[0].masked_fill(~in_context, -1e4).softmax(-1)
-            end = outputs.end_logits[0].masked_fill(~in_context, -1e4).softmax(-1)
-            scores = torch.triu(torch.tril(start[:, None] * end[None, :], max_answer_length - 1))
-            flat = int(scores.argmax())
-            start_index, end_index = divmod(flat, scores.shape[1])
-            if float(scores.flatten()[flat]) > best[0]:
-                offsets = encoded["offset_mapping"][index]
-                best = (float(scores.flatten()[flat]), offsets[start_index][0], offsets[end_index][1])
-        return {"answer": context[best[1]:best[2]], "start": best[1], "end": best[2], "score": best[0],
-                "pieces": pieces}
+        # Our windows: 512 pieces, 128-piece stride, 96 question pieces, answers up to 30 pieces.
+        return pipeline(question=question, context=context, max_seq_len=512, doc_stride=128,
+                        max_question_len=96, max_answer_len=30)
     return answer
 
 
@@ -353,44 +347,45 @@ def bench_predict(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         reader = Reader.load(run, no_cuda=True, analyzer="mecab")
         load_seconds = time.perf_counter() - started
+        readers = {"batched": reader, "batched_bf16": Reader.load(run, no_cuda=True, analyzer="mecab", bf16=True),
+                   "batched_32": Reader.load(run, no_cuda=True, analyzer="mecab", batch_size=32)}
     reader("워밍업?", questions[0]["context"])   # first-call costs (allocator, Mecab dictionary) not timed
-
-    def rate(answer_questions: Callable[[], object]) -> float:
-        started = time.perf_counter()
-        answer_questions()
-        return len(questions) / (time.perf_counter() - started)
-
-    # Interleaved, so drifting machine load hurts all three alike; the best of two runs each.
-    rates: dict[str, list[float]] = {"one": [], "batched": [], "pipeline": []}
-    try:
-        pipeline = _pipeline_stand_in(config)
+    pipeline = _question_answering_pipeline(config)
+    runs: dict[str, Callable[[], object]] = {
+        "one_at_a_time": lambda: [reader(q["question"], q["context"]) for q in questions],
+        **{name: (lambda r=r: r.answer_all(questions)) for name, r in readers.items()}}
+    if pipeline is not None:
         pipeline("워밍업?", questions[0]["context"])
-    except ImportError:
-        pipeline = None
-    pipeline_answers: list[dict] = []
-    for _ in range(2):
-        rates["one"].append(rate(lambda: [reader(q["question"], q["context"]) for q in questions]))
-        rates["batched"].append(rate(lambda: reader.answer_all(questions)))
-        if pipeline is not None:
-            rates["pipeline"].append(rate(lambda: pipeline_answers.extend(
-                pipeline(q["question"], q["context"]) for q in questions)))
-    one, batched = max(rates["one"]), max(rates["batched"])
+        runs["transformers_pipeline"] = lambda: [pipeline(q["question"], q["context"]) for q in questions]
+
+    # Interleaved, so drifting machine load hurts all alike; the best of three runs each.
+    rates: dict[str, float] = dict.fromkeys(runs, 0.0)
+    for _ in range(3):
+        for name, answer_questions in runs.items():
+            started = time.perf_counter()
+            answer_questions()
+            rates[name] = max(rates[name], len(questions) / (time.perf_counter() - started))
     examples = [SquadExample(str(n), q["question"], q["context"], []) for n, q in enumerate(questions)]
     features = convert_examples_to_features(examples, reader.tokenizer, reader.max_seq_length, reader.doc_stride,
                                             reader.max_query_length, is_training=False, progress=False)
     print(f"predict: {len(questions)} dev questions with their real contexts, BERT-small, "
-          f"CPU x{torch.get_num_threads()} threads, batch size {reader.batch_size}; "
-          f"{sum(len(f.input_ids) for f in features) / len(questions):.0f} pieces per question (Mecab + WordPiece)")
+          f"CPU x{torch.get_num_threads()} threads; {len(features)} windows, "
+          f"{sum(len(f.input_ids) for f in features) / len(features):.0f} pieces each (Mecab + WordPiece)")
     print(f"predict.load_seconds: {load_seconds:.2f}")
-    print(f"predict.answers_per_second[one_at_a_time]: {one:.2f}")
-    print(f"predict.answers_per_second[batched]: {batched:.2f}")
-    if pipeline is None:
-        print("predict.answers_per_second[transformers_pipeline]: skipped (transformers not installed)")
-        return
-    theirs = max(rates["pipeline"])
-    their_pieces = sum(answer["pieces"] for answer in pipeline_answers) / len(pipeline_answers)
-    print(f"predict.answers_per_second[transformers_pipeline_stand_in]: {theirs:.2f} "
-          f"(batched / pipeline: {batched / theirs:.2f}x; {their_pieces:.0f} pieces per question, WordPiece only)")
+    labels = {"one_at_a_time": "one_at_a_time", "batched": f"batched, batch {reader.batch_size}",
+              "batched_32": "batched, batch 32", "batched_bf16": f"batched, batch {reader.batch_size}, --bf16"}
+    theirs = rates.get("transformers_pipeline")
+    for name, label in labels.items():
+        versus = f" ({rates[name] / theirs:.2f}x the pipeline)" if theirs else ""
+        print(f"predict.answers_per_second[{label}]: {rates[name]:.2f}{versus}")
+    if theirs is None:
+        print("predict.answers_per_second[transformers_pipeline]: skipped (needs transformers 4.x, which has "
+              "pipeline(\"question-answering\"))")
+    else:
+        import transformers
+
+        print(f"predict.answers_per_second[transformers {transformers.__version__} pipeline, fp32, one at a time]: "
+              f"{theirs:.2f}")
 
 
 # --- the compiled CUDA loop (issue 12) ---------------------------------------------------
