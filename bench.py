@@ -291,8 +291,8 @@ def _dev_questions(dev_file: Path, count: int) -> list[dict]:
 
 def _question_answering_pipeline(config):
     """transformers' `pipeline("question-answering")` on a randomly initialised BertForQuestionAnswering
-    of the same size and our vocab, as `answer(question, context)`; None where the installed
-    transformers has no such pipeline (5.x dropped it) or none is installed."""
+    of the same size and our vocab: `answer(question, context)` and its tokenizer; None where the
+    installed transformers has no such pipeline (5.x dropped it) or none is installed."""
     import torch
 
     try:
@@ -321,7 +321,7 @@ def _question_answering_pipeline(config):
         # Our windows: 512 pieces, 128-piece stride, 96 question pieces, answers up to 30 pieces.
         return pipeline(question=question, context=context, max_seq_len=512, doc_stride=128,
                         max_question_len=96, max_answer_len=30)
-    return answer
+    return answer, tokenizer
 
 
 @benchmark("predict")
@@ -350,7 +350,7 @@ def bench_predict(args: argparse.Namespace) -> None:
         readers = {"batched": reader, "batched_bf16": Reader.load(run, no_cuda=True, analyzer="mecab", bf16=True),
                    "batched_32": Reader.load(run, no_cuda=True, analyzer="mecab", batch_size=32)}
     reader("워밍업?", questions[0]["context"])   # first-call costs (allocator, Mecab dictionary) not timed
-    pipeline = _question_answering_pipeline(config)
+    pipeline, pipeline_tokenizer = _question_answering_pipeline(config) or (None, None)
     runs: dict[str, Callable[[], object]] = {
         "one_at_a_time": lambda: [reader(q["question"], q["context"]) for q in questions],
         **{name: (lambda r=r: r.answer_all(questions)) for name, r in readers.items()}}
@@ -384,8 +384,10 @@ def bench_predict(args: argparse.Namespace) -> None:
     else:
         import transformers
 
+        their_pieces = [len(pipeline_tokenizer(q["question"], q["context"], truncation="only_second",
+                                               max_length=reader.max_seq_length)["input_ids"]) for q in questions]
         print(f"predict.answers_per_second[transformers {transformers.__version__} pipeline, fp32, one at a time]: "
-              f"{theirs:.2f}")
+              f"{theirs:.2f} (its first windows: {sum(their_pieces) / len(their_pieces):.0f} pieces each)")
 
 
 # --- the compiled CUDA loop (issue 12) ---------------------------------------------------
