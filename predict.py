@@ -264,7 +264,7 @@ def answer_items(reader: Reader, items: Iterable[Item], emit: Callable[[str], No
                  chunk_questions: int, progress: bool) -> int:
     """Answer every valid item (chunk by chunk, in order) through `emit`; report the others on
     stderr, one line each. Returns how many items failed."""
-    failures = 0
+    failures = seen = 0
     chunk: list[dict[str, Any]] = []
 
     def flush() -> None:
@@ -273,6 +273,7 @@ def answer_items(reader: Reader, items: Iterable[Item], emit: Callable[[str], No
         chunk.clear()
 
     for where, item in items:
+        seen += 1
         if isinstance(item, InputError):
             failures += 1
             print(f"{PROG}: {where}: {item}", file=sys.stderr, flush=True)
@@ -282,6 +283,8 @@ def answer_items(reader: Reader, items: Iterable[Item], emit: Callable[[str], No
             flush()
     if chunk:
         flush()
+    if not seen:
+        logger.warning("the input holds no questions: nothing to answer")
     return failures
 
 
@@ -289,7 +292,8 @@ def question_items(args: argparse.Namespace) -> Iterable[Item]:
     """The questions the flags ask for (read now where cheap, so bad input fails before the model loads)."""
     context = read_context(args)
     if args.question is not None:
-        return [("--question", check_question_flag(args.question, context))]
+        context_flag = "--context" if args.context_file is None else f"--context_file {args.context_file}"
+        return [("--question", check_question_flag(args.question, context, context_flag))]
     if args.input is not None:
         return input_items(args.input)
     return interactive_items(context, sys.stdin)
@@ -307,13 +311,13 @@ def read_context(args: argparse.Namespace) -> str | None:
         raise UsageError(f"--context_file {args.context_file}: cannot read it ({err.strerror or err})") from None
 
 
-def check_question_flag(question: str, context: str | None) -> dict[str, Any]:
+def check_question_flag(question: str, context: str | None, context_flag: str = "--context") -> dict[str, Any]:
     if context is None:
         raise UsageError("--question needs --context or --context_file")
     if not question.strip():
         raise UsageError("--question is empty")
     if not context.strip():
-        raise UsageError("--context is empty")
+        raise UsageError(f"{context_flag} is empty")
     return {"question": question, "context": context}
 
 

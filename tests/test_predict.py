@@ -171,6 +171,16 @@ def test_bad_flags_are_one_clear_line(run_dir, flags, message):
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
 
 
+def test_an_empty_context_file_is_named_and_an_empty_input_is_a_warning(run_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\ufeff \n", encoding="utf-8")   # a BOM and blanks only
+    result = predict(f"--checkpoint={run_dir}", "--question=수도는?", f"--context_file={empty}")
+    assert result.returncode == 1 and result.stderr.strip() == f"predict.py: error: --context_file {empty} is empty"
+    result = run_script("predict.py", f"--checkpoint={run_dir}", f"--input={empty}", *DATA_FLAGS, "--no_cuda")
+    assert result.returncode == 0 and result.stdout == ""
+    assert "the input holds no questions" in result.stderr
+
+
 def test_a_reader_that_stops_early_ends_the_run_quietly(run_dir):
     line = json.dumps({"question": "수도는?", "context": "서울은 대한민국의 수도이다. " * 3}, ensure_ascii=False)
     process = subprocess.Popen([sys.executable, str(ROOT / "predict.py"), f"--checkpoint={run_dir}", "--input=-",
