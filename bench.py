@@ -280,13 +280,11 @@ _PREDICT_QUESTIONS = 64   # the first dev questions, with their real (shared) co
 
 
 def _dev_questions(dev_file: Path, count: int) -> list[dict]:
-    import json
+    """The first `count` questions of a KorQuAD file as predict.py's input records."""
+    from korquad_utils import read_squad_examples
 
-    with open(dev_file, encoding="utf-8") as handle:
-        articles = json.load(handle)["data"]
-    questions = [{"id": qa["id"], "question": qa["question"], "context": paragraph["context"]}
-                 for article in articles for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
-    return questions[:count]
+    examples = read_squad_examples(dev_file, is_training=False)[:count]
+    return [{"id": e.qas_id, "question": e.question_text, "context": e.context_text} for e in examples]
 
 
 def _question_answering_pipeline(config):

@@ -200,8 +200,7 @@ def check_checkpoint_file(path: str, flag: str = "--checkpoint") -> None:
     if is_transformers_dir(checkpoint):
         return
     if checkpoint.is_dir():
-        inside = list(checkpoint.glob("korquad_*.bin"))
-        newest = max(inside, key=lambda file: file.stat().st_mtime, default=None)
+        newest = newest_run_checkpoint(checkpoint)
         hint = (f"pass one of its checkpoints, e.g. {newest}" if newest
                 else "it holds no korquad_*.bin; pass a checkpoint file")
         raise UsageError(f"{flag} {path} is a directory, not a checkpoint file: {hint}")
@@ -348,6 +347,13 @@ def write_json_atomic(obj, path: Path) -> None:
 CHECKPOINT_NAME = re.compile(r"korquad_(\d+)\.bin")   # train.py's per-epoch checkpoints
 
 
+def newest_run_checkpoint(run_dir: Path) -> Path | None:
+    """A training run's last checkpoint: the `korquad_N.bin` with the highest N (None if it has none)."""
+    numbered = [(int(match.group(1)), child) for child in run_dir.iterdir()
+                if (match := CHECKPOINT_NAME.fullmatch(child.name)) and child.is_file()]
+    return max(numbered)[1] if numbered else None
+
+
 def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Checkpoints for `--checkpoint` values: a file or a transformers model directory as it is, a
     hub model id downloaded (`fetch_hub_model`), a training run directory as its newest
@@ -357,13 +363,12 @@ def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
         if is_transformers_dir(path):
             pass
         elif path.is_dir():
-            numbered = [(int(match.group(1)), child) for child in path.iterdir()
-                        if (match := CHECKPOINT_NAME.fullmatch(child.name)) and child.is_file()]
-            if not numbered:
+            newest = newest_run_checkpoint(path)
+            if newest is None:
                 raise UsageError(f"--checkpoint {path}: a directory without any korquad_N.bin checkpoint, nor a "
                                  f"transformers model directory (pass a training run's output_dir, a checkpoint "
                                  f"file, or a directory with config.json and model.safetensors/pytorch_model.bin)")
-            path = max(numbered)[1]
+            path = newest
         elif not path.is_file():
             raise UsageError(f"--checkpoint {path}: file not found")
         resolved.append(path)
@@ -505,12 +510,9 @@ def settings_from_model_dir(args: argparse.Namespace, model_dir: str | os.PathLi
 def resolve_model_settings(args: argparse.Namespace, checkpoint: str) -> Config:
     """train.py: the model config, vocab, lower-casing and analyzer that go with `checkpoint`
     (a transformers directory brings its own; otherwise the flags or the published model's)."""
-    if checkpoint.lower() != "none":
-        if Path(checkpoint).is_dir() and not is_transformers_dir(checkpoint):
-            raise UsageError(f"--checkpoint {checkpoint}: a directory, but not a transformers model directory "
-                             f"(its config.json with num_attention_heads is missing)")
-        if is_transformers_dir(checkpoint):
-            return settings_from_model_dir(args, checkpoint)
+    # train.py's parse_args has already refused any other directory (check_checkpoint_file).
+    if checkpoint.lower() != "none" and is_transformers_dir(checkpoint):
+        return settings_from_model_dir(args, checkpoint)
     args.model_config = args.model_config or str(DEFAULT_CONFIG)
     args.vocab_file = args.vocab_file or str(DEFAULT_VOCAB)
     args.do_lower_case = True  # the published vocab is uncased
