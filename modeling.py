@@ -413,7 +413,7 @@ def is_transformers_dir(path: str | os.PathLike) -> bool:
     if not config_file.is_file():
         return False
     try:
-        values = json.loads(config_file.read_text(encoding="utf-8"))
+        values = json.loads(config_file.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return True  # read_transformers_dir says what is wrong with it
     return isinstance(values, dict) and "num_attention_heads" in values
@@ -473,7 +473,7 @@ def read_transformers_config(directory: str | os.PathLike) -> dict:
     """The raw config.json of a transformers model directory."""
     config_file = Path(directory) / TRANSFORMERS_CONFIG
     try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
+        return json.loads(config_file.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{config_file}: not a readable JSON config ({err})") from None
 

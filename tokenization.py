@@ -103,7 +103,7 @@ def read_do_lower_case(model_dir: str | os.PathLike[str]) -> bool:
     if not path.is_file():
         return True
     try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
+        settings = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TokenizerError(f"{path}: not readable JSON ({_one_line(error)})") from None
     value = settings.get("do_lower_case", True) if isinstance(settings, dict) else None

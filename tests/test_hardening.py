@@ -290,6 +290,17 @@ def _with_bom(source: Path, path: Path) -> Path:
     return path
 
 
+def test_transformers_dir_json_files_may_carry_a_bom(tmp_path):
+    from modeling import is_transformers_dir, read_transformers_config
+    from tokenization import read_do_lower_case
+
+    config = {"model_type": "bert", "num_attention_heads": 2, "hidden_size": 8}
+    (tmp_path / "config.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(config).encode("utf-8"))
+    (tmp_path / "tokenizer_config.json").write_bytes(b"\xef\xbb\xbf" + b'{"do_lower_case": false}')
+    assert is_transformers_dir(tmp_path) and read_transformers_config(tmp_path) == config
+    assert read_do_lower_case(tmp_path) is False
+
+
 def test_a_byte_order_mark_is_accepted_on_every_input(tmp_path, capsys):
     dataset = _with_bom(SAMPLE_FILE, tmp_path / "sample.json")
     assert len(ku.read_squad_examples(dataset, is_training=True)) == 56
