@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def venv_kernel(kernel_dirs: Path) -> AsyncKernelManager:
     (spec / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "korquad test", "language": "python"}))
-    return AsyncKernelManager(kernel_name="korquad-test",
+    return AsyncKernelManager(kernel_name="korquad-test", connection_file=str(kernel_dirs / "connection.json"),
                               kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dirs)]))
 
 
@@ -108,18 +109,18 @@ def interrupt_when_logged(km: AsyncKernelManager, log_file: Path, step: int, don
             return
 
 
-def test_demo_mode_runs_resumes_after_an_interrupt_and_scores_like_make_demo(tmp_path, monkeypatch):
-    expected = make_demo_scores(tmp_path / "make_demo")
-
-    drive = tmp_path / "drive"
-    monkeypatch.setenv("KORQUAD_DEMO", "1")
-    monkeypatch.setenv("KORQUAD_DEMO_DIR", str(drive))
+def run_demo_notebook(work: Path) -> dict:
+    """Execute the notebook in demo mode (writing into `work`) top to bottom, as a user would: the training cell is
+    interrupted once training has logged INTERRUPT_AT_STEP, then run again. Returns what the test looks at."""
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    km = venv_kernel(tmp_path / "kernels")
+    km = venv_kernel(work / "kernels")
     client = NotebookClient(notebook, km=km, timeout=CELL_TIMEOUT,
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    drive = work / "drive"
+    env = {**os.environ, "KORQUAD_DEMO": "1", "KORQUAD_DEMO_DIR": str(drive)}
     train_cell, eval_cell = tagged(notebook, "train"), tagged(notebook, "evaluate")
-    with client.setup_kernel():
+    seen = {"drive": drive}
+    with client.setup_kernel(env=env):
         for index, cell in enumerate(notebook.cells):
             if cell is not train_cell:
                 client.execute_cell(cell, index)
@@ -134,23 +135,30 @@ def test_demo_mode_runs_resumes_after_an_interrupt_and_scores_like_make_demo(tmp
             finally:
                 done.set()
                 watcher.join()
-            interrupted = output_text(cell)
-            client.execute_cell(cell, index)  # the same cell again, as a user would
-            resumed = output_text(cell)
-            resumed_outputs = cell.outputs
+            seen.update(interrupt_sent=bool(sent), interrupted=output_text(cell))
+            client.execute_cell(cell, index)  # the same cell again
+            seen.update(resumed=output_text(cell), resumed_outputs=list(cell.outputs))
+    seen["evaluation"] = output_text(eval_cell)
+    return seen
 
-    assert sent, "training ended before the test could interrupt it"
-    stopped = re.search(r"train\.py: stopped by SIGINT after optimizer step (\d+)", interrupted)
-    assert stopped, interrupted[-3000:]
+
+def test_demo_mode_runs_resumes_after_an_interrupt_and_scores_like_make_demo(tmp_path):
+    expected = make_demo_scores(tmp_path / "make_demo")
+    seen = run_demo_notebook(tmp_path)
+
+    assert seen["interrupt_sent"], "training ended before the test could interrupt it"
+    stopped = re.search(r"train\.py: stopped by SIGINT after optimizer step (\d+)", seen["interrupted"])
+    assert stopped, seen["interrupted"][-3000:]
     stop_step = int(stopped.group(1))
     assert INTERRUPT_AT_STEP <= stop_step < DEMO_STEPS
-    resuming = re.search(r"resuming at epoch \d+, step \d+ of \d+ \(optimizer step (\d+)\)", resumed)
-    assert resuming and int(resuming.group(1)) == stop_step, resumed[-3000:]
-    assert "starting from the first epoch" not in resumed
-    assert any("image/png" in output.get("data", {}) for output in resumed_outputs), "no curves shown inline"
+    resuming = re.search(r"resuming at epoch \d+, step \d+ of \d+ \(optimizer step (\d+)\)", seen["resumed"])
+    assert resuming and int(resuming.group(1)) == stop_step, seen["resumed"][-3000:]
+    assert "starting from the first epoch" not in seen["resumed"]
+    assert any("image/png" in output.get("data", {}) for output in seen["resumed_outputs"]), "no curves shown inline"
+    drive = seen["drive"]
     assert (drive / "demo" / "korquad_39.bin").is_file()
 
-    last_json = [line for line in output_text(eval_cell).splitlines() if line.startswith("{")][-1]
+    last_json = [line for line in seen["evaluation"].splitlines() if line.startswith("{")][-1]
     assert json.loads(last_json) == expected
     assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json"} <= {
         path.name for path in (drive / "demo_transformers").iterdir()}
