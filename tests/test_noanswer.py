@@ -144,8 +144,17 @@ def abstaining_run(tiny_setup, tmp_path_factory) -> tuple[Path, Path]:
     train.main([f"--output_dir={out}", f"--checkpoint={tiny_setup / 'pretrained.bin'}",
                 f"--model_config={tiny_setup / 'tiny.json'}", f"--train_file={data}", *DATA_FLAGS,
                 "--train_batch_size=8", "--learning_rate=2e-3", "--num_train_epochs=30", "--seed=42", "--no_cuda",
-                "--quiet", f"--cache_dir={root / 'cache'}", "--version_2_with_negative"])
+                "--quiet", f"--cache_dir={root / 'cache'}", "--version_2_with_negative", f"--eval_file={data}"])
     return data, out
+
+
+def test_training_logs_the_tuned_threshold_each_epoch(abstaining_run):
+    _, out = abstaining_run
+    records = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    evaluations = [record for record in records if "f1" in record]
+    assert [record["epoch"] for record in evaluations] == list(range(30))
+    assert all(math.isfinite(record["best_f1_thresh"]) and record["best_f1"] >= record["f1"] for record in evaluations)
+    assert evaluations[-1]["NoAns_f1"] >= 80 and evaluations[-1]["HasAns_f1"] >= 70
 
 
 def test_trained_model_abstains_and_remembers_the_flag(abstaining_run):
