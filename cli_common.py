@@ -628,7 +628,11 @@ def check_metric_dataset(predict_file: str | os.PathLike, metric: str) -> None:
     checker = {"squad2": evaluate_v2_0.check_dataset, "klue": evaluate_klue_mrc.check_dataset}.get(metric)
     if checker is not None:
         try:
-            checker(read_dataset(predict_file), str(predict_file))
+            dataset = read_dataset(predict_file)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UsageError(f"--predict_file {predict_file}: not valid UTF-8 JSON ({err})") from None
+        try:
+            checker(dataset, str(predict_file))
         except ValueError as err:
             raise UsageError(f"--metric {metric}: {err}") from None
 

@@ -2,6 +2,8 @@
 
 Usage: python3 evaluate_v2_0.py DATASET.json PREDICTIONS.json [--na-prob-file NA.json] [--na-prob-thresh 1.0]
 
+Question ids are `id`, or KLUE-MRC's `guid` where there is no `id`.
+
 Prints one JSON line with the official SQuAD 2.0 script's keys: `exact`, `f1`, `total`,
 `HasAns_exact/f1/total`, `NoAns_exact/f1/total` (each group only when the file has such questions)
 and, with --na-prob-file, `best_exact`, `best_exact_thresh`, `best_f1`, `best_f1_thresh`.
@@ -58,6 +60,11 @@ def f1_score(prediction: str, truth: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def question_id(qa: Mapping[str, Any]) -> str:
+    """`id`, or KLUE-MRC's `guid` where there is no `id`."""
+    return qa["id"] if "id" in qa else qa["guid"]
+
+
 def is_unanswerable(qa: Mapping[str, Any]) -> bool:
     return qa.get("is_impossible") is True or not qa["answers"]
 
@@ -81,24 +88,23 @@ def raw_scores(articles: list[dict[str, Any]], predictions: Mapping[str, str]
     for article in articles:
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
-                question_id = qa["id"]
-                has_answer[question_id] = not is_unanswerable(qa)
-                if question_id not in predictions:
-                    print(f"Missing prediction for {question_id}: scored 0.", file=sys.stderr)
-                    exact[question_id] = f1[question_id] = 0.0
+                qid = question_id(qa)
+                has_answer[qid] = not is_unanswerable(qa)
+                if qid not in predictions:
+                    print(f"Missing prediction for {qid}: scored 0.", file=sys.stderr)
+                    exact[qid] = f1[qid] = 0.0
                     continue
                 truths = gold_answers(qa)
-                exact[question_id] = max(exact_score(predictions[question_id], truth) for truth in truths)
-                f1[question_id] = max(f1_score(predictions[question_id], truth) for truth in truths)
+                exact[qid] = max(exact_score(predictions[qid], truth) for truth in truths)
+                f1[qid] = max(f1_score(predictions[qid], truth) for truth in truths)
     return exact, f1, has_answer
 
 
 def apply_threshold(scores: Mapping[str, float], has_answer: Mapping[str, bool], na_probs: Mapping[str, float],
                     threshold: float) -> dict[str, float]:
     """Scores after predicting "" wherever the no-answer probability exceeds `threshold`."""
-    return {question_id: (float(not has_answer[question_id]) if na_probs.get(question_id, 0.0) > threshold
-                          else score)
-            for question_id, score in scores.items()}
+    return {qid: float(not has_answer[qid]) if na_probs.get(qid, 0.0) > threshold else score
+            for qid, score in scores.items()}
 
 
 def _averages(exact: Mapping[str, float], f1: Mapping[str, float], question_ids: list[str]) -> tuple[float, float]:
@@ -117,12 +123,12 @@ def best_threshold(scores: Mapping[str, float], has_answer: Mapping[str, bool],
     """
     running = best = float(sum(not answerable for answerable in has_answer.values()))
     best_thresh = 0.0
-    for question_id in sorted(na_probs, key=na_probs.__getitem__):
-        if question_id not in scores:
+    for qid in sorted(na_probs, key=na_probs.__getitem__):
+        if qid not in scores:
             continue
-        running += scores[question_id] - float(not has_answer[question_id])
+        running += scores[qid] - float(not has_answer[qid])
         if running > best:
-            best, best_thresh = running, na_probs[question_id]
+            best, best_thresh = running, na_probs[qid]
     return 100.0 * best / len(scores), best_thresh
 
 
@@ -146,7 +152,7 @@ def evaluate(dataset: list[dict[str, Any]] | Mapping[str, Any], predictions: Map
     result["exact"], result["f1"] = _averages(exact, f1, all_ids)
     result["total"] = len(all_ids)
     for prefix, wanted in (("HasAns", True), ("NoAns", False)):
-        group = [question_id for question_id in all_ids if has_answer[question_id] is wanted]
+        group = [qid for qid in all_ids if has_answer[qid] is wanted]
         if group:
             result[f"{prefix}_exact"], result[f"{prefix}_f1"] = _averages(exact, f1, group)
             result[f"{prefix}_total"] = len(group)
@@ -181,9 +187,10 @@ def check_dataset(dataset: Any, path: str) -> None:
             if not isinstance(qas, list):
                 raise ValueError(f"dataset {path}: article {article_index}: a paragraph lacks a 'qas' list")
             for qa in qas:
-                if not isinstance(qa, dict) or not isinstance(qa.get("id"), str):
-                    raise ValueError(f"dataset {path}: article {article_index}: a question lacks a string 'id'")
-                where = f"dataset {path}: question {qa['id']}"
+                if not isinstance(qa, dict) or not isinstance(qa.get("id", qa.get("guid")), str):
+                    raise ValueError(f"dataset {path}: article {article_index}: a question lacks a string 'id' "
+                                     f"(or KLUE-MRC 'guid')")
+                where = f"dataset {path}: question {question_id(qa)}"
                 answers = qa.get("answers")
                 if not isinstance(answers, list) or not all(
                         isinstance(a, dict) and isinstance(a.get("text"), str) for a in answers):
@@ -198,18 +205,18 @@ def check_dataset(dataset: Any, path: str) -> None:
 def check_predictions(predictions: Any, path: str) -> None:
     if not isinstance(predictions, dict):
         raise ValueError(f"predictions {path}: expected an object mapping question id to answer text")
-    for question_id, text in predictions.items():
+    for qid, text in predictions.items():
         if not isinstance(text, str):
-            raise ValueError(f"predictions {path}: question {question_id}: answer must be a string, "
+            raise ValueError(f"predictions {path}: question {qid}: answer must be a string, "
                              f"got {type(text).__name__}")
 
 
 def _check_na_probs(na_probs: Any, path: str) -> None:
     if not isinstance(na_probs, dict):
         raise ValueError(f"--na-prob-file {path}: expected an object mapping question id to a number")
-    for question_id, value in na_probs.items():
+    for qid, value in na_probs.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise ValueError(f"--na-prob-file {path}: question {question_id}: expected a number, got {value!r}")
+            raise ValueError(f"--na-prob-file {path}: question {qid}: expected a number, got {value!r}")
 
 
 def _threshold(value: str) -> float:

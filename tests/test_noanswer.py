@@ -205,6 +205,24 @@ def test_eval_scores_squad2_with_a_tuned_threshold(abstaining_run, tmp_path, cap
     everywhere = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert everywhere["NoAns_exact"] == 100.0 and everywhere["HasAns_exact"] == 0.0
 
+    # The same questions as a KLUE-MRC file (guid ids, question types): --metric klue, tuned threshold.
+    klue = json.loads(data.read_text(encoding="utf-8"))
+    for article in klue["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                qa["guid"] = qa.pop("id")
+                qa["question_type"] = 3 if qa.get("is_impossible") else 1
+                qa["is_impossible"] = qa["question_type"] == 3
+    klue_file = _write(tmp_path / "klue-mrc-v1.1_dev.json", klue)
+    eval_script.main([*flags[:1], f"--predict_file={klue_file}", *flags[2:], f"--output_dir={tmp_path / 'klue'}",
+                      "--metric=klue", "--null_score_diff_threshold=best_f1"])
+    klue_scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(klue_scores) == ["exact_match", "rouge_w", "type1", "type2", "type3"]
+    assert klue_scores["type1"]["total"] == klue_scores["type3"]["total"] == 12 and klue_scores["type2"]["total"] == 0
+    import evaluate_klue_mrc
+    written = json.loads((tmp_path / "klue" / "predictions.json").read_text(encoding="utf-8"))
+    assert klue_scores == evaluate_klue_mrc.evaluate(klue, written)
+
 
 # --- command lines: bad input -------------------------------------------------------------------
 

@@ -196,6 +196,9 @@ def test_klue_hand_computed():
     assert scores["type2"] == {"exact_match": 0.0, "rouge_w": pytest.approx(200 / 3), "total": 1}
     assert scores["type3"] == {"exact_match": 50.0, "rouge_w": 50.0, "total": 2}
     assert scores["exact_match"] == 50.0 and scores["rouge_w"] == pytest.approx(100 * (1 + 2 / 3 + 1) / 4)
+    # The SQuAD 2.0 scorer reads KLUE's guid ids too: a and c right, b 《세종》 == 세종 under KorQuAD's rules.
+    squad2 = evaluate_v2_0.evaluate(_klue_file(questions), predictions)
+    assert (squad2["HasAns_exact"], squad2["NoAns_exact"], squad2["NoAns_total"]) == (100.0, 50.0, 2)
 
 
 def test_klue_equals_reference_on_random_predictions(tmp_path):
