@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(scores, ensure_ascii=False))
         return
 
-    odds = null_odds(examples, [feature.example_index for feature in features], mean_starts, mean_ends, nbest)
+    odds = null_odds(examples, features.feature_example, mean_starts, mean_ends, nbest)
     threshold = args.null_score_diff_threshold
     if threshold in TUNED_THRESHOLDS:
         if not has_answers(examples):

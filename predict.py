@@ -162,7 +162,7 @@ class Reader:
         _, nbest = decode_predictions(examples, features, starts, ends,
                                       n_best_size=max(self.n_best_size, top_k or 1),
                                       max_answer_length=self.max_answer_length)
-        odds = (null_odds(examples, [feature.example_index for feature in features], starts, ends, nbest)
+        odds = (null_odds(examples, features.feature_example, starts, ends, nbest)
                 if self.version_2_with_negative else {})
         return [answer_record(record, nbest[example.qas_id], top_k, odds.get(example.qas_id),
                               self.null_score_diff_threshold) for record, example in zip(records, examples)]
