@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import evaluate_klue_mrc
 import evaluate_v1_0
-from korquad_utils import (FeatureTable, KorquadFormatError, SquadExample, atomic_write, collate_features,
-                           decode_predictions, make_length_grouped_batches)
+import evaluate_v2_0
+from korquad_utils import (FeatureTable, KorquadFormatError, SquadExample, abstain, atomic_write, collate_features,
+                           decode_predictions, make_length_grouped_batches, null_odds)
 from modeling import (CheckpointError, Config, ConfigError, QuestionAnswering, config_from_transformers,
                       is_transformers_dir, load_checkpoint, read_transformers_config)
 from tokenization import BertTokenizer, TokenizerError, read_do_lower_case
@@ -140,6 +142,38 @@ def add_window_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--analyzer", default=None,
                         help="Morpheme analyzer: mecab, okt, komoran, kkma, hannanum or none "
                              "(if not given: the model's or training run's, else mecab).")
+
+
+TUNED_THRESHOLDS = ("best_f1", "best_exact")   # eval.py: tune --null_score_diff_threshold on the file scored
+
+
+def null_threshold(value: str) -> float | str:
+    """An argparse type: a finite number, or one of `TUNED_THRESHOLDS`."""
+    return value if value in TUNED_THRESHOLDS else finite_float()(value)
+
+
+def add_no_answer_args(parser: argparse.ArgumentParser, remembered: bool = False, tunable: bool = False) -> None:
+    """--version_2_with_negative and --null_score_diff_threshold (the baseline's and run_qa's names).
+
+    `remembered`: when not given, the training run's setting is used (eval.py, predict.py).
+    `tunable`: the threshold may be `best_f1`/`best_exact`, tuned on the file being scored (eval.py)."""
+    parser.add_argument("--version_2_with_negative", action="store_true", default=None if remembered else False,
+                        help="Questions may have no answer (SQuAD 2.0, KLUE-MRC): 'is_impossible': true or an "
+                             "empty answer list; such a question trains to [CLS] and is answered \"\" when the null "
+                             "score wins" + (" (if not given: the training run's setting, else off)." if remembered
+                                             else "."))
+    parser.add_argument("--null_score_diff_threshold", type=null_threshold if tunable else finite_float(),
+                        default=0.0,
+                        help="With --version_2_with_negative: answer \"\" when the null score minus the best "
+                             "span's score exceeds this" + (
+                                 "; best_f1 (or best_exact) tunes it on --predict_file itself" if tunable else ""))
+
+
+def check_version_2(args: argparse.Namespace) -> None:
+    """Refuse a threshold given without the version-2 reading it applies to."""
+    if not args.version_2_with_negative and args.null_score_diff_threshold != 0.0:
+        raise UsageError("--null_score_diff_threshold only applies with --version_2_with_negative (a model trained "
+                         "with it remembers it)")
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:
@@ -380,9 +414,13 @@ def resolve_finetuned_settings(args: argparse.Namespace) -> Config:
     lower-casing and analyzer from the first one's transformers directory or training run."""
     args.checkpoint = resolve_checkpoints(args.checkpoint)
     if is_transformers_dir(args.checkpoint[0]):
-        return settings_from_model_dir(args, args.checkpoint[0])
-    resolve_from_training_run(args)
-    return Config.from_json_file(args.model_config)
+        config = settings_from_model_dir(args, args.checkpoint[0])
+    else:
+        resolve_from_training_run(args)
+        config = Config.from_json_file(args.model_config)
+    if getattr(args, "version_2_with_negative", False) is None:  # a transformers directory does not say
+        args.version_2_with_negative = False
+    return config
 
 
 def load_finetuned(path: str | os.PathLike, config: Config, device: torch.device,
@@ -467,6 +505,8 @@ def resolve_from_training_run(args: argparse.Namespace) -> None:
         args.vocab_file = saved_vocab or str(DEFAULT_VOCAB)
     if args.analyzer is None:
         args.analyzer = saved_args.get("analyzer", "mecab")
+    if getattr(args, "version_2_with_negative", False) is None:
+        args.version_2_with_negative = saved_args.get("version_2_with_negative", False) is True
 
 
 def fetch_hub_model(checkpoint: str) -> str:
@@ -576,16 +616,65 @@ def has_answers(examples: Sequence[SquadExample]) -> bool:
 
 def score(predict_file: str | os.PathLike, predictions: dict[str, str]) -> dict[str, float]:
     """EM/F1 from the official KorQuAD v1.0 metric."""
+    return evaluate_v1_0.evaluate(read_dataset(predict_file)["data"], predictions)
+
+
+def read_dataset(predict_file: str | os.PathLike) -> dict:
     with open(predict_file, encoding="utf-8-sig") as f:
-        dataset = json.load(f)["data"]
+        return json.load(f)
+
+
+def check_metric_dataset(predict_file: str | os.PathLike, metric: str) -> None:
+    """Refuse, before any work, a file the chosen metric cannot score (KLUE needs `question_type`)."""
+    checker = {"squad2": evaluate_v2_0.check_dataset, "klue": evaluate_klue_mrc.check_dataset}.get(metric)
+    if checker is not None:
+        try:
+            dataset = read_dataset(predict_file)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UsageError(f"--predict_file {predict_file}: not valid UTF-8 JSON ({err})") from None
+        try:
+            checker(dataset, str(predict_file))
+        except ValueError as err:
+            raise UsageError(f"--metric {metric}: {err}") from None
+
+
+def score_no_answer(predict_file: str | os.PathLike, metric: str, span_predictions: dict[str, str],
+                    odds: dict[str, float] | None, threshold: float = 0.0) -> dict:
+    """Scores of the predictions that abstain where `odds` > `threshold` (never without `odds`), by `metric`.
+
+    squad2: evaluate_v2_0's dict, its best_* keys tuned over `odds` on the span predictions (so the
+    best threshold is in --null_score_diff_threshold's units); klue: evaluate_klue_mrc's; korquad:
+    v1.0's EM/F1 (questions without answers left out)."""
+    dataset = read_dataset(predict_file)["data"]
+    if metric == "squad2":
+        return evaluate_v2_0.evaluate(dataset, span_predictions, odds, threshold)
+    predictions = span_predictions if odds is None else abstain(span_predictions, odds, threshold)
+    if metric == "klue":
+        return evaluate_klue_mrc.evaluate(dataset, predictions)
     return evaluate_v1_0.evaluate(dataset, predictions)
+
+
+def tuned_threshold(predict_file: str | os.PathLike, span_predictions: dict[str, str], odds: dict[str, float],
+                    which: str = "best_f1") -> float:
+    """The --null_score_diff_threshold that maximises F1 (or EM) on `predict_file`, as SQuAD 2.0 defines it."""
+    scores = evaluate_v2_0.evaluate(read_dataset(predict_file)["data"], span_predictions, odds)
+    return scores[f"{which}_thresh"]
 
 
 def evaluate_model(model: torch.nn.Module, examples: Sequence[SquadExample], features: FeatureTable,
                    args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None,
                    batch_size: int) -> tuple[dict[str, str], dict[str, list[dict]]]:
     """Predictions and n-best lists of one model (train.py calls this after each epoch)."""
+    return evaluate_model_with_odds(model, examples, features, args, device, amp_dtype, batch_size)[:2]
+
+
+def evaluate_model_with_odds(model: torch.nn.Module, examples: Sequence[SquadExample],
+                             features: FeatureTable, args: argparse.Namespace, device: torch.device,
+                             amp_dtype: torch.dtype | None, batch_size: int
+                             ) -> tuple[dict[str, str], dict[str, list[dict]], dict[str, float]]:
+    """`evaluate_model`'s span predictions and n-best lists, and each question's `null_odds`."""
     starts, ends = predict_logits(model, features, batch_size, device, amp_dtype,
                                   pad_to_multiple=args.compile_bucket if args.compile else None)
-    return decode_predictions(examples, features, starts, ends, n_best_size=args.n_best_size,
-                              max_answer_length=args.max_answer_length)
+    predictions, nbest = decode_predictions(examples, features, starts, ends, n_best_size=args.n_best_size,
+                                            max_answer_length=args.max_answer_length)
+    return predictions, nbest, null_odds(examples, features.feature_example, starts, ends, nbest)

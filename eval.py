@@ -5,6 +5,15 @@
 
 Several `--checkpoint` files make an ensemble: their start/end logits are averaged before decoding.
 The last stdout line is `{"exact_match": .., "f1": ..}` (skipped for a file without answers).
+
+With unanswerable questions (SQuAD 2.0 style, KLUE-MRC; a model trained with the flag remembers it):
+
+    python3 eval.py --checkpoint=output --version_2_with_negative --predict_file=klue-mrc-v1.1_dev.json \
+        --metric klue --null_score_diff_threshold best_f1
+
+answers "" where the null score beats the best span by more than the threshold (`best_f1`: tuned
+on the file itself), writes `null_odds.json` and `na_probs.json` too, and prints the metric's keys
+(`--metric squad2`, the default then: evaluate_v2_0.py's; `klue`: evaluate_klue_mrc.py's).
 """
 from __future__ import annotations
 
@@ -14,10 +23,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from cli_common import (ArgumentParser, add_compile_args, add_data_args, autocast_dtype, build_tokenizer,
-                        check_compile_args, check_data_args, ensemble_logits, has_answers, pick_device, positive_int,
-                        prepare_output_dir, resolve_finetuned_settings, run_cli, score, setup_logging)
-from korquad_utils import decode_predictions, load_or_build_features, write_predictions
+from cli_common import (TUNED_THRESHOLDS, ArgumentParser, UsageError, add_compile_args, add_data_args, add_no_answer_args,
+                        autocast_dtype, build_tokenizer, check_compile_args, check_data_args, check_metric_dataset,
+                        check_version_2, ensemble_logits, has_answers, pick_device, positive_int, prepare_output_dir,
+                        resolve_finetuned_settings, run_cli, score, score_no_answer, setup_logging, tuned_threshold)
+from korquad_utils import (abstain, decode_predictions, load_or_build_features, null_odds, write_null_files,
+                           write_predictions)
 
 logger = logging.getLogger("korquad")
 
@@ -43,6 +54,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--n_best_size", type=positive_int, default=20,
                         help="Candidate answers kept per question in nbest_predictions.json.")
     parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
+    parser.add_argument("--metric", choices=("korquad", "squad2", "klue"), default=None,
+                        help="korquad: the official v1.0 EM/F1; squad2: SQuAD 2.0's rules and keys with KorQuAD's "
+                             "character F1 (evaluate_v2_0.py); klue: KLUE-MRC's EM/ROUGE-W per question type "
+                             "(evaluate_klue_mrc.py) (if not given: squad2 with --version_2_with_negative, "
+                             "else korquad).")
+    add_no_answer_args(parser, remembered=True, tunable=True)
     add_data_args(parser)
     add_compile_args(parser)
     return parser.parse_args(argv)
@@ -53,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.quiet)
     config = resolve_finetuned_settings(args)
     check_data_args(args, config)
+    check_version_2(args)
+    metric = args.metric or ("squad2" if args.version_2_with_negative else "korquad")
+    check_metric_dataset(args.predict_file, metric)
     output_dir = prepare_output_dir(args.output_dir)
     device = pick_device(args.no_cuda)
     amp_dtype = autocast_dtype(args, device)
@@ -62,19 +82,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     examples, features = load_or_build_features(
         args.predict_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
         is_training=False, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache,
-        num_workers=args.preprocess_workers, progress=not args.quiet)
+        num_workers=args.preprocess_workers, progress=not args.quiet,
+        version_2_with_negative=args.version_2_with_negative)
     logger.info("%d questions, %d features from %s", len(examples), len(features), args.predict_file)
 
     mean_starts, mean_ends = ensemble_logits(args, config, features, device, amp_dtype)
     predictions, nbest = decode_predictions(examples, features, mean_starts, mean_ends,
                                             n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
-    write_predictions(predictions, nbest, output_dir)
-    logger.info("wrote %s and %s", output_dir / "predictions.json", output_dir / "nbest_predictions.json")
+    if not args.version_2_with_negative:
+        write_predictions(predictions, nbest, output_dir)
+        logger.info("wrote %s and %s", output_dir / "predictions.json", output_dir / "nbest_predictions.json")
+        if not has_answers(examples):
+            print(f"{args.predict_file} has no answers (a test set?): predictions written, scoring skipped",
+                  file=sys.stderr)
+            return
+        scores = score(args.predict_file, predictions) if metric == "korquad" else \
+            score_no_answer(args.predict_file, metric, predictions, None)
+        print(json.dumps(scores, ensure_ascii=False))
+        return
+
+    odds = null_odds(examples, features.feature_example, mean_starts, mean_ends, nbest)
+    threshold = args.null_score_diff_threshold
+    if threshold in TUNED_THRESHOLDS:
+        if not has_answers(examples):
+            raise UsageError(f"--null_score_diff_threshold {threshold}: {args.predict_file} has no answers to tune on")
+        threshold = tuned_threshold(args.predict_file, predictions, odds, threshold)
+        logger.info("null_score_diff_threshold tuned on %s (%s): %.6g", args.predict_file,
+                    args.null_score_diff_threshold, threshold)
+    write_predictions(abstain(predictions, odds, threshold), nbest, output_dir)
+    write_null_files(odds, output_dir)
+    logger.info("wrote predictions.json, nbest_predictions.json, null_odds.json and na_probs.json in %s "
+                "(threshold %.6g: %d of %d questions answered \"\")", output_dir, threshold,
+                sum(value > threshold for value in odds.values()), len(odds))
     if not has_answers(examples):
         print(f"{args.predict_file} has no answers (a test set?): predictions written, scoring skipped",
               file=sys.stderr)
         return
-    print(json.dumps(score(args.predict_file, predictions)))
+    print(json.dumps(score_no_answer(args.predict_file, metric, predictions, odds, threshold), ensure_ascii=False))
 
 
 if __name__ == "__main__":

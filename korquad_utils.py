@@ -25,7 +25,7 @@ import shutil
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import itemgetter
 from pathlib import Path
@@ -52,13 +52,20 @@ class KorquadFormatError(ValueError):
 
 @dataclass
 class SquadExample:
-    """One question on one context. `start_char`/`end_char` (end exclusive) are set for training."""
+    """One question on one context. `start_char`/`end_char` (end exclusive) are set for training.
+
+    Read with `version_2_with_negative`: `is_impossible` marks a question without an answer in its
+    context (it trains to [CLS]); KLUE-MRC's `question_type` and `plausible_answers` are kept as read
+    (plausible answers are never trained on)."""
     qas_id: str
     question_text: str
     context_text: str
     answers: list[dict]
     start_char: int | None = None
     end_char: int | None = None
+    is_impossible: bool = False
+    question_type: int | None = None
+    plausible_answers: list[dict] = field(default_factory=list)
 
 
 @contextmanager
@@ -131,13 +138,47 @@ def _training_span(context: str, answers: list[dict]) -> tuple[int, int] | str:
     return start, start + len(stripped)
 
 
+def _question_id(qa: Any, where: str, version_2_with_negative: bool) -> str:
+    """`id`, or with version 2 KLUE-MRC's `guid` where there is no `id`."""
+    if version_2_with_negative and isinstance(qa, dict) and "id" not in qa and "guid" in qa:
+        return _field(qa, "guid", str, where)
+    if isinstance(qa, dict) and "id" not in qa and "guid" in qa:
+        raise KorquadFormatError(f"{where}: missing 'id' (a KLUE-MRC file with 'guid' ids? read it with "
+                                 f"--version_2_with_negative)")
+    return _field(qa, "id", str, where)
+
+
+def _read_unanswerable(qa: dict, example: SquadExample, where: str) -> None:
+    """Fill the version-2 fields of `example`: unanswerable when `is_impossible` is true or it has no answers."""
+    impossible = qa.get("is_impossible", False)
+    if not isinstance(impossible, bool):
+        raise KorquadFormatError(f"{where}: 'is_impossible' must be true or false, got {impossible!r}")
+    if impossible and example.answers:
+        raise KorquadFormatError(f"{where}: 'is_impossible' is true but it has {len(example.answers)} answer(s); "
+                                 f"an unanswerable question's answers go in 'plausible_answers'")
+    example.is_impossible = impossible or not example.answers
+    question_type = qa.get("question_type")
+    if question_type is not None and (isinstance(question_type, bool) or not isinstance(question_type, int)):
+        raise KorquadFormatError(f"{where}: 'question_type' must be a whole number, got {question_type!r}")
+    example.question_type = question_type
+    plausible = qa.get("plausible_answers", [])
+    if not isinstance(plausible, list):
+        raise KorquadFormatError(f"{where}: 'plausible_answers' must be a list, got {type(plausible).__name__}")
+    example.plausible_answers = plausible
+
+
 @_gc_paused()
-def read_squad_examples(input_file: str | os.PathLike, is_training: bool) -> list[SquadExample]:
+def read_squad_examples(input_file: str | os.PathLike, is_training: bool,
+                        version_2_with_negative: bool = False) -> list[SquadExample]:
     """Read a SQuAD/KorQuAD-format JSON file into examples, validating its structure.
 
     Structural problems raise `KorquadFormatError`. For training, a question whose first answer does
     not match its context (or has none) is skipped with a warning; a file without answers reads
     fine for prediction.
+
+    With `version_2_with_negative` (SQuAD 2.0, KLUE-MRC): a question with `"is_impossible": true` or
+    an empty answer list is unanswerable (trained to [CLS], never skipped); `guid` is the id where
+    there is no `id`; `is_impossible` must be a boolean and false wherever there are answers.
     """
     path = Path(input_file)
     articles = _field(_load_json_file(path), "data", list, str(path))
@@ -150,14 +191,16 @@ def read_squad_examples(input_file: str | os.PathLike, is_training: bool) -> lis
             paragraph_where = f"{article_where} paragraph {paragraph_number}"
             context = _field(paragraph, "context", str, paragraph_where)
             for qa_number, qa in enumerate(_field(paragraph, "qas", list, paragraph_where)):
-                qas_id = _field(qa, "id", str, f"{paragraph_where} question {qa_number}")
+                qas_id = _question_id(qa, f"{paragraph_where} question {qa_number}", version_2_with_negative)
                 where = f"{path}: question {qas_id}"
                 if qas_id in seen_ids:
                     raise KorquadFormatError(f"{where}: duplicate question id")
                 seen_ids.add(qas_id)
                 example = SquadExample(qas_id, _field(qa, "question", str, where), context,
                                        _read_answers(qa, where, is_training))
-                if is_training:
+                if version_2_with_negative:
+                    _read_unanswerable(qa, example, where)
+                if is_training and not example.is_impossible:
                     span = _training_span(context, example.answers)
                     if isinstance(span, str):
                         logger.warning("%s: %s; question skipped", where, span)
@@ -466,7 +509,7 @@ def _build_feature_table(examples: Sequence[SquadExample], tokenizer: Any, max_s
     if num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     if is_training:
-        unlabelled = next((ex.qas_id for ex in examples if ex.start_char is None), None)
+        unlabelled = next((ex.qas_id for ex in examples if ex.start_char is None and not ex.is_impossible), None)
         if unlabelled is not None:
             raise ValueError(f"question {unlabelled} has no answer span; read training files with is_training=True")
     distinct_contexts, example_context = _number_distinct([ex.context_text for ex in examples])
@@ -485,7 +528,9 @@ def _build_feature_table(examples: Sequence[SquadExample], tokenizer: Any, max_s
             windows = _doc_windows(*shape, doc_stride)
             windows_by_shape[shape] = windows, _max_context_flags(windows, len(offsets))
         windows, flags = windows_by_shape[shape]
-        answer = _answer_pieces(offsets, example.start_char, example.end_char) if is_training else None
+        # An unanswerable question keeps (0, 0), [CLS], in every window, as do windows without the answer.
+        answer = (_answer_pieces(offsets, example.start_char, example.end_char)
+                  if is_training and not example.is_impossible else None)
         for span_index, (doc_start, doc_length) in enumerate(windows):
             positions = (0, 0)
             if answer and doc_start <= answer[0] and answer[1] < doc_start + doc_length:
@@ -539,22 +584,24 @@ def _tokenizer_settings(tokenizer: Any) -> dict[str, Any]:
 
 
 def feature_cache_key(input_file: str | os.PathLike, tokenizer: Any, max_seq_length: int, doc_stride: int,
-                      max_query_length: int, is_training: bool) -> str:
+                      max_query_length: int, is_training: bool, version_2_with_negative: bool = False) -> str:
     """sha256 over everything the features depend on: the data and vocab contents, and the settings."""
     settings = _tokenizer_settings(tokenizer)
     digest = hashlib.sha256(f"korquad-features-v{CACHE_VERSION}\0".encode())
     _hash_file(digest, input_file)
     _hash_file(digest, settings["vocab_file"])
-    digest.update(json.dumps({"analyzer": settings["analyzer"], "do_lower_case": settings["do_lower_case"],
-                              "max_seq_length": max_seq_length, "doc_stride": doc_stride,
-                              "max_query_length": max_query_length, "is_training": is_training},
-                             sort_keys=True).encode())
+    key_settings = {"analyzer": settings["analyzer"], "do_lower_case": settings["do_lower_case"],
+                    "max_seq_length": max_seq_length, "doc_stride": doc_stride,
+                    "max_query_length": max_query_length, "is_training": is_training}
+    if version_2_with_negative:  # only then, so that version-1 caches keep their keys
+        key_settings["version_2_with_negative"] = True
+    digest.update(json.dumps(key_settings, sort_keys=True).encode())
     return digest.hexdigest()
 
 
 def _cache_path(input_file: Path, cache_dir: Path, analyzer: str, max_seq_length: int, doc_stride: int,
-                max_query_length: int, is_training: bool) -> Path:
-    mode = "train" if is_training else "eval"
+                max_query_length: int, is_training: bool, version_2_with_negative: bool = False) -> Path:
+    mode = ("train" if is_training else "eval") + (".v2" if version_2_with_negative else "")
     name = f"{input_file.stem}.{analyzer}.{mode}.{max_seq_length}_{doc_stride}_{max_query_length}"
     stem = re.sub(r"[^\w.-]", "_", name)
     return cache_dir / f"{stem}.features"
@@ -667,53 +714,59 @@ def _write_cached_table(table: FeatureTable, directory: Path, key: str, metadata
 
 def load_or_build_features(input_file: str | os.PathLike, tokenizer: Any, max_seq_length: int, doc_stride: int,
                            max_query_length: int, is_training: bool, cache_dir: str | os.PathLike | None = None,
-                           overwrite_cache: bool = False, num_workers: int = 1,
-                           progress: bool = True) -> tuple[list[SquadExample], FeatureTable]:
+                           overwrite_cache: bool = False, num_workers: int = 1, progress: bool = True,
+                           version_2_with_negative: bool = False) -> tuple[list[SquadExample], FeatureTable]:
     """Examples read from `input_file`, and their feature table from the cache when it is current.
 
     The cache is a directory of `.npy` arrays plus `table.json` (no pickle) in `cache_dir`, by default
     `cache/` beside the data file, keyed by `feature_cache_key`. The table comes back memory-mapped
     from it, also right after building it, so every process of a machine reads the same pages. A
     damaged cache is rebuilt with a warning; one that cannot be written (read-only data directory) is
-    skipped with a warning and the table stays in memory.
+    skipped with a warning and the table stays in memory. `version_2_with_negative` reads
+    unanswerable questions (see `read_squad_examples`).
     """
-    examples = read_squad_examples(input_file, is_training)
+    examples = read_squad_examples(input_file, is_training, version_2_with_negative)
     return examples, _load_or_build_table(Path(input_file), examples, tokenizer, max_seq_length, doc_stride,
-                                          max_query_length, is_training, cache_dir, not overwrite_cache,
-                                          num_workers, progress)
+                                          max_query_length, is_training, version_2_with_negative, cache_dir,
+                                          not overwrite_cache, num_workers, progress)
 
 
 def load_or_build_table(input_file: str | os.PathLike, tokenizer: Any, max_seq_length: int, doc_stride: int,
                         max_query_length: int, is_training: bool, cache_dir: str | os.PathLike | None = None,
-                        overwrite_cache: bool = False, num_workers: int = 1, progress: bool = True) -> FeatureTable:
+                        overwrite_cache: bool = False, num_workers: int = 1, progress: bool = True,
+                        version_2_with_negative: bool = False) -> FeatureTable:
     """`load_or_build_features` without the examples, for training, which needs only the windows: a
     cache hit then never parses the JSON file (its key already vouches for the contents), so each
     process of a run holds little beyond the shared, memory-mapped table."""
     input_file = Path(input_file)
     table = None if overwrite_cache else _read_cached_table(
-        _cache_directory(input_file, tokenizer, max_seq_length, doc_stride, max_query_length, is_training, cache_dir),
-        feature_cache_key(input_file, tokenizer, max_seq_length, doc_stride, max_query_length, is_training), None)
+        _cache_directory(input_file, tokenizer, max_seq_length, doc_stride, max_query_length, is_training,
+                         version_2_with_negative, cache_dir),
+        feature_cache_key(input_file, tokenizer, max_seq_length, doc_stride, max_query_length, is_training,
+                          version_2_with_negative), None)
     if table is not None:
         logger.info("features loaded from cache for %s", input_file)
         return table
-    return _load_or_build_table(input_file, read_squad_examples(input_file, is_training), tokenizer, max_seq_length,
-                                doc_stride, max_query_length, is_training, cache_dir, False, num_workers, progress)
+    return _load_or_build_table(input_file, read_squad_examples(input_file, is_training, version_2_with_negative),
+                                tokenizer, max_seq_length, doc_stride, max_query_length, is_training,
+                                version_2_with_negative, cache_dir, False, num_workers, progress)
 
 
 def _cache_directory(input_file: Path, tokenizer: Any, max_seq_length: int, doc_stride: int, max_query_length: int,
-                     is_training: bool, cache_dir: str | os.PathLike | None) -> Path:
+                     is_training: bool, version_2_with_negative: bool, cache_dir: str | os.PathLike | None) -> Path:
     return _cache_path(input_file, Path(cache_dir) if cache_dir else input_file.parent / "cache",
                        _tokenizer_settings(tokenizer)["analyzer"], max_seq_length, doc_stride, max_query_length,
-                       is_training)
+                       is_training, version_2_with_negative)
 
 
 def _load_or_build_table(input_file: Path, examples: list[SquadExample], tokenizer: Any, max_seq_length: int,
-                         doc_stride: int, max_query_length: int, is_training: bool,
+                         doc_stride: int, max_query_length: int, is_training: bool, version_2_with_negative: bool,
                          cache_dir: str | os.PathLike | None, read_cache: bool, num_workers: int,
                          progress: bool) -> FeatureTable:
-    key = feature_cache_key(input_file, tokenizer, max_seq_length, doc_stride, max_query_length, is_training)
+    key = feature_cache_key(input_file, tokenizer, max_seq_length, doc_stride, max_query_length, is_training,
+                            version_2_with_negative)
     directory = _cache_directory(input_file, tokenizer, max_seq_length, doc_stride, max_query_length, is_training,
-                                 cache_dir)
+                                 version_2_with_negative, cache_dir)
     table = _read_cached_table(directory, key, len(examples)) if read_cache else None
     if table is not None:
         logger.info("features loaded from cache %s", directory)
@@ -722,7 +775,8 @@ def _load_or_build_table(input_file: Path, examples: list[SquadExample], tokeniz
                                  is_training, num_workers, progress)
     written = _write_cached_table(table, directory, key, {
         "input_file": str(input_file), **_tokenizer_settings(tokenizer), "max_seq_length": max_seq_length,
-        "doc_stride": doc_stride, "max_query_length": max_query_length, "is_training": is_training})
+        "doc_stride": doc_stride, "max_query_length": max_query_length, "is_training": is_training,
+        "version_2_with_negative": version_2_with_negative})
     # Map what was just written, dropping the built copy: this process then holds no private copy.
     return (written and _read_cached_table(directory, key, len(examples))) or table
 
@@ -894,16 +948,18 @@ def _softmax(scores: list[float]) -> list[float]:
     return [value / total for value in exps]
 
 
-def gold_logits(table: FeatureTable) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def gold_logits(table: FeatureTable, null_label: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Logits pointing at each training window's gold start/end (flat in windows without the answer).
 
     Decoding these measures the pipeline's own ceiling: what a perfect model could score after
-    tokenization, windowing and decoding.
+    tokenization, windowing and decoding. With `null_label` (version 2), a window labelled [CLS]
+    (no answer in it, or an unanswerable question) points at [CLS] instead of staying flat, as the
+    model is trained to.
     """
     starts, ends = [], []
     for length, (start_position, end_position) in zip(table.lengths.tolist(), table.feature_positions.tolist()):
         start, end = np.zeros(length, np.float32), np.zeros(length, np.float32)
-        if start_position:
+        if start_position or null_label:
             start[start_position] = end[end_position] = 10.0
         starts.append(start)
         ends.append(end)
@@ -970,6 +1026,55 @@ def _distinct_texts(context: str, table: FeatureTable, candidates: Iterator[tupl
             if len(kept) == n_best_size:
                 break
     return kept
+
+
+# ----------------------------------------------------------------------------- unanswerable questions
+
+
+def null_odds(examples: Sequence[SquadExample], feature_example: Sequence[int], start_logits: Sequence,
+              end_logits: Sequence, nbest: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """Per question: its null score minus its best span's score (higher = more likely no answer).
+
+    The null score is [CLS]'s start + end logit (position 0 of every window), the minimum over the
+    question's windows: the window most sure there is an answer decides. The best span's score is
+    the start + end logit of the first n-best entry; a question without any valid span gets +inf.
+    `feature_example[i]` is the example index of window i, whose logits are `start_logits[i]`.
+    """
+    null = np.full(len(examples), np.inf)
+    cls_scores = np.array([float(start[0]) + float(end[0]) for start, end in zip(start_logits, end_logits)])
+    np.minimum.at(null, np.asarray(feature_example, dtype=np.int64), cls_scores)
+    odds = {}
+    for example, null_score in zip(examples, null.tolist()):
+        best = nbest[example.qas_id][0]
+        span_score = best["start_logit"] + best["end_logit"] if best["start"] is not None else -math.inf
+        odds[example.qas_id] = null_score - span_score
+    return odds
+
+
+def abstain(predictions: dict[str, str], odds: dict[str, float], threshold: float) -> dict[str, str]:
+    """`predictions` with "" wherever the null score beats the best span by more than `threshold`."""
+    return {qas_id: "" if odds[qas_id] > threshold else text for qas_id, text in predictions.items()}
+
+
+def no_answer_probability(odds: float) -> float:
+    """The two-way softmax of the null score against the best span: sigmoid(null - best).
+
+    "" is predicted exactly where it exceeds sigmoid(threshold), 0.5 at the default threshold 0."""
+    return 1.0 / (1.0 + math.exp(-odds)) if odds > -700 else 0.0
+
+
+def write_null_files(odds: dict[str, float], output_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write `null_odds.json` (null minus best span score per question; +inf, written as 1e30, where
+    no span exists) and `na_probs.json` (`no_answer_probability`), both usable as evaluate_v2_0.py's
+    --na-prob-file, atomically."""
+    output_dir = Path(output_dir)
+    paths = output_dir / "null_odds.json", output_dir / "na_probs.json"
+    finite = {qas_id: min(value, 1e30) for qas_id, value in odds.items()}
+    probabilities = {qas_id: no_answer_probability(value) for qas_id, value in odds.items()}
+    for path, content in zip(paths, (finite, probabilities)):
+        text = json.dumps(content, ensure_ascii=False, indent=2) + "\n"
+        atomic_write(path, lambda file, text=text: file.write(text.encode("utf-8")))
+    return paths
 
 
 def write_predictions(predictions: dict[str, str], nbest: dict[str, list[dict[str, Any]]],

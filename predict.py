@@ -7,6 +7,9 @@
 Input lines are JSON objects {"id": .., "question": .., "context": ..} (id optional), or the whole
 input is a KorQuAD/SQuAD-format file. Each answer is one JSON line: id (when given), answer, start,
 end (context[start:end] == answer) and probability; --top_k K adds the K best as `answers`.
+A model trained with --version_2_with_negative (or the flag given here) may answer "" (start and
+end null) when the question has no answer in the context, and every line carries
+`no_answer_probability`.
 
 From Python:
 
@@ -29,12 +32,12 @@ from typing import Any, TextIO
 
 import torch
 
-from cli_common import (ArgumentParser, UsageError, add_compile_args, add_device_args, add_window_args, autocast_dtype,
-                        average_logits, build_tokenizer, check_compile_args, check_data_args, compile_model,
-                        load_finetuned, pick_device, positive_int, predict_logits, resolve_finetuned_settings, run_cli,
-                        setup_logging)
+from cli_common import (ArgumentParser, UsageError, add_compile_args, add_device_args, add_no_answer_args,
+                        add_window_args, autocast_dtype, average_logits, build_tokenizer, check_compile_args,
+                        check_data_args, check_version_2, compile_model, load_finetuned, pick_device, positive_int,
+                        predict_logits, resolve_finetuned_settings, run_cli, setup_logging)
 from korquad_utils import (SquadExample, atomic_write, convert_examples_to_features, decode_predictions,
-                           read_squad_examples)
+                           no_answer_probability, null_odds, read_squad_examples)
 from tokenization import BertTokenizer
 
 logger = logging.getLogger("korquad")
@@ -85,6 +88,8 @@ class Reader:
     n_best_size: int = 20
     batch_size: int = 32
     pad_to_multiple: int | None = None   # with --compile: a few static shapes
+    version_2_with_negative: bool = False  # may answer "": the null score against the best span
+    null_score_diff_threshold: float = 0.0
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike | Sequence[str | os.PathLike], **settings: Any) -> Reader:
@@ -93,7 +98,8 @@ class Reader:
 
         `settings` are predict.py's flags by name (model_config, vocab_file, analyzer, batch_size,
         max_seq_length, doc_stride, max_query_length, max_answer_length, n_best_size, no_cuda, bf16,
-        fp16, fp32, compile, compile_bucket); anything not given is read from the training run or takes the flag's default.
+        fp16, fp32, compile, compile_bucket, version_2_with_negative, null_score_diff_threshold); anything
+        not given is read from the training run or takes the flag's default.
         """
         checkpoints = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
         args = build_parser().parse_args(["--checkpoint", *map(str, checkpoints)])
@@ -110,6 +116,7 @@ class Reader:
         to the training run's or the transformers directory's."""
         config = resolve_finetuned_settings(args)
         check_data_args(args, config)
+        check_version_2(args)
         device = pick_device(args.no_cuda)
         amp_dtype = autocast_dtype(args, device)
         check_compile_args(args, device)
@@ -120,7 +127,8 @@ class Reader:
                   for path in args.checkpoint]
         return cls(models, tokenizer, device, amp_dtype, args.max_seq_length, args.max_query_length,
                    args.doc_stride, args.max_answer_length, args.n_best_size, args.batch_size,
-                   args.compile_bucket if args.compile else None)
+                   args.compile_bucket if args.compile else None, args.version_2_with_negative,
+                   args.null_score_diff_threshold)
 
     def __call__(self, question: str, context: str, top_k: int | None = None) -> dict[str, Any]:
         """The best answer to one question: answer, start, end, probability (and `answers` with top_k)."""
@@ -154,15 +162,26 @@ class Reader:
         _, nbest = decode_predictions(examples, features, starts, ends,
                                       n_best_size=max(self.n_best_size, top_k or 1),
                                       max_answer_length=self.max_answer_length)
-        return [answer_record(record, nbest[example.qas_id], top_k) for record, example in zip(records, examples)]
+        odds = (null_odds(examples, features.feature_example, starts, ends, nbest)
+                if self.version_2_with_negative else {})
+        return [answer_record(record, nbest[example.qas_id], top_k, odds.get(example.qas_id),
+                              self.null_score_diff_threshold) for record, example in zip(records, examples)]
 
 
-def answer_record(record: Mapping[str, Any], nbest: list[dict[str, Any]], top_k: int | None) -> dict[str, Any]:
-    """The output line of one question from its n-best list; no possible span: "" and null offsets."""
+def answer_record(record: Mapping[str, Any], nbest: list[dict[str, Any]], top_k: int | None,
+                  odds: float | None = None, threshold: float = 0.0) -> dict[str, Any]:
+    """The output line of one question from its n-best list; no possible span: "" and null offsets.
+
+    With `odds` (null minus best span score, version 2): `no_answer_probability`, and "" with null
+    offsets and probability 0 when `odds` exceeds `threshold` (`answers` still lists the spans)."""
     ranked = [{"answer": entry["text"], "start": entry["start"], "end": entry["end"],
                "probability": entry["probability"] if entry["start"] is not None else 0.0} for entry in nbest]
     answer = {"id": record["id"]} if "id" in record else {}
     answer.update(ranked[0])
+    if odds is not None:
+        if odds > threshold:
+            answer.update(answer="", start=None, end=None, probability=0.0)
+        answer["no_answer_probability"] = no_answer_probability(odds)
     if top_k is not None:
         answer["answers"] = [entry for entry in ranked[:top_k] if entry["start"] is not None]
     return answer
@@ -189,15 +208,16 @@ def read_input_text(path: str) -> str:
     return text.removeprefix("\ufeff")
 
 
-def korquad_items(path: str, text: str) -> list[Item]:
-    """The questions of a KorQuAD/SQuAD-format input, checked by the same reader eval.py uses."""
+def korquad_items(path: str, text: str, version_2_with_negative: bool = False) -> list[Item]:
+    """The questions of a KorQuAD/SQuAD-format input, checked by the same reader eval.py uses
+    (with `version_2_with_negative`, KLUE-MRC's `guid` ids work too)."""
     if path != "-":
-        examples = read_squad_examples(path, is_training=False)
+        examples = read_squad_examples(path, is_training=False, version_2_with_negative=version_2_with_negative)
     else:
         with tempfile.TemporaryDirectory() as directory:
             copy = Path(directory) / "stdin.json"
             copy.write_text(text, encoding="utf-8")
-            examples = read_squad_examples(copy, is_training=False)
+            examples = read_squad_examples(copy, is_training=False, version_2_with_negative=version_2_with_negative)
     items: list[Item] = []
     for example in examples:
         record = {"id": example.qas_id, "question": example.question_text, "context": example.context_text}
@@ -222,7 +242,7 @@ def json_lines_items(lines: Iterable[str]) -> Iterator[Item]:
             yield where, err
 
 
-def input_items(path: str) -> list[Item] | Iterator[Item]:
+def input_items(path: str, version_2_with_negative: bool = False) -> list[Item] | Iterator[Item]:
     """The questions of --input: a KorQuAD/SQuAD file when the whole input is one, else JSON lines."""
     text = read_input_text(path)
     try:
@@ -230,7 +250,7 @@ def input_items(path: str) -> list[Item] | Iterator[Item]:
     except json.JSONDecodeError:
         whole = None
     if isinstance(whole, dict) and "data" in whole:
-        return korquad_items(path, text)
+        return korquad_items(path, text, version_2_with_negative)
     return json_lines_items(text.splitlines())
 
 
@@ -295,7 +315,8 @@ def question_items(args: argparse.Namespace) -> Iterable[Item]:
         context_flag = "--context" if args.context_file is None else f"--context_file {args.context_file}"
         return [("--question", check_question_flag(args.question, context, context_flag))]
     if args.input is not None:
-        return input_items(args.input)
+        # A KLUE file's guid ids need the flag now, before the model (and the run's setting) is read.
+        return input_items(args.input, args.version_2_with_negative is True)
     return interactive_items(context, sys.stdin)
 
 
@@ -351,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_best_size", type=positive_int, default=20,
                         help="Spans the probabilities are spread over, as in eval.py.")
     parser.add_argument("--quiet", action="store_true", help="Warnings only.")
+    add_no_answer_args(parser, remembered=True)
     add_window_args(parser)
     add_device_args(parser)
     add_compile_args(parser)

@@ -37,11 +37,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, ArgumentParser, UsageError, add_compile_args,
-                        add_data_args, autocast_context, autocast_dtype, build_tokenizer, check_checkpoint_file,
-                        check_compile_args, check_data_args, compile_model, compile_padding, copy_vocab_into,
-                        evaluate_model, fetch_hub_model, finite_float, has_answers, pick_device, positive_float,
-                        positive_int, prepare_output_dir, resolve_model_settings, run_cli, save_torch_atomic, score,
-                        setup_logging, write_json_atomic)
+                        add_data_args, add_no_answer_args, autocast_context, autocast_dtype, build_tokenizer,
+                        check_checkpoint_file, check_compile_args, check_data_args, check_version_2, compile_model,
+                        compile_padding, copy_vocab_into, evaluate_model, evaluate_model_with_odds, fetch_hub_model,
+                        finite_float, has_answers, pick_device, positive_float, positive_int, prepare_output_dir,
+                        resolve_model_settings, run_cli, save_torch_atomic, score, score_no_answer, setup_logging,
+                        write_json_atomic)
 from korquad_utils import (FeatureTable, atomic_write, collate_features, load_or_build_features,
                            load_or_build_table, make_length_grouped_batches)
 from long_run import DirectoryLocked, RunLock, StopSignals, plot_training_curves, read_log, remove_dead_temp_files
@@ -192,6 +193,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tensorboard", action="store_true",
                         help="Also log loss, learning rate and EM/F1 for TensorBoard in output_dir/tensorboard.")
     parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
+    add_no_answer_args(parser)
     add_data_args(parser)
     add_compile_args(parser)
     args = parser.parse_args(argv)
@@ -263,7 +265,7 @@ def run_settings(args: argparse.Namespace, config: Config, do_lower_case: bool, 
 
     The global batch counts, not its split over ranks and accumulation steps (`rank_batches` trains alike).
     """
-    return {
+    settings = {
         "--train_file": file_digest("--train_file", args.train_file),
         "--vocab_file": file_digest("--vocab_file", args.vocab_file),
         "--analyzer": args.analyzer, "lower-casing": do_lower_case,
@@ -276,6 +278,9 @@ def run_settings(args: argparse.Namespace, config: Config, do_lower_case: bool, 
         "--warmup_proportion": args.warmup_proportion, "--weight_decay": args.weight_decay,
         "--adam_epsilon": args.adam_epsilon, "--max_grad_norm": args.max_grad_norm, "--seed": args.seed,
     }
+    if args.version_2_with_negative:  # only then: runs from before the flag resume as they were
+        settings["--version_2_with_negative"] = True
+    return settings
 
 
 def check_same_settings(saved: dict, current: dict, saved_paths: dict, current_paths: dict) -> None:
@@ -542,18 +547,41 @@ def finish_epoch(run: TrainingRun, epoch: int, global_step: int, eval_data) -> b
         return True
     if ctx.is_main and eval_data is not None:
         eval_examples, eval_features = eval_data
-        predictions, _ = evaluate_model(run.eval_model, eval_examples, eval_features, args, run.device, run.amp_dtype,
-                                        args.eval_batch_size)
-        result = score(args.eval_file, predictions)
-        logger.info("epoch %d on %s: exact_match %.2f, f1 %.2f", epoch, args.eval_file,
-                    result["exact_match"], result["f1"])
-        record = {"epoch": epoch, "step": global_step, "exact_match": result["exact_match"], "f1": result["f1"]}
+        if args.version_2_with_negative:
+            record = {"epoch": epoch, "step": global_step, **evaluate_no_answer(run, eval_examples, eval_features)}
+        else:
+            predictions, _ = evaluate_model(run.eval_model, eval_examples, eval_features, args, run.device,
+                                            run.amp_dtype, args.eval_batch_size)
+            result = score(args.eval_file, predictions)
+            logger.info("epoch %d on %s: exact_match %.2f, f1 %.2f", epoch, args.eval_file,
+                        result["exact_match"], result["f1"])
+            record = {"epoch": epoch, "step": global_step, "exact_match": result["exact_match"], "f1": result["f1"]}
         run.log(record)
         run.evaluations.append(record)
         run.write_curves()
     if ctx.is_main and args.save_total_limit is not None:
         remove_old_checkpoints(run.output_dir, epoch, args.save_total_limit, best_evaluation(run.evaluations))
     return False
+
+
+def evaluate_no_answer(run: TrainingRun, examples, features) -> dict:
+    """SQuAD 2.0 scores of an unanswerable-question dev file at --null_score_diff_threshold, and the
+    threshold tuned on it (logged: pass it to eval.py/predict.py, or let eval.py tune with best_f1)."""
+    args = run.args
+    predictions, _, odds = evaluate_model_with_odds(run.eval_model, examples, features, args, run.device,
+                                                    run.amp_dtype, args.eval_batch_size)
+    result = score_no_answer(args.eval_file, "squad2", predictions, odds, args.null_score_diff_threshold)
+    logger.info("on %s: exact %.2f, f1 %.2f (HasAns f1 %s, NoAns f1 %s) at null_score_diff_threshold %g; "
+                "tuned null_score_diff_threshold %.6g gives best_f1 %.2f", args.eval_file, result["exact"],
+                result["f1"], _percent(result.get("HasAns_f1")), _percent(result.get("NoAns_f1")),
+                args.null_score_diff_threshold, result["best_f1_thresh"], result["best_f1"])
+    return {"exact_match": result["exact"], "f1": result["f1"], "HasAns_f1": result.get("HasAns_f1"),
+            "NoAns_f1": result.get("NoAns_f1"), "best_f1": result["best_f1"],
+            "best_f1_thresh": result["best_f1_thresh"]}
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def remove_old_checkpoints(output_dir: Path, last_epoch: int, limit: int, best: dict | None) -> None:
@@ -588,6 +616,7 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
         args.checkpoint = fetch_hub_model(args.checkpoint)
     config = resolve_model_settings(args, args.checkpoint)
     check_data_args(args, config)
+    check_version_2(args)
     check_compile_args(args, device)
     if args.checkpoint.lower() != "none" and not Path(args.checkpoint).exists():
         raise UsageError(f"--checkpoint {args.checkpoint}: file not found; download the pretrained checkpoint "
@@ -625,7 +654,8 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
     features = ctx.main_first(lambda: load_or_build_table(
         args.train_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
         is_training=True, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache and ctx.is_main,
-        num_workers=args.preprocess_workers, progress=not args.quiet))
+        num_workers=args.preprocess_workers, progress=not args.quiet,
+        version_2_with_negative=args.version_2_with_negative))
     if not len(features):
         raise UsageError(f"--train_file {args.train_file}: no usable training questions")
     eval_data = None
@@ -634,7 +664,8 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
             examples_and_features = load_or_build_features(
                 args.eval_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
                 is_training=False, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache,
-                num_workers=args.preprocess_workers, progress=not args.quiet)
+                num_workers=args.preprocess_workers, progress=not args.quiet,
+                version_2_with_negative=args.version_2_with_negative)
             if not has_answers(examples_and_features[0]):
                 raise UsageError(f"--eval_file {args.eval_file} has no answers to score against")
             return examples_and_features
