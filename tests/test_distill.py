@@ -106,3 +106,250 @@ def test_model_loss_is_the_alpha_mix_and_alpha_zero_is_plain_training():
     kd = (distill_loss(start, targets["start_targets"], mask, 2.0) + distill_loss(end, targets["end_targets"], mask, 2.0)) / 2
     mixed = model(ids, None, mask, **positions, **targets, distill_alpha=0.3, distill_temperature=2.0)
     assert mixed.item() == pytest.approx((0.7 * plain + 0.3 * kd).item(), abs=1e-6)
+
+
+# --- teachers through distill.py ---------------------------------------------------------------
+
+SMALL = ["--max_seq_length=128", "--max_query_length=32", "--doc_stride=64"]
+SMALL_WINDOWS = dict(max_seq_length=128, doc_stride=64, max_query_length=32)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory) -> Path:
+    """An `--analyzer none` run that has memorised 8 questions (`train.json` beside it)."""
+    root = tmp_path_factory.mktemp("teacher")
+    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    write_subset(SAMPLE_FILE, root / "train.json", 8)
+    trained = run_script("train.py", f"--output_dir={root / 'run'}", "--checkpoint=none",
+                         f"--model_config={root / 'tiny.json'}", f"--train_file={root / 'train.json'}", *SMALL,
+                         "--analyzer=none", "--train_batch_size=8", "--learning_rate=3e-3", "--num_train_epochs=40",
+                         "--warmup_proportion=0.05", "--save_total_limit=1", "--no_cuda", "--quiet",
+                         f"--cache_dir={root / 'cache'}", "--logging_steps=50", timeout=900)
+    assert trained.returncode == 0, trained.stderr
+    return root
+
+
+def distill(teacher: Path | str, train_file: Path, output_dir: Path, *flags: str):
+    result = run_script("distill.py", f"--teacher={teacher}", f"--train_file={train_file}",
+                        f"--output_dir={output_dir}", *SMALL, "--no_cuda", "--quiet", *flags)
+    assert result.returncode == 0, result.stderr
+    return read_teacher_targets(output_dir)
+
+
+def dense(targets: TeacherTargets, row: int, side: str) -> dict[int, float]:
+    bounds, chars, probs = (getattr(targets, f"{side}_{name}") for name in ("bounds", "chars", "probs"))
+    return dict(zip(chars[bounds[row]:bounds[row + 1]].tolist(), probs[bounds[row]:bounds[row + 1]].tolist()))
+
+
+def none_features(run: Path, train_file: Path):
+    from cli_common import load_finetuned, predict_logits
+    tokenizer = BertTokenizer(str(run / "vocab.txt"), analyzer="none")
+    examples = read_squad_examples(train_file, is_training=False)
+    features = convert_examples_to_features(examples, tokenizer, is_training=False, progress=False, **SMALL_WINDOWS)
+    model = load_finetuned(next(run.glob("korquad_*.bin")), Config.from_json_file(run / "config.json"),
+                           torch.device("cpu"))
+    return examples, features, predict_logits(model, features, 16, torch.device("cpu"), show_progress=False)
+
+
+def offsets_of(feature) -> np.ndarray:
+    return np.array([offset or (-1, -1) for offset in feature.token_offsets])
+
+
+def test_own_run_as_teacher_projects_to_its_own_softmax_over_the_students_tokens(teacher_run, tmp_path):
+    run, train_file = teacher_run / "run", teacher_run / "train.json"
+    targets = distill(run, train_file, tmp_path / "full", "--target_mass=1")
+    examples, features, (starts, ends) = none_features(run, train_file)
+    windows_per_question = np.bincount([f.example_index for f in features])
+    row_of = {q: i for i, q in enumerate(targets.question_ids.tolist())}
+    checked = 0
+    for feature, start_logits, end_logits in zip(features, starts, ends):
+        if windows_per_question[feature.example_index] != 1:
+            continue  # several windows: each token's logits come from its max-context window
+        offsets = offsets_of(feature)
+        context = offsets[:, 0] >= 0
+        projected = teacher_batch_targets(targets, [row_of[examples[feature.example_index].qas_id]], offsets[None])
+        for logits, target in zip((start_logits, end_logits), projected):
+            expected = np.zeros(len(offsets))
+            expected[context] = torch.softmax(torch.tensor(logits[context], dtype=torch.float64), 0).numpy()
+            np.testing.assert_allclose(target[0], expected, atol=1e-5)
+        checked += 1
+    assert checked >= 2, "the subset needs questions whose context fits one window"
+
+    # The default sparse targets (99.9% of the mass) stay within 0.1% of the full ones.
+    sparse = distill(run, train_file, tmp_path / "sparse")
+    for row in range(len(examples)):
+        for side in ("start", "end"):
+            full, kept = dense(targets, row, side), dense(sparse, row, side)
+            assert set(kept) <= set(full) and sum(kept.values()) >= 0.999 - 1e-6
+            assert len(kept) < len(full) or len(full) <= 2
+
+
+def test_transformers_path_and_our_path_give_the_same_targets(teacher_run, tmp_path):
+    pytest.importorskip("transformers", reason="transformers is a test-only dependency")
+    run, train_file = teacher_run / "run", teacher_run / "train.json"
+    exported = run_script("export.py", f"--checkpoint={run}", f"--output_dir={tmp_path / 'exported'}", "--quiet")
+    assert exported.returncode == 0, exported.stderr
+    ours = distill(run, train_file, tmp_path / "ours", "--target_mass=1")
+    theirs = distill(tmp_path / "exported", train_file, tmp_path / "theirs", "--target_mass=1")
+    assert json.loads((tmp_path / "theirs" / "teacher_targets.json").read_text())["teachers"][0]["kind"] == \
+        "transformers"
+    _, features, _ = none_features(run, train_file)
+    windows_per_question = np.bincount([f.example_index for f in features])
+    single = [q for q in range(len(windows_per_question)) if windows_per_question[q] == 1]
+    assert len(single) >= 2
+    # Several windows: transformers' stride is an overlap, ours a step, so the windows (and their
+    # logits) differ; one window: the same tokens, the same model, the same numbers.
+    for row in single:
+        for side in ("start", "end"):
+            a, b = dense(ours, row, side), dense(theirs, row, side)
+            assert set(a) == set(b)
+            np.testing.assert_allclose([b[c] for c in a], list(a.values()), atol=1e-4)
+
+
+def without_answers(source: Path, path: Path) -> Path:
+    dataset = json.loads(source.read_text(encoding="utf-8"))
+    for article in dataset["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                qa["answers"] = []
+    path.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def predictions_of(checkpoint: Path, predict_file: Path, output_dir: Path) -> dict[str, str]:
+    evaluated = run_script("eval.py", f"--checkpoint={checkpoint}", f"--predict_file={predict_file}",
+                           f"--output_dir={output_dir}", *SMALL, "--max_answer_length=30", "--no_cuda")
+    assert evaluated.returncode == 0, evaluated.stderr
+    return json.loads((output_dir / "predictions.json").read_text(encoding="utf-8"))
+
+
+def test_mecab_student_learns_the_teachers_answers_without_gold(teacher_run, tmp_path):
+    """An `--analyzer none` teacher, a Mecab student from random initialisation: the projection across
+    tokenizations is what carries the answers."""
+    train_file = teacher_run / "train.json"
+    unlabelled = without_answers(train_file, tmp_path / "unlabelled.json")
+    distill(teacher_run / "run", unlabelled, tmp_path / "targets")
+    student_flags = ["--checkpoint=none", f"--model_config={teacher_run / 'tiny.json'}", f"--train_file={unlabelled}",
+                     *SMALL, "--analyzer=mecab", "--train_batch_size=8", "--learning_rate=3e-3",
+                     "--warmup_proportion=0.05", "--num_train_epochs=40", "--save_total_limit=1", "--no_cuda",
+                     "--quiet", f"--cache_dir={tmp_path / 'cache'}", "--logging_steps=50"]
+    trained = run_script("train.py", f"--output_dir={tmp_path / 'student'}", *student_flags,
+                         f"--teacher_targets={tmp_path / 'targets'}", "--distill_alpha=1", timeout=900)
+    assert trained.returncode == 0, trained.stderr
+    teacher = predictions_of(teacher_run / "run", train_file, tmp_path / "teacher_predictions")
+    student = predictions_of(tmp_path / "student", train_file, tmp_path / "student_predictions")
+    agree = sum(student[q] == teacher[q] for q in teacher)
+    assert agree >= 0.75 * len(teacher), (agree, student, teacher)
+
+    # Without the teacher there is nothing to learn from: gold answers are gone...
+    plain = run_script("train.py", f"--output_dir={tmp_path / 'plain'}", *student_flags)
+    assert plain.returncode == 1 and "no usable training questions" in plain.stderr
+    # ...and the student's starting point answers unlike the teacher.
+    from cli_common import predict_logits
+    tokenizer = BertTokenizer(str(VOCAB_FILE), analyzer="mecab")
+    examples = read_squad_examples(train_file, is_training=False)
+    features = convert_examples_to_features(examples, tokenizer, is_training=False, progress=False, **SMALL_WINDOWS)
+    torch.manual_seed(42)  # train.py's --seed, as the distilled student started
+    untrained = QuestionAnswering(Config(**TINY_CONFIG))
+    untrained_predictions, _ = decode_predictions(examples, features, *predict_logits(
+        untrained, features, 16, torch.device("cpu"), show_progress=False))
+    assert sum(untrained_predictions[q] == teacher[q] for q in teacher) <= len(teacher) // 4
+
+
+def test_oracle_teacher_across_tokenizers_scores_as_the_students_own_oracle(dev_file):
+    """Gold characters as the teacher, projected onto Mecab windows, decode as gold token labels do."""
+    examples = read_squad_examples(dev_file, is_training=True)[:300]
+    tokenizer = BertTokenizer(str(VOCAB_FILE), analyzer="mecab")
+    features = convert_examples_to_features(examples, tokenizer, is_training=True, progress=False,
+                                            max_seq_length=512, doc_stride=128, max_query_length=96)
+    import bench
+    projected = bench.oracle_targets_logits(examples, features)
+    gold = gold_logits(features)
+    scores = [bench.exact_match_f1(examples, decode_predictions(examples, features, *logits)[0])
+              for logits in (projected, gold)]
+    assert scores[0]["exact_match"] == pytest.approx(scores[1]["exact_match"], abs=0.1)
+    assert scores[0]["f1"] == pytest.approx(scores[1]["f1"], abs=0.1)
+    assert scores[1]["exact_match"] > 95
+
+
+# --- bad inputs: one line each, before any work -------------------------------------------------
+
+def one_line_error(result, *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--distill_temperature", "0", "--distill_temperature"), ("--distill_temperature", "nan", "--distill_temperature"),
+    ("--distill_temperature", "-1", "--distill_temperature"), ("--distill_alpha", "1.5", "--distill_alpha"),
+    ("--distill_alpha", "-0.1", "--distill_alpha"), ("--distill_alpha", "nan", "--distill_alpha")])
+def test_bad_distillation_flags_are_one_line(flag, value, fragment, tmp_path):
+    result = run_script("train.py", f"--output_dir={tmp_path}", "--teacher_targets=x", f"{flag}={value}")
+    one_line_error(result, fragment)
+
+
+def test_targets_for_another_train_file_or_missing_questions_are_refused(tiny_setup, teacher_run, tmp_path):
+    targets = tmp_path / "targets"
+    distill(teacher_run / "run", teacher_run / "train.json", targets)
+    flags = [f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--model_config={tiny_setup / 'tiny.json'}", *SMALL,
+             "--no_cuda", "--quiet", f"--teacher_targets={targets}", f"--cache_dir={tmp_path / 'cache'}"]
+    other = run_script("train.py", f"--output_dir={tmp_path / 'a'}", f"--train_file={tiny_setup / 'train.json'}", *flags)
+    one_line_error(other, "--teacher_targets", "another train file")
+    assert not list((tmp_path / "a").glob("korquad_*.bin"))
+    missing = run_script("train.py", f"--output_dir={tmp_path / 'b'}", *flags)  # no such train file
+    one_line_error(missing, "--train_file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_targets = run_script("train.py", f"--output_dir={tmp_path / 'c'}", f"--train_file={tiny_setup / 'train.json'}",
+                            *flags[:-2], f"--teacher_targets={empty}")
+    one_line_error(no_targets, "teacher_targets.npz", "distill.py")
+
+
+def test_questions_without_targets_are_refused(teacher_run, tmp_path):
+    fewer = tmp_path / "fewer.json"
+    write_subset(teacher_run / "train.json", fewer, 5)
+    targets = tmp_path / "targets"
+    distill(teacher_run / "run", fewer, targets)
+    # The same bytes under the targets' file name, but with more questions: names the first one missing.
+    shutil.copy(teacher_run / "train.json", tmp_path / "more.json")
+    npz = dict(np.load(targets / "teacher_targets.npz"))
+    from korquad_utils import sha256_of_file
+    npz["train_file_sha256"] = np.array(sha256_of_file(tmp_path / "more.json"))
+    np.savez(targets / "teacher_targets.npz", **npz)
+    result = run_script("train.py", f"--output_dir={tmp_path / 'out'}", f"--train_file={tmp_path / 'more.json'}",
+                        "--checkpoint=none", f"--model_config={teacher_run / 'tiny.json'}", *SMALL, "--no_cuda",
+                        "--quiet", f"--teacher_targets={targets}", f"--cache_dir={tmp_path / 'cache'}")
+    one_line_error(result, "no targets for question", "3 of 8")
+
+
+def test_transformers_dir_without_a_qa_head_is_one_line(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128)
+    transformers.BertModel(config).save_pretrained(str(tmp_path / "encoder"))
+    shutil.copy(VOCAB_FILE, tmp_path / "encoder" / "vocab.txt")
+    result = run_script("distill.py", f"--teacher={tmp_path / 'encoder'}", f"--train_file={SAMPLE_FILE}",
+                        f"--output_dir={tmp_path / 'out'}", "--no_cuda")
+    one_line_error(result, "--teacher", "not a question-answering model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_slow_tokenizer_without_offsets_is_refused(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    import distill as distill_script
+    from cli_common import UsageError
+    config = transformers.BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128)
+    transformers.BertForQuestionAnswering(config).save_pretrained(str(tmp_path / "qa"))
+    shutil.copy(VOCAB_FILE, tmp_path / "qa" / "vocab.txt")
+
+    class SlowTokenizer:  # what a tokenizer without a tokenizer.json (no Rust backend) reports
+        is_fast = False
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: SlowTokenizer())
+    with pytest.raises(UsageError, match="slow one without character offsets"):
+        distill_script.main([f"--teacher={tmp_path / 'qa'}", f"--train_file={SAMPLE_FILE}",
+                             f"--output_dir={tmp_path / 'out'}", "--no_cuda"])
+    assert not (tmp_path / "out").exists()
