@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from cli_common import (USER_ERRORS, ArgumentParser, UsageError, add_data_args, autocast_context, autocast_dtype,
                         build_tokenizer, check_data_args, fetch_hub_model, finite_float, load_finetuned,
-                        predict_logits, prepare_output_dir, resolve_checkpoints, resolve_from_training_run, run_cli,
+                        pick_device, predict_logits, prepare_output_dir, resolve_checkpoints, resolve_from_training_run, run_cli,
                         setup_logging)
 from korquad_utils import (TEACHER_TARGETS_FORMAT, TEACHER_TARGETS_NPZ, KorquadFormatError, SquadExample,
                            TeacherTargets, load_or_build_features, make_length_grouped_batches,
@@ -86,7 +86,7 @@ def question_distributions(windows: Sequence[Window], context: str) -> tuple[Spa
         same_as_previous = np.r_[False, (window_offsets[1:] == window_offsets[:-1]).all(axis=1)]
         group_start = np.maximum.accumulate(np.where(same_as_previous, 0, position))
         keys.append(np.column_stack([window_offsets, position - group_start]))
-    offsets, keys = np.concatenate(offsets), np.concatenate(keys)
+    offsets, keys = np.concatenate(offsets).reshape(-1, 2), np.concatenate(keys).reshape(-1, 3)
     starts, ends, scores = np.concatenate(starts), np.concatenate(ends), np.concatenate(scores)
     # Best-scoring window first within each token (the earlier window on a tie), then one row per token.
     order = np.lexsort((np.arange(len(scores)), -scores, keys[:, 2], keys[:, 1], keys[:, 0]))
@@ -95,6 +95,9 @@ def question_distributions(windows: Sequence[Window], context: str) -> tuple[Spa
     chosen = order[first_of_token]
     first_char, last_char = trimmed_spans(offsets[chosen], context)
     usable = first_char <= last_char  # drops tokens that cover only whitespace (or nothing)
+    if not usable.any():  # no context token in any window: no target (train.py leaves such windows out)
+        nothing = (np.zeros(0, np.int64), np.zeros(0))
+        return nothing, nothing
     return (sparse_softmax(starts[chosen][usable], first_char[usable]),
             sparse_softmax(ends[chosen][usable], last_char[usable]))
 
@@ -193,7 +196,7 @@ def transformers_windows(directory: Path, teacher: str, tokenizer, examples: Seq
                       disable=args.quiet):
         chunk = slice(begin, begin + 256)
         encoded = tokenizer(questions[chunk], [ex.context_text for ex in examples[chunk]], truncation="only_second",
-                            max_length=limit, stride=min(args.doc_stride, limit // 2),
+                            max_length=limit, stride=max(0, min(args.doc_stride, limit - args.max_query_length - 4)),
                             return_overflowing_tokens=True, return_offsets_mapping=True)
         for row, example_index in enumerate(encoded["overflow_to_sample_mapping"]):
             in_context = np.array([sequence == 1 for sequence in encoded.sequence_ids(row)])
@@ -281,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             checkpoint = resolve_checkpoints([teacher])[0]
             teachers.append((teacher, "korquad", checkpoint, None))
     output_dir = prepare_output_dir(args.output_dir)
-    device = torch.device("cpu") if args.no_cuda or not torch.cuda.is_available() else torch.device("cuda")
+    device = pick_device(args.no_cuda)
     amp_dtype = autocast_dtype(args, device)
 
     train_sha = sha256_of_file(args.train_file)
