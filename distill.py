@@ -247,10 +247,10 @@ def our_windows(checkpoints: Sequence[Path], examples: Sequence[SquadExample], a
         model = load_finetuned(checkpoint, config, device)
         starts, ends = predict_logits(model, features, args.batch_size, device, amp_dtype, not args.quiet)
         windows: list[list[Window]] = [[] for _ in examples]
-        for feature, start_logits, end_logits in zip(features, starts, ends):
-            columns = np.array([i for i, offset in enumerate(feature.token_offsets) if offset is not None])
-            offsets = np.array([feature.token_offsets[i] for i in columns], dtype=np.int64).reshape(-1, 2)
-            windows[feature.example_index].append((offsets, start_logits[columns], end_logits[columns]))
+        for index, (example_index, start_logits, end_logits) in enumerate(zip(features.example_index, starts, ends)):
+            offsets = features.token_offsets(index)
+            in_context = offsets[:, 0] >= 0
+            windows[example_index].append((offsets[in_context], start_logits[in_context], end_logits[in_context]))
         members.append(windows)
         del model
     return members

@@ -42,7 +42,7 @@ from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, Argumen
                         evaluate_model, fetch_hub_model, finite_float, has_answers, pick_device, positive_float,
                         positive_int, prepare_output_dir, resolve_model_settings, run_cli, save_torch_atomic, score,
                         setup_logging, write_json_atomic)
-from korquad_utils import (TeacherTargets, atomic_write, collate_features, load_or_build_features,
+from korquad_utils import (FeatureTable, TeacherTargets, atomic_write, collate_features, load_or_build_features,
                            make_length_grouped_batches, read_teacher_targets, teacher_batch_targets)
 from long_run import DirectoryLocked, RunLock, StopSignals, plot_training_curves, read_log, remove_dead_temp_files
 from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
@@ -164,6 +164,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=positive_float, default=5e-5, help="Peak AdamW learning rate.")
     parser.add_argument("--num_train_epochs", type=positive_float, default=4.0,
                         help="Epochs to train (a fraction ends mid-epoch).")
+    parser.add_argument("--max_steps", type=positive_int, default=None,
+                        help="Stop after this many optimizer steps, the learning-rate schedule spanning them "
+                             "(overrides --num_train_epochs; if not given: the epochs decide).")
     parser.add_argument("--warmup_proportion", type=finite_float(0.0, 1.0, high_inclusive=False), default=0.1,
                         help="Share of the steps over which the learning rate rises linearly.")
     parser.add_argument("--weight_decay", type=finite_float(0.0), default=0.01,
@@ -275,7 +278,8 @@ def run_settings(args: argparse.Namespace, config: Config, do_lower_case: bool, 
         "--doc_stride": args.doc_stride, "model config": config.to_dict(),
         "global batch (--train_batch_size x ranks x --gradient_accumulation_steps)":
             args.train_batch_size * world_size * args.gradient_accumulation_steps,
-        "--num_train_epochs": args.num_train_epochs, "--learning_rate": args.learning_rate,
+        "--num_train_epochs": args.num_train_epochs, "--max_steps": args.max_steps,
+        "--learning_rate": args.learning_rate,
         "--warmup_proportion": args.warmup_proportion, "--weight_decay": args.weight_decay,
         "--adam_epsilon": args.adam_epsilon, "--max_grad_norm": args.max_grad_norm, "--seed": args.seed,
     } | ({} if args.teacher_targets is None else {  # absent without a teacher: older states still resume
@@ -358,23 +362,25 @@ def best_evaluation(evaluations: Sequence[dict]) -> dict | None:
 
 @dataclass
 class TeacherBatches:
-    """Teacher targets for the training features: each feature's question row in `targets`."""
+    """Teacher targets for the training windows: each window's question row in `targets`."""
 
     targets: TeacherTargets
+    features: FeatureTable
     feature_rows: np.ndarray
     alpha: float
     temperature: float
 
-    def collate(self, features, collate: Callable[..., dict]) -> dict:
-        """The batch `collate` makes, plus each window's start/end targets projected onto its tokens."""
-        batch = collate(features)
+    def collate(self, indices: list[int], collate: Callable[..., dict]) -> dict:
+        """The batch `collate` makes of windows `indices`, plus each window's start/end targets projected
+        onto its tokens by their character offsets (from the feature table: nothing stored per window)."""
+        batch = collate(indices)
         rows, width = batch["input_ids"].shape
         offsets = np.full((rows, width, 2), -1, dtype=np.int64)
-        for row, feature in enumerate(features):
-            context = [i for i, offset in enumerate(feature.token_offsets) if offset is not None]
-            offsets[row, context] = [feature.token_offsets[i] for i in context]
+        for row, index in enumerate(indices):
+            window_offsets = self.features.token_offsets(index)
+            offsets[row, :len(window_offsets)] = window_offsets
         question_rows = np.full(rows, -1, dtype=np.int64)
-        question_rows[:len(features)] = self.feature_rows[[feature.unique_id for feature in features]]
+        question_rows[:len(indices)] = self.feature_rows[np.asarray(indices, dtype=np.int64)]
         start, end = teacher_batch_targets(self.targets, question_rows, offsets)
         return {**batch, "start_targets": torch.from_numpy(start), "end_targets": torch.from_numpy(end)}
 
@@ -397,8 +403,8 @@ def teacher_for(args: argparse.Namespace, targets: TeacherTargets, examples, fea
         raise UsageError(f"--teacher_targets {args.teacher_targets}: no targets for question {missing[0]} "
                          f"({len(missing)} of {len(examples)} questions lack them); rerun distill.py")
     example_rows = np.array([row_of[example.qas_id] for example in examples], dtype=np.int64)
-    feature_rows = example_rows[[feature.example_index for feature in features]]
-    return TeacherBatches(targets, feature_rows, args.distill_alpha, args.distill_temperature)
+    return TeacherBatches(targets, features, example_rows[features.example_index], args.distill_alpha,
+                          args.distill_temperature)
 
 
 @dataclass
@@ -484,8 +490,15 @@ def load_resume_state(run_dir: Path, settings: dict, paths: dict) -> dict | None
     return state
 
 
-def train_one_epoch(run: TrainingRun, features, batches: list[np.ndarray], weights: list[float], *, epoch: int,
-                    first_step: int, global_step: int, pending_loss: tuple[float, int] = (0.0, 0)) -> tuple[int, bool]:
+def collate_tensors(indices: list[int], features: FeatureTable, **settings) -> dict[str, torch.Tensor]:
+    """`collate_features` as tensors (sharing the numpy arrays' memory): the DataLoader's collate_fn."""
+    return {name: torch.from_numpy(array) for name, array in collate_features(features, indices, **settings).items()}
+
+
+def train_one_epoch(run: TrainingRun, features: FeatureTable, batches: list[np.ndarray], weights: list[float], *,
+                    epoch: int,
+                    first_step: int, global_step: int,
+                    pending_loss: tuple[float, int] = (0.0, 0)) -> tuple[int, bool]:
     """This rank's batches of `epoch` from optimizer step `first_step` on (see `rank_batches`).
 
     Returns the global step reached and whether a stop signal ended the epoch early (its state then written).
@@ -494,13 +507,14 @@ def train_one_epoch(run: TrainingRun, features, batches: list[np.ndarray], weigh
     args, ctx, device = run.args, run.ctx, run.device
     accumulation = args.gradient_accumulation_steps
     steps_in_epoch = len(batches) // accumulation
-    collate = partial(collate_features, is_training=True,
+    collate = partial(collate_tensors, features=features, is_training=True,
                       **compile_padding(args, rows=args.train_batch_size, max_width=args.max_seq_length))
     distill = {}
     if run.teacher is not None:
         collate = partial(run.teacher.collate, collate=collate)
         distill = {"distill_alpha": run.teacher.alpha, "distill_temperature": run.teacher.temperature}
-    loader = DataLoader(features, batch_sampler=batches[first_step * accumulation:], collate_fn=collate,
+    # The dataset is the window numbers: each batch is cut from the feature table only when collated.
+    loader = DataLoader(range(len(features)), batch_sampler=batches[first_step * accumulation:], collate_fn=collate,
                         pin_memory=device.type == "cuda")
     loss_sum = torch.full((), pending_loss[0], device=device)  # read back only when shown: no sync per step
     loss_count = pending_loss[1]
@@ -677,7 +691,7 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
         args.train_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
         is_training=not teacher_only, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache and ctx.is_main,
         num_workers=args.preprocess_workers, progress=not args.quiet))
-    if not features:
+    if not len(features):
         raise UsageError(f"--train_file {args.train_file}: no usable training questions")
     teacher = teacher_for(args, targets, examples, features) if targets is not None else None
     eval_data = None
@@ -703,10 +717,14 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
     # The span head never reads the pooler; frozen, it keeps its pretrained weights and DDP
     # does not wait for gradients that never come.
     model.bert.pooler.requires_grad_(False)
-    lengths = [len(f.input_ids) for f in features]
+    lengths = features.lengths
     optimizer_steps_per_epoch = len(rank_batches(lengths, args, ctx, 0)[0]) // args.gradient_accumulation_steps
-    total_steps = max(1, int(optimizer_steps_per_epoch * args.num_train_epochs))
-    num_epochs = math.ceil(args.num_train_epochs)
+    if args.max_steps:
+        total_steps = args.max_steps
+        num_epochs = math.ceil(total_steps / max(1, optimizer_steps_per_epoch))
+    else:
+        total_steps = max(1, int(optimizer_steps_per_epoch * args.num_train_epochs))
+        num_epochs = math.ceil(args.num_train_epochs)
 
     model.to(device)
     optimizer = build_optimizer(model, args, device)

@@ -15,8 +15,6 @@ from korquad_utils import (TeacherTargets, convert_examples_to_features, decode_
 from modeling import Config, QuestionAnswering, distill_loss
 from tokenization import BertTokenizer
 
-WINDOWS = ["--max_seq_length=256", "--max_query_length=32", "--doc_stride=64"]
-NONE_WINDOWS = dict(max_seq_length=256, doc_stride=64, max_query_length=32)
 
 
 # --- the projection, on its own ---------------------------------------------------------------
@@ -110,8 +108,11 @@ def test_model_loss_is_the_alpha_mix_and_alpha_zero_is_plain_training():
 
 # --- teachers through distill.py ---------------------------------------------------------------
 
-SMALL = ["--max_seq_length=128", "--max_query_length=32", "--doc_stride=64"]
-SMALL_WINDOWS = dict(max_seq_length=128, doc_stride=64, max_query_length=32)
+# Training: short windows, little overlap (quick). Comparing targets: windows that hold a whole context.
+SMALL = ["--max_seq_length=128", "--max_query_length=32", "--doc_stride=90"]
+SMALL_WINDOWS = dict(max_seq_length=128, doc_stride=90, max_query_length=32)
+LONG = ["--max_seq_length=512", "--max_query_length=32", "--doc_stride=128"]
+LONG_WINDOWS = dict(max_seq_length=512, doc_stride=128, max_query_length=32)
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +130,9 @@ def teacher_run(tmp_path_factory) -> Path:
     return root
 
 
-def distill(teacher: Path | str, train_file: Path, output_dir: Path, *flags: str):
+def distill(teacher: Path | str, train_file: Path, output_dir: Path, *flags: str, windows: list[str] = SMALL):
     result = run_script("distill.py", f"--teacher={teacher}", f"--train_file={train_file}",
-                        f"--output_dir={output_dir}", *SMALL, "--no_cuda", "--quiet", *flags)
+                        f"--output_dir={output_dir}", *windows, "--no_cuda", "--quiet", *flags)
     assert result.returncode == 0, result.stderr
     return read_teacher_targets(output_dir)
 
@@ -145,29 +146,25 @@ def none_features(run: Path, train_file: Path):
     from cli_common import load_finetuned, predict_logits
     tokenizer = BertTokenizer(str(run / "vocab.txt"), analyzer="none")
     examples = read_squad_examples(train_file, is_training=False)
-    features = convert_examples_to_features(examples, tokenizer, is_training=False, progress=False, **SMALL_WINDOWS)
+    features = convert_examples_to_features(examples, tokenizer, is_training=False, progress=False, **LONG_WINDOWS)
     model = load_finetuned(next(run.glob("korquad_*.bin")), Config.from_json_file(run / "config.json"),
                            torch.device("cpu"))
     return examples, features, predict_logits(model, features, 16, torch.device("cpu"), show_progress=False)
 
 
-def offsets_of(feature) -> np.ndarray:
-    return np.array([offset or (-1, -1) for offset in feature.token_offsets])
-
-
 def test_own_run_as_teacher_projects_to_its_own_softmax_over_the_students_tokens(teacher_run, tmp_path):
     run, train_file = teacher_run / "run", teacher_run / "train.json"
-    targets = distill(run, train_file, tmp_path / "full", "--target_mass=1")
+    targets = distill(run, train_file, tmp_path / "full", "--target_mass=1", windows=LONG)
     examples, features, (starts, ends) = none_features(run, train_file)
-    windows_per_question = np.bincount([f.example_index for f in features])
+    windows_per_question = np.bincount(features.example_index)
     row_of = {q: i for i, q in enumerate(targets.question_ids.tolist())}
     checked = 0
-    for feature, start_logits, end_logits in zip(features, starts, ends):
-        if windows_per_question[feature.example_index] != 1:
+    for index, (example_index, start_logits, end_logits) in enumerate(zip(features.example_index, starts, ends)):
+        if windows_per_question[example_index] != 1:
             continue  # several windows: each token's logits come from its max-context window
-        offsets = offsets_of(feature)
+        offsets = features.token_offsets(index)
         context = offsets[:, 0] >= 0
-        projected = teacher_batch_targets(targets, [row_of[examples[feature.example_index].qas_id]], offsets[None])
+        projected = teacher_batch_targets(targets, [row_of[examples[example_index].qas_id]], offsets[None])
         for logits, target in zip((start_logits, end_logits), projected):
             expected = np.zeros(len(offsets))
             expected[context] = torch.softmax(torch.tensor(logits[context], dtype=torch.float64), 0).numpy()
@@ -176,7 +173,7 @@ def test_own_run_as_teacher_projects_to_its_own_softmax_over_the_students_tokens
     assert checked >= 2, "the subset needs questions whose context fits one window"
 
     # The default sparse targets (99.9% of the mass) stay within 0.1% of the full ones.
-    sparse = distill(run, train_file, tmp_path / "sparse")
+    sparse = distill(run, train_file, tmp_path / "sparse", windows=LONG)
     for row in range(len(examples)):
         for side in ("start", "end"):
             full, kept = dense(targets, row, side), dense(sparse, row, side)
@@ -189,12 +186,12 @@ def test_transformers_path_and_our_path_give_the_same_targets(teacher_run, tmp_p
     run, train_file = teacher_run / "run", teacher_run / "train.json"
     exported = run_script("export.py", f"--checkpoint={run}", f"--output_dir={tmp_path / 'exported'}", "--quiet")
     assert exported.returncode == 0, exported.stderr
-    ours = distill(run, train_file, tmp_path / "ours", "--target_mass=1")
-    theirs = distill(tmp_path / "exported", train_file, tmp_path / "theirs", "--target_mass=1")
+    ours = distill(run, train_file, tmp_path / "ours", "--target_mass=1", windows=LONG)
+    theirs = distill(tmp_path / "exported", train_file, tmp_path / "theirs", "--target_mass=1", windows=LONG)
     assert json.loads((tmp_path / "theirs" / "teacher_targets.json").read_text())["teachers"][0]["kind"] == \
         "transformers"
     _, features, _ = none_features(run, train_file)
-    windows_per_question = np.bincount([f.example_index for f in features])
+    windows_per_question = np.bincount(features.example_index)
     single = [q for q in range(len(windows_per_question)) if windows_per_question[q] == 1]
     assert len(single) >= 2
     # Several windows: transformers' stride is an overlap, ours a step, so the windows (and their
