@@ -44,6 +44,8 @@ from modeling import Config, is_transformers_dir, read_transformers_config
 
 logger = logging.getLogger("korquad")
 
+# Every code point str.isspace() accepts (none lies above U+3000).
+SPACE_CODE_POINTS = np.array([code for code in range(0x3001) if chr(code).isspace()], dtype=np.uint32)
 # One teacher window: its context tokens' (m, 2) character offsets, start logits (m), end logits (m).
 Window = tuple[np.ndarray, np.ndarray, np.ndarray]
 # One question's sparse distribution: characters and their probabilities.
@@ -104,7 +106,7 @@ def question_distributions(windows: Sequence[Window], context: str) -> tuple[Spa
 
 def trimmed_spans(offsets: np.ndarray, context: str) -> tuple[np.ndarray, np.ndarray]:
     """First and last (inclusive) non-space character of each [start, end) span."""
-    is_space = np.frombuffer(bytes(char.isspace() for char in context), dtype=bool)
+    is_space = np.isin(np.frombuffer(context.encode("utf-32-le"), dtype=np.uint32), SPACE_CODE_POINTS)
     # next_text[i]: the first non-space index >= i; last_text[i]: the last non-space index <= i.
     indices = np.arange(len(context) + 1)
     text_here = np.r_[~is_space, True]
@@ -314,8 +316,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     members: list[list[tuple[Sparse, Sparse]]] = []
 
     def add_member(windows: list[list[Window]]) -> None:
+        combining = tqdm(zip(windows, examples), total=len(examples), desc="combining windows", unit="question",
+                         disable=args.quiet)
         members.append([tuple(keep_top_mass(d, member_mass) for d in question_distributions(w, ex.context_text))
-                        for w, ex in zip(windows, examples)])
+                        for w, ex in combining])
 
     ours = [path for _, kind, path, _ in teachers if kind == "korquad"]
     for windows in our_windows(ours, examples, args, device, amp_dtype) if ours else []:

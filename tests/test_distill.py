@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
+from conftest import SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
 from korquad_utils import (TeacherTargets, convert_examples_to_features, decode_predictions, gold_logits,
                            project_char_targets, read_squad_examples, read_teacher_targets, teacher_batch_targets)
 from modeling import Config, QuestionAnswering, distill_loss
