@@ -115,6 +115,21 @@ LONG = ["--max_seq_length=512", "--max_query_length=32", "--doc_stride=128"]
 LONG_WINDOWS = dict(max_seq_length=512, doc_stride=128, max_query_length=32)
 
 
+def repeated(source: Path, path: Path, copies: int, keep_answers: bool = True) -> Path:
+    """`source`'s questions `copies` times over (ids made distinct): many passes in few epochs, so few
+    checkpoints are written."""
+    dataset = json.loads(source.read_text(encoding="utf-8"))
+    for article in dataset["data"]:
+        for paragraph in article["paragraphs"]:
+            paragraph["qas"] = [{**qa, "id": f"{qa['id']}-{copy}", "answers": qa["answers"] if keep_answers else []}
+                                for copy in range(copies) for qa in paragraph["qas"]]
+    path.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+PASSES = 10  # each epoch of a repeated file is this many passes over the questions
+
+
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory) -> Path:
     """An `--analyzer none` run that has memorised 8 questions (`train.json` beside it)."""
@@ -122,8 +137,9 @@ def teacher_run(tmp_path_factory) -> Path:
     (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
     write_subset(SAMPLE_FILE, root / "train.json", 8)
     trained = run_script("train.py", f"--output_dir={root / 'run'}", "--checkpoint=none",
-                         f"--model_config={root / 'tiny.json'}", f"--train_file={root / 'train.json'}", *SMALL,
-                         "--analyzer=none", "--train_batch_size=8", "--learning_rate=3e-3", "--num_train_epochs=40",
+                         f"--model_config={root / 'tiny.json'}",
+                         f"--train_file={repeated(root / 'train.json', root / 'repeated.json', PASSES)}", *SMALL,
+                         "--analyzer=none", "--train_batch_size=8", "--learning_rate=3e-3", "--num_train_epochs=4",
                          "--warmup_proportion=0.05", "--save_total_limit=1", "--no_cuda", "--quiet",
                          f"--cache_dir={root / 'cache'}", "--logging_steps=50", timeout=900)
     assert trained.returncode == 0, trained.stderr
@@ -203,16 +219,6 @@ def test_transformers_path_and_our_path_give_the_same_targets(teacher_run, tmp_p
             np.testing.assert_allclose([b[c] for c in a], list(a.values()), atol=1e-4)
 
 
-def without_answers(source: Path, path: Path) -> Path:
-    dataset = json.loads(source.read_text(encoding="utf-8"))
-    for article in dataset["data"]:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                qa["answers"] = []
-    path.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
 def predictions_of(checkpoint: Path, predict_file: Path, output_dir: Path) -> dict[str, str]:
     evaluated = run_script("eval.py", f"--checkpoint={checkpoint}", f"--predict_file={predict_file}",
                            f"--output_dir={output_dir}", *SMALL, "--max_answer_length=30", "--no_cuda")
@@ -224,11 +230,11 @@ def test_mecab_student_learns_the_teachers_answers_without_gold(teacher_run, tmp
     """An `--analyzer none` teacher, a Mecab student from random initialisation: the projection across
     tokenizations is what carries the answers."""
     train_file = teacher_run / "train.json"
-    unlabelled = without_answers(train_file, tmp_path / "unlabelled.json")
+    unlabelled = repeated(train_file, tmp_path / "unlabelled.json", PASSES, keep_answers=False)
     distill(teacher_run / "run", unlabelled, tmp_path / "targets")
     student_flags = ["--checkpoint=none", f"--model_config={teacher_run / 'tiny.json'}", f"--train_file={unlabelled}",
                      *SMALL, "--analyzer=mecab", "--train_batch_size=8", "--learning_rate=3e-3",
-                     "--warmup_proportion=0.05", "--num_train_epochs=40", "--save_total_limit=1", "--no_cuda",
+                     "--warmup_proportion=0.05", "--num_train_epochs=4", "--save_total_limit=1", "--no_cuda",
                      "--quiet", f"--cache_dir={tmp_path / 'cache'}", "--logging_steps=50"]
     trained = run_script("train.py", f"--output_dir={tmp_path / 'student'}", *student_flags,
                          f"--teacher_targets={tmp_path / 'targets'}", "--distill_alpha=1", timeout=900)
