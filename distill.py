@@ -127,10 +127,11 @@ def sparse_softmax(logits: np.ndarray, chars: np.ndarray) -> Sparse:
 
 
 def keep_top_mass(distribution: Sparse, mass: float) -> Sparse:
-    """The most probable characters whose probabilities sum to at least `mass` (in character order)."""
+    """The most probable characters whose probabilities sum to at least `mass` of the whole distribution
+    (all of them if they carry less), in character order."""
     chars, probs = distribution
     order = np.argsort(-probs, kind="stable")
-    count = int(np.searchsorted(np.cumsum(probs[order]), mass * probs.sum() - 1e-12)) + 1
+    count = int(np.searchsorted(np.cumsum(probs[order]), min(mass, probs.sum()) - 1e-12)) + 1
     kept = np.sort(order[:min(count, len(order))])
     return chars[kept], probs[kept]
 
