@@ -25,7 +25,7 @@ import shutil
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import chain, repeat
 from operator import itemgetter
 from pathlib import Path
@@ -1087,3 +1087,142 @@ def write_predictions(predictions: dict[str, str], nbest: dict[str, list[dict[st
         text = json.dumps(content, ensure_ascii=False, indent=2) + "\n"
         atomic_write(path, lambda file, text=text: file.write(text.encode("utf-8")))
     return paths
+
+
+# ----------------------------------------------------------------------------- teacher targets (distillation)
+
+TEACHER_TARGETS_FORMAT = "korquad-char-targets/1"
+TEACHER_TARGETS_NPZ = "teacher_targets.npz"
+TEACHER_TARGETS_JSON = "teacher_targets.json"
+
+
+@dataclass
+class TeacherTargets:
+    """A teacher's start/end probabilities per question, at the character level (see the README's format).
+
+    Question `i` (id `question_ids[i]`) has start mass `start_probs[b:e]` at the characters
+    `start_chars[b:e]` of its context, with `b, e = start_bounds[i], start_bounds[i + 1]`; likewise
+    for the end, whose characters are an answer's LAST character (inclusive).
+    """
+    key: str                  # sha256 over the train file, the teachers and the settings
+    train_file_sha256: str
+    question_ids: np.ndarray  # unicode strings
+    start_bounds: np.ndarray
+    start_chars: np.ndarray
+    start_probs: np.ndarray
+    end_bounds: np.ndarray
+    end_chars: np.ndarray
+    end_probs: np.ndarray
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (what identifies a train file, whatever its name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_teacher_targets(targets: TeacherTargets, directory: str | os.PathLike, metadata: dict[str, Any]) -> Path:
+    """`teacher_targets.npz` (the arrays, key inside) and a `teacher_targets.json` sidecar, each atomically."""
+    directory = Path(directory)
+    arrays = {field.name: getattr(targets, field.name) for field in fields(TeacherTargets)}
+    arrays["key"], arrays["train_file_sha256"] = np.array(targets.key), np.array(targets.train_file_sha256)
+    npz_path = directory / TEACHER_TARGETS_NPZ
+    atomic_write(npz_path, lambda file: np.savez(file, format=np.array(TEACHER_TARGETS_FORMAT), **arrays))
+    sidecar = {"format": TEACHER_TARGETS_FORMAT, "key": targets.key, "train_file_sha256": targets.train_file_sha256,
+               "num_questions": len(targets.question_ids), **metadata}
+    atomic_write(directory / TEACHER_TARGETS_JSON,
+                 lambda file: file.write((json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
+    return npz_path
+
+
+def read_teacher_targets(directory: str | os.PathLike) -> TeacherTargets:
+    """The targets distill.py wrote into `directory`; `KorquadFormatError` naming the file if unusable."""
+    path = Path(directory) / TEACHER_TARGETS_NPZ
+    if not path.is_file():
+        raise KorquadFormatError(f"{path}: not found; write the targets with distill.py --output_dir {directory}")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if str(arrays["format"]) != TEACHER_TARGETS_FORMAT:
+                raise KorquadFormatError(f"{path}: format {arrays['format']}, expected {TEACHER_TARGETS_FORMAT}")
+            values = {field.name: arrays[field.name] for field in fields(TeacherTargets)}
+    except KorquadFormatError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise KorquadFormatError(f"{path}: not teacher targets written by distill.py ({error})") from None
+    targets = TeacherTargets(**{**values, "key": str(values["key"]),
+                                "train_file_sha256": str(values["train_file_sha256"])})
+    count = len(targets.question_ids)
+    for side in ("start", "end"):
+        bounds = getattr(targets, f"{side}_bounds")
+        if (len(bounds) != count + 1 or bounds[-1] != len(getattr(targets, f"{side}_chars"))
+                or bounds[-1] != len(getattr(targets, f"{side}_probs"))):
+            raise KorquadFormatError(f"{path}: inconsistent {side}_bounds; rerun distill.py")
+    return targets
+
+
+def project_char_targets(token_offsets: np.ndarray, char_positions: np.ndarray, char_probs: np.ndarray,
+                         is_end: bool, char_rows: np.ndarray | None = None) -> np.ndarray:
+    """Character-level teacher probabilities as distributions over windows' tokens.
+
+    `token_offsets`: one window's (n, 2) [start, end) character offsets, or a batch's (rows, n, 2),
+    with -1 for tokens outside the context ([CLS], question, [SEP], padding); context tokens in text
+    order. `char_positions`/`char_probs`: characters carrying mass (for an end, an answer's last
+    character); with a batch, `char_rows` says which row each belongs to.
+
+    Mass at a character goes to the context token whose span contains it; at a character no token
+    covers but inside the window's text (whitespace the student's tokenizer drops) to the next token
+    for a start, the previous one for an end; mass outside the window goes to token 0 ([CLS]), as the
+    gold label does for an answer outside the window. Each row is normalised to sum to 1 (a sparse
+    teacher's dropped tail spread proportionally); a row without any mass stays all zero.
+    """
+    offsets = np.asarray(token_offsets)
+    single = offsets.ndim == 2
+    offsets = offsets.reshape(-1, offsets.shape[-2], 2)
+    rows, width = offsets.shape[:2]
+    chars = np.asarray(char_positions, dtype=np.int64)
+    probs = np.asarray(char_probs, dtype=np.float64)
+    char_rows = np.zeros(len(chars), np.int64) if char_rows is None else np.asarray(char_rows, dtype=np.int64)
+    token_index = np.flatnonzero(offsets[..., 0].ravel() >= 0)
+    token_row = token_index // width
+    token_start = offsets[..., 0].ravel()[token_index].astype(np.int64)
+    token_end = offsets[..., 1].ravel()[token_index].astype(np.int64)
+    columns = char_rows * width  # [CLS] of each character's row, unless a token of the window takes it
+    if len(token_index):
+        # Rows one after another on one axis: row r's character c is r * scale + c.
+        scale = int(max(token_end.max(), chars.max(initial=0))) + 2
+        query = char_rows * scale + chars
+        first = np.searchsorted(token_row, char_rows, side="left")
+        last = np.searchsorted(token_row, char_rows, side="right") - 1
+        has_tokens = first <= last
+        if is_end:  # the last token starting at or before c, if c is before the window's last token ends
+            found = np.searchsorted(token_row * scale + token_start, query, side="right") - 1
+            inside = has_tokens & (found >= first) & (chars < token_end[np.clip(last, 0, None)])
+        else:       # the first token ending after c, if c is not before the window's first token
+            found = np.searchsorted(token_row * scale + token_end, query, side="right")
+            inside = has_tokens & (found <= last) & (chars >= token_start[np.minimum(first, len(token_index) - 1)])
+        columns = np.where(inside, token_index[np.clip(found, 0, len(token_index) - 1)], columns)
+    targets = np.zeros(rows * width, np.float64)
+    np.add.at(targets, columns, probs)
+    targets = targets.reshape(rows, width)
+    totals = np.bincount(char_rows, weights=probs, minlength=rows)[:, None]
+    targets = np.divide(targets, totals, out=np.zeros_like(targets), where=totals > 0).astype(np.float32)
+    return targets[0] if single else targets
+
+
+def teacher_batch_targets(targets: TeacherTargets, question_rows: Sequence[int],
+                          token_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, width) start and end target distributions of a batch: row i is a window of question
+    `question_rows[i]` (an index into `targets`, -1 for a filler row), `token_offsets` its (rows, width, 2)."""
+    distributions = []
+    for side in ("start", "end"):
+        bounds, chars, probs = (getattr(targets, f"{side}_{name}") for name in ("bounds", "chars", "probs"))
+        pieces = [(row, bounds[q], bounds[q + 1]) for row, q in enumerate(question_rows) if q >= 0]
+        counts = np.array([end - begin for _, begin, end in pieces], dtype=np.int64)
+        char_rows = np.repeat(np.array([row for row, _, _ in pieces], dtype=np.int64), counts)
+        picked = np.concatenate([np.arange(begin, end) for _, begin, end in pieces] or [np.zeros(0, np.int64)])
+        distributions.append(project_char_targets(token_offsets, chars[picked], probs[picked], side == "end",
+                                                  char_rows))
+    return distributions[0], distributions[1]

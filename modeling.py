@@ -256,14 +256,25 @@ class QuestionAnswering(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
-                end_positions: torch.Tensor | None = None):
-        """With positions: the mean of start and end cross-entropy. Without: `(start_logits, end_logits)`."""
+                end_positions: torch.Tensor | None = None, start_targets: torch.Tensor | None = None,
+                end_targets: torch.Tensor | None = None, distill_alpha: float = 0.0,
+                distill_temperature: float = 1.0):
+        """With positions: the mean of start and end cross-entropy. Without: `(start_logits, end_logits)`.
+
+        With a teacher's `start_targets`/`end_targets` (per-token probabilities at temperature 1):
+        (1 - distill_alpha) x that cross-entropy + distill_alpha x the mean start/end `distill_loss`.
+        """
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
         start_logits, end_logits = self.qa_outputs(sequence_output).unbind(dim=-1)
         if start_positions is None or end_positions is None:
             return start_logits, end_logits
-        return (span_loss(start_logits, start_positions, attention_mask)
+        loss = (span_loss(start_logits, start_positions, attention_mask)
                 + span_loss(end_logits, end_positions, attention_mask)) / 2
+        if start_targets is None or end_targets is None:
+            return loss
+        distill = (distill_loss(start_logits, start_targets, attention_mask, distill_temperature)
+                   + distill_loss(end_logits, end_targets, attention_mask, distill_temperature)) / 2
+        return (1 - distill_alpha) * loss + distill_alpha * distill
 
 
 def span_loss(logits: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -279,6 +290,30 @@ def span_loss(logits: torch.Tensor, positions: torch.Tensor, attention_mask: tor
     positions = torch.where((positions < 0) | (positions >= seq_len), seq_len, positions)
     total = F.cross_entropy(logits, positions, ignore_index=seq_len, reduction="sum")
     return total / (positions != seq_len).sum().clamp(min=1)
+
+
+def distill_loss(logits: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None,
+                 temperature: float) -> torch.Tensor:
+    """T^2 x KL(teacher_T || student_T) over the real tokens, averaged over the rows that have a target.
+
+    `targets` are the teacher's probabilities at temperature 1; teacher_T = targets^(1/T), renormalised
+    (= softmax(teacher logits / T)). A row of zeros has no target (a filler row) and is left out.
+    Padding is excluded from both distributions, as in `span_loss`.
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 under autocast; float64 stays
+    scaled = logits.to(dtype) / temperature
+    targets = targets.to(dtype)
+    if attention_mask is not None:
+        scaled = scaled.masked_fill(attention_mask == 0, torch.finfo(scaled.dtype).min)
+        targets = targets.masked_fill(attention_mask == 0, 0.0)
+    log_student = F.log_softmax(scaled, dim=-1)
+    sharpened = targets.pow(1.0 / temperature)
+    row_mass = sharpened.sum(dim=-1, keepdim=True)
+    teacher = sharpened / row_mass.clamp(min=torch.finfo(sharpened.dtype).tiny)
+    kl = torch.where(teacher > 0, teacher * (torch.log(teacher.clamp(min=torch.finfo(teacher.dtype).tiny))
+                                               - log_student), 0.0).sum(dim=-1)
+    has_target = (row_mass.squeeze(-1) > 0).float()
+    return temperature ** 2 * (kl * has_target).sum() / has_target.sum().clamp(min=1)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:

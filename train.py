@@ -43,8 +43,9 @@ from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, Argumen
                         finite_float, has_answers, pick_device, positive_float, positive_int, prepare_output_dir,
                         resolve_model_settings, run_cli, save_torch_atomic, score, score_no_answer, setup_logging,
                         write_json_atomic)
-from korquad_utils import (FeatureTable, atomic_write, collate_features, load_or_build_features,
-                           load_or_build_table, make_length_grouped_batches)
+from korquad_utils import (FeatureTable, TeacherTargets, atomic_write, collate_features, load_or_build_features,
+                           load_or_build_table, make_length_grouped_batches, read_teacher_targets,
+                           teacher_batch_targets)
 from long_run import DirectoryLocked, RunLock, StopSignals, plot_training_curves, read_log, remove_dead_temp_files
 from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
 
@@ -194,6 +195,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="Also log loss, learning rate and EM/F1 for TensorBoard in output_dir/tensorboard.")
     parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
     add_no_answer_args(parser)
+    parser.add_argument("--teacher_targets", default=None,
+                        help="Distil from the teacher targets distill.py wrote into this directory.")
+    parser.add_argument("--distill_alpha", type=finite_float(0.0, 1.0), default=0.5,
+                        help="With --teacher_targets: loss = (1 - alpha) x gold cross-entropy + alpha x T^2 x "
+                             "KL(teacher_T || student_T); 1 = teacher only (gold answers not needed).")
+    parser.add_argument("--distill_temperature", type=positive_float, default=2.0,
+                        help="With --teacher_targets: the temperature T of both distributions in the KL term.")
     add_data_args(parser)
     add_compile_args(parser)
     args = parser.parse_args(argv)
@@ -280,6 +288,9 @@ def run_settings(args: argparse.Namespace, config: Config, do_lower_case: bool, 
     }
     if args.version_2_with_negative:  # only then: runs from before the flag resume as they were
         settings["--version_2_with_negative"] = True
+    if args.teacher_targets is not None:  # likewise absent without a teacher: older states still resume
+        settings |= {"--teacher_targets": args.teacher_targets_key, "--distill_alpha": args.distill_alpha,
+                     "--distill_temperature": args.distill_temperature}
     return settings
 
 
@@ -357,6 +368,53 @@ def best_evaluation(evaluations: Sequence[dict]) -> dict | None:
 
 
 @dataclass
+class TeacherBatches:
+    """Teacher targets for the training windows: each window's question row in `targets`."""
+
+    targets: TeacherTargets
+    features: FeatureTable
+    feature_rows: np.ndarray
+    alpha: float
+    temperature: float
+
+    def collate(self, indices: list[int], collate: Callable[..., dict]) -> dict:
+        """The batch `collate` makes of windows `indices`, plus each window's start/end targets projected
+        onto its tokens by their character offsets (from the feature table: nothing stored per window)."""
+        batch = collate(indices)
+        rows, width = batch["input_ids"].shape
+        offsets = np.full((rows, width, 2), -1, dtype=np.int64)
+        for row, index in enumerate(indices):
+            window_offsets = self.features.token_offsets(index)
+            offsets[row, :len(window_offsets)] = window_offsets
+        question_rows = np.full(rows, -1, dtype=np.int64)
+        question_rows[:len(indices)] = self.feature_rows[np.asarray(indices, dtype=np.int64)]
+        start, end = teacher_batch_targets(self.targets, question_rows, offsets)
+        return {**batch, "start_targets": torch.from_numpy(start), "end_targets": torch.from_numpy(end)}
+
+
+def read_targets_for(args: argparse.Namespace, train_file_sha256: str) -> TeacherTargets:
+    """--teacher_targets, refused unless made for this very --train_file."""
+    targets = read_teacher_targets(args.teacher_targets)
+    if targets.train_file_sha256 != train_file_sha256:
+        raise UsageError(f"--teacher_targets {args.teacher_targets} were made for another train file (sha256 "
+                         f"{targets.train_file_sha256[:12]}, --train_file {args.train_file} has "
+                         f"{train_file_sha256[:12]}); run distill.py on this --train_file")
+    return targets
+
+
+def teacher_for(args: argparse.Namespace, targets: TeacherTargets, examples, features) -> TeacherBatches:
+    """Each feature's row in `targets`; a question without targets is refused, naming it."""
+    row_of = {question_id: row for row, question_id in enumerate(targets.question_ids.tolist())}
+    missing = [example.qas_id for example in examples if example.qas_id not in row_of]
+    if missing:
+        raise UsageError(f"--teacher_targets {args.teacher_targets}: no targets for question {missing[0]} "
+                         f"({len(missing)} of {len(examples)} questions lack them); rerun distill.py")
+    example_rows = np.array([row_of[example.qas_id] for example in examples], dtype=np.int64)
+    return TeacherBatches(targets, features, example_rows[features.example_index], args.distill_alpha,
+                          args.distill_temperature)
+
+
+@dataclass
 class TrainingRun:
     """One training run's moving parts, shared by the epoch loop and the step loop."""
 
@@ -373,6 +431,7 @@ class TrainingRun:
     settings: dict
     paths: dict
     total_steps: int
+    teacher: TeacherBatches | None = None
     stop: StopSignals = field(default_factory=StopSignals)
     tensorboard: object = None
     evaluations: list[dict] = field(default_factory=list)
@@ -457,6 +516,10 @@ def train_one_epoch(run: TrainingRun, features: FeatureTable, batches: list[np.n
     steps_in_epoch = len(batches) // accumulation
     collate = partial(collate_tensors, features=features, is_training=True,
                       **compile_padding(args, rows=args.train_batch_size, max_width=args.max_seq_length))
+    distill = {}
+    if run.teacher is not None:
+        collate = partial(run.teacher.collate, collate=collate)
+        distill = {"distill_alpha": run.teacher.alpha, "distill_temperature": run.teacher.temperature}
     # The dataset is the window numbers: each batch is cut from the feature table only when collated.
     loader = DataLoader(range(len(features)), batch_sampler=batches[first_step * accumulation:], collate_fn=collate,
                         pin_memory=device.type == "cuda")
@@ -477,7 +540,7 @@ def train_one_epoch(run: TrainingRun, features: FeatureTable, batches: list[np.n
         sync = contextlib.nullcontext() if is_update or not ctx.enabled else run.train_model.no_sync()
         with sync:
             with autocast_context(device, run.amp_dtype):
-                loss = run.train_model(**inputs) * weight
+                loss = run.train_model(**inputs, **distill) * weight
             run.scaler.scale(loss / accumulation).backward()
         loss = loss.detach()
         first_bad_step = torch.where(~torch.isfinite(loss) & (first_bad_step < 0), global_step + 1, first_bad_step)
@@ -640,6 +703,10 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
                         output_dir: Path) -> None:
     amp_dtype = autocast_dtype(args, device)
     tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config, args.do_lower_case)
+    targets = None
+    if args.teacher_targets is not None:
+        targets = read_targets_for(args, file_digest("--train_file", args.train_file))
+        args.teacher_targets_key = targets.key
     settings = run_settings(args, config, tokenizer.do_lower_case, ctx.world_size)
     paths = {"--train_file": str(args.train_file), "--vocab_file": str(args.vocab_file)}
     state = load_resume_state(output_dir, settings, paths) if args.resume else None
@@ -649,15 +716,25 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
         logger.warning("--preprocess_workers is 1 under torchrun")
         args.preprocess_workers = 1
 
-    # Rank 0 builds (and caches) the features first; the others then read its cache.
-    # Training needs only the windows: a cache hit reads no JSON, so a rank holds little beyond the shared map.
-    features = ctx.main_first(lambda: load_or_build_table(
-        args.train_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
-        is_training=True, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache and ctx.is_main,
-        num_workers=args.preprocess_workers, progress=not args.quiet,
-        version_2_with_negative=args.version_2_with_negative))
+    # Rank 0 builds (and caches) the features first; the others then read its cache. Learning from the
+    # teacher alone needs no gold answer: every question's windows, as for prediction.
+    teacher_only = targets is not None and args.distill_alpha == 1
+    window_settings = dict(is_training=not teacher_only, cache_dir=args.cache_dir,
+                           overwrite_cache=args.overwrite_cache and ctx.is_main, num_workers=args.preprocess_workers,
+                           progress=not args.quiet, version_2_with_negative=args.version_2_with_negative)
+    if targets is None:
+        # Without a teacher only the windows are needed: a cache hit reads no JSON, so a rank holds
+        # little beyond the shared, memory-mapped table.
+        examples, features = None, ctx.main_first(lambda: load_or_build_table(
+            args.train_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
+            **window_settings))
+    else:  # the teacher's targets are found by question id
+        examples, features = ctx.main_first(lambda: load_or_build_features(
+            args.train_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
+            **window_settings))
     if not len(features):
         raise UsageError(f"--train_file {args.train_file}: no usable training questions")
+    teacher = teacher_for(args, targets, examples, features) if targets is not None else None
     eval_data = None
     if args.eval_file:
         def load_eval_data():
@@ -716,7 +793,7 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
     train_model = compile_model(train_model, args, device, max_width=args.max_seq_length)
 
     run = TrainingRun(args, ctx, device, amp_dtype, output_dir, model, train_model, optimizer, scheduler, scaler,
-                      settings, paths, total_steps)
+                      settings, paths, total_steps, teacher)
     if ctx.is_main:
         keep_log_until(run.log_file, global_step)
         run.evaluations = [r for r in read_log(run.log_file) if "f1" in r]

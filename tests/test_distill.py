@@ -1,0 +1,358 @@
+"""Distillation: distill.py's character-level teacher targets, their projection onto student windows, the KD loss."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
+from korquad_utils import (TeacherTargets, convert_examples_to_features, decode_predictions, gold_logits,
+                           project_char_targets, read_squad_examples, read_teacher_targets, teacher_batch_targets)
+from modeling import Config, QuestionAnswering, distill_loss
+from tokenization import BertTokenizer
+
+
+
+# --- the projection, on its own ---------------------------------------------------------------
+
+def window(*context: tuple[int, int], question_tokens: int = 2) -> np.ndarray:
+    """[CLS] question [SEP] context [SEP] offsets, -1 outside the context."""
+    return np.array([(-1, -1)] * (question_tokens + 2) + list(context) + [(-1, -1)])
+
+
+def test_projection_puts_each_character_on_its_token_and_the_rest_on_cls():
+    offsets = window((10, 12), (12, 15), (16, 20))  # context tokens at columns 4, 5, 6; a space at 15
+    start = project_char_targets(offsets, [10, 13, 15, 5, 25], [0.1, 0.2, 0.3, 0.15, 0.25], is_end=False)
+    # 13 inside (12, 15); 15 (a space) goes to the next token; 5 and 25 lie outside the window.
+    np.testing.assert_allclose(start, [0.4, 0, 0, 0, 0.1, 0.2, 0.3, 0], atol=1e-7)
+    end = project_char_targets(offsets, [11, 14, 15, 19, 9], [0.1, 0.2, 0.3, 0.15, 0.25], is_end=True)
+    # An end at 15 (the space) belongs to the token before it; 9 is before the window.
+    np.testing.assert_allclose(end, [0.25, 0, 0, 0, 0.1, 0.5, 0.15, 0], atol=1e-7)
+    # A sparse teacher's kept mass (here 0.5) is renormalised.
+    np.testing.assert_allclose(project_char_targets(offsets, [16], [0.5], is_end=False)[6], 1.0)
+    assert project_char_targets(offsets, [], [], is_end=True).sum() == 0  # no mass: no target
+
+
+def test_projection_of_a_batch_is_the_projection_of_each_row():
+    rng = np.random.default_rng(0)
+    rows = [window((0, 3), (4, 6), (6, 9)), window((30, 31), (31, 35), (36, 38), question_tokens=1),
+            window(question_tokens=4)]  # a window without context: all mass on [CLS]
+    width = max(len(r) for r in rows) + 2
+    batch = np.full((len(rows), width, 2), -1)
+    for i, r in enumerate(rows):
+        batch[i, :len(r)] = r
+    chars = [rng.integers(0, 40, 6) for _ in rows]
+    probs = [rng.random(6) for _ in rows]
+    for is_end in (False, True):
+        together = project_char_targets(batch, np.concatenate(chars), np.concatenate(probs), is_end,
+                                        np.repeat(np.arange(len(rows)), 6))
+        for i in range(len(rows)):
+            np.testing.assert_allclose(together[i], project_char_targets(batch[i], chars[i], probs[i], is_end),
+                                       atol=1e-7)
+            assert together[i].sum() == pytest.approx(1, abs=1e-6)
+        assert together[2, 0] == pytest.approx(1)
+
+
+# --- the loss -----------------------------------------------------------------------------------
+
+def test_kd_term_equals_the_transformers_squad_distillation_formula():
+    """transformers' SQuAD distillation example: for start and for end,
+    KLDivLoss(reduction="batchmean")(log_softmax(student / T), softmax(teacher / T)) * T^2, then averaged."""
+    torch.manual_seed(0)
+    logits = [torch.randn(5, 40, dtype=torch.float64) * 3 for _ in range(4)]
+    mask = torch.ones(5, 40, dtype=torch.long)
+    for dtype, temperature in [(dtype, t) for dtype in (torch.float64, torch.float32) for t in (0.5, 1.0, 2.0, 4.0)]:
+        student_start, student_end, teacher_start, teacher_end = (x.to(dtype) for x in logits)
+        kl = torch.nn.KLDivLoss(reduction="batchmean")
+
+        def published(student, teacher):
+            return kl(torch.log_softmax(student / temperature, -1), torch.softmax(teacher / temperature, -1)) \
+                * temperature ** 2
+        expected = (published(student_start, teacher_start) + published(student_end, teacher_end)) / 2
+        ours = (distill_loss(student_start, torch.softmax(teacher_start, -1), mask, temperature)
+                + distill_loss(student_end, torch.softmax(teacher_end, -1), mask, temperature)) / 2
+        # float32 rounds a value near 10 at about 1e-6: there, the same to float32 precision.
+        assert abs(ours.item() - expected.item()) < (1e-6 if dtype == torch.float64 else 1e-6 * expected.item())
+
+
+def test_kd_term_ignores_padding_and_rows_without_targets():
+    torch.manual_seed(1)
+    logits, teacher = torch.randn(2, 10), torch.softmax(torch.randn(2, 6), -1)
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    mask[:, :6] = 1
+    targets = torch.zeros(3, 10)
+    targets[:2, :6] = teacher
+    padded = torch.cat([logits, torch.randn(1, 10)]).masked_fill(torch.tensor([[0] * 6 + [1] * 4] * 3).bool(), 50.0)
+    ours = distill_loss(padded, targets, torch.cat([mask, mask[:1]]), 2.0)  # row 2: a filler without targets
+    assert ours.item() == pytest.approx(distill_loss(logits[:, :6], teacher, None, 2.0).item(), abs=1e-6)
+
+
+def test_model_loss_is_the_alpha_mix_and_alpha_zero_is_plain_training():
+    torch.manual_seed(2)
+    model = QuestionAnswering(Config(**TINY_CONFIG)).eval()
+    ids = torch.randint(5, 1000, (3, 12))
+    mask = torch.ones_like(ids)
+    positions = dict(start_positions=torch.tensor([3, 4, 0]), end_positions=torch.tensor([5, 4, 0]))
+    targets = dict(start_targets=torch.softmax(torch.randn(3, 12), -1), end_targets=torch.softmax(torch.randn(3, 12), -1))
+    plain = model(ids, None, mask, **positions)
+    assert torch.equal(model(ids, None, mask, **positions, **targets, distill_alpha=0.0, distill_temperature=2.0), plain)
+    start, end = model(ids, None, mask)
+    kd = (distill_loss(start, targets["start_targets"], mask, 2.0) + distill_loss(end, targets["end_targets"], mask, 2.0)) / 2
+    mixed = model(ids, None, mask, **positions, **targets, distill_alpha=0.3, distill_temperature=2.0)
+    assert mixed.item() == pytest.approx((0.7 * plain + 0.3 * kd).item(), abs=1e-6)
+
+
+# --- teachers through distill.py ---------------------------------------------------------------
+
+# Training: short windows, little overlap (quick). Comparing targets: windows that hold a whole context.
+SMALL = ["--max_seq_length=128", "--max_query_length=32", "--doc_stride=90"]
+SMALL_WINDOWS = dict(max_seq_length=128, doc_stride=90, max_query_length=32)
+LONG = ["--max_seq_length=512", "--max_query_length=32", "--doc_stride=128"]
+LONG_WINDOWS = dict(max_seq_length=512, doc_stride=128, max_query_length=32)
+
+
+def repeated(source: Path, path: Path, copies: int, keep_answers: bool = True) -> Path:
+    """`source`'s questions `copies` times over (ids made distinct): many passes in few epochs, so few
+    checkpoints are written."""
+    dataset = json.loads(source.read_text(encoding="utf-8"))
+    for article in dataset["data"]:
+        for paragraph in article["paragraphs"]:
+            paragraph["qas"] = [{**qa, "id": f"{qa['id']}-{copy}", "answers": qa["answers"] if keep_answers else []}
+                                for copy in range(copies) for qa in paragraph["qas"]]
+    path.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+PASSES = 10  # each epoch of a repeated file is this many passes over the questions
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory) -> Path:
+    """An `--analyzer none` run that has memorised 8 questions (`train.json` beside it)."""
+    root = tmp_path_factory.mktemp("teacher")
+    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    write_subset(SAMPLE_FILE, root / "train.json", 8)
+    trained = run_script("train.py", f"--output_dir={root / 'run'}", "--checkpoint=none",
+                         f"--model_config={root / 'tiny.json'}",
+                         f"--train_file={repeated(root / 'train.json', root / 'repeated.json', PASSES)}", *SMALL,
+                         "--analyzer=none", "--train_batch_size=8", "--learning_rate=3e-3", "--num_train_epochs=4",
+                         "--warmup_proportion=0.05", "--save_total_limit=1", "--no_cuda", "--quiet",
+                         f"--cache_dir={root / 'cache'}", "--logging_steps=50", timeout=900)
+    assert trained.returncode == 0, trained.stderr
+    return root
+
+
+def distill(teacher: Path | str, train_file: Path, output_dir: Path, *flags: str, windows: list[str] = SMALL):
+    result = run_script("distill.py", f"--teacher={teacher}", f"--train_file={train_file}",
+                        f"--output_dir={output_dir}", *windows, "--no_cuda", "--quiet", *flags)
+    assert result.returncode == 0, result.stderr
+    return read_teacher_targets(output_dir)
+
+
+def dense(targets: TeacherTargets, row: int, side: str) -> dict[int, float]:
+    bounds, chars, probs = (getattr(targets, f"{side}_{name}") for name in ("bounds", "chars", "probs"))
+    return dict(zip(chars[bounds[row]:bounds[row + 1]].tolist(), probs[bounds[row]:bounds[row + 1]].tolist()))
+
+
+def none_features(run: Path, train_file: Path):
+    from cli_common import load_finetuned, predict_logits
+    tokenizer = BertTokenizer(str(run / "vocab.txt"), analyzer="none")
+    examples = read_squad_examples(train_file, is_training=False)
+    features = convert_examples_to_features(examples, tokenizer, is_training=False, progress=False, **LONG_WINDOWS)
+    model = load_finetuned(next(run.glob("korquad_*.bin")), Config.from_json_file(run / "config.json"),
+                           torch.device("cpu"))
+    return examples, features, predict_logits(model, features, 16, torch.device("cpu"), show_progress=False)
+
+
+def test_own_run_as_teacher_projects_to_its_own_softmax_over_the_students_tokens(teacher_run, tmp_path):
+    run, train_file = teacher_run / "run", teacher_run / "train.json"
+    targets = distill(run, train_file, tmp_path / "full", "--target_mass=1", windows=LONG)
+    examples, features, (starts, ends) = none_features(run, train_file)
+    windows_per_question = np.bincount(features.example_index)
+    row_of = {q: i for i, q in enumerate(targets.question_ids.tolist())}
+    checked = 0
+    for index, (example_index, start_logits, end_logits) in enumerate(zip(features.example_index, starts, ends)):
+        if windows_per_question[example_index] != 1:
+            continue  # several windows: each token's logits come from its max-context window
+        offsets = features.token_offsets(index)
+        context = offsets[:, 0] >= 0
+        projected = teacher_batch_targets(targets, [row_of[examples[example_index].qas_id]], offsets[None])
+        for logits, target in zip((start_logits, end_logits), projected):
+            expected = np.zeros(len(offsets))
+            expected[context] = torch.softmax(torch.tensor(logits[context], dtype=torch.float64), 0).numpy()
+            np.testing.assert_allclose(target[0], expected, atol=1e-5)
+        checked += 1
+    assert checked >= 2, "the subset needs questions whose context fits one window"
+
+    # The default sparse targets (99.9% of the mass) stay within 0.1% of the full ones.
+    sparse = distill(run, train_file, tmp_path / "sparse", windows=LONG)
+    for row in range(len(examples)):
+        for side in ("start", "end"):
+            full, kept = dense(targets, row, side), dense(sparse, row, side)
+            assert set(kept) <= set(full) and sum(kept.values()) >= 0.999 - 1e-6
+            assert len(kept) < len(full) or len(full) <= 2
+
+
+def test_transformers_path_and_our_path_give_the_same_targets(teacher_run, tmp_path):
+    pytest.importorskip("transformers", reason="transformers is a test-only dependency")
+    run, train_file = teacher_run / "run", teacher_run / "train.json"
+    exported = run_script("export.py", f"--checkpoint={run}", f"--output_dir={tmp_path / 'exported'}", "--quiet")
+    assert exported.returncode == 0, exported.stderr
+    ours = distill(run, train_file, tmp_path / "ours", "--target_mass=1", windows=LONG)
+    theirs = distill(tmp_path / "exported", train_file, tmp_path / "theirs", "--target_mass=1", windows=LONG)
+    assert json.loads((tmp_path / "theirs" / "teacher_targets.json").read_text())["teachers"][0]["kind"] == \
+        "transformers"
+    _, features, _ = none_features(run, train_file)
+    windows_per_question = np.bincount(features.example_index)
+    single = [q for q in range(len(windows_per_question)) if windows_per_question[q] == 1]
+    assert len(single) >= 2
+    # Several windows: transformers' stride is an overlap, ours a step, so the windows (and their
+    # logits) differ; one window: the same tokens, the same model, the same numbers.
+    for row in single:
+        for side in ("start", "end"):
+            a, b = dense(ours, row, side), dense(theirs, row, side)
+            assert set(a) == set(b)
+            np.testing.assert_allclose([b[c] for c in a], list(a.values()), atol=1e-4)
+
+
+def predictions_of(checkpoint: Path, predict_file: Path, output_dir: Path) -> dict[str, str]:
+    evaluated = run_script("eval.py", f"--checkpoint={checkpoint}", f"--predict_file={predict_file}",
+                           f"--output_dir={output_dir}", *SMALL, "--max_answer_length=30", "--no_cuda")
+    assert evaluated.returncode == 0, evaluated.stderr
+    return json.loads((output_dir / "predictions.json").read_text(encoding="utf-8"))
+
+
+def test_mecab_student_learns_the_teachers_answers_without_gold(teacher_run, tmp_path):
+    """An `--analyzer none` teacher, a Mecab student from random initialisation: the projection across
+    tokenizations is what carries the answers."""
+    train_file = teacher_run / "train.json"
+    unlabelled = repeated(train_file, tmp_path / "unlabelled.json", PASSES, keep_answers=False)
+    distill(teacher_run / "run", unlabelled, tmp_path / "targets")
+    student_flags = ["--checkpoint=none", f"--model_config={teacher_run / 'tiny.json'}", f"--train_file={unlabelled}",
+                     *SMALL, "--analyzer=mecab", "--train_batch_size=8", "--learning_rate=3e-3",
+                     "--warmup_proportion=0.05", "--num_train_epochs=4", "--save_total_limit=1", "--no_cuda",
+                     "--quiet", f"--cache_dir={tmp_path / 'cache'}", "--logging_steps=50"]
+    trained = run_script("train.py", f"--output_dir={tmp_path / 'student'}", *student_flags,
+                         f"--teacher_targets={tmp_path / 'targets'}", "--distill_alpha=1", timeout=900)
+    assert trained.returncode == 0, trained.stderr
+    teacher = predictions_of(teacher_run / "run", train_file, tmp_path / "teacher_predictions")
+    student = predictions_of(tmp_path / "student", train_file, tmp_path / "student_predictions")
+    agree = sum(student[q] == teacher[q] for q in teacher)
+    assert agree >= 0.75 * len(teacher), (agree, student, teacher)
+
+    # Without the teacher there is nothing to learn from: gold answers are gone...
+    plain = run_script("train.py", f"--output_dir={tmp_path / 'plain'}", *student_flags)
+    assert plain.returncode == 1 and "no usable training questions" in plain.stderr
+    # ...and the student's starting point answers unlike the teacher.
+    from cli_common import predict_logits
+    tokenizer = BertTokenizer(str(VOCAB_FILE), analyzer="mecab")
+    examples = read_squad_examples(train_file, is_training=False)
+    features = convert_examples_to_features(examples, tokenizer, is_training=False, progress=False, **SMALL_WINDOWS)
+    torch.manual_seed(42)  # train.py's --seed, as the distilled student started
+    untrained = QuestionAnswering(Config(**TINY_CONFIG))
+    untrained_predictions, _ = decode_predictions(examples, features, *predict_logits(
+        untrained, features, 16, torch.device("cpu"), show_progress=False))
+    assert sum(untrained_predictions[q] == teacher[q] for q in teacher) <= len(teacher) // 4
+
+
+def test_oracle_teacher_across_tokenizers_scores_as_the_students_own_oracle(dev_file):
+    """Gold characters as the teacher, projected onto Mecab windows, decode as gold token labels do."""
+    examples = read_squad_examples(dev_file, is_training=True)[:300]
+    tokenizer = BertTokenizer(str(VOCAB_FILE), analyzer="mecab")
+    features = convert_examples_to_features(examples, tokenizer, is_training=True, progress=False,
+                                            max_seq_length=512, doc_stride=128, max_query_length=96)
+    import bench
+    projected = bench.oracle_targets_logits(examples, features)
+    gold = gold_logits(features)
+    scores = [bench.exact_match_f1(examples, decode_predictions(examples, features, *logits)[0])
+              for logits in (projected, gold)]
+    assert scores[0]["exact_match"] == pytest.approx(scores[1]["exact_match"], abs=0.1)
+    assert scores[0]["f1"] == pytest.approx(scores[1]["f1"], abs=0.1)
+    assert scores[1]["exact_match"] > 95
+
+
+# --- bad inputs: one line each, before any work -------------------------------------------------
+
+def one_line_error(result, *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--distill_temperature", "0", "--distill_temperature"), ("--distill_temperature", "nan", "--distill_temperature"),
+    ("--distill_temperature", "-1", "--distill_temperature"), ("--distill_alpha", "1.5", "--distill_alpha"),
+    ("--distill_alpha", "-0.1", "--distill_alpha"), ("--distill_alpha", "nan", "--distill_alpha")])
+def test_bad_distillation_flags_are_one_line(flag, value, fragment, tmp_path):
+    result = run_script("train.py", f"--output_dir={tmp_path}", "--teacher_targets=x", f"{flag}={value}")
+    one_line_error(result, fragment)
+
+
+def test_targets_for_another_train_file_or_missing_questions_are_refused(tiny_setup, teacher_run, tmp_path):
+    targets = tmp_path / "targets"
+    distill(teacher_run / "run", teacher_run / "train.json", targets)
+    flags = [f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--model_config={tiny_setup / 'tiny.json'}", *SMALL,
+             "--no_cuda", "--quiet", f"--teacher_targets={targets}", f"--cache_dir={tmp_path / 'cache'}"]
+    other = run_script("train.py", f"--output_dir={tmp_path / 'a'}", f"--train_file={tiny_setup / 'train.json'}", *flags)
+    one_line_error(other, "--teacher_targets", "another train file")
+    assert not list((tmp_path / "a").glob("korquad_*.bin"))
+    missing = run_script("train.py", f"--output_dir={tmp_path / 'b'}", *flags)  # no such train file
+    one_line_error(missing, "--train_file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_targets = run_script("train.py", f"--output_dir={tmp_path / 'c'}", f"--train_file={tiny_setup / 'train.json'}",
+                            *flags[:-2], f"--teacher_targets={empty}")
+    one_line_error(no_targets, "teacher_targets.npz", "distill.py")
+
+
+def test_questions_without_targets_are_refused(teacher_run, tmp_path):
+    fewer = tmp_path / "fewer.json"
+    write_subset(teacher_run / "train.json", fewer, 5)
+    targets = tmp_path / "targets"
+    distill(teacher_run / "run", fewer, targets)
+    # The same bytes under the targets' file name, but with more questions: names the first one missing.
+    shutil.copy(teacher_run / "train.json", tmp_path / "more.json")
+    npz = dict(np.load(targets / "teacher_targets.npz"))
+    from korquad_utils import sha256_of_file
+    npz["train_file_sha256"] = np.array(sha256_of_file(tmp_path / "more.json"))
+    np.savez(targets / "teacher_targets.npz", **npz)
+    result = run_script("train.py", f"--output_dir={tmp_path / 'out'}", f"--train_file={tmp_path / 'more.json'}",
+                        "--checkpoint=none", f"--model_config={teacher_run / 'tiny.json'}", *SMALL, "--no_cuda",
+                        "--quiet", f"--teacher_targets={targets}", f"--cache_dir={tmp_path / 'cache'}")
+    one_line_error(result, "no targets for question", "3 of 8")
+
+
+def test_transformers_dir_without_a_qa_head_is_one_line(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128)
+    transformers.BertModel(config).save_pretrained(str(tmp_path / "encoder"))
+    shutil.copy(VOCAB_FILE, tmp_path / "encoder" / "vocab.txt")
+    result = run_script("distill.py", f"--teacher={tmp_path / 'encoder'}", f"--train_file={SAMPLE_FILE}",
+                        f"--output_dir={tmp_path / 'out'}", "--no_cuda")
+    one_line_error(result, "--teacher", "not a question-answering model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_slow_tokenizer_without_offsets_is_refused(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    import distill as distill_script
+    from cli_common import UsageError
+    config = transformers.BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128)
+    transformers.BertForQuestionAnswering(config).save_pretrained(str(tmp_path / "qa"))
+    shutil.copy(VOCAB_FILE, tmp_path / "qa" / "vocab.txt")
+
+    class SlowTokenizer:  # what a tokenizer without a tokenizer.json (no Rust backend) reports
+        is_fast = False
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: SlowTokenizer())
+    with pytest.raises(UsageError, match="slow one without character offsets"):
+        distill_script.main([f"--teacher={tmp_path / 'qa'}", f"--train_file={SAMPLE_FILE}",
+                             f"--output_dir={tmp_path / 'out'}", "--no_cuda"])
+    assert not (tmp_path / "out").exists()
