@@ -352,9 +352,9 @@ class PairMaker:
     def lengths(self) -> np.ndarray:
         return self.pairs[:, 2] - self.pairs[:, 0] + 3
 
-    def example(self, index: int, epoch: int) -> dict[str, np.ndarray]:
-        """[CLS] A [SEP] B [SEP], or B before A (sop_label 1), masked; the same for the same (seed, epoch, index)."""
-        rng = np.random.default_rng([self.seed, epoch, index])
+    def pair(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """[CLS] A [SEP] B [SEP], or B before A (swapped, half the time): ids, token types, which
+        positions may be masked (all but [CLS]/[SEP]), and whether it was swapped."""
         start, middle, end = (int(v) for v in self.pairs[index])
         first, second = self.ids[start:middle], self.ids[middle:end]
         swapped = bool(rng.random() < 0.5)
@@ -365,6 +365,12 @@ class PairMaker:
         types[len(first) + 2:] = 1
         candidate = np.ones(len(ids), dtype=bool)
         candidate[[0, len(first) + 1, len(ids) - 1]] = False
+        return ids, types, candidate, swapped
+
+    def example(self, index: int, epoch: int) -> dict[str, np.ndarray]:
+        """The pair, swapped or not (sop_label 1 = swapped), masked; the same for the same (seed, epoch, index)."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        ids, types, candidate, swapped = self.pair(index, rng)
         masked_ids, positions, labels, _ = mask_pieces(
             ids, candidate, self.continuation, rng, mask_id=self.mask_id, random_ids=self.random_ids,
             masked_lm_prob=self.masked_lm_prob, max_predictions=self.max_predictions)
