@@ -198,12 +198,14 @@ def tokenize_corpus(files: Sequence[Path], tokenizer, window: int, progress: boo
     continuation = continuation_table(tokenizer)
     bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="tokenize",
                disable=not progress)
+    done = 0
     for path in files:
+        size = path.stat().st_size
         long_lines, first_long = 0, None
-        for number, document in enumerate(read_documents(path), 1):
+        for document in read_documents(path):
             lines_before = len(line_bounds)
             for line in document:
-                bar.update(len(line.encode("utf-8")) + 1)
+                bar.update(min(len(line.encode("utf-8")) + 1, done + size - bar.n))
                 pieces = np.asarray(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(line)), dtype=np.int32)
                 if len(pieces) > window:
                     long_lines += 1
@@ -213,6 +215,8 @@ def tokenize_corpus(files: Sequence[Path], tokenizer, window: int, progress: boo
                     line_bounds.append(line_bounds[-1] + len(part))
             if len(line_bounds) > lines_before:
                 doc_bounds.append(len(line_bounds) - 1)
+        done += size
+        bar.update(done - bar.n)  # JSON syntax is not text: the bar catches up at each file's end
         if long_lines:
             logger.warning("--train_files %s: %d line(s) longer than the %d-piece window (max_seq_length - 3), "
                            "the first starting %r, are cut into parts that fit", path, long_lines, window,
@@ -547,10 +551,8 @@ def evaluate(model: torch.nn.Module, maker: PairMaker, args: argparse.Namespace,
 
 def most_frequent_piece_accuracy(train: PairMaker, held_out: PairMaker, max_pairs: int) -> tuple[int, float]:
     """The baseline the MLM accuracy must beat: always guessing the training pairs' most frequent piece."""
-    starts, ends = train.pairs[:, 0], train.pairs[:, 2]
-    counts = np.zeros(len(train.continuation), dtype=np.int64)
-    for start, end in zip(starts, ends):
-        counts += np.bincount(train.ids[start:end], minlength=len(counts))
+    # The training documents come first in the token file, the held-out ones after them.
+    counts = np.bincount(train.ids[:int(train.pairs[:, 2].max(initial=0))], minlength=len(train.continuation))
     counts[[train.cls_id, train.sep_id, train.mask_id]] = 0
     piece = int(counts.argmax())
     labels = [held_out.example(i, EVAL_EPOCH)["mlm_labels"] for i in range(min(len(held_out.pairs), max_pairs))]
