@@ -212,7 +212,7 @@ def test_resume_after_kill_9_mid_epoch_is_bit_identical(tmp_path):
                             cwd=ROOT, env={**os.environ, "KILL_AT": "4"}, timeout=300)
     assert killed.returncode == -signal.SIGKILL
     state = torch.load(tmp_path / "killed" / "training_state.pt", weights_only=True)
-    assert (state["global_step"], state["epoch_finished"]) == (2, False)  # mid-epoch: 3 steps an epoch
+    assert (state["global_step"], state["epoch_finished"]) == (2, False)  # mid-epoch (12 steps an epoch)
     resumed = run_script("pretrain.py", *flags, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     final = sorted((tmp_path / "whole").glob("pretrain_*.bin"))[-1].name
@@ -223,21 +223,28 @@ def test_resume_after_kill_9_mid_epoch_is_bit_identical(tmp_path):
     assert logs[0] == logs[1]
 
 
-@pytest.mark.parametrize("content, expected", [
-    (b"", "no text to pre-train on"),
-    (b"\n\n   \n", "no text to pre-train on"),
-    (b"PK\x03\x04\x00\x00binary", "NUL byte: a binary file"),
-    ("한국어 문장\n".encode("utf-16"), "not UTF-8 text"),
-])
-def test_bad_corpus_is_one_line(tmp_path, content, expected):
-    corpus = tmp_path / "corpus.txt"
+BAD_CORPORA = [(b"", "no text to pre-train on"), (b"\n\n   \n", "no text to pre-train on"),
+               (b"PK\x03\x04\x00\x00binary", "NUL byte: a binary file"),
+               ("한국어 문장\n".encode("utf-16"), "not UTF-8 text"), (b'{"version": 1}', "not KorQuAD/SQuAD JSON")]
+
+
+@pytest.mark.parametrize("content, expected", BAD_CORPORA)
+def test_bad_corpus_is_one_line_naming_the_file(tmp_path, content, expected):
+    from cli_common import UsageError
+
+    corpus = tmp_path / ("corpus.json" if content.startswith(b"{") else "corpus.txt")
     corpus.write_bytes(content)
     (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
-    result = run_script("pretrain.py", "--train_files", str(corpus), f"--output_dir={tmp_path / 'out'}",
-                        "--checkpoint=none", f"--model_config={tmp_path / 'tiny.json'}", *FLAGS, "--max_steps=1")
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0] and str(corpus) in lines[0], result.stderr
+    flags = ["--train_files", str(corpus), f"--output_dir={tmp_path / 'out'}", "--checkpoint=none",
+             f"--model_config={tmp_path / 'tiny.json'}", *FLAGS, "--max_steps=1"]
+    if content == b"":  # once through the command line: one line on stderr, no traceback, exit status 1
+        result = run_script("pretrain.py", *flags)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert expected in result.stderr and str(corpus) in result.stderr
+        return
+    with pytest.raises(UsageError) as error:
+        pretrain.main(flags)
+    assert expected in str(error.value) and str(corpus) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_line_longer_than_the_window_is_cut_with_one_warning(tmp_path):
