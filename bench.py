@@ -504,7 +504,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
 
 
 # --- pre-training (issue 22) -------------------------------------------------------------
-_PRETRAIN_SHAPE = {"batch": 16, "max_seq_length": 128, "steps": 3}
+_PRETRAIN_SHAPE = {"batch": 16, "max_seq_length": 128, "steps": 2}
 
 
 def _dev_pair_maker(dev: Path, max_seq_length: int):
