@@ -617,7 +617,7 @@ def bench_pretrain_tiny(args: argparse.Namespace) -> None:
     import subprocess
     import tempfile
 
-    tiny = dict(act_fn="gelu", dropout_prob=0.0, ff_dim=256, hidden_size=128, initializer_range=0.02,
+    tiny = dict(act_fn="gelu", dropout_prob=0.0, ff_dim=128, hidden_size=64, initializer_range=0.02,
                 max_position_embeddings=512, num_heads=4, num_hidden_layers=2, type_vocab_size=2, vocab_size=32000)
     steps = 300
     with tempfile.TemporaryDirectory() as work:
@@ -632,16 +632,17 @@ def bench_pretrain_tiny(args: argparse.Namespace) -> None:
             return result.stdout
 
         run("pretrain.py", "--train_files", str(args.dev), f"--output_dir={work / 'lm'}", "--checkpoint=none",
-            f"--model_config={work / 'tiny.json'}", f"--cache_dir={work / 'cache'}", "--max_seq_length=128",
-            "--train_batch_size=32", "--learning_rate=2e-3", "--warmup_proportion=0.05", f"--max_steps={steps}",
+            f"--model_config={work / 'tiny.json'}", f"--cache_dir={work / 'cache'}", "--max_seq_length=64",
+            "--train_batch_size=16", "--learning_rate=2e-3", "--warmup_proportion=0.05", f"--max_steps={steps}",
             "--eval_steps=100", "--held_out_share=0.03", "--seed=0")
         log = [json.loads(line) for line in (work / "lm" / "training_log.jsonl").read_text().splitlines()]
         baseline = next(r for r in log if "baseline_mlm_accuracy" in r)
         evaluations = [r for r in log if "eval_mlm_accuracy" in r]
         curve = ", ".join(f"step {r['step']} {r['eval_mlm_accuracy']:.3f}" for r in evaluations)
-        print(f"pretrain_tiny.mlm_accuracy: hidden 128 x 2 layers from random init, {steps} steps of 32 x 128 on the "
+        print(f"pretrain_tiny.mlm_accuracy: hidden 64 x 2 layers from random init, {steps} steps of 16 x 64 on the "
               f"dev contexts (3% of them held out): {curve}; always {baseline['baseline_piece']!r}: "
-              f"{baseline['baseline_mlm_accuracy']:.3f}; final SOP accuracy {evaluations[-1]['eval_sop_accuracy']:.3f}")
+              f"{baseline['baseline_mlm_accuracy']:.3f}; final SOP accuracy {evaluations[-1]['eval_sop_accuracy']:.3f}",
+              flush=True)
         data = json.loads(args.dev.read_text(encoding="utf-8"))
         data["data"] = data["data"][:3]
         (work / "qa.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
