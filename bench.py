@@ -809,8 +809,13 @@ def bench_train_scale(args: argparse.Namespace) -> None:
         questions = _write_scaled_copy(args.dev, big, _SCALE_COPIES)
         (work / "tiny.json").write_text(__import__("json").dumps(_SCALE_TINY_CONFIG))
         print(f"train_scale: {questions} questions ({big.stat().st_size / 2**20:.0f} MB of JSON)")
-        bare = _measured_run([sys.executable, "-c", "import torch, time; time.sleep(0.5)"], "import torch", ROOT)
-        print(f"train_scale.bare_import_torch: peak RSS {bare['rss_mb']:.0f} MB")
+        bare_python = [sys.executable, "-c", "import torch, time; time.sleep(1)"]
+        bare = _measured_run(bare_python, "import torch", ROOT)
+        bare_two = _measured_run(["bash", "-c", f"{' '.join(map(repr, bare_python))} & " * 2 + "wait"], "import torch",
+                                 ROOT)
+        print(f"train_scale.bare_import_torch: peak RSS {bare['rss_mb']:.0f} MB, PSS {bare['pss_total_mb']:.0f} MB; "
+              f"two at once: PSS {bare_two['pss_total_mb']:.0f} MB = {bare_two['pss_total_mb'] / bare['pss_total_mb']:.2f}x "
+              f"(the floor of the two-rank ratio: what each process holds privately before any data)")
         _scale_runs(ROOT, work, big, ROOT / "data" / "korquad_sample.json", "this", torchrun=True)
 
         tokenizer = BertTokenizer(str(VOCAB_FILE), analyzer="mecab")

@@ -351,6 +351,11 @@ class FeatureTable:
         return all(np.array_equal(self.arrays[name], other.arrays[name]) for name in TABLE_ARRAYS)
 
     @property
+    def num_examples(self) -> int:
+        """The number of examples (questions) the windows were cut from."""
+        return len(self.example_context)
+
+    @property
     def example_index(self) -> np.ndarray:
         """Per window: the index of its example (question)."""
         return self.feature_example
@@ -578,9 +583,10 @@ def _checksum(array: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
-def _read_cached_table(directory: Path, key: str, num_examples: int) -> FeatureTable | None:
+def _read_cached_table(directory: Path, key: str, num_examples: int | None) -> FeatureTable | None:
     """The cached table, memory-mapped read-only, if it exists, carries `key`, every array matches
-    its recorded shape, type and checksum, and the windows hang together; otherwise None."""
+    its recorded shape, type and checksum, and the windows hang together (for `num_examples`
+    examples; None: as many as the cache says, which its key ties to the data file); otherwise None."""
     index_path = directory / TABLE_INDEX
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -602,7 +608,7 @@ def _read_cached_table(directory: Path, key: str, num_examples: int) -> FeatureT
                 raise ValueError(f"{name}.npy does not match its recorded shape, type or checksum")
             arrays[name] = array
         table = FeatureTable(arrays)
-        problem = table.check(num_examples)
+        problem = table.check(index["num_examples"] if num_examples is None else num_examples)
     except (OSError, ValueError, KeyError, TypeError) as error:
         logger.warning("feature cache %s is damaged (%s); rebuilding", directory, error)
         return None
@@ -671,23 +677,54 @@ def load_or_build_features(input_file: str | os.PathLike, tokenizer: Any, max_se
     damaged cache is rebuilt with a warning; one that cannot be written (read-only data directory) is
     skipped with a warning and the table stays in memory.
     """
-    input_file = Path(input_file)
     examples = read_squad_examples(input_file, is_training)
-    settings = _tokenizer_settings(tokenizer)
+    return examples, _load_or_build_table(Path(input_file), examples, tokenizer, max_seq_length, doc_stride,
+                                          max_query_length, is_training, cache_dir, not overwrite_cache,
+                                          num_workers, progress)
+
+
+def load_or_build_table(input_file: str | os.PathLike, tokenizer: Any, max_seq_length: int, doc_stride: int,
+                        max_query_length: int, is_training: bool, cache_dir: str | os.PathLike | None = None,
+                        overwrite_cache: bool = False, num_workers: int = 1, progress: bool = True) -> FeatureTable:
+    """`load_or_build_features` without the examples, for training, which needs only the windows: a
+    cache hit then never parses the JSON file (its key already vouches for the contents), so each
+    process of a run holds little beyond the shared, memory-mapped table."""
+    input_file = Path(input_file)
+    table = None if overwrite_cache else _read_cached_table(
+        _cache_directory(input_file, tokenizer, max_seq_length, doc_stride, max_query_length, is_training, cache_dir),
+        feature_cache_key(input_file, tokenizer, max_seq_length, doc_stride, max_query_length, is_training), None)
+    if table is not None:
+        logger.info("features loaded from cache for %s", input_file)
+        return table
+    return _load_or_build_table(input_file, read_squad_examples(input_file, is_training), tokenizer, max_seq_length,
+                                doc_stride, max_query_length, is_training, cache_dir, False, num_workers, progress)
+
+
+def _cache_directory(input_file: Path, tokenizer: Any, max_seq_length: int, doc_stride: int, max_query_length: int,
+                     is_training: bool, cache_dir: str | os.PathLike | None) -> Path:
+    return _cache_path(input_file, Path(cache_dir) if cache_dir else input_file.parent / "cache",
+                       _tokenizer_settings(tokenizer)["analyzer"], max_seq_length, doc_stride, max_query_length,
+                       is_training)
+
+
+def _load_or_build_table(input_file: Path, examples: list[SquadExample], tokenizer: Any, max_seq_length: int,
+                         doc_stride: int, max_query_length: int, is_training: bool,
+                         cache_dir: str | os.PathLike | None, read_cache: bool, num_workers: int,
+                         progress: bool) -> FeatureTable:
     key = feature_cache_key(input_file, tokenizer, max_seq_length, doc_stride, max_query_length, is_training)
-    directory = _cache_path(input_file, Path(cache_dir) if cache_dir else input_file.parent / "cache",
-                            settings["analyzer"], max_seq_length, doc_stride, max_query_length, is_training)
-    table = None if overwrite_cache else _read_cached_table(directory, key, len(examples))
+    directory = _cache_directory(input_file, tokenizer, max_seq_length, doc_stride, max_query_length, is_training,
+                                 cache_dir)
+    table = _read_cached_table(directory, key, len(examples)) if read_cache else None
     if table is not None:
         logger.info("features loaded from cache %s", directory)
-        return examples, table
+        return table
     table = _build_feature_table(examples, tokenizer, max_seq_length, doc_stride, max_query_length,
                                  is_training, num_workers, progress)
     written = _write_cached_table(table, directory, key, {
-        "input_file": str(input_file), **settings, "max_seq_length": max_seq_length,
+        "input_file": str(input_file), **_tokenizer_settings(tokenizer), "max_seq_length": max_seq_length,
         "doc_stride": doc_stride, "max_query_length": max_query_length, "is_training": is_training})
     # Map what was just written, dropping the built copy: this process then holds no private copy.
-    return examples, (written and _read_cached_table(directory, key, len(examples))) or table
+    return (written and _read_cached_table(directory, key, len(examples))) or table
 
 
 # ----------------------------------------------------------------------------- batching

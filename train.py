@@ -38,7 +38,7 @@ from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, Argumen
                         positive_int, prepare_output_dir, resolve_model_settings, run_cli, score,
                         setup_logging, write_json_atomic)
 from korquad_utils import (FeatureTable, collate_features, load_or_build_features,
-                           make_length_grouped_batches)
+                           load_or_build_table, make_length_grouped_batches)
 from long_run import (CheckpointWriteError, DirectoryLocked, Distributed, RunLock, StopSignals, TrainingDiverged,
                       TrainingStopped, build_optimizer, check_same_settings, file_digest, keep_log_until,
                       linear_warmup_decay, plot_training_curves, read_log, read_loss, read_training_state,
@@ -265,7 +265,8 @@ def train_one_epoch(run: TrainingRun, features: FeatureTable, batches: list[np.n
     loss_sum = torch.full((), pending_loss[0], device=device)  # read back only when shown: no sync per step
     loss_count = pending_loss[1]
     first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
-    progress = tqdm(total=steps_in_epoch, initial=first_step, desc=f"epoch {epoch}", unit="step",
+    progress = tqdm(total=min(steps_in_epoch, first_step + run.total_steps - global_step), initial=first_step,
+                    desc=f"epoch {epoch}", unit="step",
                     disable=args.quiet or not ctx.is_main)
     step = first_step
     run.train_model.train()
@@ -412,7 +413,8 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
         args.preprocess_workers = 1
 
     # Rank 0 builds (and caches) the features first; the others then read its cache.
-    examples, features = ctx.main_first(lambda: load_or_build_features(
+    # Training needs only the windows: a cache hit reads no JSON, so a rank holds little beyond the shared map.
+    features = ctx.main_first(lambda: load_or_build_table(
         args.train_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
         is_training=True, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache and ctx.is_main,
         num_workers=args.preprocess_workers, progress=not args.quiet))
@@ -489,7 +491,7 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
             run.tensorboard = import_summary_writer()(str(output_dir / "tensorboard"),
                                                       purge_step=global_step + 1 if state is not None else None)
     logger.info("%d questions, %d features; %d parameters; %d epochs of %d optimizer steps; global batch %d "
-                "(%d per rank x %d ranks x %d accumulation steps); device %s, autocast %s", len(examples),
+                "(%d per rank x %d ranks x %d accumulation steps); device %s, autocast %s", features.num_examples,
                 len(features), count_parameters(model), num_epochs, optimizer_steps_per_epoch,
                 args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps, args.train_batch_size,
                 ctx.world_size, args.gradient_accumulation_steps, device, amp_dtype)
