@@ -558,6 +558,159 @@ def bench_gpu(args: argparse.Namespace) -> None:
               f"compilation included, tokenization and evaluation not; goal < 3)")
 
 
+# --- pre-training (issue 22) -------------------------------------------------------------
+_PRETRAIN_SHAPE = {"batch": 16, "max_seq_length": 128, "steps": 2}
+
+
+def _dev_pair_maker(dev: Path, max_seq_length: int):
+    """pretrain.py's training pairs over the dev contexts (Mecab + the real vocab), nothing held out."""
+    import pretrain
+    from tokenization import BertTokenizer
+
+    tokenizer = BertTokenizer(VOCAB_FILE)
+    tokens = pretrain.tokenize_corpus([dev], tokenizer, max_seq_length - 3, progress=False)
+    args = pretrain.parse_args(["--train_files", str(dev), "--output_dir", "unused", "--held_out_share=0",
+                                f"--max_seq_length={max_seq_length}"])
+    return pretrain.build_pair_makers(args, tokenizer, tokens)[0]
+
+
+@benchmark("pretrain")
+def bench_pretrain(args: argparse.Namespace) -> None:
+    """Masking statistics over the dev contexts; pre-training steps/s vs transformers' BertForPreTraining."""
+    import time
+
+    import numpy as np
+    import torch
+    import pretrain
+    from modeling import BertForPreTraining, Config, pretraining_loss
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+
+    shape = _PRETRAIN_SHAPE
+    maker = _dev_pair_maker(args.dev, shape["max_seq_length"])
+    candidates = masked = replaced_by_mask = swaps = 0
+    spans = np.zeros(pretrain.MAX_NGRAM + 1)
+    for index in range(len(maker.pairs)):
+        rng = np.random.default_rng([0, index])
+        ids, _, candidate, swapped = maker.pair(index, rng)
+        output, positions, _, lengths = pretrain.mask_pieces(
+            ids, candidate, maker.continuation, rng, mask_id=maker.mask_id, random_ids=maker.random_ids,
+            max_predictions=maker.max_predictions)
+        candidates += candidate.sum()
+        masked += len(positions)
+        replaced_by_mask += (output[positions] == maker.mask_id).sum()
+        spans += np.bincount(lengths, minlength=len(spans))
+        swaps += swapped
+    shares = spans[1:] / spans.sum()
+    print(f"pretrain.masking: {len(maker.pairs)} dev-context pairs of <= {shape['max_seq_length']} pieces: masked "
+          f"{masked / candidates:.2%} of the pieces (goal 15% +- 0.5), n-grams 1/2/3 "
+          f"{' / '.join(f'{s:.3f}' for s in shares)} (goal 0.545 / 0.273 / 0.182 +- 0.02), [MASK] "
+          f"{replaced_by_mask / masked:.1%} (goal 80%), swapped {swaps / len(maker.pairs):.1%} (goal 50%)")
+
+    config = Config.from_json_file(ROOT / "data" / "bert_small.json")
+    torch.manual_seed(0)
+    batches = [pretrain.collate([maker.example(i, 0) for i in range(start, start + shape["batch"])])
+               for start in range(0, shape["batch"] * (shape["steps"] + 1), shape["batch"])]
+    ours = BertForPreTraining(config).train()
+    ours_optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-5)
+
+    def our_step(batch) -> None:
+        mlm, sop = ours(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                        batch["masked_positions"])
+        pretraining_loss(mlm, sop, batch["mlm_labels"], batch["sop_labels"]).backward()
+        ours_optimizer.step()
+        ours_optimizer.zero_grad(set_to_none=True)
+
+    def timed(step, prepared) -> float:
+        step(prepared[0])  # warm-up
+        start = time.perf_counter()
+        for batch in prepared[1:]:
+            step(batch)
+        return len(prepared[1:]) / (time.perf_counter() - start)
+
+    line = f"pretrain.steps_per_second: BERT-small, batch {shape['batch']} x {shape['max_seq_length']} pieces, CPU " \
+           f"x{torch.get_num_threads()} threads, torch {torch.__version__}: ours (masked positions only, sdpa)"
+    if transformers is None:
+        print(f"{line} {timed(our_step, batches):.3f} (transformers not installed: no comparison)")
+        return
+    theirs = transformers.BertForPreTraining(transformers.BertConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_heads, intermediate_size=config.ff_dim, hidden_act="gelu_new",
+        max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size,
+        attn_implementation="sdpa")).train()
+    theirs_optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-5)
+    their_batches = []
+    for batch in batches:  # the same pairs and masks, as transformers' labels: -100 except at the masked pieces
+        labels = torch.full_like(batch["input_ids"], -100)
+        rows = torch.arange(len(labels))[:, None].expand_as(batch["masked_positions"])
+        kept = batch["mlm_labels"] != -100
+        labels[rows[kept], batch["masked_positions"][kept]] = batch["mlm_labels"][kept]
+        their_batches.append({"input_ids": batch["input_ids"], "token_type_ids": batch["token_type_ids"],
+                              "attention_mask": batch["attention_mask"], "labels": labels,
+                              "next_sentence_label": batch["sop_labels"]})
+
+    def their_step(batch) -> None:
+        theirs(**batch).loss.backward()
+        theirs_optimizer.step()
+        theirs_optimizer.zero_grad(set_to_none=True)
+
+    # Interleaved, best of two: drifting machine load hurts both alike.
+    ours_rate, theirs_rate = timed(our_step, batches), timed(their_step, their_batches)
+    ours_rate, theirs_rate = max(ours_rate, timed(our_step, batches)), max(theirs_rate, timed(their_step,
+                                                                                              their_batches))
+    print(f"{line} {ours_rate:.3f}, transformers {transformers.__version__} BertForPreTraining (sdpa, plain loop) "
+          f"{theirs_rate:.3f}: {ours_rate / theirs_rate:.2f}x (goal >= 1.5x)")
+
+
+@benchmark("pretrain_tiny")
+def bench_pretrain_tiny(args: argparse.Namespace) -> None:
+    """A tiny config from random initialisation on the dev contexts: held-out MLM accuracy against always
+    guessing the most frequent piece; then train.py fine-tunes the result and eval.py scores it."""
+    import json
+    import subprocess
+    import tempfile
+
+    tiny = dict(act_fn="gelu", dropout_prob=0.0, ff_dim=128, hidden_size=64, initializer_range=0.02,
+                max_position_embeddings=512, num_heads=4, num_hidden_layers=2, type_vocab_size=2, vocab_size=32000)
+    steps = 300
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        (work / "tiny.json").write_text(json.dumps(tiny))
+
+        def run(script: str, *flags: str) -> str:
+            result = subprocess.run([sys.executable, str(ROOT / script), *flags, "--no_cuda", "--quiet"],
+                                    capture_output=True, text=True, cwd=ROOT)
+            if result.returncode:
+                sys.exit(f"bench.py pretrain_tiny: {script} failed: {result.stderr.strip()[-500:]}")
+            return result.stdout
+
+        run("pretrain.py", "--train_files", str(args.dev), f"--output_dir={work / 'lm'}", "--checkpoint=none",
+            f"--model_config={work / 'tiny.json'}", f"--cache_dir={work / 'cache'}", "--max_seq_length=64",
+            "--train_batch_size=16", "--learning_rate=2e-3", "--warmup_proportion=0.05", f"--max_steps={steps}",
+            "--eval_steps=100", "--held_out_share=0.03", "--seed=0")
+        log = [json.loads(line) for line in (work / "lm" / "training_log.jsonl").read_text().splitlines()]
+        baseline = next(r for r in log if "baseline_mlm_accuracy" in r)
+        evaluations = [r for r in log if "eval_mlm_accuracy" in r]
+        curve = ", ".join(f"step {r['step']} {r['eval_mlm_accuracy']:.3f}" for r in evaluations)
+        print(f"pretrain_tiny.mlm_accuracy: hidden 64 x 2 layers from random init, {steps} steps of 16 x 64 on the "
+              f"dev contexts (3% of them held out): {curve}; always {baseline['baseline_piece']!r}: "
+              f"{baseline['baseline_mlm_accuracy']:.3f}; final SOP accuracy {evaluations[-1]['eval_sop_accuracy']:.3f}",
+              flush=True)
+        data = json.loads(args.dev.read_text(encoding="utf-8"))
+        data["data"] = data["data"][:3]
+        (work / "qa.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        window = ["--max_seq_length=128", "--doc_stride=64", "--max_query_length=32"]
+        run("train.py", f"--checkpoint={work / 'lm'}", f"--output_dir={work / 'qa'}", f"--train_file={work / 'qa.json'}",
+            *window, "--num_train_epochs=2", "--train_batch_size=16", "--learning_rate=1e-3",
+            f"--cache_dir={work / 'cache'}")
+        scores = json.loads(run("eval.py", f"--checkpoint={work / 'qa'}", f"--predict_file={work / 'qa.json'}",
+                                *window, f"--output_dir={work / 'eval'}").strip().splitlines()[-1])
+        print(f"pretrain_tiny.finetune: train.py --checkpoint <the pretrain run> 2 epochs on the first 3 dev articles, "
+              f"eval.py on the same: exact_match {scores['exact_match']:.2f}, f1 {scores['f1']:.2f} (a pipeline check: "
+              f"a model this small is not expected to answer)")
+
 # --- training data at scale (issue 18) ---------------------------------------------------
 # The dev set repeated 11 times, each copy's contexts made distinct: about KorQuAD's 60,407 training
 # questions. train.py runs a tiny model for a few steps, so that the data path is what is measured.

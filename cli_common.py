@@ -231,7 +231,7 @@ def prepare_output_dir(path: str, flag: str = "--output_dir") -> Path:
 def check_checkpoint_file(path: str, flag: str = "--checkpoint") -> None:
     """Refuse a checkpoint path that is missing or a directory (other than a transformers model directory)."""
     checkpoint = Path(path)
-    if is_transformers_dir(checkpoint):
+    if is_transformers_dir(checkpoint) or newest_pretraining_checkpoint(checkpoint):
         return
     if checkpoint.is_dir():
         newest = newest_run_checkpoint(checkpoint)
@@ -379,13 +379,21 @@ def write_json_atomic(obj, path: Path) -> None:
 
 
 CHECKPOINT_NAME = re.compile(r"korquad_(\d+)\.bin")   # train.py's per-epoch checkpoints
+PRETRAIN_CHECKPOINT_NAME = re.compile(r"pretrain_(\d+)\.bin")   # pretrain.py's (encoder + pre-training heads)
 
 
-def newest_run_checkpoint(run_dir: Path) -> Path | None:
-    """A training run's last checkpoint: the `korquad_N.bin` with the highest N (None if it has none)."""
+def newest_run_checkpoint(run_dir: Path, pattern: re.Pattern = CHECKPOINT_NAME) -> Path | None:
+    """A training run's last checkpoint: the `korquad_N.bin` (or other `pattern`) with the highest N (None if
+    it has none)."""
     numbered = [(int(match.group(1)), child) for child in run_dir.iterdir()
-                if (match := CHECKPOINT_NAME.fullmatch(child.name)) and child.is_file()]
+                if (match := pattern.fullmatch(child.name)) and child.is_file()]
     return max(numbered)[1] if numbered else None
+
+
+def newest_pretraining_checkpoint(path: str | os.PathLike) -> Path | None:
+    """A pretrain.py run directory's newest `pretrain_N.bin` (None for anything else)."""
+    path = Path(path)
+    return newest_run_checkpoint(path, PRETRAIN_CHECKPOINT_NAME) if path.is_dir() else None
 
 
 def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -397,7 +405,7 @@ def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
         if is_transformers_dir(path):
             pass
         elif path.is_dir():
-            newest = newest_run_checkpoint(path)
+            newest = newest_run_checkpoint(path) or newest_pretraining_checkpoint(path)
             if newest is None:
                 raise UsageError(f"--checkpoint {path}: a directory without any korquad_N.bin checkpoint, nor a "
                                  f"transformers model directory (pass a training run's output_dir, a checkpoint "
@@ -482,7 +490,12 @@ def resolve_from_training_run(args: argparse.Namespace) -> None:
 
     `args.checkpoint` must already be resolved to files (`resolve_checkpoints`).
     """
-    run_dir = Path(args.checkpoint[0]).parent
+    settings_from_run_dir(args, Path(args.checkpoint[0]).parent)
+
+
+def settings_from_run_dir(args: argparse.Namespace, run_dir: Path) -> None:
+    """Config, vocab, lower-casing and analyzer from a train.py or pretrain.py run directory's files, where
+    the flags leave them open (defaults where the directory has none)."""
     saved_args: dict = {}
     if (run_dir / SAVED_ARGS_NAME).is_file():
         try:
@@ -548,11 +561,17 @@ def settings_from_model_dir(args: argparse.Namespace, model_dir: str | os.PathLi
 
 
 def resolve_model_settings(args: argparse.Namespace, checkpoint: str) -> Config:
-    """train.py: the model config, vocab, lower-casing and analyzer that go with `checkpoint`
-    (a transformers directory brings its own; otherwise the flags or the published model's)."""
+    """train.py, pretrain.py: the model config, vocab, lower-casing and analyzer that go with `checkpoint`
+    (a transformers directory or a pretrain.py run brings its own, setting `args.checkpoint` to the run's
+    newest checkpoint file; otherwise the flags or the published model's)."""
     # train.py's parse_args has already refused any other directory (check_checkpoint_file).
     if checkpoint.lower() != "none" and is_transformers_dir(checkpoint):
         return settings_from_model_dir(args, checkpoint)
+    newest = newest_pretraining_checkpoint(checkpoint) if checkpoint.lower() != "none" else None
+    if newest is not None:  # a pretrain.py run: its newest encoder, with the run's config and vocab
+        args.checkpoint = str(newest)
+        settings_from_run_dir(args, newest.parent)
+        return Config.from_json_file(args.model_config)
     args.model_config = args.model_config or str(DEFAULT_CONFIG)
     args.vocab_file = args.vocab_file or str(DEFAULT_VOCAB)
     args.do_lower_case = True  # the published vocab is uncased

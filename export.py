@@ -1,6 +1,7 @@
 """Write a fine-tuned checkpoint as a transformers model directory.
 
     python3 export.py --checkpoint=output/korquad_3.bin --output_dir=exported
+    python3 export.py --checkpoint=lm_run --output_dir=exported_lm    # pretrain.py: BertForPreTraining, both heads
 
 The directory holds config.json, model.safetensors, vocab.txt and tokenizer_config.json, and loads
 with `AutoModelForQuestionAnswering.from_pretrained` and `AutoTokenizer.from_pretrained` (and back
@@ -21,7 +22,8 @@ from safetensors.torch import save as safetensors_bytes
 from cli_common import (ANALYZER_CONFIG_KEY, ArgumentParser, UsageError, copy_vocab_into, load_finetuned,
                         prepare_output_dir, resolve_finetuned_settings, run_cli, setup_logging, write_json_atomic)
 from korquad_utils import atomic_write
-from modeling import TRANSFORMERS_CONFIG, QuestionAnswering, config_to_transformers, to_transformers_state
+from modeling import (TRANSFORMERS_CONFIG, BertForPreTraining, QuestionAnswering, config_to_transformers,
+                      load_checkpoint, read_state_dict, to_transformers_pretraining_state, to_transformers_state)
 from tokenization import build_vocab, read_vocab_tokens
 
 logger = logging.getLogger("korquad")
@@ -33,7 +35,8 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description="Write a fine-tuned checkpoint as a transformers model directory.")
     parser.add_argument("--checkpoint", required=True,
-                        help="A fine-tuned korquad_*.bin from train.py, or its run directory (the newest one).")
+                        help="A fine-tuned korquad_*.bin from train.py, or its run directory (the newest one); or a "
+                             "pretrain_*.bin from pretrain.py, or its run directory (written as BertForPreTraining).")
     parser.add_argument("--output_dir", required=True, help="The transformers model directory to write.")
     parser.add_argument("--model_config", "--config_name", dest="model_config", default=None,
                         help="Model config (if not given: the training run's, else data/bert_small.json).")
@@ -45,12 +48,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def export(model: QuestionAnswering, vocab_file: str | Path, do_lower_case: bool, analyzer: str,
+def export(model: QuestionAnswering | BertForPreTraining, vocab_file: str | Path, do_lower_case: bool, analyzer: str,
            output_dir: Path) -> None:
     """Write `model` with its tokenizer files into `output_dir` as transformers reads them."""
-    config = config_to_transformers(model.config, **{ANALYZER_CONFIG_KEY: analyzer})
+    if isinstance(model, BertForPreTraining):
+        config = config_to_transformers(model.config, architectures=["BertForPreTraining"],
+                                        **{ANALYZER_CONFIG_KEY: analyzer})
+        state = to_transformers_pretraining_state(model)
+    else:
+        config = config_to_transformers(model.config, **{ANALYZER_CONFIG_KEY: analyzer})
+        state = to_transformers_state(model)
     write_json_atomic(config, output_dir / TRANSFORMERS_CONFIG)
-    weights = safetensors_bytes(to_transformers_state(model), metadata={"format": "pt"})
+    weights = safetensors_bytes(state, metadata={"format": "pt"})
     atomic_write(output_dir / WEIGHTS_NAME, lambda file: file.write(weights))
     copy_vocab_into(vocab_file, output_dir)
     # strip_accents false: transformers would otherwise NFD-strip with lower-casing, breaking Hangul into jamo.
@@ -72,7 +81,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UsageError(f"vocab file {args.vocab_file} has {vocab_size} entries but the model config says "
                          f"vocab_size {config.vocab_size}")
     output_dir = prepare_output_dir(args.output_dir)
-    model = load_finetuned(args.checkpoint[0], config, torch.device("cpu"))
+    checkpoint = Path(args.checkpoint[0])
+    if checkpoint.is_file() and any(name.startswith("cls.") for name in read_state_dict(checkpoint)):
+        model = BertForPreTraining(config)  # pretrain.py's output: encoder and both pre-training heads
+        load_checkpoint(model, checkpoint)
+    else:
+        model = load_finetuned(checkpoint, config, torch.device("cpu"))
     export(model, args.vocab_file, args.do_lower_case, args.analyzer, output_dir)
     if args.analyzer != "none":
         logger.warning("fine-tuned with analyzer %r: transformers users must split text into %s morphemes "

@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager

@@ -13,6 +13,7 @@ import logging
 import os
 import zipfile
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -235,6 +236,17 @@ class BertModel(nn.Module):
         return sequence_output, self.pooler(sequence_output)
 
 
+def init_weights(config: Config, module: nn.Module) -> None:
+    """BERT's initialisation: normal(0, initializer_range) weights, zero biases, unit LayerNorms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class QuestionAnswering(nn.Module):
     """BERT with a span head: a start and an end logit for every token."""
 
@@ -243,16 +255,7 @@ class QuestionAnswering(nn.Module):
         self.config = config
         self.bert = BertModel(config)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        self.apply(partial(init_weights, config))
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
@@ -314,6 +317,88 @@ def distill_loss(logits: torch.Tensor, targets: torch.Tensor, attention_mask: to
                                                - log_student), 0.0).sum(dim=-1)
     has_target = (row_mass.squeeze(-1) > 0).float()
     return temperature ** 2 * (kl * has_target).sum() / has_target.sum().clamp(min=1)
+class PredictionTransform(nn.Module):
+    """transformers' `cls.predictions.transform`: Linear, the encoder's activation, LayerNorm."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACTIVATIONS[config.act_fn]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.activation(self.dense(x)))
+
+
+class MaskedLMHead(nn.Module):
+    """transformers' `cls.predictions`: the transform, then the word embeddings (tied decoder) plus a bias."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.transform = PredictionTransform(config)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        # The decoder is the embedding matrix itself, not a copy: tied by construction, never saved twice.
+        return F.linear(self.transform(x), word_embeddings, self.bias)
+
+
+class PreTrainingHeads(nn.Module):
+    """transformers' `cls`: the masked-LM head and `seq_relationship`, the sentence-order head on the pooler."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.predictions = MaskedLMHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+# The heads' tensor names, under transformers' `BertForPreTraining` names (ours are the same).
+HEAD_NAMES = ("cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",
+              "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias",
+              "cls.predictions.bias", "cls.seq_relationship.weight", "cls.seq_relationship.bias")
+SOP_HEAD_NAMES = ("cls.seq_relationship.weight", "cls.seq_relationship.bias")
+
+
+class BertForPreTraining(nn.Module):
+    """The encoder with the masked-LM and sentence-order heads, as transformers' `BertForPreTraining`.
+
+    State dict: `bert.<encoder name>` + `cls.*` (transformers' head names; the decoder is the word
+    embeddings). Sentence-order label 1 means the two segments were swapped (transformers' NSP
+    label 1, "not the next segment").
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        if config.model_type != "bert" or config.embedding_dim != config.hidden_size:
+            raise ConfigError("pre-training heads are implemented for BERT models only (model_type 'bert', "
+                              "no embedding_size)")
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = PreTrainingHeads(config)
+        self.apply(partial(init_weights, config))
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                masked_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mlm_logits, sop_logits)`. With `masked_positions` (batch, predictions), the vocabulary logits
+        are computed at those positions only (batch, predictions, vocab): a sixth of a full (batch, seq,
+        vocab) projection, which is most of this small model's compute otherwise."""
+        sequence_output, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
+        if masked_positions is not None:
+            index = masked_positions.unsqueeze(-1).expand(-1, -1, sequence_output.size(-1))
+            sequence_output = sequence_output.gather(1, index)
+        mlm_logits = self.cls.predictions(sequence_output, self.bert.embeddings.word_embeddings.weight)
+        return mlm_logits, self.cls.seq_relationship(pooled_output)
+
+
+IGNORE_LABEL = -100  # a masked_positions slot that is padding (transformers' ignore index)
+
+
+def pretraining_loss(mlm_logits: torch.Tensor, sop_logits: torch.Tensor, mlm_labels: torch.Tensor,
+                     sop_labels: torch.Tensor) -> torch.Tensor:
+    """Masked-LM cross-entropy (mean over the predicted pieces) + sentence-order cross-entropy."""
+    mlm = F.cross_entropy(mlm_logits.float().flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE_LABEL)
+    return mlm + F.cross_entropy(sop_logits.float(), sop_labels)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
@@ -325,11 +410,15 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
     directory (see `read_transformers_dir`). Anything else raises `CheckpointError`.
     """
     may_lack_pooler = is_transformers_dir(path)
+    if isinstance(model, BertForPreTraining):
+        return _load_pretraining_checkpoint(model, path, may_lack_pooler)
     state = read_transformers_dir(path)[1] if may_lack_pooler else read_state_dict(path)
     if any(k.startswith("cls.") for k in state):
         dropped = [k for k in state if k.startswith("cls.")]
         logger.info("%s: dropping the pre-training LM head (%d tensors: cls.*)", path, len(dropped))
         state = {k: v for k, v in state.items() if not k.startswith("cls.")}
+        if not any(k.startswith("qa_outputs.") for k in state):  # pretrain.py's output: its encoder
+            state = _bare_encoder(state)
 
     is_finetuned = any(k.startswith(("bert.", "qa_outputs.")) for k in state)
     if isinstance(model, QuestionAnswering):
@@ -344,8 +433,51 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
             state = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")}
         may_be_missing = {"pooler.dense.weight", "pooler.dense.bias"} if may_lack_pooler else set()
     else:
-        raise TypeError(f"load_checkpoint expects QuestionAnswering or BertModel, got {type(model).__name__}")
+        raise TypeError(f"load_checkpoint expects QuestionAnswering, BertModel or BertForPreTraining, "
+                        f"got {type(model).__name__}")
 
+    _check_and_load(model, state, may_be_missing, path)
+    kind = "finetuned" if is_finetuned else "pretrained"
+    logger.info("loaded %s checkpoint %s (%d tensors)", kind, path, len(state))
+    return kind
+
+
+def _bare_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`bert.<name>` -> `<name>` (tensors without the prefix are kept as they are)."""
+    return {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state.items()}
+
+
+def _load_pretraining_checkpoint(model: BertForPreTraining, path: str | os.PathLike, is_directory: bool) -> str:
+    """Encoder and, where the checkpoint has them, the heads; heads it lacks start fresh (said in the log).
+
+    Returns "pretraining" (encoder and both heads loaded), "masked_lm" (no SOP head) or "pretrained"
+    (encoder only)."""
+    state = read_transformers_dir(path, keep_heads=True)[1] if is_directory else read_state_dict(path)
+    heads = {k: v for k, v in state.items() if k.startswith("cls.")}
+    encoder = {k: v for k, v in state.items() if not k.startswith(("cls.", "qa_outputs."))}
+    if len(encoder) + len(heads) < len(state):
+        logger.info("%s: dropping the span head (qa_outputs.*): pre-training does not use it", path)
+    # transformers' tied copies: the decoder is the word embeddings and its bias cls.predictions.bias.
+    heads.pop("cls.predictions.decoder.weight", None)
+    heads.pop("cls.predictions.decoder.bias", None)
+    full = {f"bert.{k}": v for k, v in _bare_encoder(encoder).items()} | heads
+    fresh = set(HEAD_NAMES) - set(heads)
+    may_be_missing = fresh | ({"bert.pooler.dense.weight", "bert.pooler.dense.bias"} if is_directory else set())
+    _check_and_load(model, full, may_be_missing, path)
+    if fresh == set(HEAD_NAMES):
+        logger.info("%s has no pre-training heads: the MLM head (decoder tied to the word embeddings) and "
+                    "the sentence-order head start fresh", path)
+        return "pretrained"
+    if fresh:
+        logger.info("%s has no sentence-order head (cls.seq_relationship): it starts fresh", path)
+        return "masked_lm"
+    logger.info("loaded the encoder and both pre-training heads from %s", path)
+    return "pretraining"
+
+
+def _check_and_load(model: nn.Module, state: dict[str, torch.Tensor], may_be_missing: set[str],
+                    path: str | os.PathLike) -> None:
+    """load_state_dict, after naming every missing, unexpected and misshapen tensor in one CheckpointError."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state) - may_be_missing)
     unexpected = sorted(set(state) - set(expected))
@@ -362,9 +494,6 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
     if problems:
         raise CheckpointError(f"{path}: " + " | ".join(problems))
     model.load_state_dict(state, strict=not may_be_missing)
-    kind = "finetuned" if is_finetuned else "pretrained"
-    logger.info("loaded %s checkpoint %s (%d tensors)", kind, path, len(state))
-    return kind
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -513,12 +642,14 @@ def read_transformers_config(directory: str | os.PathLike) -> dict:
         raise ConfigError(f"{config_file}: not a readable JSON config ({err})") from None
 
 
-def read_transformers_dir(path: str | os.PathLike) -> tuple[Config, dict[str, torch.Tensor]]:
+def read_transformers_dir(path: str | os.PathLike,
+                          keep_heads: bool = False) -> tuple[Config, dict[str, torch.Tensor]]:
     """The Config and the state dict, in our names, of a transformers BERT/ELECTRA model directory.
 
     A model with a QA head gives our fine-tuned format (`bert.*` + `qa_outputs.*`), a bare or
     pre-training model our pretrained-encoder format (bare names); pre-training heads are dropped.
-    Every tensor's shape is checked against config.json; a mismatch names the tensor.
+    Every tensor's shape is checked against config.json; a mismatch names the tensor. With
+    `keep_heads`, BERT's pre-training heads are kept under their own names (`cls.*`).
     """
     directory = Path(path)
     config = config_from_transformers(read_transformers_config(directory), str(directory / TRANSFORMERS_CONFIG))
@@ -526,7 +657,7 @@ def read_transformers_dir(path: str | os.PathLike) -> tuple[Config, dict[str, to
     if weights_file is None:
         raise CheckpointError(f"{directory}: no {' or '.join(TRANSFORMERS_WEIGHTS)} beside config.json")
     theirs = _read_transformers_weights(weights_file)
-    state, source_names = from_transformers_state(theirs, str(weights_file))
+    state, source_names = from_transformers_state(theirs, str(weights_file), keep_heads)
     _check_shapes(state, source_names, config, weights_file)
     return config, state
 
@@ -543,9 +674,18 @@ def _read_transformers_weights(weights_file: Path) -> dict[str, torch.Tensor]:
     return read_state_dict(weights_file)
 
 
-def from_transformers_state(theirs: dict[str, torch.Tensor],
-                            source: str = "weights") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """transformers tensor names -> ours; also returns ours -> theirs, for messages."""
+def from_transformers_state(theirs: dict[str, torch.Tensor], source: str = "weights",
+                            keep_heads: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """transformers tensor names -> ours; also returns ours -> theirs, for messages.
+
+    With `keep_heads`, BERT's `cls.*` heads are kept (their names are ours too; the older
+    gamma/beta LayerNorm spelling is renamed) and the encoder keeps the bare names."""
+    kept_heads = {}
+    if keep_heads:
+        for name in [k for k in theirs if k.startswith("cls.")]:
+            module, _, leaf = name.rpartition(".")
+            kept_heads[f"{module}.{ {'gamma': 'weight', 'beta': 'bias'}.get(leaf, leaf)}"] = theirs[name].float()
+        theirs = {k: v for k, v in theirs.items() if not k.startswith("cls.")}
     dropped = sorted(k for k in theirs if k.startswith(DROPPED_PREFIXES))
     if dropped:
         heads = sorted({k.split(".")[0] for k in dropped})
@@ -567,6 +707,8 @@ def from_transformers_state(theirs: dict[str, torch.Tensor],
             ours = f"bert.{ours}"
         state[ours] = tensor.float()
         source_names[ours] = name
+    state.update(kept_heads)
+    source_names.update({name: name for name in kept_heads})
     return state, source_names
 
 
@@ -606,11 +748,30 @@ def to_transformers_state(model: QuestionAnswering) -> dict[str, torch.Tensor]:
         if name.startswith("bert.pooler."):
             continue
         if name.startswith("bert."):
-            name = name[len("bert."):]
-            module, _, leaf = name.rpartition(".")
-            if module.startswith("encoder.layer."):
-                _, _, index, layer_module = module.split(".", 3)
-                module = f"encoder.layer.{index}.{_LAYER_NAMES_BACK[layer_module]}"
-            name = prefix + f"{module}.{leaf}"
+            name = prefix + _encoder_name_to_theirs(name[len("bert."):])
         state[name] = tensor.detach().cpu().contiguous()
     return state
+
+
+def to_transformers_pretraining_state(model: BertForPreTraining) -> dict[str, torch.Tensor]:
+    """The weights under transformers' `BertForPreTraining` names, pooler and both heads included.
+
+    The tied decoder is written out as its own copy (`cls.predictions.decoder.*`) too: transformers 4.x
+    files carry it, and versions that tie it on loading overwrite it with the same values."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("bert."):
+            name = "bert." + _encoder_name_to_theirs(name[len("bert."):])
+        state[name] = tensor.detach().cpu().contiguous()
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"].clone()
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"].clone()
+    return state
+
+
+def _encoder_name_to_theirs(name: str) -> str:
+    """`encoder.layer.3.attn.query.weight` -> `encoder.layer.3.attention.self.query.weight`, etc."""
+    module, _, leaf = name.rpartition(".")
+    if module.startswith("encoder.layer."):
+        _, _, index, layer_module = module.split(".", 3)
+        module = f"encoder.layer.{index}.{_LAYER_NAMES_BACK[layer_module]}"
+    return f"{module}.{leaf}"

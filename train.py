@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import hashlib
 import json
 import logging
 import math
-import os
-import pickle
 import signal
 import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -40,13 +35,16 @@ from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, Argumen
                         add_data_args, add_no_answer_args, autocast_context, autocast_dtype, build_tokenizer,
                         check_checkpoint_file, check_compile_args, check_data_args, check_version_2, compile_model,
                         compile_padding, copy_vocab_into, evaluate_model, evaluate_model_with_odds, fetch_hub_model,
-                        finite_float, has_answers, pick_device, positive_float, positive_int, prepare_output_dir,
-                        resolve_model_settings, run_cli, save_torch_atomic, score, score_no_answer, setup_logging,
+                        finite_float, has_answers, positive_float, positive_int, prepare_output_dir,
+                        resolve_model_settings, run_cli, score, score_no_answer, setup_logging,
                         write_json_atomic)
-from korquad_utils import (FeatureTable, TeacherTargets, atomic_write, collate_features, load_or_build_features,
+from korquad_utils import (FeatureTable, TeacherTargets, collate_features, load_or_build_features,
                            load_or_build_table, make_length_grouped_batches, read_teacher_targets,
                            teacher_batch_targets)
-from long_run import DirectoryLocked, RunLock, StopSignals, plot_training_curves, read_log, remove_dead_temp_files
+from long_run import (CheckpointWriteError, DirectoryLocked, Distributed, RunLock, StopSignals, TrainingDiverged,
+                      TrainingStopped, build_optimizer, check_same_settings, file_digest, keep_log_until,
+                      linear_warmup_decay, plot_training_curves, read_log, read_loss, read_training_state,
+                      remove_dead_temp_files, save_checked, setup_distributed, step_seed)
 from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
 
 logger = logging.getLogger("korquad")
@@ -56,97 +54,6 @@ LOG_NAME = "training_log.jsonl"
 CURVES_NAME = "training_curves.png"
 STATE_KEYS = ("epoch", "steps_in_epoch", "epoch_finished", "global_step", "model", "optimizer", "scheduler",
               "scaler", "settings", "paths", "loss_sum", "loss_count")
-T = TypeVar("T")
-NO_DECAY = ("bias", "LayerNorm.weight", "attention_norm.weight", "ffn_norm.weight")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint or training state could not be written (disk full, file-size limit)."""
-
-
-class TrainingStopped(Exception):
-    """SIGTERM or SIGINT stopped the run after writing a resumable state; `message` says how to resume."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.message, self.exit_code = message, exit_code
-
-
-@dataclass
-class Distributed:
-    """Where this process stands in a torchrun job (a single process is rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    cpu_group: object = None  # a gloo group for small CPU-side agreements (None: the default group)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def on_main(self, work: Callable[[], T]) -> T | None:
-        """Run `work` on rank 0 only (None elsewhere); if it fails there, every rank stops."""
-        if not self.enabled:
-            return work()
-        result = None
-        if self.is_main:
-            try:
-                result = work()
-            except BaseException:
-                self._all_succeeded(False)
-                raise
-        if not self._all_succeeded(True):
-            raise UsageError("rank 0 failed while preparing the data; its error message says why")
-        return result
-
-    def main_first(self, work: Callable[[], T]) -> T:
-        """Run `work` on rank 0, then on the other ranks (which then find rank 0's cache)."""
-        result = self.on_main(work)
-        return result if self.is_main else work()
-
-    def any_rank(self, flag: bool) -> bool:
-        """Whether `flag` is set on any rank (a CPU all-reduce: no GPU sync)."""
-        if not self.enabled:
-            return flag
-        value = torch.tensor([int(flag)])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.cpu_group)
-        return bool(value.item())
-
-    def _all_succeeded(self, ok: bool) -> bool:
-        flag = torch.tensor([1 if ok else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
-
-def setup_distributed(no_cuda: bool) -> tuple[Distributed, torch.device]:
-    """Join the process group torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK (NCCL on GPUs, gloo on CPUs)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Distributed(), pick_device(no_cuda)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(no_cuda)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    cpu_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
-    return Distributed(int(os.environ["RANK"]), world_size, local_rank, device, cpu_group), device
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description="Fine-tune BERT-small on KorQuAD v1.0.")
     parser.add_argument("--train_file", default="data/KorQuAD_v1.0_train.json", help="KorQuAD-format training JSON.")
@@ -210,26 +117,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices only (none on biases and LayerNorm weights)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if name.endswith(NO_DECAY) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, eps=args.adam_epsilon, fused=device.type == "cuda")
-
-
-def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Learning rate rising linearly over the warm-up, then falling linearly to zero."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def rank_batches(lengths: Sequence[int], args: argparse.Namespace, ctx: Distributed,
                  epoch: int) -> tuple[list[np.ndarray], list[float]]:
     """This rank's micro-batches for `epoch`, and their loss weights.
@@ -256,18 +143,6 @@ def rank_batches(lengths: Sequence[int], args: argparse.Namespace, ctx: Distribu
     return micro_batches, weights
 
 
-def file_digest(flag: str, path: str | os.PathLike) -> str:
-    """sha256 of a file's contents: what identifies a train file or vocab, whatever its name."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError as err:
-        raise UsageError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
-    return digest.hexdigest()
-
-
 def run_settings(args: argparse.Namespace, config: Config, do_lower_case: bool, world_size: int) -> dict:
     """Everything that shapes a run's trajectory, under the names a user knows; `--resume` must find them unchanged.
 
@@ -292,74 +167,6 @@ def run_settings(args: argparse.Namespace, config: Config, do_lower_case: bool, 
         settings |= {"--teacher_targets": args.teacher_targets_key, "--distill_alpha": args.distill_alpha,
                      "--distill_temperature": args.distill_temperature}
     return settings
-
-
-def check_same_settings(saved: dict, current: dict, saved_paths: dict, current_paths: dict) -> None:
-    """Refuse a resume whose settings differ from the interrupted run's, naming the first difference."""
-    advice = "resume with the interrupted run's settings, or train into a new --output_dir"
-    for name, now in current.items():
-        was = saved.get(name)
-        if was == now:
-            continue
-        if name in current_paths:  # files: compared by contents, shown by name
-            raise UsageError(f"--resume: {name} {current_paths[name]} (sha256 {now[:12]}) differs from the "
-                             f"interrupted run's {saved_paths.get(name)} (sha256 {str(was)[:12]}); {advice}")
-        if isinstance(now, dict) and isinstance(was, dict):
-            key = next(k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k))
-            raise UsageError(f"--resume: {name} {key} was {was.get(key)} in the interrupted run, now {now.get(key)}; "
-                             f"{advice}")
-        raise UsageError(f"--resume: {name} was {was} in the interrupted run, now {now}; {advice}")
-
-
-def read_training_state(path: Path) -> dict:
-    """A training state written by this train.py, read safely; anything else is refused with what it is not."""
-    what = "not a training state written by train.py"
-    remedy = "delete it to start over, or train into a new --output_dir"
-    if path.stat().st_size == 0:
-        raise UsageError(f"{path}: empty file, {what}; {remedy}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's message advises weights_only=False: wrong for a damaged file, unsafe for a malicious one.
-        raise UsageError(f"{path}: {what} (it holds objects other than tensors and plain values; "
-                         f"nothing in it was run); {remedy}") from None
-    except Exception:  # truncated, not a zip/pickle at all: torch raises several types
-        raise UsageError(f"{path}: {what} (damaged or not a torch file); {remedy}") from None
-    if not isinstance(state, dict):
-        raise UsageError(f"{path}: {what} (it holds a {type(state).__name__}); {remedy}")
-    missing = [key for key in STATE_KEYS if key not in state]
-    if missing:
-        raise UsageError(f"{path}: {what} or by an older version (no {', '.join(missing)}); {remedy}")
-    return state
-
-
-def save_checked(obj, path: Path) -> None:
-    """`save_torch_atomic`, with a failed write (disk full, file-size limit) as one line that says nothing was lost."""
-    try:
-        save_torch_atomic(obj, path)
-    except (OSError, RuntimeError) as err:
-        # torch reports a failed write as a RuntimeError whose context is the OSError that says why.
-        cause = err if isinstance(err, OSError) else err.__context__
-        code = cause.errno if isinstance(cause, OSError) else None
-        reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                  errno.EFBIG: "the file-size limit is reached"}.get(code) or " ".join(str(cause or err).split())
-        raise CheckpointWriteError(f"{path}: could not be written ({reason}); nothing was replaced, the previous "
-                                   f"{path.name} (if any) is intact; free space, then rerun with --resume") from None
-
-
-def step_seed(seed: int, epoch: int, step_in_epoch: int, rank: int) -> int:
-    """The random seed of one optimizer step: dropout depends on where a step is, not on how the run got there,
-    so a run resumed mid-epoch draws what an uninterrupted one would have drawn."""
-    return int(np.random.SeedSequence([seed, epoch, step_in_epoch, rank]).generate_state(1, np.uint64)[0])
-
-
-def keep_log_until(log_file: Path, last_step: int) -> None:
-    """Drop log lines past `last_step` (all of them for a fresh run; what a resumed run will redo)."""
-    if not log_file.is_file():
-        return
-    lines = log_file.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
-    atomic_write(log_file, lambda file: file.write("".join(line + "\n" for line in kept).encode("utf-8")))
 
 
 def best_evaluation(evaluations: Sequence[dict]) -> dict | None:
@@ -492,7 +299,7 @@ def load_resume_state(run_dir: Path, settings: dict, paths: dict) -> dict | None
     if not path.is_file():
         logger.warning("--resume: no %s in %s, starting from the first epoch", STATE_NAME, run_dir)
         return None
-    state = read_training_state(path)
+    state = read_training_state(path, STATE_KEYS, "train.py")
     check_same_settings(state["settings"], settings, state["paths"], paths)
     return state
 
@@ -578,21 +385,6 @@ def train_one_epoch(run: TrainingRun, features: FeatureTable, batches: list[np.n
                 return global_step, True
     progress.close()
     return global_step, False
-
-
-def read_loss(loss_sum: torch.Tensor, count: int, first_bad_step: torch.Tensor, ctx: Distributed) -> float:
-    """The mean loss since the last read-out over all ranks; raises on every rank if any saw a non-finite loss."""
-    mean_loss = (loss_sum / max(count, 1)).reshape(1)
-    bad_step = first_bad_step.reshape(1).clone()
-    if ctx.enabled:
-        dist.all_reduce(mean_loss)
-        mean_loss /= ctx.world_size
-        dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
-    mean, bad = mean_loss.item(), int(bad_step.item())
-    if bad >= 0:
-        raise TrainingDiverged(f"non-finite loss at optimizer step {bad}; stopped without writing this epoch's "
-                               "checkpoint (try a lower --learning_rate)")
-    return mean
 
 
 def finish_epoch(run: TrainingRun, epoch: int, global_step: int, eval_data) -> bool:

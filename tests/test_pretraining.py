@@ -1,0 +1,288 @@
+"""Continued pre-training: heads equal to transformers' BertForPreTraining both ways, the masking
+statistics, starting from an encoder-only checkpoint, kill -9 and resume, bad corpora, and the run
+directory as train.py's / eval.py's / export.py's --checkpoint. Tiny models, the bundled sample."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script
+
+import pretrain
+from modeling import (BertForPreTraining, BertModel, Config, load_checkpoint, read_state_dict,
+                      read_transformers_dir)
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             hidden_act="gelu_new", max_position_embeddings=64)
+FLAGS = ["--max_seq_length=64", "--train_batch_size=4", "--learning_rate=1e-3", "--seed=7", "--no_cuda",
+         "--quiet", "--logging_steps=1", "--eval_steps=1000", "--held_out_share=0.2"]
+
+
+def _inputs(vocab_size: int = 100) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, vocab_size, (3, 17), generator=g)
+    types = torch.zeros_like(ids)
+    types[:, 9:] = 1
+    mask = torch.ones_like(ids)
+    mask[2, 12:] = 0
+    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+
+
+def _perturb(module: torch.nn.Module) -> None:
+    """Non-trivial values everywhere (biases and LayerNorms start at 0 and 1)."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+
+
+def test_heads_equal_transformers_in_both_directions(tmp_path):
+    theirs = transformers.BertForPreTraining(transformers.BertConfig(**SMALL)).eval()
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path / "theirs")
+    config, _ = read_transformers_dir(tmp_path / "theirs")
+    ours = BertForPreTraining(config).eval()
+    assert load_checkpoint(ours, tmp_path / "theirs") == "pretraining"
+    inputs = _inputs()
+    with torch.no_grad():
+        expected = theirs(**inputs)
+        mlm, sop = ours(**inputs)
+        positions = torch.tensor([[1, 4, 16], [0, 2, 3], [5, 6, 11]])
+        at_positions, _ = ours(**inputs, masked_positions=positions)
+    torch.testing.assert_close(mlm, expected.prediction_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sop, expected.seq_relationship_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(at_positions, expected.prediction_logits.gather(
+        1, positions[..., None].expand(-1, -1, 100)), atol=1e-5, rtol=0)
+
+    # Back: our weights written by export.py's writer, read by transformers.
+    from export import export
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]))
+    _perturb(ours)
+    (tmp_path / "ours").mkdir()
+    export(ours, vocab, True, "mecab", tmp_path / "ours")
+    reloaded = transformers.BertForPreTraining.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        mlm, sop = ours(**inputs)
+        again = reloaded(**inputs)
+    torch.testing.assert_close(again.prediction_logits, mlm, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again.seq_relationship_logits, sop, atol=1e-5, rtol=0)
+    assert reloaded.cls.predictions.decoder.weight.data_ptr() == reloaded.bert.embeddings.word_embeddings.weight.data_ptr()
+
+
+def test_masked_lm_directory_loads_its_mlm_head_and_a_fresh_sop_head(tmp_path, caplog):
+    theirs = transformers.BertForMaskedLM(transformers.BertConfig(**SMALL)).eval()
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path / "mlm")
+    config, _ = read_transformers_dir(tmp_path / "mlm")
+    ours = BertForPreTraining(config).eval()
+    with caplog.at_level(logging.INFO):
+        assert load_checkpoint(ours, tmp_path / "mlm") == "masked_lm"
+    assert "no sentence-order head" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**_inputs())[0], theirs(**_inputs()).logits, atol=1e-5, rtol=0)
+
+
+def test_encoder_only_checkpoint_starts_with_fresh_tied_heads(tiny_setup, caplog):
+    """The published format (bare names): the encoder is the checkpoint's, the decoder is the embeddings."""
+    args = pretrain.parse_args(["--train_files", str(SAMPLE_FILE), "--output_dir", "unused",
+                                f"--checkpoint={tiny_setup / 'pretrained.bin'}"])
+    with caplog.at_level(logging.INFO):
+        model = pretrain.build_model(args, Config(**TINY_CONFIG)).eval()
+    assert "no pre-training heads" in caplog.text
+    encoder = BertModel(Config(**TINY_CONFIG)).eval()
+    encoder.load_state_dict(read_state_dict(tiny_setup / "pretrained.bin"))
+    inputs = _inputs(TINY_CONFIG["vocab_size"])
+    with torch.no_grad():
+        for ours, published in zip(model.bert(**inputs), encoder(**inputs)):
+            assert torch.equal(ours, published)
+        sequence_output, _ = model.bert(**inputs)
+        mlm, _ = model(**inputs)
+        head = model.cls.predictions
+        tied = head.transform(sequence_output) @ model.bert.embeddings.word_embeddings.weight.T + head.bias
+    torch.testing.assert_close(mlm, tied)
+    assert not any("decoder" in name for name in model.state_dict())
+
+
+def _sample_pairs(max_seq_length: int = 128) -> pretrain.PairMaker:
+    from tokenization import BertTokenizer
+
+    tokenizer = BertTokenizer(VOCAB_FILE)
+    tokens = pretrain.tokenize_corpus([SAMPLE_FILE], tokenizer, max_seq_length - 3, progress=False)
+    args = pretrain.parse_args(["--train_files", str(SAMPLE_FILE), "--output_dir", "unused", "--held_out_share=0",
+                                f"--max_seq_length={max_seq_length}"])
+    return pretrain.build_pair_makers(args, tokenizer, tokens)[0]
+
+
+def test_masking_statistics_over_a_corpus():
+    """15% of the pieces, n-grams 6:3:2, 80/10/10, never a special token, never part of a word; SOP 50%."""
+    maker = _sample_pairs()
+    specials = {maker.cls_id, maker.sep_id, 0}
+    candidates = masked = mask_count = random_count = kept_count = swaps = total = 0
+    spans = np.zeros(4)
+    for epoch in range(60):
+        for index in range(len(maker.pairs)):
+            rng = np.random.default_rng([epoch, index])
+            ids, _, candidate, swapped = maker.pair(index, rng)
+            output, positions, labels, lengths = pretrain.mask_pieces(
+                ids, candidate, maker.continuation, rng, mask_id=maker.mask_id, random_ids=maker.random_ids,
+                max_predictions=maker.max_predictions)
+            assert len(positions) <= maker.max_predictions and np.array_equal(labels, ids[positions])
+            assert not set(ids[positions].tolist()) & specials
+            chosen = np.zeros(len(ids), dtype=bool)
+            chosen[positions] = True
+            # A continuation piece is masked exactly when the piece before it is: words stay whole.
+            continues = maker.continuation[ids] & candidate & np.r_[False, candidate[:-1]]
+            assert np.array_equal(chosen[1:][continues[1:]], chosen[:-1][continues[1:]])
+            candidates += candidate.sum()
+            masked += len(positions)
+            mask_count += (output[positions] == maker.mask_id).sum()
+            changed = (output[positions] != ids[positions]) & (output[positions] != maker.mask_id)
+            random_count += changed.sum()
+            kept_count += len(positions) - (output[positions] == maker.mask_id).sum() - changed.sum()
+            spans += np.bincount(lengths, minlength=4)
+            swaps += swapped
+            total += 1
+    assert abs(masked / candidates - 0.15) <= 0.005, masked / candidates
+    shares = spans[1:] / spans.sum()
+    assert np.abs(shares - np.array([6, 3, 2]) / 11).max() <= 0.02, shares
+    # A random piece may happen to be the original one: that is counted as kept (1 in 32k).
+    assert abs(mask_count / masked - 0.8) <= 0.02 and abs(random_count / masked - 0.1) <= 0.02
+    assert abs(kept_count / masked - 0.1) <= 0.02
+    assert abs(swaps / total - 0.5) <= 0.02, swaps / total
+
+
+def test_masks_are_dynamic_and_reproducible():
+    maker = _sample_pairs()
+    first = maker.example(0, epoch=0)
+    assert all(np.array_equal(first[k], maker.example(0, epoch=0)[k]) for k in first)
+    assert any(not np.array_equal(maker.example(0, epoch=e)["masked_positions"], first["masked_positions"])
+               for e in range(1, 4))
+
+
+def _run(tmp_path: Path, output: str, *extra: str, checkpoint: str = "none") -> subprocess.CompletedProcess:
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    return run_script("pretrain.py", "--train_files", str(SAMPLE_FILE), f"--output_dir={tmp_path / output}",
+                      f"--checkpoint={checkpoint}", f"--model_config={tmp_path / 'tiny.json'}",
+                      f"--cache_dir={tmp_path / 'cache'}", *FLAGS, *extra)
+
+
+KILLER = '''
+import os, signal, sys
+sys.path.insert(0, {root!r})
+sys.argv[0] = "pretrain.py"
+import torch
+import pretrain
+calls, real_clip = 0, torch.nn.utils.clip_grad_norm_
+
+
+def clip_then_maybe_die(*args, **kwargs):
+    global calls
+    calls += 1
+    if calls == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_clip(*args, **kwargs)
+
+
+torch.nn.utils.clip_grad_norm_ = clip_then_maybe_die
+pretrain.run_cli(pretrain.cli)
+'''
+
+
+def test_resume_after_kill_9_mid_epoch_is_bit_identical(tmp_path):
+    (tmp_path / "killer.py").write_text(KILLER.format(root=str(ROOT)))
+    steps = ["--max_steps=5", "--save_steps=2"]
+    whole = _run(tmp_path, "whole", *steps)
+    assert whole.returncode == 0, whole.stderr
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    flags = ["--train_files", str(SAMPLE_FILE), f"--output_dir={tmp_path / 'killed'}", "--checkpoint=none",
+             f"--model_config={tmp_path / 'tiny.json'}", f"--cache_dir={tmp_path / 'cache'}", *FLAGS, *steps]
+    killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"), *flags], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "KILL_AT": "4"}, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    state = torch.load(tmp_path / "killed" / "training_state.pt", weights_only=True)
+    assert (state["global_step"], state["epoch_finished"]) == (2, False)  # mid-epoch (12 steps an epoch)
+    resumed = run_script("pretrain.py", *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    final = sorted((tmp_path / "whole").glob("pretrain_*.bin"))[-1].name
+    a, b = (torch.load(tmp_path / run / final, weights_only=True) for run in ("whole", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[json.loads(line) for line in (tmp_path / run / "training_log.jsonl").read_text().splitlines()]
+            for run in ("whole", "killed")]
+    assert logs[0] == logs[1]
+
+
+BAD_CORPORA = [(b"", "no text to pre-train on"), (b"\n\n   \n", "no text to pre-train on"),
+               (b"PK\x03\x04\x00\x00binary", "NUL byte: a binary file"),
+               ("한국어 문장\n".encode("utf-16"), "not UTF-8 text"), (b'{"version": 1}', "not KorQuAD/SQuAD JSON")]
+
+
+@pytest.mark.parametrize("content, expected", BAD_CORPORA)
+def test_bad_corpus_is_one_line_naming_the_file(tmp_path, content, expected):
+    from cli_common import UsageError
+
+    corpus = tmp_path / ("corpus.json" if content.startswith(b"{") else "corpus.txt")
+    corpus.write_bytes(content)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    flags = ["--train_files", str(corpus), f"--output_dir={tmp_path / 'out'}", "--checkpoint=none",
+             f"--model_config={tmp_path / 'tiny.json'}", *FLAGS, "--max_steps=1"]
+    if content == b"":  # once through the command line: one line on stderr, no traceback, exit status 1
+        result = run_script("pretrain.py", *flags)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert expected in result.stderr and str(corpus) in result.stderr
+        return
+    with pytest.raises(UsageError) as error:
+        pretrain.main(flags)
+    assert expected in str(error.value) and str(corpus) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_line_longer_than_the_window_is_cut_with_one_warning(tmp_path):
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("짧은 문장입니다.\n" + "아주 긴 문장이 계속 이어집니다 " * 40 + "\n다음 문장.\n\n둘째 문서입니다.\n"
+                      "그리고 또 한 줄.\n", encoding="utf-8")
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    result = run_script("pretrain.py", "--train_files", str(corpus), f"--output_dir={tmp_path / 'out'}",
+                        "--checkpoint=none", f"--model_config={tmp_path / 'tiny.json'}", *FLAGS, "--max_steps=1",
+                        "--held_out_share=0")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line and "longer than" in line]
+    assert len(warnings) == 1 and str(corpus) in warnings[0]
+
+
+def test_run_directory_fine_tunes_evaluates_and_exports(tmp_path, tiny_setup):
+    """pretrain.py's output as train.py's --checkpoint (its encoder), then eval.py; export.py writes both heads."""
+    run = _run(tmp_path, "lm", "--max_steps=3", "--held_out_share=0.2", "--eval_steps=2",
+               checkpoint=str(tiny_setup / "pretrained.bin"))
+    assert run.returncode == 0, run.stderr
+    log = [json.loads(line) for line in (tmp_path / "lm" / "training_log.jsonl").read_text().splitlines()]
+    assert any("baseline_mlm_accuracy" in r for r in log) and any("eval_sop_accuracy" in r for r in log)
+    assert (tmp_path / "lm" / "training_curves.png").is_file()
+    train = run_script("train.py", f"--checkpoint={tmp_path / 'lm'}", f"--output_dir={tmp_path / 'qa'}",
+                       f"--train_file={tiny_setup / 'train.json'}", *DATA_FLAGS, "--train_batch_size=8",
+                       "--num_train_epochs=1", "--no_cuda", "--quiet", f"--cache_dir={tmp_path / 'cache'}")
+    assert train.returncode == 0, train.stderr
+    qa = torch.load(tmp_path / "qa" / "korquad_0.bin", weights_only=True)
+    assert "qa_outputs.weight" in qa and not any(k.startswith("cls.") for k in qa)
+    evaluated = run_script("eval.py", f"--checkpoint={tmp_path / 'qa'}", f"--predict_file={tiny_setup / 'train.json'}",
+                           *DATA_FLAGS, "--no_cuda", "--quiet", f"--output_dir={tmp_path / 'eval'}")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "f1" in json.loads(evaluated.stdout.strip().splitlines()[-1])
+    exported = run_script("export.py", f"--checkpoint={tmp_path / 'lm'}", f"--output_dir={tmp_path / 'hf'}")
+    assert exported.returncode == 0, exported.stderr
+    theirs = transformers.BertForPreTraining.from_pretrained(tmp_path / "hf").eval()
+    ours = BertForPreTraining(Config(**TINY_CONFIG)).eval()
+    assert load_checkpoint(ours, sorted((tmp_path / "lm").glob("pretrain_*.bin"))[-1]) == "pretraining"
+    inputs = _inputs(TINY_CONFIG["vocab_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**inputs).prediction_logits, ours(**inputs)[0], atol=1e-5, rtol=0)
