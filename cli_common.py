@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -16,19 +17,24 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import evaluate_v1_0
+import onnx_reader
 from korquad_utils import (InputFeature, KorquadFormatError, SquadExample, atomic_write, collate_features,
                            decode_predictions, make_length_grouped_batches)
-from modeling import (CheckpointError, Config, ConfigError, QuestionAnswering, config_from_transformers,
-                      is_transformers_dir, load_checkpoint, read_transformers_config)
 from tokenization import BertTokenizer, TokenizerError, read_do_lower_case
+
+# torch and modeling (which needs torch) are imported where they are used: an ONNX model answers
+# through eval.py and predict.py without torch installed.
+if TYPE_CHECKING:
+    import torch
+
+    from modeling import Config, QuestionAnswering
 
 logger = logging.getLogger("korquad")
 
@@ -49,8 +55,20 @@ class UsageError(ValueError):
 
 
 # What a user can cause: reported as one line. Anything else is a bug and keeps its traceback.
+# run_cli adds modeling's ConfigError and CheckpointError once modeling has been imported.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    UsageError, ConfigError, CheckpointError, TokenizerError, KorquadFormatError, OSError)
+    UsageError, TokenizerError, KorquadFormatError, onnx_reader.OnnxExportError, OSError)
+
+
+def model_errors() -> tuple[type[BaseException], ...]:
+    """modeling's user errors, if modeling is loaded (if it is not, nothing can have raised them)."""
+    modeling = sys.modules.get("modeling")
+    return (modeling.ConfigError, modeling.CheckpointError) if modeling is not None else ()
+
+
+def is_cuda_out_of_memory(err: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
 
 
 # --- flags and checks ------------------------------------------------------------------------
@@ -196,6 +214,7 @@ def prepare_output_dir(path: str, flag: str = "--output_dir") -> Path:
 
 def check_checkpoint_file(path: str, flag: str = "--checkpoint") -> None:
     """Refuse a checkpoint path that is missing or a directory (other than a transformers model directory)."""
+    from modeling import is_transformers_dir
     checkpoint = Path(path)
     if is_transformers_dir(checkpoint):
         return
@@ -220,6 +239,7 @@ def build_tokenizer(vocab_file: str | os.PathLike, analyzer: str, config: Config
 
 def pick_device(no_cuda: bool) -> torch.device:
     """The GPU when there is one (and --no_cuda is not given), else the CPU."""
+    import torch
     if torch.cuda.is_available() and not no_cuda:
         # TF32 for whatever runs outside autocast (or all of it under --fp32) on Ampere and newer.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -230,6 +250,7 @@ def pick_device(no_cuda: bool) -> torch.device:
 
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype: on a GPU bf16 where supported, else fp16 (unless --fp32); on a CPU only if asked."""
+    import torch
     if args.fp16:
         if device.type != "cuda":
             raise UsageError("--fp16 needs a CUDA GPU; use --bf16 for mixed precision on a CPU")
@@ -246,11 +267,13 @@ def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtyp
 def has_native_bf16(device: torch.device) -> bool:
     """Ampere (compute capability 8.0) and newer. `torch.cuda.is_bf16_supported()` also says yes
     for older GPUs that only emulate bf16, slowly (a Colab T4), where fp16 is the right choice."""
+    import torch
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     """One autocast context for the whole forward pass (a no-op in full precision)."""
+    import torch
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -269,10 +292,12 @@ def run_cli(main: Callable[[Sequence[str] | None], None],
         main(None)
     except KeyboardInterrupt:
         sys.exit(f"{prog}: interrupted")
-    except torch.cuda.OutOfMemoryError:
-        sys.exit(f"{prog}: error: CUDA out of memory; lower --train_batch_size (train.py: raise "
-                 f"--gradient_accumulation_steps to keep the global batch) or --max_seq_length")
-    except user_errors as err:
+    except Exception as err:
+        if is_cuda_out_of_memory(err):
+            sys.exit(f"{prog}: error: CUDA out of memory; lower --train_batch_size (train.py: raise "
+                     f"--gradient_accumulation_steps to keep the global batch) or --max_seq_length")
+        if not isinstance(err, user_errors + model_errors()):
+            raise
         message = " ".join(str(err).split()) or type(err).__name__
         if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
             message = f"{err.filename}: {message}"
@@ -318,6 +343,7 @@ def compile_model(model: torch.nn.Module, args: argparse.Namespace, device: torc
     On one GPU, mode "reduce-overhead" replays each shape as a CUDA graph: a step of this small model
     is bound by kernel launches, not arithmetic. The compiled module shares `model`'s parameters.
     """
+    import torch
     if not args.compile:
         return model
     buckets = math.ceil(max_width / args.compile_bucket)
@@ -336,6 +362,7 @@ def compile_model(model: torch.nn.Module, args: argparse.Namespace, device: torc
 
 def save_torch_atomic(obj, path: Path) -> None:
     """torch.save through a temporary file and a rename: `path` is never half-written."""
+    import torch
     atomic_write(path, lambda file: torch.save(obj, file))
 
 
@@ -358,9 +385,11 @@ def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Checkpoints for `--checkpoint` values: a file or a transformers model directory as it is, a
     hub model id downloaded (`fetch_hub_model`), a training run directory as its newest
     `korquad_N.bin` (highest N). Several make an ensemble."""
+    from modeling import is_transformers_dir
+
     resolved = []
     for path in (Path(fetch_hub_model(str(value))) for value in paths):
-        if is_transformers_dir(path):
+        if onnx_reader.find_export(path) is not None or is_transformers_dir(path):
             pass
         elif path.is_dir():
             newest = newest_run_checkpoint(path)
@@ -378,6 +407,7 @@ def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
 def resolve_finetuned_settings(args: argparse.Namespace) -> Config:
     """eval.py, predict.py, export.py: resolve `args.checkpoint` (a list) and fill config, vocab,
     lower-casing and analyzer from the first one's transformers directory or training run."""
+    from modeling import Config, is_transformers_dir
     args.checkpoint = resolve_checkpoints(args.checkpoint)
     if is_transformers_dir(args.checkpoint[0]):
         return settings_from_model_dir(args, args.checkpoint[0])
@@ -390,6 +420,7 @@ def load_finetuned(path: str | os.PathLike, config: Config, device: torch.device
     """A fine-tuned QA model from `path`, in eval mode on `device`; a bare pretrained encoder is refused.
 
     With `into`, the weights are loaded into that model (its compiled wrapper keeps working)."""
+    from modeling import QuestionAnswering, load_checkpoint
     model = into if into is not None else QuestionAnswering(config)
     if load_checkpoint(model, path) != "finetuned":
         raise UsageError(f"--checkpoint {path} is a pretrained encoder without a trained span head; "
@@ -427,6 +458,7 @@ def ensemble_logits(args: argparse.Namespace, config: Config, features: Sequence
     One model is built (and compiled, with --compile) and each member's weights loaded into it in
     turn: one member in memory at a time, one compilation for the whole ensemble.
     """
+    from modeling import QuestionAnswering
     model = QuestionAnswering(config).to(device)
     compiled = compile_model(model, args, device, max_width=args.max_seq_length)
     padding = args.compile_bucket if args.compile else None
@@ -491,6 +523,7 @@ def fetch_hub_model(checkpoint: str) -> str:
 
 def settings_from_model_dir(args: argparse.Namespace, model_dir: str | os.PathLike) -> Config:
     """Config, vocab, lower-casing and analyzer of a transformers model directory, into `args`."""
+    from modeling import config_from_transformers, read_transformers_config
     model_dir = Path(model_dir)
     if args.model_config is not None:
         raise UsageError(f"--model_config: the transformers model directory {model_dir} brings its own "
@@ -510,6 +543,7 @@ def settings_from_model_dir(args: argparse.Namespace, model_dir: str | os.PathLi
 def resolve_model_settings(args: argparse.Namespace, checkpoint: str) -> Config:
     """train.py: the model config, vocab, lower-casing and analyzer that go with `checkpoint`
     (a transformers directory brings its own; otherwise the flags or the published model's)."""
+    from modeling import Config, is_transformers_dir
     # train.py's parse_args has already refused any other directory (check_checkpoint_file).
     if checkpoint.lower() != "none" and is_transformers_dir(checkpoint):
         return settings_from_model_dir(args, checkpoint)
@@ -530,7 +564,17 @@ def copy_vocab_into(vocab_file: str | os.PathLike, directory: Path) -> None:
 
 # --- evaluation ------------------------------------------------------------------------------
 
-@torch.no_grad()
+def without_grad(function: Callable) -> Callable:
+    """`torch.no_grad()` around `function`, with torch imported only once it runs."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        import torch
+        with torch.no_grad():
+            return function(*args, **kwargs)
+    return run
+
+
+@without_grad
 def predict_logits(model: torch.nn.Module, features: Sequence[InputFeature], batch_size: int,
                    device: torch.device, amp_dtype: torch.dtype | None = None,
                    show_progress: bool = True,
@@ -541,6 +585,8 @@ def predict_logits(model: torch.nn.Module, features: Sequence[InputFeature], bat
     with `pad_to_multiple` (for a compiled model) to that multiple and to `batch_size` rows.
     Logits come back to the host without a wait per batch: one synchronisation at the end.
     """
+    import torch
+
     was_training = model.training
     model.eval()
     starts: list[np.ndarray | None] = [None] * len(features)
