@@ -272,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.quiet)
     args.checkpoint = [args.checkpoint]
     config = resolve_finetuned_settings(args)
+    if isinstance(config, onnx_reader.ExportSettings):
+        raise UsageError(f"--checkpoint {args.checkpoint[0]} is an ONNX export already; export its PyTorch checkpoint")
     vocab_tokens = read_vocab_tokens(args.vocab_file)
     build_vocab(vocab_tokens, args.vocab_file)  # checks the special tokens are there
     vocab_size = len(vocab_tokens)
