@@ -27,11 +27,14 @@ from dataclasses import dataclass, fields
 from itertools import chain, repeat
 from operator import itemgetter
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
+
+# torch only for collate_features' tensors: the ONNX path runs without it.
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -607,6 +610,16 @@ def collate_features(features: list[InputFeature], is_training: bool, pad_id: in
     rows. A filler row attends only to its first token and its positions are -1, which the loss
     ignores, so real rows train and predict as without it.
     """
+    import torch
+
+    arrays = collate_arrays(features, is_training, pad_id, pad_to_multiple, max_width, pad_rows_to)
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
+
+
+def collate_arrays(features: list[InputFeature], is_training: bool, pad_id: int = 0,
+                   pad_to_multiple: int | None = None, max_width: int | None = None,
+                   pad_rows_to: int | None = None) -> dict[str, np.ndarray]:
+    """`collate_features` as numpy int64 arrays (what ONNX Runtime takes; no torch needed)."""
     if not features:
         raise ValueError("collate_features needs at least one feature")
     lengths = np.array([len(feature.input_ids) for feature in features])
@@ -623,12 +636,11 @@ def collate_features(features: list[InputFeature], is_training: bool, pad_id: in
     token_type_ids[real] = np.fromiter(chain.from_iterable(f.segment_ids for f in features), np.int64, count=total)
     attention_mask = real.astype(np.int64)
     attention_mask[len(features):, 0] = 1  # a row with no key to attend to would give NaN
-    batch = {"input_ids": torch.from_numpy(input_ids), "token_type_ids": torch.from_numpy(token_type_ids),
-             "attention_mask": torch.from_numpy(attention_mask)}
+    batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
     if is_training:
         filler = [-1] * (rows - len(features))
-        batch["start_positions"] = torch.tensor([f.start_position for f in features] + filler, dtype=torch.int64)
-        batch["end_positions"] = torch.tensor([f.end_position for f in features] + filler, dtype=torch.int64)
+        batch["start_positions"] = np.array([f.start_position for f in features] + filler, dtype=np.int64)
+        batch["end_positions"] = np.array([f.end_position for f in features] + filler, dtype=np.int64)
     return batch
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from korquad_utils import InputFeature, collate_features, make_length_grouped_batches
+from korquad_utils import InputFeature, collate_arrays, make_length_grouped_batches
 
 logger = logging.getLogger("korquad")
 
@@ -167,8 +167,7 @@ class OnnxReaderModel:
         ends: list[np.ndarray] = [np.empty(0, np.float32)] * len(features)
         for batch in tqdm(make_length_grouped_batches(lengths, batch_size, shuffle=False), desc="predict",
                           unit="batch", disable=not show_progress):
-            collated = collate_features([features[i] for i in batch], is_training=False)
-            start_logits, end_logits = self.run({name: np.asarray(collated[name]) for name in INPUT_NAMES})
+            start_logits, end_logits = self.run(collate_arrays([features[i] for i in batch], is_training=False))
             for row, index in enumerate(batch):
                 starts[index], ends[index] = start_logits[row, :lengths[index]], end_logits[row, :lengths[index]]
         return starts, ends
