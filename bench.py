@@ -1,6 +1,6 @@
 """The project's one benchmark script: speed and quality figures measured on real data.
 
-Usage: python3 bench.py [--dev PATH] [--only NAME[,NAME...]]
+Usage: python3 bench.py [--dev PATH] [--only NAME[,NAME...]] [--checkpoint RUN (for onnx_agreement)]
 Each benchmark prints one or more `name: value` lines to stdout.
 """
 from __future__ import annotations
@@ -444,6 +444,46 @@ def _startup_and_memory(run: str, onnx_dir: Path, question: dict) -> dict[str, t
     return best
 
 
+@benchmark("onnx_agreement")
+def bench_onnx_agreement(args: argparse.Namespace) -> None:
+    """A trained --checkpoint (run directory or file) on the dev questions, in PyTorch fp32 and exported to
+    ONNX fp32 and int8: how often each ONNX answer equals PyTorch's, and EM/F1 of each (goals: fp32
+    identical on nearly every question; int8 identical on >= 97%, EM within 1 point)."""
+    import json
+    import tempfile
+
+    import evaluate_v1_0
+    import export
+    import onnx_reader
+    from cli_common import resolve_checkpoints
+    from predict import Reader
+
+    if args.checkpoint is None:
+        print("onnx_agreement: skipped (pass --checkpoint with a trained run)")
+        return
+    questions = _dev_questions(args.dev, 10 ** 9)
+    # All three read text in the training run's windows.
+    windows = export.training_windows(resolve_checkpoints([args.checkpoint])[0])
+    reader = Reader.load(args.checkpoint, no_cuda=True, **windows)
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        export.main(["--checkpoint", str(args.checkpoint), "--output_dir", onnx_dir, "--format", "onnx",
+                     "--quantize", "int8", "--quiet"])
+        readers = {"PyTorch fp32": reader, "ONNX fp32": Reader.load(onnx_dir, **windows),
+                   "ONNX int8": Reader.load(Path(onnx_dir) / onnx_reader.INT8_MODEL_NAME, **windows)}
+        answers = {name: {q["id"]: a["answer"] for q, a in zip(questions, r.answer_all(questions, progress=True))}
+                   for name, r in readers.items()}
+    with open(args.dev, encoding="utf-8-sig") as handle:
+        dataset = json.load(handle)["data"]
+    reference = answers["PyTorch fp32"]
+    print(f"onnx_agreement: {len(questions)} questions of {args.dev.name}, checkpoint {args.checkpoint}, "
+          f"windows {windows}")
+    for name, predicted in answers.items():
+        scores = evaluate_v1_0.evaluate(dataset, predicted)
+        same = sum(predicted[key] == reference[key] for key in reference) / len(reference)
+        print(f"onnx_agreement[{name}]: identical to PyTorch fp32 on {100 * same:.2f}% of questions; "
+              f"EM {scores['exact_match']:.2f} / F1 {scores['f1']:.2f}")
+
+
 # --- the compiled CUDA loop (issue 12) ---------------------------------------------------
 _GPU_BATCH_SIZE = 16              # the recipe's
 _GPU_TIMED_STEPS = 150
@@ -566,6 +606,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dev", type=Path, default=None,
                         help="KorQuAD v1.0 dev JSON (if not given: data/ or ../shared/data/).")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="A trained run or checkpoint for onnx_agreement (if not given: it is skipped).")
     parser.add_argument("--only", default="",
                         help="Comma-separated benchmark names (if not given: all): " + ", ".join(BENCHMARKS) + ".")
     args = parser.parse_args()
