@@ -35,7 +35,7 @@ import onnx_reader
 from cli_common import (ANALYZER_CONFIG_KEY, ROOT, SAVED_ARGS_NAME, ArgumentParser, UsageError, build_tokenizer,
                         copy_vocab_into, load_finetuned, prepare_output_dir, resolve_finetuned_settings, run_cli,
                         setup_logging, write_json_atomic)
-from korquad_utils import atomic_write, collate_arrays, convert_examples_to_features, read_squad_examples
+from korquad_utils import atomic_write, collate_features, convert_examples_to_features, read_squad_examples
 from modeling import TRANSFORMERS_CONFIG, QuestionAnswering, config_to_transformers, to_transformers_state
 from tokenization import build_vocab, read_vocab_tokens
 
@@ -227,8 +227,8 @@ def check_batch(model: QuestionAnswering, settings: onnx_reader.ExportSettings, 
     query = min(settings.max_query_length, width // 4)
     features = convert_examples_to_features(examples, tokenizer, width, max(1, (width - query - 3) // 2), query,
                                             is_training=False, progress=False)
-    batch = collate_arrays(features[:CHECK_QUESTIONS], is_training=False)
-    return {name: np.asarray(batch[name]) for name in onnx_reader.INPUT_NAMES}
+    batch = collate_features(features, range(min(CHECK_QUESTIONS, len(features))), is_training=False)
+    return {name: batch[name] for name in onnx_reader.INPUT_NAMES}
 
 
 def verify(model: QuestionAnswering, model_bytes: bytes, name: str, batch: dict[str, np.ndarray],

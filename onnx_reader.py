@@ -14,14 +14,13 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from korquad_utils import InputFeature, collate_arrays, make_length_grouped_batches
+from korquad_utils import FeatureTable, collate_features, make_length_grouped_batches
 
 logger = logging.getLogger("korquad")
 
@@ -158,16 +157,16 @@ class OnnxReaderModel:
         start_logits, end_logits = self.session.run(OUTPUT_NAMES, {name: batch[name] for name in INPUT_NAMES})
         return start_logits, end_logits
 
-    def predict_logits(self, features: Sequence[InputFeature], batch_size: int,
+    def predict_logits(self, features: FeatureTable, batch_size: int,
                        show_progress: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Start and end logits of every feature, in feature order, as cli_common.predict_logits gives them:
-        length-grouped batches, each padded to its own longest feature."""
-        lengths = [len(feature.input_ids) for feature in features]
+        """Start and end logits of every window, in order, as cli_common.predict_logits gives them:
+        length-grouped batches, each padded to its own longest window."""
+        lengths = features.lengths
         starts: list[np.ndarray] = [np.empty(0, np.float32)] * len(features)
         ends: list[np.ndarray] = [np.empty(0, np.float32)] * len(features)
         for batch in tqdm(make_length_grouped_batches(lengths, batch_size, shuffle=False), desc="predict",
                           unit="batch", disable=not show_progress):
-            start_logits, end_logits = self.run(collate_arrays([features[i] for i in batch], is_training=False))
+            start_logits, end_logits = self.run(collate_features(features, batch, is_training=False))
             for row, index in enumerate(batch):
                 starts[index], ends[index] = start_logits[row, :lengths[index]], end_logits[row, :lengths[index]]
         return starts, ends
