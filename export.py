@@ -141,9 +141,12 @@ def onnx_graph(model: QuestionAnswering):
         nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attributes))
         return outputs[0] if len(outputs) == 1 else outputs
 
+    def matmul(x: str, name: str) -> str:
+        """x @ W for torch's Linear weight W (stored transposed)."""
+        return node("MatMul", [x, weight(name, state[name].T)])
+
     def linear(x: str, prefix: str) -> str:
-        return node("Add", [node("MatMul", [x, weight(f"{prefix}.weight", state[f"{prefix}.weight"].T)]),
-                            weight(f"{prefix}.bias", state[f"{prefix}.bias"])])
+        return node("Add", [matmul(x, f"{prefix}.weight"), weight(f"{prefix}.bias", state[f"{prefix}.bias"])])
 
     eps = config.layer_norm_eps
     ids, types, mask = (node("Cast", [name], to=TensorProto.INT32) for name in onnx_reader.INPUT_NAMES)
@@ -162,9 +165,9 @@ def onnx_graph(model: QuestionAnswering):
         attended = node("Attention", [x, weight(f"{prefix}attn.qkv.weight", qkv_weight),
                                       weight(f"{prefix}attn.qkv.bias", qkv_bias), mask],
                         domain=MICROSOFT, num_heads=config.num_heads)
-        projected = node("MatMul", [attended, weight(f"{prefix}attn.o_proj.weight", state[f"{prefix}attn.o_proj.weight"].T)])
-        x = skip_layer_norm(node, weight, state, projected, x, f"{prefix}attention_norm", f"{prefix}attn.o_proj.bias", eps)
-        hidden = node("MatMul", [x, weight(f"{prefix}ffn.fc1.weight", state[f"{prefix}ffn.fc1.weight"].T)])
+        x = skip_layer_norm(node, weight, state, matmul(attended, f"{prefix}attn.o_proj.weight"), x,
+                            f"{prefix}attention_norm", f"{prefix}attn.o_proj.bias", eps)
+        hidden = matmul(x, f"{prefix}ffn.fc1.weight")
         bias = weight(f"{prefix}ffn.fc1.bias", state[f"{prefix}ffn.fc1.bias"])
         if config.act_fn in ("gelu", "gelu_new"):   # the tanh approximation
             hidden = node("FastGelu", [hidden, bias], domain=MICROSOFT)
@@ -172,8 +175,8 @@ def onnx_graph(model: QuestionAnswering):
             hidden = node("BiasGelu", [hidden, bias], domain=MICROSOFT)
         else:
             hidden = node("Relu", [node("Add", [hidden, bias])])
-        projected = node("MatMul", [hidden, weight(f"{prefix}ffn.fc2.weight", state[f"{prefix}ffn.fc2.weight"].T)])
-        x = skip_layer_norm(node, weight, state, projected, x, f"{prefix}ffn_norm", f"{prefix}ffn.fc2.bias", eps)
+        x = skip_layer_norm(node, weight, state, matmul(hidden, f"{prefix}ffn.fc2.weight"), x,
+                            f"{prefix}ffn_norm", f"{prefix}ffn.fc2.bias", eps)
     start, end = node("Split", [linear(x, "qa_outputs")], ["start_split", "end_split"], axis=-1, num_outputs=2)
     last_axis = weight("last_axis", np.array([-1], dtype=np.int64))
     for split, name in zip((start, end), onnx_reader.OUTPUT_NAMES):

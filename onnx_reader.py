@@ -91,8 +91,8 @@ def read_settings(export_dir: Path) -> ExportSettings:
         kind = {"int": int, "bool": bool, "str": str}[field.type]
         value = raw.get(field.name)
         if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
-            raise OnnxExportError(f"{source}: \"{field.name}\" must be a {'positive whole number' if kind is int else kind.__name__}"
-                                  f", got {value!r}")
+            wanted = "positive whole number" if kind is int else kind.__name__
+            raise OnnxExportError(f"{source}: \"{field.name}\" must be a {wanted}, got {value!r}")
         values[field.name] = value
     return ExportSettings(**values)
 
@@ -105,7 +105,8 @@ def physical_cores() -> int:
     for cpu in allowed:
         topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
         try:
-            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
         except OSError:
             cores.add(("cpu", str(cpu)))
     return max(1, len(cores))

@@ -199,6 +199,6 @@ def test_export_refuses_a_model_whose_logits_drift(eager):
     shifted = np.full(2, 5.0, dtype=np.float32)
     graph.graph.initializer[-2].CopyFrom(  # qa_outputs.bias, shifted
         __import__("onnx").numpy_helper.from_array(shifted, "qa_outputs.bias"))
-    with pytest.raises(UsageError, match=r"logits differ from the eager model.s by 5 \(allowed 0.001\); nothing written"):
+    with pytest.raises(UsageError, match=r"differ from the eager model.s by 5 \(allowed 0.001\); nothing written"):
         export.verify(eager, graph.SerializeToString(), "model.onnx", batch, export.FP32_TOLERANCE)
     export.verify(eager, export.onnx_graph(eager).SerializeToString(), "model.onnx", batch, export.FP32_TOLERANCE)
