@@ -1,6 +1,6 @@
 """The project's one benchmark script: speed and quality figures measured on real data.
 
-Usage: python3 bench.py [--dev PATH] [--only NAME[,NAME...]]
+Usage: python3 bench.py [--dev PATH] [--only NAME[,NAME...]] [--checkpoint RUN (for onnx_agreement)]
 Each benchmark prints one or more `name: value` lines to stdout.
 """
 from __future__ import annotations
@@ -380,13 +380,17 @@ def _question_answering_pipeline(config):
 @benchmark("predict")
 def bench_predict(args: argparse.Namespace) -> None:
     """predict.py on CPU with BERT-small (random weights: speed only): load time, answers per second
-    one at a time and batched, next to transformers' question-answering pipeline (goal: batched >= 2x)."""
+    one at a time and batched, in PyTorch and as ONNX exports (fp32, int8), next to transformers'
+    question-answering pipeline (goals: batched >= 2x, int8 ONNX >= 2x the pipeline, fp32 ONNX no
+    slower than PyTorch); then process start to first answer and peak memory, ONNX vs PyTorch."""
     import json
     import tempfile
     import time
 
     import torch
 
+    import export
+    import onnx_reader
     from korquad_utils import SquadExample, convert_examples_to_features
     from modeling import Config, QuestionAnswering
     from predict import Reader
@@ -402,6 +406,15 @@ def bench_predict(args: argparse.Namespace) -> None:
         load_seconds = time.perf_counter() - started
         readers = {"batched": reader, "batched_bf16": Reader.load(run, no_cuda=True, analyzer="mecab", bf16=True),
                    "batched_32": Reader.load(run, no_cuda=True, analyzer="mecab", batch_size=32)}
+        onnx_dir = Path(run) / "onnx"
+        onnx_dir.mkdir()
+        windows = {name: getattr(reader, name) for name in export.DEFAULT_WINDOWS}
+        export.export_onnx(reader.models[0], VOCAB_FILE, onnx_reader.ExportSettings(
+            vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings, do_lower_case=True,
+            analyzer="mecab", **windows), onnx_dir, quantize=True)
+        readers["onnx_fp32"] = Reader.load(onnx_dir)
+        readers["onnx_int8"] = Reader.load(onnx_dir / onnx_reader.INT8_MODEL_NAME)
+        startup = _startup_and_memory(run, onnx_dir, questions[0])
     reader("워밍업?", questions[0]["context"])   # first-call costs (allocator, Mecab dictionary) not timed
     pipeline, pipeline_tokenizer = _question_answering_pipeline(config) or (None, None)
     runs: dict[str, Callable[[], object]] = {
@@ -425,11 +438,15 @@ def bench_predict(args: argparse.Namespace) -> None:
           f"CPU x{torch.get_num_threads()} threads; {len(features)} windows, "
           f"{features.lengths.mean():.0f} pieces each (Mecab + WordPiece)")
     print(f"predict.load_seconds: {load_seconds:.2f}")
+    threads = readers["onnx_fp32"].models[0].session.get_session_options().intra_op_num_threads
     labels = {"one_at_a_time": "one_at_a_time", "batched": f"batched, batch {reader.batch_size}",
-              "batched_32": "batched, batch 32", "batched_bf16": f"batched, batch {reader.batch_size}, --bf16"}
+              "batched_32": "batched, batch 32", "batched_bf16": f"batched, batch {reader.batch_size}, --bf16",
+              "onnx_fp32": f"ONNX fp32, batch {reader.batch_size}, {threads} threads",
+              "onnx_int8": f"ONNX int8, batch {reader.batch_size}, {threads} threads"}
     theirs = rates.get("transformers_pipeline")
     for name, label in labels.items():
         versus = f" ({rates[name] / theirs:.2f}x the pipeline)" if theirs else ""
+        versus += f" ({rates[name] / rates['batched']:.2f}x PyTorch batched)" if name.startswith("onnx") else ""
         print(f"predict.answers_per_second[{label}]: {rates[name]:.2f}{versus}")
     if theirs is None:
         print("predict.answers_per_second[transformers_pipeline]: skipped (needs transformers 4.x, which has "
@@ -441,6 +458,85 @@ def bench_predict(args: argparse.Namespace) -> None:
                                                max_length=reader.max_seq_length)["input_ids"]) for q in questions]
         print(f"predict.answers_per_second[transformers {transformers.__version__} pipeline, fp32, one at a time]: "
               f"{theirs:.2f} (its first windows: {sum(their_pieces) / len(their_pieces):.0f} pieces each)")
+    for name, (seconds, megabytes) in startup.items():
+        print(f"predict.start_to_first_answer[{name}]: {seconds:.2f} s, peak RSS {megabytes:.0f} MB")
+    onnx_seconds, onnx_megabytes = startup["ONNX int8, without torch"]
+    torch_seconds, torch_megabytes = startup["PyTorch"]
+    print(f"predict.start_to_first_answer[ONNX int8 vs PyTorch]: {torch_seconds / onnx_seconds:.2f}x sooner, "
+          f"{onnx_megabytes / torch_megabytes:.2f}x the peak memory")
+
+
+def _startup_and_memory(run: str, onnx_dir: Path, question: dict) -> dict[str, tuple[float, float]]:
+    """predict.py --question as a fresh process: seconds from its start to the answer line, and its peak
+    RSS, for the PyTorch checkpoint and the int8 ONNX export (in an environment where torch cannot be
+    imported, as in a deployment without it). The best of three, interleaved."""
+    import os
+    import subprocess
+    import tempfile
+    import time
+
+    with tempfile.TemporaryDirectory() as shim:
+        (Path(shim) / "torch.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
+        cases = {"PyTorch": ([run, "--no_cuda"], {}),
+                 "ONNX int8, without torch": ([str(onnx_dir / "model_int8.onnx")], {"PYTHONPATH": shim})}
+        best: dict[str, tuple[float, float]] = {}
+        for _ in range(3):
+            for name, (checkpoint, env) in cases.items():
+                started = time.perf_counter()
+                process = subprocess.Popen(
+                    [sys.executable, str(ROOT / "predict.py"), "--checkpoint", *checkpoint, "--quiet",
+                     "--question", question["question"], "--context", question["context"]],
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **env}, cwd=ROOT)
+                line = process.stdout.readline()
+                seconds = time.perf_counter() - started
+                _, status, usage = os.wait4(process.pid, 0)
+                process.stdout.close()
+                if status != 0 or not line.strip():
+                    raise RuntimeError(f"predict.py ({name}) failed with status {status}")
+                megabytes = usage.ru_maxrss / 1024   # KiB on Linux
+                previous = best.get(name, (float("inf"), float("inf")))
+                best[name] = (min(previous[0], seconds), min(previous[1], megabytes))
+    return best
+
+
+@benchmark("onnx_agreement")
+def bench_onnx_agreement(args: argparse.Namespace) -> None:
+    """A trained --checkpoint (run directory or file) on the dev questions, in PyTorch fp32 and exported to
+    ONNX fp32 and int8: how often each ONNX answer equals PyTorch's, and EM/F1 of each (goals: fp32
+    identical on nearly every question; int8 identical on >= 97%, EM within 1 point)."""
+    import json
+    import tempfile
+
+    import evaluate_v1_0
+    import export
+    import onnx_reader
+    from cli_common import resolve_checkpoints
+    from predict import Reader
+
+    if args.checkpoint is None:
+        print("onnx_agreement: skipped (pass --checkpoint with a trained run)")
+        return
+    questions = _dev_questions(args.dev, 10 ** 9)
+    # All three read text in the training run's windows.
+    windows = export.training_windows(resolve_checkpoints([args.checkpoint])[0])
+    reader = Reader.load(args.checkpoint, no_cuda=True, **windows)
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        export.main(["--checkpoint", str(args.checkpoint), "--output_dir", onnx_dir, "--format", "onnx",
+                     "--quantize", "int8", "--quiet"])
+        readers = {"PyTorch fp32": reader, "ONNX fp32": Reader.load(onnx_dir, **windows),
+                   "ONNX int8": Reader.load(Path(onnx_dir) / onnx_reader.INT8_MODEL_NAME, **windows)}
+        answers = {name: {q["id"]: a["answer"] for q, a in zip(questions, r.answer_all(questions, progress=True))}
+                   for name, r in readers.items()}
+    with open(args.dev, encoding="utf-8-sig") as handle:
+        dataset = json.load(handle)["data"]
+    reference = answers["PyTorch fp32"]
+    print(f"onnx_agreement: {len(questions)} questions of {args.dev.name}, checkpoint {args.checkpoint}, "
+          f"windows {windows}")
+    for name, predicted in answers.items():
+        scores = evaluate_v1_0.evaluate(dataset, predicted)
+        same = sum(predicted[key] == reference[key] for key in reference) / len(reference)
+        print(f"onnx_agreement[{name}]: identical to PyTorch fp32 on {100 * same:.2f}% of questions; "
+              f"EM {scores['exact_match']:.2f} / F1 {scores['f1']:.2f}")
 
 
 # --- the compiled CUDA loop (issue 12) ---------------------------------------------------
@@ -1028,6 +1124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dev", type=Path, default=None,
                         help="KorQuAD v1.0 dev JSON (if not given: data/ or ../shared/data/).")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="A trained run or checkpoint for onnx_agreement (if not given: it is skipped).")
     parser.add_argument("--compare_rev", default=None,
                         help="train_scale: also measure the train.py of this git revision (e.g. HEAD~1), side by side.")
     parser.add_argument("--only", default="",

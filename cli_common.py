@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -16,21 +17,26 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 import evaluate_klue_mrc
 import evaluate_v1_0
 import evaluate_v2_0
+import onnx_reader
 from korquad_utils import (FeatureTable, KorquadFormatError, SquadExample, abstain, atomic_write, collate_features,
                            decode_predictions, make_length_grouped_batches, null_odds)
-from modeling import (CheckpointError, Config, ConfigError, QuestionAnswering, config_from_transformers,
-                      is_transformers_dir, load_checkpoint, read_transformers_config)
 from tokenization import BertTokenizer, TokenizerError, read_do_lower_case
+
+# torch and modeling (which needs torch) are imported where they are used: an ONNX model answers
+# through eval.py and predict.py without torch installed.
+if TYPE_CHECKING:
+    import torch
+
+    from modeling import Config, QuestionAnswering
 
 logger = logging.getLogger("korquad")
 
@@ -51,8 +57,20 @@ class UsageError(ValueError):
 
 
 # What a user can cause: reported as one line. Anything else is a bug and keeps its traceback.
+# run_cli adds modeling's ConfigError and CheckpointError once modeling has been imported.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    UsageError, ConfigError, CheckpointError, TokenizerError, KorquadFormatError, OSError)
+    UsageError, TokenizerError, KorquadFormatError, onnx_reader.OnnxExportError, OSError)
+
+
+def model_errors() -> tuple[type[BaseException], ...]:
+    """modeling's user errors, if modeling is loaded (if it is not, nothing can have raised them)."""
+    modeling = sys.modules.get("modeling")
+    return (modeling.ConfigError, modeling.CheckpointError) if modeling is not None else ()
+
+
+def is_cuda_out_of_memory(err: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(err, torch.cuda.OutOfMemoryError)
 
 
 # --- flags and checks ------------------------------------------------------------------------
@@ -230,6 +248,8 @@ def prepare_output_dir(path: str, flag: str = "--output_dir") -> Path:
 
 def check_checkpoint_file(path: str, flag: str = "--checkpoint") -> None:
     """Refuse a checkpoint path that is missing or a directory (other than a transformers model directory)."""
+    from modeling import is_transformers_dir
+
     checkpoint = Path(path)
     if is_transformers_dir(checkpoint) or newest_pretraining_checkpoint(checkpoint):
         return
@@ -254,6 +274,8 @@ def build_tokenizer(vocab_file: str | os.PathLike, analyzer: str, config: Config
 
 def pick_device(no_cuda: bool) -> torch.device:
     """The GPU when there is one (and --no_cuda is not given), else the CPU."""
+    import torch
+
     if torch.cuda.is_available() and not no_cuda:
         # TF32 for whatever runs outside autocast (or all of it under --fp32) on Ampere and newer.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -264,6 +286,8 @@ def pick_device(no_cuda: bool) -> torch.device:
 
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
     """The mixed-precision dtype: on a GPU bf16 where supported, else fp16 (unless --fp32); on a CPU only if asked."""
+    import torch
+
     if args.fp16:
         if device.type != "cuda":
             raise UsageError("--fp16 needs a CUDA GPU; use --bf16 for mixed precision on a CPU")
@@ -280,11 +304,15 @@ def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtyp
 def has_native_bf16(device: torch.device) -> bool:
     """Ampere (compute capability 8.0) and newer. `torch.cuda.is_bf16_supported()` also says yes
     for older GPUs that only emulate bf16, slowly (a Colab T4), where fp16 is the right choice."""
+    import torch
+
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     """One autocast context for the whole forward pass (a no-op in full precision)."""
+    import torch
+
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -303,10 +331,12 @@ def run_cli(main: Callable[[Sequence[str] | None], None],
         main(None)
     except KeyboardInterrupt:
         sys.exit(f"{prog}: interrupted")
-    except torch.cuda.OutOfMemoryError:
-        sys.exit(f"{prog}: error: CUDA out of memory; lower --train_batch_size (train.py: raise "
-                 f"--gradient_accumulation_steps to keep the global batch) or --max_seq_length")
-    except user_errors as err:
+    except Exception as err:
+        if is_cuda_out_of_memory(err):
+            sys.exit(f"{prog}: error: CUDA out of memory; lower --train_batch_size (train.py: raise "
+                     f"--gradient_accumulation_steps to keep the global batch) or --max_seq_length")
+        if not isinstance(err, user_errors + model_errors()):
+            raise
         message = " ".join(str(err).split()) or type(err).__name__
         if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
             message = f"{err.filename}: {message}"
@@ -352,6 +382,8 @@ def compile_model(model: torch.nn.Module, args: argparse.Namespace, device: torc
     On one GPU, mode "reduce-overhead" replays each shape as a CUDA graph: a step of this small model
     is bound by kernel launches, not arithmetic. The compiled module shares `model`'s parameters.
     """
+    import torch
+
     if not args.compile:
         return model
     buckets = math.ceil(max_width / args.compile_bucket)
@@ -370,6 +402,8 @@ def compile_model(model: torch.nn.Module, args: argparse.Namespace, device: torc
 
 def save_torch_atomic(obj, path: Path) -> None:
     """torch.save through a temporary file and a rename: `path` is never half-written."""
+    import torch
+
     atomic_write(path, lambda file: torch.save(obj, file))
 
 
@@ -402,6 +436,10 @@ def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
     `korquad_N.bin` (highest N). Several make an ensemble."""
     resolved = []
     for path in (Path(fetch_hub_model(str(value))) for value in paths):
+        if onnx_reader.find_export(path) is not None:
+            resolved.append(path)
+            continue
+        from modeling import is_transformers_dir
         if is_transformers_dir(path):
             pass
         elif path.is_dir():
@@ -417,10 +455,17 @@ def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return resolved
 
 
-def resolve_finetuned_settings(args: argparse.Namespace) -> Config:
+def resolve_finetuned_settings(args: argparse.Namespace) -> Config | onnx_reader.ExportSettings:
     """eval.py, predict.py, export.py: resolve `args.checkpoint` (a list) and fill config, vocab,
-    lower-casing and analyzer from the first one's transformers directory or training run."""
+    lower-casing and analyzer from the first one's transformers directory or training run.
+
+    For ONNX exports the answer is their `ExportSettings` (torch is not imported): it carries the
+    config's vocab_size and max_position_embeddings for check_data_args and build_tokenizer."""
     args.checkpoint = resolve_checkpoints(args.checkpoint)
+    if any(onnx_reader.find_export(path) is not None for path in args.checkpoint):
+        return settings_from_onnx_export(args)
+    from modeling import Config, is_transformers_dir
+
     if is_transformers_dir(args.checkpoint[0]):
         config = settings_from_model_dir(args, args.checkpoint[0])
     else:
@@ -436,6 +481,8 @@ def load_finetuned(path: str | os.PathLike, config: Config, device: torch.device
     """A fine-tuned QA model from `path`, in eval mode on `device`; a bare pretrained encoder is refused.
 
     With `into`, the weights are loaded into that model (its compiled wrapper keeps working)."""
+    from modeling import QuestionAnswering, load_checkpoint
+
     model = into if into is not None else QuestionAnswering(config)
     if load_checkpoint(model, path) != "finetuned":
         raise UsageError(f"--checkpoint {path} is a pretrained encoder without a trained span head; "
@@ -473,6 +520,8 @@ def ensemble_logits(args: argparse.Namespace, config: Config, features: FeatureT
     One model is built (and compiled, with --compile) and each member's weights loaded into it in
     turn: one member in memory at a time, one compilation for the whole ensemble.
     """
+    from modeling import QuestionAnswering
+
     model = QuestionAnswering(config).to(device)
     compiled = compile_model(model, args, device, max_width=args.max_seq_length)
     padding = args.compile_bucket if args.compile else None
@@ -544,6 +593,8 @@ def fetch_hub_model(checkpoint: str) -> str:
 
 def settings_from_model_dir(args: argparse.Namespace, model_dir: str | os.PathLike) -> Config:
     """Config, vocab, lower-casing and analyzer of a transformers model directory, into `args`."""
+    from modeling import config_from_transformers, read_transformers_config
+
     model_dir = Path(model_dir)
     if args.model_config is not None:
         raise UsageError(f"--model_config: the transformers model directory {model_dir} brings its own "
@@ -560,10 +611,56 @@ def settings_from_model_dir(args: argparse.Namespace, model_dir: str | os.PathLi
     return config
 
 
+WINDOW_FLAGS = ("max_seq_length", "doc_stride", "max_query_length", "max_answer_length")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                   names: Sequence[str] = WINDOW_FLAGS) -> set[str]:
+    """Which of the single-value flags `names` `argv` gives (argparse leaves a value it finds already
+    set alone, so one filled with a marker beforehand still holds it where the flag was not given)."""
+    unset = object()
+    marked = vars(parser.parse_args(argv, namespace=argparse.Namespace(**{name: unset for name in names})))
+    return {name for name in names if marked[name] is not unset}
+
+
+def settings_from_onnx_export(args: argparse.Namespace) -> onnx_reader.ExportSettings:
+    """Vocab, lower-casing and analyzer of the ONNX export(s) in `args.checkpoint`, into `args`, and its
+    window settings where the caller did not set them (`args.explicit_flags`, if present, names those)."""
+    exports = [onnx_reader.find_export(path) for path in args.checkpoint]
+    if not all(exports):
+        raise UsageError("--checkpoint: an ensemble is either all ONNX exports or none (export the others with "
+                         "export.py --format onnx)")
+    settings = onnx_reader.read_settings(exports[0])
+    for path, export in zip(args.checkpoint[1:], exports[1:]):
+        other = onnx_reader.read_settings(export)
+        if (other.vocab_size, other.analyzer, other.do_lower_case) != (
+                settings.vocab_size, settings.analyzer, settings.do_lower_case):
+            raise UsageError(f"--checkpoint {path}: tokenized differently from {args.checkpoint[0]} "
+                             f"(vocab size, analyzer or lower-casing), so they cannot be ensembled")
+    if getattr(args, "model_config", None) is not None:
+        raise UsageError(f"--model_config: the ONNX export {exports[0]} holds its model; leave --model_config out")
+    for flag in ("fp16", "bf16", "compile"):
+        if getattr(args, flag, False):
+            raise UsageError(f"--{flag} is for PyTorch models; an ONNX model runs in ONNX Runtime (model_int8.onnx "
+                             f"for int8)")
+    if args.vocab_file is None:
+        args.vocab_file = str(exports[0] / SAVED_VOCAB_NAME)
+    args.do_lower_case = settings.do_lower_case
+    if args.analyzer is None:
+        args.analyzer = settings.analyzer
+    given = getattr(args, "explicit_flags", set())
+    for name in WINDOW_FLAGS:
+        if name not in given and hasattr(args, name):
+            setattr(args, name, getattr(settings, name))
+    return settings
+
+
 def resolve_model_settings(args: argparse.Namespace, checkpoint: str) -> Config:
     """train.py, pretrain.py: the model config, vocab, lower-casing and analyzer that go with `checkpoint`
     (a transformers directory or a pretrain.py run brings its own, setting `args.checkpoint` to the run's
     newest checkpoint file; otherwise the flags or the published model's)."""
+    from modeling import Config, is_transformers_dir
+
     # train.py's parse_args has already refused any other directory (check_checkpoint_file).
     if checkpoint.lower() != "none" and is_transformers_dir(checkpoint):
         return settings_from_model_dir(args, checkpoint)
@@ -589,7 +686,17 @@ def copy_vocab_into(vocab_file: str | os.PathLike, directory: Path) -> None:
 
 # --- evaluation ------------------------------------------------------------------------------
 
-@torch.no_grad()
+def without_grad(function: Callable) -> Callable:
+    """`torch.no_grad()` around `function`, with torch imported only once it runs."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        import torch
+        with torch.no_grad():
+            return function(*args, **kwargs)
+    return run
+
+
+@without_grad
 def predict_logits(model: torch.nn.Module, features: FeatureTable, batch_size: int,
                    device: torch.device, amp_dtype: torch.dtype | None = None,
                    show_progress: bool = True,
@@ -600,6 +707,8 @@ def predict_logits(model: torch.nn.Module, features: FeatureTable, batch_size: i
     with `pad_to_multiple` (for a compiled model) to that multiple and to `batch_size` rows.
     Logits come back to the host without a wait per batch: one synchronisation at the end.
     """
+    import torch
+
     was_training = model.training
     model.eval()
     starts: list[np.ndarray | None] = [None] * len(features)

@@ -14,6 +14,9 @@ With unanswerable questions (SQuAD 2.0 style, KLUE-MRC; a model trained with the
 answers "" where the null score beats the best span by more than the threshold (`best_f1`: tuned
 on the file itself), writes `null_odds.json` and `na_probs.json` too, and prints the metric's keys
 (`--metric squad2`, the default then: evaluate_v2_0.py's; `klue`: evaluate_klue_mrc.py's).
+
+ONNX exports (`export.py --format onnx`: the directory, or one of its .onnx files) run in ONNX
+Runtime without torch, with the export's window settings unless flags say otherwise.
 """
 from __future__ import annotations
 
@@ -23,10 +26,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import onnx_reader
 from cli_common import (TUNED_THRESHOLDS, ArgumentParser, UsageError, add_compile_args, add_data_args, add_no_answer_args,
-                        autocast_dtype, build_tokenizer, check_compile_args, check_data_args, check_metric_dataset,
-                        check_version_2, ensemble_logits, has_answers, pick_device, positive_int, prepare_output_dir,
-                        resolve_finetuned_settings, run_cli, score, score_no_answer, setup_logging, tuned_threshold)
+                        autocast_dtype, average_logits, build_tokenizer, check_compile_args, check_data_args,
+                        check_metric_dataset, check_version_2, ensemble_logits, explicit_flags, has_answers,
+                        pick_device, positive_int, prepare_output_dir, resolve_finetuned_settings, run_cli, score,
+                        score_no_answer, setup_logging, tuned_threshold)
 from korquad_utils import (abstain, decode_predictions, load_or_build_features, null_odds, write_null_files,
                            write_predictions)
 
@@ -39,8 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description="Evaluate KorQuAD v1.0 checkpoints (several = an ensemble).")
     parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
                         help="Fine-tuned checkpoint(s), training run directories (their newest korquad_N.bin), "
-                             "transformers QA model directories or hub ids; several are ensembled by averaging "
-                             "their logits.")
+                             "transformers QA model directories, hub ids or ONNX exports (a directory or one of "
+                             "its .onnx files); several are ensembled by averaging their logits.")
     parser.add_argument("--predict_file", default="data/KorQuAD_v1.0_dev.json",
                         help="KorQuAD-format JSON to predict (and score, if it has answers).")
     parser.add_argument("--output_dir", default="debug", help="Where predictions.json and nbest_predictions.json go.")
@@ -62,7 +67,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_no_answer_args(parser, remembered=True, tunable=True)
     add_data_args(parser)
     add_compile_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.explicit_flags = explicit_flags(parser, argv)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -74,9 +81,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     metric = args.metric or ("squad2" if args.version_2_with_negative else "korquad")
     check_metric_dataset(args.predict_file, metric)
     output_dir = prepare_output_dir(args.output_dir)
-    device = pick_device(args.no_cuda)
-    amp_dtype = autocast_dtype(args, device)
-    check_compile_args(args, device)
+    onnx = isinstance(config, onnx_reader.ExportSettings)
+    if not onnx:
+        device = pick_device(args.no_cuda)
+        amp_dtype = autocast_dtype(args, device)
+        check_compile_args(args, device)
 
     tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config, args.do_lower_case)
     examples, features = load_or_build_features(
@@ -86,7 +95,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         version_2_with_negative=args.version_2_with_negative)
     logger.info("%d questions, %d features from %s", len(examples), len(features), args.predict_file)
 
-    mean_starts, mean_ends = ensemble_logits(args, config, features, device, amp_dtype)
+    if onnx:
+        mean_starts, mean_ends = average_logits(
+            onnx_reader.OnnxReaderModel(path).predict_logits(features, args.batch_size, not args.quiet)
+            for path in args.checkpoint)
+    else:
+        mean_starts, mean_ends = ensemble_logits(args, config, features, device, amp_dtype)
     predictions, nbest = decode_predictions(examples, features, mean_starts, mean_ends,
                                             n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
     if not args.version_2_with_negative:

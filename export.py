@@ -1,27 +1,42 @@
-"""Write a fine-tuned checkpoint as a transformers model directory.
+"""Write a fine-tuned checkpoint as a transformers model directory, or as an ONNX reader.
 
     python3 export.py --checkpoint=output/korquad_3.bin --output_dir=exported
     python3 export.py --checkpoint=lm_run --output_dir=exported_lm    # pretrain.py: BertForPreTraining, both heads
+    python3 export.py --checkpoint=output --output_dir=exported_onnx --format onnx --quantize int8
 
 The directory holds config.json, model.safetensors, vocab.txt and tokenizer_config.json, and loads
 with `AutoModelForQuestionAnswering.from_pretrained` and `AutoTokenizer.from_pretrained` (and back
 into train.py/eval.py as `--checkpoint exported`). Config, vocab, lower-casing and analyzer come
 from the training run beside the checkpoint. The analyzer is recorded in config.json as
 `korquad_analyzer`: a model fine-tuned on Mecab-split text expects Mecab-split text.
+
+`--format onnx` writes `model.onnx` (dynamic batch and length; inputs input_ids, token_type_ids,
+attention_mask; outputs start_logits, end_logits), vocab.txt and onnx_reader.json (tokenizer,
+analyzer and the training run's window settings); `--quantize int8` adds `model_int8.onnx`,
+dynamically quantized. The graph is written with ONNX Runtime's fused transformer operators
+(EmbedLayerNormalization, Attention, SkipLayerNormalization, FastGelu), which its int8 quantizer
+turns into QEmbedLayerNormalization, QAttention and DynamicQuantizeMatMul. Each model is checked
+against the eager model on windows of the bundled sample before it is written. eval.py,
+predict.py and serve.py take the directory (or one of its .onnx files) as --checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from cli_common import (ANALYZER_CONFIG_KEY, ArgumentParser, UsageError, copy_vocab_into, load_finetuned,
-                        prepare_output_dir, resolve_finetuned_settings, run_cli, setup_logging, write_json_atomic)
-from korquad_utils import atomic_write
+import onnx_reader
+from cli_common import (ANALYZER_CONFIG_KEY, ROOT, SAVED_ARGS_NAME, ArgumentParser, UsageError, build_tokenizer,
+                        copy_vocab_into, load_finetuned, prepare_output_dir, resolve_finetuned_settings, run_cli,
+                        setup_logging, write_json_atomic)
+from korquad_utils import atomic_write, collate_features, convert_examples_to_features, read_squad_examples
 from modeling import (TRANSFORMERS_CONFIG, BertForPreTraining, QuestionAnswering, config_to_transformers,
                       load_checkpoint, read_state_dict, to_transformers_pretraining_state, to_transformers_state)
 from tokenization import build_vocab, read_vocab_tokens
@@ -44,8 +59,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="WordPiece vocab (if not given: the training run's, else data/ko_vocab_32k.txt).")
     parser.add_argument("--analyzer", default=None,
                         help="The analyzer the model was fine-tuned with (if not given: the training run's).")
+    parser.add_argument("--format", choices=("transformers", "onnx"), default="transformers",
+                        help="A transformers model directory, or an ONNX reader for ONNX Runtime.")
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="With --format onnx: also write model_int8.onnx, dynamically quantized "
+                             "(if not given: fp32 only).")
     parser.add_argument("--quiet", action="store_true", help="Warnings only.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quantize is not None and args.format != "onnx":
+        parser.error("--quantize needs --format onnx")
+    return args
 
 
 def export(model: QuestionAnswering | BertForPreTraining, vocab_file: str | Path, do_lower_case: bool, analyzer: str,
@@ -69,24 +92,227 @@ def export(model: QuestionAnswering | BertForPreTraining, vocab_file: str | Path
                        "mask_token": "[MASK]"}, output_dir / TOKENIZER_CONFIG_NAME)
 
 
+# --- ONNX ------------------------------------------------------------------------------------
+
+# predict.py's defaults, for a checkpoint without its training run's settings.
+DEFAULT_WINDOWS = {"max_seq_length": 512, "doc_stride": 128, "max_query_length": 96, "max_answer_length": 30}
+# Largest start/end logit difference to the eager model on the check windows. fp32 differs only in
+# summation order (about 1e-6 here); int8 moves logits by a few hundredths on a trained model.
+FP32_TOLERANCE = 1e-3
+INT8_TOLERANCE = 1.0
+CHECK_FILE = ROOT / "data" / "korquad_sample.json"
+CHECK_QUESTIONS = 8
+MICROSOFT = "com.microsoft"
+
+
+def require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError:
+        raise UsageError("export.py --format onnx needs onnx and onnxruntime: pip install -r requirements-onnx.txt"
+                         ) from None
+
+
+def training_windows(checkpoint: Path) -> dict[str, int]:
+    """The window settings of the training run beside `checkpoint` (predict.py's defaults where it has none)."""
+    saved = Path(checkpoint).parent / SAVED_ARGS_NAME
+    values: dict = {}
+    if saved.is_file() and not Path(checkpoint).is_dir():
+        try:
+            values = json.loads(saved.read_text(encoding="utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            values = {}
+    return {name: value if isinstance(value := values.get(name), int) and value > 0 else default
+            for name, default in DEFAULT_WINDOWS.items()}
+
+
+def onnx_graph(model: QuestionAnswering):
+    """`model` as an ONNX graph of ONNX Runtime's fused BERT operators, weights as initializers.
+
+    Written by hand rather than traced: torch's exporter emits attention as dozens of small ops that
+    ONNX Runtime's transformer optimizer does not recognise, so it runs unfused, and its int8
+    quantizer then has no QAttention or QEmbedLayerNormalization to map to.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    config = model.config
+    state = {name: tensor.detach().float().cpu().numpy() for name, tensor in model.state_dict().items()}
+    initializers, nodes = [], []
+
+    def weight(name: str, array: np.ndarray) -> str:
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(op: str, inputs: list[str], outputs: list[str] | None = None, domain: str | None = None, **attributes):
+        name = f"{op}_{len(nodes)}"
+        outputs = outputs or [f"{name}_output"]
+        nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attributes))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def matmul(x: str, name: str) -> str:
+        """x @ W for torch's Linear weight W (stored transposed)."""
+        return node("MatMul", [x, weight(name, state[name].T)])
+
+    def linear(x: str, prefix: str) -> str:
+        return node("Add", [matmul(x, f"{prefix}.weight"), weight(f"{prefix}.bias", state[f"{prefix}.bias"])])
+
+    eps = config.layer_norm_eps
+    ids, types, mask = (node("Cast", [name], to=TensorProto.INT32) for name in onnx_reader.INPUT_NAMES)
+    embeddings = "bert.embeddings."
+    x, _ = node("EmbedLayerNormalization", [ids, types] + [
+        weight(embeddings + name, state[embeddings + name]) for name in (
+            "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight",
+            "LayerNorm.weight", "LayerNorm.bias")], ["embedded", "mask_index"], domain=MICROSOFT, epsilon=eps)
+    if "bert.embeddings_project.weight" in state:
+        x = linear(x, "bert.embeddings_project")
+    for index in range(config.num_hidden_layers):
+        prefix = f"bert.encoder.layer.{index}."
+        # Attention takes the raw 0/1 mask (any padding side), and query, key and value packed into one matmul.
+        qkv_weight = np.concatenate([state[f"{prefix}attn.{n}.weight"].T for n in ("query", "key", "value")], axis=1)
+        qkv_bias = np.concatenate([state[f"{prefix}attn.{n}.bias"] for n in ("query", "key", "value")])
+        attended = node("Attention", [x, weight(f"{prefix}attn.qkv.weight", qkv_weight),
+                                      weight(f"{prefix}attn.qkv.bias", qkv_bias), mask],
+                        domain=MICROSOFT, num_heads=config.num_heads)
+        x = skip_layer_norm(node, weight, state, matmul(attended, f"{prefix}attn.o_proj.weight"), x,
+                            f"{prefix}attention_norm", f"{prefix}attn.o_proj.bias", eps)
+        hidden = matmul(x, f"{prefix}ffn.fc1.weight")
+        bias = weight(f"{prefix}ffn.fc1.bias", state[f"{prefix}ffn.fc1.bias"])
+        if config.act_fn in ("gelu", "gelu_new"):   # the tanh approximation
+            hidden = node("FastGelu", [hidden, bias], domain=MICROSOFT)
+        elif config.act_fn == "gelu_exact":
+            hidden = node("BiasGelu", [hidden, bias], domain=MICROSOFT)
+        else:
+            hidden = node("Relu", [node("Add", [hidden, bias])])
+        x = skip_layer_norm(node, weight, state, matmul(hidden, f"{prefix}ffn.fc2.weight"), x,
+                            f"{prefix}ffn_norm", f"{prefix}ffn.fc2.bias", eps)
+    start, end = node("Split", [linear(x, "qa_outputs")], ["start_split", "end_split"], axis=-1, num_outputs=2)
+    last_axis = weight("last_axis", np.array([-1], dtype=np.int64))
+    for split, name in zip((start, end), onnx_reader.OUTPUT_NAMES):
+        node("Squeeze", [split, last_axis], [name])
+    dims = ["batch", "sequence"]
+    graph = helper.make_graph(
+        nodes, "korquad_reader",
+        [helper.make_tensor_value_info(name, TensorProto.INT64, dims) for name in onnx_reader.INPUT_NAMES],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, dims) for name in onnx_reader.OUTPUT_NAMES],
+        initializers)
+    graph_model = helper.make_model(graph, producer_name="korquad export.py",
+                                    opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MICROSOFT, 1)])
+    graph_model.ir_version = 8  # readable by ONNX Runtime 1.14 and newer
+    return graph_model
+
+
+def skip_layer_norm(node, weight, state, x: str, skip: str, norm: str, bias: str, eps: float) -> str:
+    """LayerNorm(x + bias + skip) as one SkipLayerNormalization."""
+    return node("SkipLayerNormalization", [x, skip, weight(f"{norm}.weight", state[f"{norm}.weight"]),
+                                           weight(f"{norm}.bias", state[f"{norm}.bias"]),
+                                           weight(bias, state[bias])], domain=MICROSOFT, epsilon=eps)
+
+
+def quantize_int8(fp32_bytes: bytes, scratch: Path) -> bytes:
+    """Dynamic int8: weights signed int8 per tensor, activations uint8 quantized per batch at run time
+    (u8s8 runs on the VNNI/AVX2 int8 kernels; u8u8 ran at fp32 speed; per-channel weights were no faster)."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source, target = scratch / "fp32.onnx", scratch / "int8.onnx"
+    source.write_bytes(fp32_bytes)
+    # The quantizer logs a line per tensor on the root logger; a user needs none of them.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        # The fused operators are outside ONNX's shape inference: their outputs are float32, as the quantizer is told.
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=False,
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    finally:
+        root.setLevel(level)
+    return target.read_bytes()
+
+
+def check_batch(model: QuestionAnswering, settings: onnx_reader.ExportSettings, vocab_file: str | Path
+                ) -> dict[str, np.ndarray]:
+    """Windows of the bundled sample's first questions, tokenized as the model reads text, as one batch."""
+    tokenizer = build_tokenizer(vocab_file, settings.analyzer, model.config, settings.do_lower_case)
+    examples = read_squad_examples(CHECK_FILE, is_training=False)[:CHECK_QUESTIONS]
+    width = min(settings.max_seq_length, 256)
+    query = min(settings.max_query_length, width // 4)
+    features = convert_examples_to_features(examples, tokenizer, width, max(1, (width - query - 3) // 2), query,
+                                            is_training=False, progress=False)
+    batch = collate_features(features, range(min(CHECK_QUESTIONS, len(features))), is_training=False)
+    return {name: batch[name] for name in onnx_reader.INPUT_NAMES}
+
+
+def verify(model: QuestionAnswering, model_bytes: bytes, name: str, batch: dict[str, np.ndarray],
+           tolerance: float) -> None:
+    """Refuse `model_bytes` if its logits on `batch` differ from the eager model's by more than `tolerance`."""
+    session = onnx_reader.open_session(Path(name), model_bytes=model_bytes)
+    with torch.inference_mode():
+        expected = model(*(torch.from_numpy(batch[n]) for n in onnx_reader.INPUT_NAMES))
+    real = batch["attention_mask"] == 1
+    got = session.run(onnx_reader.OUTPUT_NAMES, batch)
+    difference = max(float(np.abs(g[real] - e.numpy()[real]).max()) for g, e in zip(got, expected))
+    rows, width = batch["input_ids"].shape
+    print(f"{name}: max start/end logit difference to the eager model {difference:.2e} "
+          f"on {rows} sample windows of up to {width} pieces (allowed {tolerance:g})")
+    if not difference <= tolerance:  # also refuses NaN
+        raise UsageError(f"{name}: logits differ from the eager model's by {difference:.3g} (allowed {tolerance:g}); "
+                         f"nothing written")
+
+
+def export_onnx(model: QuestionAnswering, vocab_file: str | Path, settings: onnx_reader.ExportSettings,
+                output_dir: Path, quantize: bool) -> None:
+    """model.onnx (and model_int8.onnx), vocab.txt and onnx_reader.json in `output_dir`, each model
+    verified against `model` before anything is written."""
+    batch = check_batch(model, settings, vocab_file)
+    fp32_bytes = onnx_graph(model).SerializeToString()
+    verify(model, fp32_bytes, onnx_reader.MODEL_NAME, batch, FP32_TOLERANCE)
+    models = {onnx_reader.MODEL_NAME: fp32_bytes}
+    if quantize:
+        with tempfile.TemporaryDirectory(prefix=".quantize.", dir=output_dir) as scratch:
+            int8_bytes = quantize_int8(fp32_bytes, Path(scratch))
+        verify(model, int8_bytes, onnx_reader.INT8_MODEL_NAME, batch, INT8_TOLERANCE)
+        models[onnx_reader.INT8_MODEL_NAME] = int8_bytes
+    for name, model_bytes in models.items():
+        atomic_write(output_dir / name, lambda file, data=model_bytes: file.write(data))
+    copy_vocab_into(vocab_file, output_dir)
+    write_json_atomic(settings.to_json(), output_dir / onnx_reader.SETTINGS_NAME)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.quiet)
     args.checkpoint = [args.checkpoint]
     config = resolve_finetuned_settings(args)
+    if isinstance(config, onnx_reader.ExportSettings):
+        raise UsageError(f"--checkpoint {args.checkpoint[0]} is an ONNX export already; export its PyTorch checkpoint")
     vocab_tokens = read_vocab_tokens(args.vocab_file)
     build_vocab(vocab_tokens, args.vocab_file)  # checks the special tokens are there
     vocab_size = len(vocab_tokens)
     if vocab_size != config.vocab_size:
         raise UsageError(f"vocab file {args.vocab_file} has {vocab_size} entries but the model config says "
                          f"vocab_size {config.vocab_size}")
+    if args.format == "onnx":
+        onnx_reader.require_onnxruntime("export.py --format onnx")
+        require_onnx()
     output_dir = prepare_output_dir(args.output_dir)
     checkpoint = Path(args.checkpoint[0])
-    if checkpoint.is_file() and any(name.startswith("cls.") for name in read_state_dict(checkpoint)):
+    is_pretraining = checkpoint.is_file() and any(name.startswith("cls.") for name in read_state_dict(checkpoint))
+    if is_pretraining and args.format == "onnx":
+        raise UsageError(f"--format onnx: {checkpoint} is a pretrain.py checkpoint without a question-answering "
+                         "head; fine-tune it with train.py first")
+    if is_pretraining:
         model = BertForPreTraining(config)  # pretrain.py's output: encoder and both pre-training heads
         load_checkpoint(model, checkpoint)
     else:
         model = load_finetuned(checkpoint, config, torch.device("cpu"))
+    if args.format == "onnx":
+        settings = onnx_reader.ExportSettings(
+            vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
+            do_lower_case=args.do_lower_case, analyzer=args.analyzer, **training_windows(args.checkpoint[0]))
+        export_onnx(model, args.vocab_file, settings, output_dir, quantize=args.quantize == "int8")
+        print(output_dir)
+        return
     export(model, args.vocab_file, args.do_lower_case, args.analyzer, output_dir)
     if args.analyzer != "none":
         logger.warning("fine-tuned with analyzer %r: transformers users must split text into %s morphemes "

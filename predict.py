@@ -16,6 +16,10 @@ From Python:
     from predict import Reader
     reader = Reader.load("output")
     reader("수도는?", "서울은 대한민국의 수도이다.")   # {"answer": "서울", "start": 0, "end": 2, ...}
+
+An ONNX export (`export.py --format onnx`) works the same way, given as its directory (fp32
+model.onnx) or one of its .onnx files (model_int8.onnx); it runs in ONNX Runtime without torch,
+one thread per physical core, with the export's window settings unless flags say otherwise.
 """
 from __future__ import annotations
 
@@ -28,17 +32,20 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import torch
-
+import onnx_reader
 from cli_common import (ArgumentParser, UsageError, add_compile_args, add_device_args, add_no_answer_args,
                         add_window_args, autocast_dtype, average_logits, build_tokenizer, check_compile_args,
-                        check_data_args, check_version_2, compile_model, load_finetuned, pick_device, positive_int,
-                        predict_logits, resolve_finetuned_settings, run_cli, setup_logging)
+                        check_data_args, check_version_2, compile_model, explicit_flags, load_finetuned, pick_device,
+                        positive_int, predict_logits, resolve_finetuned_settings, run_cli, setup_logging)
 from korquad_utils import (SquadExample, atomic_write, convert_examples_to_features, decode_predictions,
                            no_answer_probability, null_odds, read_squad_examples)
 from tokenization import BertTokenizer
+
+# torch is imported where a PyTorch model needs it: an ONNX export answers without torch installed.
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("korquad")
 
@@ -77,9 +84,10 @@ def check_question(record: Any) -> dict[str, Any]:
 @dataclass
 class Reader:
     """A fine-tuned model (or ensemble) and its tokenizer, loaded once, answering many questions."""
-    models: list[torch.nn.Module]   # QuestionAnswering, or its torch.compile wrapper
+    # QuestionAnswering or its torch.compile wrapper; or OnnxReaderModel, whose device is None.
+    models: list[torch.nn.Module] | list[onnx_reader.OnnxReaderModel]
     tokenizer: BertTokenizer
-    device: torch.device
+    device: torch.device | None
     amp_dtype: torch.dtype | None
     max_seq_length: int = 512
     max_query_length: int = 96
@@ -107,6 +115,7 @@ class Reader:
         if unknown:
             raise TypeError(f"Reader.load got unknown setting(s): {', '.join(unknown)}")
         vars(args).update(settings)
+        args.explicit_flags = set(settings)
         check_numbers(args)
         return cls.from_args(args)
 
@@ -116,6 +125,8 @@ class Reader:
         to the training run's or the transformers directory's."""
         config = resolve_finetuned_settings(args)
         check_data_args(args, config)
+        if isinstance(config, onnx_reader.ExportSettings):
+            return cls.from_onnx_args(args, config)
         check_version_2(args)
         device = pick_device(args.no_cuda)
         amp_dtype = autocast_dtype(args, device)
@@ -129,6 +140,16 @@ class Reader:
                    args.doc_stride, args.max_answer_length, args.n_best_size, args.batch_size,
                    args.compile_bucket if args.compile else None, args.version_2_with_negative,
                    args.null_score_diff_threshold)
+
+    @classmethod
+    def from_onnx_args(cls, args: argparse.Namespace, settings: onnx_reader.ExportSettings) -> Reader:
+        """The Reader of ONNX exports (torch is not imported): ONNX Runtime on the CPU."""
+        if args.batch_size is None:
+            args.batch_size = CPU_BATCH_SIZE
+        tokenizer = build_tokenizer(args.vocab_file, args.analyzer, settings, args.do_lower_case)
+        models = [onnx_reader.OnnxReaderModel(path) for path in args.checkpoint]
+        return cls(models, tokenizer, None, None, args.max_seq_length, args.max_query_length, args.doc_stride,
+                   args.max_answer_length, args.n_best_size, args.batch_size)
 
     def __call__(self, question: str, context: str, top_k: int | None = None) -> dict[str, Any]:
         """The best answer to one question: answer, start, end, probability (and `answers` with top_k)."""
@@ -154,11 +175,16 @@ class Reader:
                     for number, record in enumerate(records)]
         features = convert_examples_to_features(examples, self.tokenizer, self.max_seq_length, self.doc_stride,
                                                 self.max_query_length, is_training=False, progress=False)
-        with torch.inference_mode():
-            starts, ends = average_logits(
-                predict_logits(model, features, self.batch_size, self.device, self.amp_dtype, progress,
-                               self.pad_to_multiple)
-                for model in self.models)
+        if self.device is None:
+            starts, ends = average_logits(model.predict_logits(features, self.batch_size, progress)
+                                          for model in self.models)
+        else:
+            import torch
+            with torch.inference_mode():
+                starts, ends = average_logits(
+                    predict_logits(model, features, self.batch_size, self.device, self.amp_dtype, progress,
+                                   self.pad_to_multiple)
+                    for model in self.models)
         _, nbest = decode_predictions(examples, features, starts, ends,
                                       n_best_size=max(self.n_best_size, top_k or 1),
                                       max_answer_length=self.max_answer_length)
@@ -349,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "fine-tuned checkpoint (several = an ensemble).")
     parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
                         help="Fine-tuned checkpoint(s), training run directories (their newest korquad_N.bin), "
-                             "transformers QA model directories or hub ids.")
+                             "transformers QA model directories, hub ids, or ONNX exports (a directory or one "
+                             "of its .onnx files).")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--question", help="One question, about --context or --context_file.")
     source.add_argument("--input", metavar="FILE",
@@ -394,6 +421,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("give --question (with --context or --context_file), --input FILE or --interactive")
     if args.input is not None and (args.context is not None or args.context_file is not None):
         parser.error("--input brings its own contexts; drop --context/--context_file")
+    args.explicit_flags = explicit_flags(parser, argv)
     return args
 
 
