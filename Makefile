@@ -21,7 +21,7 @@ demo: install
 	$(PY) train.py --output_dir=$(DEMO_DIR) --checkpoint=none --model_config=data/bert_tiny_demo.json \
 	  --train_file=data/korquad_sample.json --max_seq_length=256 --max_query_length=32 --doc_stride=128 \
 	  --train_batch_size=16 --learning_rate=3e-3 --num_train_epochs=40 --warmup_proportion=0.05 \
-	  --logging_steps=20 --save_total_limit=1 --seed=42 --no_cuda --quiet
+	  --logging_steps=20 --save_total_limit=1 --seed=42 --no_cuda --quiet --overwrite_output_dir
 	$(PY) eval.py --checkpoint=$(DEMO_DIR)/korquad_39.bin --output_dir=$(DEMO_DIR) \
 	  --predict_file=data/korquad_sample.json --max_seq_length=256 --max_query_length=32 --doc_stride=128 \
 	  --train_batch_size=64 --no_cuda --quiet

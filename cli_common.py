@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -363,9 +364,24 @@ def check_compile_args(args: argparse.Namespace, device: torch.device) -> None:
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
             raise UsageError("--compile on a GPU needs Triton (pip install triton), or leave --compile off")
-    elif not (os.environ.get("CXX") or any(shutil.which(name) for name in ("g++", "c++", "clang++"))):
+    else:
+        check_cpu_compiler()
+
+
+def check_cpu_compiler() -> None:
+    """The C++ compiler TorchInductor will call on a CPU ($CXX, else g++; clang++ on macOS) must answer --version,
+    as Inductor itself first asks it: a bogus CXX is found now, not as a traceback after the data is built."""
+    chosen = os.environ.get("CXX")  # set but empty counts: Inductor then calls "" and fails
+    compiler = chosen if chosen is not None else ("clang++" if sys.platform == "darwin" else "g++")
+    try:
+        subprocess.run([compiler, "--version"], capture_output=True, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        if chosen is not None:
+            raise UsageError(f"--compile on a CPU: CXX={chosen or '(empty)'} is not a working C++ compiler "
+                             f"(`{chosen} --version` failed); point CXX at g++ or clang++, unset it, or leave "
+                             f"--compile off") from None
         raise UsageError("--compile on a CPU needs a C++ compiler (g++ or clang++, or set CXX); "
-                         "install one or leave --compile off")
+                         "install one or leave --compile off") from None
 
 
 def compile_padding(args: argparse.Namespace, rows: int, max_width: int) -> dict:

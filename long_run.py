@@ -62,7 +62,7 @@ class RunLock:
     """`.train.lock` in the output directory: pid, host and a heartbeat of the one process writing there.
 
     A second run is refused while the holder lives; a lock whose process is dead (same host) or whose
-    heartbeat stopped (another host) is taken over, so a killed run needs no manual cleanup.
+    heartbeat stopped (any host) is taken over, so a killed run needs no manual cleanup.
     """
 
     def __init__(self, output_dir: Path):
@@ -102,6 +102,10 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
+            if not self._is_mine(self._read_lock()):
+                # Taken over after a pause longer than the stale limit (a suspended process): never write over it.
+                logger.warning("%s was taken over by another run; no longer refreshing it", self.path)
+                return
             try:
                 self._write()
             except OSError as err:  # a full disk must not kill training; the next save says so
@@ -122,11 +126,17 @@ class RunLock:
             self.pid, self.host, self._started)
 
     def _holder_is_alive(self, record: dict) -> bool:
+        """Same host: its pid lives and its heartbeat (if any) is fresh; another host: its heartbeat is fresh.
+
+        After a container restart pids are recycled: the recorded pid may be ours or some other live
+        process (pid 1), so a stale heartbeat wins over a live pid.
+        """
         pid, host, heartbeat = record.get("pid"), record.get("host"), record.get("heartbeat")
+        has_heartbeat = isinstance(heartbeat, (int, float)) and not isinstance(heartbeat, bool)
+        fresh = has_heartbeat and time.time() - heartbeat < STALE_AFTER_SECONDS
         if host == self.host and isinstance(pid, int):
-            return pid != self.pid and pid_is_alive(pid)
-        return (host is not None and isinstance(heartbeat, (int, float))
-                and time.time() - heartbeat < STALE_AFTER_SECONDS)
+            return pid != self.pid and pid_is_alive(pid) and (fresh or not has_heartbeat)
+        return host is not None and fresh
 
 
 def remove_dead_temp_files(directory: Path) -> list[Path]:
@@ -146,7 +156,7 @@ def remove_dead_temp_files(directory: Path) -> list[Path]:
 
 
 class StopSignals:
-    """While active, SIGTERM and SIGINT only set `requested` (the loop stops at the next step boundary).
+    """While active, SIGTERM and SIGINT only set `requested` (the loop stops at the next step or batch boundary).
 
     Further signals change nothing: under torchrun or Slurm one stop arrives several times at once.
     """
@@ -171,7 +181,8 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         if self.requested is None:
             self.requested = signal.Signals(signum)
-            logger.info("%s received: stopping after the current optimizer step", self.requested.name)
+            logger.info("%s received: stopping after the current optimizer step or evaluation batch",
+                        self.requested.name)
 
 
 def read_log(log_file: Path) -> list[dict]:

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, ArgumentParser, UsageError, add_compile_args,
+from cli_common import (CHECKPOINT_NAME, SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, ArgumentParser, UsageError, add_compile_args,
                         add_data_args, add_no_answer_args, autocast_context, autocast_dtype, build_tokenizer,
                         check_checkpoint_file, check_compile_args, check_data_args, check_version_2, compile_model,
                         compile_padding, copy_vocab_into, evaluate_model, evaluate_model_with_odds, fetch_hub_model,
@@ -45,7 +45,7 @@ from long_run import (CheckpointWriteError, DirectoryLocked, Distributed, RunLoc
                       TrainingStopped, build_optimizer, check_same_settings, file_digest, keep_log_until,
                       linear_warmup_decay, plot_training_curves, read_log, read_loss, read_training_state,
                       remove_dead_temp_files, save_checked, setup_distributed, step_seed)
-from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
+from modeling import Config, QuestionAnswering, count_parameters, is_transformers_dir, load_checkpoint
 
 logger = logging.getLogger("korquad")
 
@@ -54,6 +54,26 @@ LOG_NAME = "training_log.jsonl"
 CURVES_NAME = "training_curves.png"
 STATE_KEYS = ("epoch", "steps_in_epoch", "epoch_finished", "global_step", "model", "optimizer", "scheduler",
               "scaler", "settings", "paths", "loss_sum", "loss_count")
+class EvaluationStopped(Exception):
+    """A stop signal came during the per-epoch evaluation; the state says it is pending, --resume redoes it."""
+
+
+class StopBetweenBatches(torch.nn.Module):
+    """`model` for evaluation that stops before the next batch once a stop signal came.
+
+    Only rank 0 evaluates, so this reads its own flag: the other ranks are waiting, not asking.
+    """
+
+    def __init__(self, model: torch.nn.Module, stop: StopSignals):
+        super().__init__()
+        self.model, self.stop = model, stop
+
+    def forward(self, *inputs, **kwargs):
+        if self.stop.requested is not None:
+            raise EvaluationStopped
+        return self.model(*inputs, **kwargs)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description="Fine-tune BERT-small on KorQuAD v1.0.")
     parser.add_argument("--train_file", default="data/KorQuAD_v1.0_train.json", help="KorQuAD-format training JSON.")
@@ -98,6 +118,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="Continue from the newest training_state.pt in --output_dir, mid-epoch if it was "
                              "written there.")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Replace the training run already in --output_dir (its checkpoints, state and log "
+                             "go once the new run starts training); without it such a directory is refused.")
     parser.add_argument("--tensorboard", action="store_true",
                         help="Also log loss, learning rate and EM/F1 for TensorBoard in output_dir/tensorboard.")
     parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
@@ -112,6 +135,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_data_args(parser)
     add_compile_args(parser)
     args = parser.parse_args(argv)
+    if args.resume and args.overwrite_output_dir:
+        parser.error("--resume continues the run in --output_dir, --overwrite_output_dir replaces it: pass one")
     if Path(args.checkpoint).is_dir():
         check_checkpoint_file(args.checkpoint)  # says what to pass instead of a directory
     return args
@@ -268,12 +293,15 @@ class TrainingRun:
         return self.ctx.any_rank(self.stop.requested is not None)
 
     def save_state(self, epoch: int, steps_in_epoch: int, epoch_finished: bool, global_step: int,
-                   loss_sum: float = 0.0, loss_count: int = 0) -> None:
-        """The resumable state (rank 0): weights, optimizer, scheduler, scaler and the position in the epoch."""
+                   loss_sum: float = 0.0, loss_count: int = 0, evaluation_pending: bool = False) -> None:
+        """The resumable state (rank 0): weights, optimizer, scheduler, scaler and the position in the epoch.
+
+        `evaluation_pending`: the finished epoch is still to be evaluated; the log says whether that happened.
+        """
         if not self.ctx.is_main:
             return
         save_checked({"epoch": epoch, "steps_in_epoch": steps_in_epoch, "epoch_finished": epoch_finished,
-                      "global_step": global_step,
+                      "evaluation_pending": evaluation_pending, "global_step": global_step,
                       "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                       "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                       "scaler": self.scaler.state_dict(), "settings": self.settings, "paths": self.paths,
@@ -388,42 +416,60 @@ def train_one_epoch(run: TrainingRun, features: FeatureTable, batches: list[np.n
 
 
 def finish_epoch(run: TrainingRun, epoch: int, global_step: int, eval_data) -> bool:
-    """After an epoch: its checkpoint and the resumable state; with --eval_file, EM/F1, the kept checkpoints, curves.
+    """After an epoch: its checkpoint and the resumable state, then `evaluate_epoch`.
 
-    Returns whether a stop signal came (then the evaluation is skipped: a grace period is short)."""
-    ctx, args = run.ctx, run.args
-    if ctx.is_main:
+    Returns whether a stop signal came (then the evaluation is skipped or cut short: a grace period is short)."""
+    if run.ctx.is_main:
         checkpoint = run.output_dir / f"korquad_{epoch}.bin"
         # CPU tensors, so the file loads anywhere, also with a plain torch.load.
         save_checked({k: v.detach().cpu() for k, v in run.model.state_dict().items()}, checkpoint)
-        run.save_state(epoch, 0, True, global_step)
+        # Written before the evaluation: a kill during it leaves a state that says the evaluation is due.
+        run.save_state(epoch, 0, True, global_step, evaluation_pending=eval_data is not None)
         logger.info("epoch %d done at step %d: wrote %s", epoch, global_step, checkpoint)
     if run.stop_requested():
         return True
+    return evaluate_epoch(run, epoch, global_step, eval_data)
+
+
+def evaluate_epoch(run: TrainingRun, epoch: int, global_step: int, eval_data) -> bool:
+    """With --eval_file, EM/F1 of the model as `epoch` left it, logged; then the kept checkpoints.
+
+    Returns whether a stop signal came; one during the evaluation ends it at once, unrecorded (the state
+    still says it is pending, so --resume does it again)."""
+    ctx, args = run.ctx, run.args
+    interrupted = False
     if ctx.is_main and eval_data is not None:
         eval_examples, eval_features = eval_data
-        if args.version_2_with_negative:
-            record = {"epoch": epoch, "step": global_step, **evaluate_no_answer(run, eval_examples, eval_features)}
+        eval_model = StopBetweenBatches(run.eval_model, run.stop)
+        try:
+            if args.version_2_with_negative:
+                record = {"epoch": epoch, "step": global_step,
+                          **evaluate_no_answer(run, eval_model, eval_examples, eval_features)}
+            else:
+                predictions, _ = evaluate_model(eval_model, eval_examples, eval_features, args, run.device,
+                                                run.amp_dtype, args.eval_batch_size)
+                result = score(args.eval_file, predictions)
+                logger.info("epoch %d on %s: exact_match %.2f, f1 %.2f", epoch, args.eval_file,
+                            result["exact_match"], result["f1"])
+                record = {"epoch": epoch, "step": global_step, "exact_match": result["exact_match"],
+                          "f1": result["f1"]}
+        except EvaluationStopped:
+            interrupted = True
+            logger.info("evaluation of epoch %d interrupted; --resume does it again", epoch)
         else:
-            predictions, _ = evaluate_model(run.eval_model, eval_examples, eval_features, args, run.device,
-                                            run.amp_dtype, args.eval_batch_size)
-            result = score(args.eval_file, predictions)
-            logger.info("epoch %d on %s: exact_match %.2f, f1 %.2f", epoch, args.eval_file,
-                        result["exact_match"], result["f1"])
-            record = {"epoch": epoch, "step": global_step, "exact_match": result["exact_match"], "f1": result["f1"]}
-        run.log(record)
-        run.evaluations.append(record)
-        run.write_curves()
-    if ctx.is_main and args.save_total_limit is not None:
+            run.log(record)
+            run.evaluations.append(record)
+            run.write_curves()
+    if ctx.is_main and args.save_total_limit is not None and not interrupted:
         remove_old_checkpoints(run.output_dir, epoch, args.save_total_limit, best_evaluation(run.evaluations))
-    return False
+    return run.stop_requested()  # every rank learns here of a signal any rank got (rank 0's: in the evaluation)
 
 
-def evaluate_no_answer(run: TrainingRun, examples, features) -> dict:
+def evaluate_no_answer(run: TrainingRun, model: torch.nn.Module, examples, features) -> dict:
     """SQuAD 2.0 scores of an unanswerable-question dev file at --null_score_diff_threshold, and the
     threshold tuned on it (logged: pass it to eval.py/predict.py, or let eval.py tune with best_f1)."""
     args = run.args
-    predictions, _, odds = evaluate_model_with_odds(run.eval_model, examples, features, args, run.device,
+    predictions, _, odds = evaluate_model_with_odds(model, examples, features, args, run.device,
                                                     run.amp_dtype, args.eval_batch_size)
     result = score_no_answer(args.eval_file, "squad2", predictions, odds, args.null_score_diff_threshold)
     logger.info("on %s: exact %.2f, f1 %.2f (HasAns f1 %s, NoAns f1 %s) at null_score_diff_threshold %g; "
@@ -445,6 +491,48 @@ def remove_old_checkpoints(output_dir: Path, last_epoch: int, limit: int, best: 
     for epoch in range(last_epoch + 1):
         if epoch not in keep:
             (output_dir / f"korquad_{epoch}.bin").unlink(missing_ok=True)
+
+
+def files_of_a_run(output_dir: Path) -> list[Path]:
+    """What a training run leaves in its directory and a new run would replace: checkpoints, state, log, curves."""
+    if not output_dir.is_dir():
+        return []
+    checkpoints = sorted((p for p in output_dir.iterdir() if CHECKPOINT_NAME.fullmatch(p.name)),
+                         key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
+    named = [output_dir / name for name in (STATE_NAME, LOG_NAME, SAVED_ARGS_NAME, CURVES_NAME)]
+    return [p for p in named if p.exists()] + checkpoints
+
+
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse, before anything is written, an --output_dir whose contents training would destroy: the model
+    directory being fine-tuned or any other transformers model, or a run (unless --resume or --overwrite_output_dir)."""
+    out = Path(args.output_dir)
+    if not out.is_dir():
+        return
+    source = Path(args.checkpoint)
+    if args.checkpoint.lower() != "none" and source.is_dir() and source.resolve() == out.resolve():
+        raise UsageError(f"--output_dir {out} is the model directory given as --checkpoint: training would write "
+                         f"its own config.json over the model's; choose another --output_dir")
+    if is_transformers_dir(out):
+        raise UsageError(f"--output_dir {out} holds a transformers model (config.json): training would write its "
+                         f"own config.json over it; choose another --output_dir")
+    run_files = files_of_a_run(out)
+    if run_files and not (args.resume or args.overwrite_output_dir):
+        shown = ", ".join(p.name for p in run_files[:3]) + (", ..." if len(run_files) > 3 else "")
+        raise UsageError(f"--output_dir {out} holds a training run ({shown}); pass --resume to continue it, "
+                         f"--overwrite_output_dir to replace it, or choose another --output_dir")
+    if args.overwrite_output_dir and source.is_file() and source.resolve() in {p.resolve() for p in run_files}:
+        raise UsageError(f"--checkpoint {source} is one of the files --overwrite_output_dir would delete from "
+                         f"{out}; copy it elsewhere first or choose another --output_dir")
+
+
+def remove_previous_run(output_dir: Path) -> None:
+    """--overwrite_output_dir, once training starts: the old run's files go, so none is mistaken for the new run's."""
+    old = files_of_a_run(output_dir) + sorted((output_dir / "tensorboard").glob("events.out.tfevents.*"))
+    for path in old:
+        path.unlink(missing_ok=True)
+    if old:
+        logger.info("--overwrite_output_dir: removed %d file(s) of the previous run in %s", len(old), output_dir)
 
 
 def import_summary_writer():
@@ -478,6 +566,7 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
                          f"as pretrain_ckpt/README.md says, or pass --checkpoint none to train from scratch")
     if args.tensorboard:
         import_summary_writer()  # a missing package is said now, not after the features are built
+    check_output_dir(args)
     output_dir = prepare_output_dir(args.output_dir)
     # One writer per directory: rank 0 holds the lock for the whole job, before anything is written.
     lock = RunLock(output_dir)
@@ -587,6 +676,9 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
     run = TrainingRun(args, ctx, device, amp_dtype, output_dir, model, train_model, optimizer, scheduler, scaler,
                       settings, paths, total_steps, teacher)
     if ctx.is_main:
+        # Training starts now: only from here on does this run change what is in output_dir.
+        if args.overwrite_output_dir:
+            remove_previous_run(output_dir)
         keep_log_until(run.log_file, global_step)
         run.evaluations = [r for r in read_log(run.log_file) if "f1" in r]
         write_json_atomic(config.to_dict(), output_dir / SAVED_CONFIG_NAME)
@@ -606,6 +698,14 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
 
     try:
         with run.stop:
+            if state is not None and state["epoch_finished"] and state.get("evaluation_pending", False):
+                # Interrupted between the epoch's state and its score: the state's weights are the epoch's.
+                done = any(r["epoch"] == state["epoch"] for r in run.evaluations)
+                if ctx.is_main and eval_data is None and not done:
+                    logger.warning("epoch %d was not evaluated (interrupted); without --eval_file it stays so",
+                                   state["epoch"])
+                if evaluate_epoch(run, state["epoch"], global_step, None if done else eval_data):
+                    raise run.stopped(global_step)
             for epoch in range(start_epoch, num_epochs):
                 if global_step >= total_steps:
                     break

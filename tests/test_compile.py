@@ -6,6 +6,7 @@ the training tests, at a small width with narrow buckets.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,10 @@ def test_bucketed_batch_trains_and_predicts_like_the_unpadded_one():
         bucketed_starts, _ = model(bucketed["input_ids"], bucketed["token_type_ids"], bucketed["attention_mask"])
         plain_starts, _ = model(plain["input_ids"], plain["token_type_ids"], plain["attention_mask"])
     assert torch.isfinite(bucketed_starts).all()  # filler rows too: a NaN there would poison the gradients
+    # What keeps them finite on every kernel: each filler row attends to exactly one key, its first token
+    # (a row with no key at all is NaN on some kernels, zeros on this CPU one).
+    filler_mask = bucketed["attention_mask"][3:]
+    assert filler_mask.sum(1).tolist() == [1] * 5 and bool(filler_mask[:, 0].all())
     real = plain["attention_mask"].bool()
     assert torch.allclose(bucketed_starts[:3, :37][real], plain_starts[real], atol=1e-5)
 
@@ -104,12 +109,30 @@ def test_a_compiled_epoch_compiles_at_most_one_shape_per_bucket(eager_and_compil
     assert len(set(shapes["eager"])) > len(compiled_shapes)
 
 
-def test_compiled_eval_predicts_what_eager_eval_predicts(eager_and_compiled_runs, tiny_setup, tmp_path):
+class ShapeRecorder(torch.nn.Module):
+    """The model as compile_model returns it, noting the shape of every input_ids it is given."""
+
+    def __init__(self, model: torch.nn.Module, seen: list[tuple[int, ...]]):
+        super().__init__()
+        self.model, self.seen = model, seen
+
+    def forward(self, input_ids, *args, **kwargs):
+        self.seen.append(tuple(input_ids.shape))
+        return self.model(input_ids, *args, **kwargs)
+
+
+def test_compiled_eval_predicts_what_eager_eval_predicts_in_one_shape_per_bucket(eager_and_compiled_runs, tiny_setup,
+                                                                                 tmp_path, monkeypatch):
+    import cli_common
     import eval as eval_script
 
     root, _, _ = eager_and_compiled_runs
-    predictions = {}
+    predictions, shapes = {}, {}
+    real_compile_model = cli_common.compile_model
     for run, extra in (("eager", []), ("compiled", ["--compile", f"--compile_bucket={BUCKET}"])):
+        seen = shapes[run] = []
+        monkeypatch.setattr(cli_common, "compile_model",
+                            lambda *args, _seen=seen, **kwargs: ShapeRecorder(real_compile_model(*args, **kwargs), _seen))
         eval_script.main([f"--checkpoint={root / 'compiled' / 'korquad_0.bin'}", f"--output_dir={tmp_path / run}",
                           f"--predict_file={SAMPLE_FILE}", *NARROW_FLAGS, "--max_query_length=32",
                           "--train_batch_size=16", "--no_cuda", "--quiet", f"--cache_dir={tiny_setup / 'cache'}",
@@ -117,16 +140,36 @@ def test_compiled_eval_predicts_what_eager_eval_predicts(eager_and_compiled_runs
         predictions[run] = json.loads((tmp_path / run / "predictions.json").read_text(encoding="utf-8"))
     assert len(predictions["eager"]) == 56
     assert predictions["compiled"] == predictions["eager"]
+    compiled_shapes = set(shapes["compiled"])
+    assert all(rows == 16 and width % BUCKET == 0 and width <= MAX_SEQ_LENGTH for rows, width in compiled_shapes), \
+        compiled_shapes
+    assert len(compiled_shapes) <= NUM_BUCKETS < len(set(shapes["eager"]))
 
 
-def test_compile_without_a_cpp_compiler_is_one_clear_line(tiny_setup, tmp_path):
+def test_compile_without_a_cpp_compiler_is_one_clear_line(tiny_setup, tmp_path, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
     result = run_script("train.py", *train_flags(tiny_setup, tmp_path / "out", epochs=1), "--compile",
-                        env={"PATH": str(Path(tiny_setup) / "no-such-bin"), "CXX": ""})
+                        env={"PATH": str(Path(tiny_setup) / "no-such-bin")})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "train.py: error: --compile on a CPU needs a C++ compiler (g++ or clang++, or set CXX); "
         "install one or leave --compile off"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cxx", ["no-such-c++", "false"])  # not on PATH; a program that is no compiler
+def test_a_cxx_that_is_no_working_compiler_is_refused_before_the_data_is_built(cxx, tiny_setup, tmp_path,
+                                                                                  monkeypatch):
+    import train
+
+    cxx = shutil.which(cxx) or cxx
+    monkeypatch.setenv("CXX", cxx)
+    with pytest.raises(train.UsageError) as refused:
+        train.main(train_flags(tiny_setup, tmp_path / "out", epochs=1) + ["--compile",
+                                                                          f"--cache_dir={tmp_path / 'cache'}"])
+    assert str(refused.value).startswith(f"--compile on a CPU: CXX={cxx} is not a working C++ compiler")
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
 def test_compile_bucket_must_be_positive(tiny_setup, tmp_path):

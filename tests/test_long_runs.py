@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, run_script, write_subset
+from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
 
 # Run train.py, sending itself a signal at one chosen moment: in the Nth optimizer step (the Nth gradient
 # clipping) or while writing the Nth torch file (after part of it is on disk). A test hook only: train.py
@@ -107,9 +109,9 @@ def straight(setup) -> Path:
     return output_dir
 
 
-def assert_same_end(expected_run: Path, run: Path, tolerance: float = 1e-6) -> None:
+def assert_same_end(expected_run: Path, run: Path, tolerance: float = 1e-6,
+                    checkpoint: str = f"korquad_{EPOCHS - 1}.bin") -> None:
     """The same final weights, and a loss log that reads as one run (no step lost, none twice)."""
-    checkpoint = f"korquad_{EPOCHS - 1}.bin"
     expected = torch.load(expected_run / checkpoint, weights_only=True)
     actual = torch.load(run / checkpoint, weights_only=True)
     assert expected.keys() == actual.keys()
@@ -119,7 +121,8 @@ def assert_same_end(expected_run: Path, run: Path, tolerance: float = 1e-6) -> N
         assert torch.allclose(actual[name], expected[name], atol=tolerance, rtol=0), name
 
     def log(output_dir: Path) -> list[dict]:
-        return [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+        return [r for r in records if "loss" in r]
     assert [r["step"] for r in log(run)] == [r["step"] for r in log(expected_run)]
     np.testing.assert_allclose([r["loss"] for r in log(run)], [r["loss"] for r in log(expected_run)],
                                rtol=1e-5 if tolerance <= 1e-6 else 1e-4, atol=1e-6)
@@ -340,17 +343,245 @@ def test_torchrun_sigterm_leaves_one_state_and_the_resumed_job_ends_like_an_unin
     assert_same_end(reference, out, tolerance=1e-4)
 
 
-def test_lock_of_another_host_is_honoured_while_its_heartbeat_is_fresh(tmp_path):
-    """A shared Drive or NFS folder: a pid on another machine cannot be checked, its heartbeat can."""
-    from long_run import STALE_AFTER_SECONDS, DirectoryLocked, RunLock
+DAY = 24 * 3600.0
 
-    other = {"pid": 1, "host": "another-machine", "started": "earlier"}
-    (tmp_path / ".train.lock").write_text(json.dumps({**other, "heartbeat": time.time() - 5}))
-    with pytest.raises(DirectoryLocked, match="pid 1 on another-machine"):
-        RunLock(tmp_path).acquire()
-    (tmp_path / ".train.lock").write_text(json.dumps({**other, "heartbeat": time.time() - STALE_AFTER_SECONDS - 1}))
+
+@pytest.mark.parametrize("host, pid, age, taken", [
+    ("here", "live", 5.0, False),
+    ("here", "live", 295.0, False),        # a live pid whose heartbeat is just under the 5-minute limit
+    ("here", "live", 301.0, True),         # recycled after a container restart: pid 1 lives, the run does not
+    ("here", "live", DAY, True),
+    ("here", "live", None, False),         # a lock without a heartbeat: only its pid can say
+    ("here", "ours", 5.0, True),           # our own pid in a lock we never took: a previous container's process
+    ("another-machine", 1, 5.0, False),    # a shared Drive or NFS folder: a pid there cannot be checked
+    ("another-machine", 1, 295.0, False),
+    ("another-machine", 1, 301.0, True),
+])
+def test_lock_holder_lives_while_its_pid_lives_here_and_its_heartbeat_is_under_5_minutes(tmp_path, host, pid, age,
+                                                                                          taken):
+    from long_run import DirectoryLocked, RunLock
+
+    holder = {"pid": {"live": 1, "ours": os.getpid()}.get(pid, pid),
+              "host": socket.gethostname() if host == "here" else host, "started": "earlier"}
+    if age is not None:
+        holder["heartbeat"] = time.time() - age
+    (tmp_path / ".train.lock").write_text(json.dumps(holder))
     lock = RunLock(tmp_path)
+    if not taken:
+        with pytest.raises(DirectoryLocked, match=f"pid {holder['pid']} on {holder['host']}"):
+            lock.acquire()
+        assert json.loads((tmp_path / ".train.lock").read_text()) == holder
+        return
     lock.acquire()
     assert json.loads((tmp_path / ".train.lock").read_text())["pid"] == os.getpid()
     lock.release()
     assert not (tmp_path / ".train.lock").exists()
+
+
+def test_heartbeat_is_refreshed_while_the_run_lives_and_never_written_over_a_new_holder(tmp_path, monkeypatch):
+    import long_run
+
+    monkeypatch.setattr(long_run, "HEARTBEAT_SECONDS", 0.05)
+    path = tmp_path / ".train.lock"
+    lock = long_run.RunLock(tmp_path)
+    lock.acquire()
+    try:
+        first = json.loads(path.read_text())["heartbeat"]
+        deadline = time.monotonic() + 10
+        while json.loads(path.read_text())["heartbeat"] == first and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert json.loads(path.read_text())["heartbeat"] > first
+        # Suspended past the stale limit, this run's lock was taken over: its heartbeat must not take it back.
+        newcomer = {"pid": 1, "host": socket.gethostname(), "started": "later", "heartbeat": time.time()}
+        path.write_text(json.dumps(newcomer))
+        time.sleep(0.3)
+        assert json.loads(path.read_text()) == newcomer
+    finally:
+        lock.release()
+    assert json.loads(path.read_text()) == newcomer  # releasing removes only its own lock
+
+
+def directory_contents(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_new_run_into_a_runs_directory_is_refused_unless_resumed_or_overwritten(setup, straight, tmp_path,
+                                                                                monkeypatch):
+    import train
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    before = directory_contents(out)
+    with pytest.raises(train.UsageError) as refused:
+        train.main(flags(setup, out, "--num_train_epochs=0.2"))
+    message = str(refused.value)
+    assert f"--output_dir {out} holds a training run" in message
+    assert "--resume" in message and "--overwrite_output_dir" in message
+    assert directory_contents(out) == before
+
+    # --overwrite_output_dir, killed while the features are built: the old run is still whole.
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "load_or_build_features", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(flags(setup, out, "--num_train_epochs=0.2", "--overwrite_output_dir"))
+    assert directory_contents(out) == before
+
+    # Once it trains, nothing of the old 2-epoch run is left to be mistaken for the new one's.
+    train.main(flags(setup, out, "--num_train_epochs=0.2", "--overwrite_output_dir"))  # one step
+    assert sorted(p.name for p in out.glob("korquad_*.bin")) == ["korquad_0.bin"]
+    assert [json.loads(line)["step"] for line in (out / "training_log.jsonl").read_text().splitlines()] == [1]
+    assert torch.load(out / "training_state.pt", weights_only=True)["global_step"] == 1
+
+
+def transformers_model_dir(path: Path) -> Path:
+    """A BERT model directory as transformers saves one (config.json, model.safetensors, vocab.txt)."""
+    from safetensors.torch import save_file
+
+    from modeling import Config, QuestionAnswering, config_to_transformers, to_transformers_state
+
+    path.mkdir()
+    torch.manual_seed(0)
+    model = QuestionAnswering(Config(**TINY_CONFIG))
+    (path / "config.json").write_text(json.dumps(config_to_transformers(model.config)))
+    save_file({k: v.contiguous() for k, v in to_transformers_state(model).items()}, str(path / "model.safetensors"))
+    shutil.copy(VOCAB_FILE, path / "vocab.txt")
+    return path
+
+
+def test_output_dir_holding_the_model_being_fine_tuned_or_any_transformers_model_is_refused(setup, tmp_path):
+    import train
+
+    model_dir = transformers_model_dir(tmp_path / "bert")
+    before = directory_contents(model_dir)
+    common = [f"--train_file={setup / 'train.json'}", *DATA_FLAGS, "--analyzer=none", "--no_cuda", "--quiet",
+              f"--cache_dir={setup / 'cache'}", "--num_train_epochs=1"]
+    for source, expected in ((model_dir, "is the model directory given as --checkpoint"),
+                             ("none", "holds a transformers model")):
+        with pytest.raises(train.UsageError, match=expected) as refused:
+            train.main([f"--checkpoint={source}", f"--output_dir={model_dir}", *common,
+                        *([f"--model_config={setup / 'tiny.json'}"] if source == "none" else []),
+                        "--overwrite_output_dir"])
+        assert f"--output_dir {model_dir}" in str(refused.value) and "\n" not in str(refused.value)
+        assert directory_contents(model_dir) == before
+
+
+def call_hook(monkeypatch, owner, name: str, on_call: Callable[[int], None],
+              counted: Callable[..., bool] = lambda *args, **kwargs: True) -> list[int]:
+    """Patch `owner.name` to run `on_call(n)` before its nth counted call; returns the counted calls' numbers."""
+    real, calls = getattr(owner, name), []
+
+    def hooked(*args, **kwargs):
+        if counted(*args, **kwargs):
+            calls.append(len(calls) + 1)
+            on_call(calls[-1])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, hooked)
+    return calls
+
+
+def sigterm_at(nth: int) -> Callable[[int], None]:
+    """Send this process SIGTERM (train.py's own handler takes it) at the nth call."""
+    return lambda n: n == nth and os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Killed(BaseException):
+    """What kill -9 does to a run in this process: nothing after that moment runs on (bar `finally` blocks)."""
+
+
+def kill_at(nth: int) -> Callable[[int], None]:
+    def maybe_kill(n: int) -> None:
+        if n == nth:
+            raise Killed
+    return maybe_kill
+
+
+def in_evaluation(model, *args, **kwargs) -> bool:
+    return not model.training
+
+
+def state_position(output_dir: Path) -> tuple:
+    state = torch.load(output_dir / "training_state.pt", weights_only=True)
+    return state["epoch"], state["steps_in_epoch"], state["epoch_finished"], state["global_step"], state.get(
+        "evaluation_pending")
+
+
+def evaluations(output_dir: Path) -> list[tuple]:
+    records = [json.loads(line) for line in (output_dir / "training_log.jsonl").read_text().splitlines()]
+    return [(r["epoch"], r["step"], r["f1"]) for r in records if "f1" in r]
+
+
+def test_stops_during_evaluation_are_finished_on_resume_and_the_best_epoch_survives_save_total_limit(
+        setup, straight, tmp_path, monkeypatch, capsys):
+    import modeling
+    import train
+
+    scores = iter([(70.0, 80.0), (40.0, 50.0)])  # epoch 0 is the best; an evaluation scores once, when it ends
+    monkeypatch.setattr(train, "score", lambda path, predictions: dict(zip(("exact_match", "f1"), next(scores))))
+    out = tmp_path / "run"
+    run = flags(setup, out, f"--eval_file={setup / 'train.json'}", "--eval_batch_size=2", "--save_total_limit=1")
+
+    # SIGTERM in epoch 0's first evaluation batch: out at once, no further batch nor optimizer step.
+    with monkeypatch.context() as patch:
+        evaluated = call_hook(patch, modeling.QuestionAnswering, "forward", sigterm_at(1), in_evaluation)
+        steps = call_hook(patch, torch.nn.utils, "clip_grad_norm_", lambda n: None)
+        with pytest.raises(train.TrainingStopped) as stopped:
+            train.main(run)
+    assert "stopped by SIGTERM after optimizer step 5" in stopped.value.message
+    assert evaluated == [1] and len(steps) == 5
+    assert state_position(out) == (0, 0, True, 5, True) and evaluations(out) == []
+
+    # Resumed, it evaluates epoch 0 before anything else, and is killed in that evaluation: still pending.
+    with monkeypatch.context() as patch:
+        call_hook(patch, modeling.QuestionAnswering, "forward", kill_at(2), in_evaluation)
+        steps = call_hook(patch, torch.nn.utils, "clip_grad_norm_", lambda n: None)
+        with pytest.raises(Killed):
+            train.main(run + ["--resume"])
+    assert steps == [] and state_position(out) == (0, 0, True, 5, True) and evaluations(out) == []
+
+    # Resumed again: epoch 0 scored (the best), then stopped in epoch 1's 2nd step.
+    with monkeypatch.context() as patch:
+        call_hook(patch, torch.nn.utils, "clip_grad_norm_", sigterm_at(2))
+        with pytest.raises(train.TrainingStopped):
+            train.main(run + ["--resume"])
+    assert state_position(out) == (1, 2, False, 7, False) and evaluations(out) == [(0, 5, 80.0)]
+
+    # To the end: epoch 1 scores lower, and the resumed run still knows epoch 0 was the best.
+    capsys.readouterr()
+    train.main(run + ["--resume"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["epoch"], summary["f1"], summary["best_epoch"], summary["best_f1"]) == (1, 50.0, 0, 80.0)
+    assert sorted(p.name for p in out.glob("korquad_*.bin")) == ["korquad_0.bin", "korquad_1.bin"]
+    assert evaluations(out) == [(0, 5, 80.0), (1, 10, 50.0)]
+    assert_same_end(straight, out)
+
+
+def test_kill_and_sigterm_with_accumulation_and_sparse_logging_resume_like_an_uninterrupted_run(
+        setup, tmp_path, monkeypatch):
+    """2 micro-batches a step and a loss line every 3 steps: each stop falls between loss lines, and a resumed
+    run must skip whole steps' micro-batches and carry on the losses still to be shown."""
+    import train
+
+    accumulated = ["--train_batch_size=2", "--gradient_accumulation_steps=2", "--logging_steps=3",
+                   "--num_train_epochs=1"]
+    reference = tmp_path / "straight"
+    train.main(flags(setup, reference, *accumulated))
+    out = tmp_path / "run"
+    run = flags(setup, out, *accumulated, "--save_steps=2")
+    with monkeypatch.context() as patch:  # killed inside step 3: the newest state is step 2's
+        call_hook(patch, torch.nn.utils, "clip_grad_norm_", kill_at(3))
+        with pytest.raises(Killed):
+            train.main(run)
+    assert state_position(out)[:4] == (0, 2, False, 2)
+    assert torch.load(out / "training_state.pt", weights_only=True)["loss_count"] == 4  # steps 1-2's micro-batches
+
+    with monkeypatch.context() as patch:  # resumed at step 3, stopped after step 4 (step 3 logged, 4 not)
+        call_hook(patch, torch.nn.utils, "clip_grad_norm_", sigterm_at(2))
+        with pytest.raises(train.TrainingStopped):
+            train.main(run + ["--resume"])
+    assert state_position(out)[:4] == (0, 4, False, 4)
+
+    train.main(run + ["--resume"])
+    assert [r["step"] for r in map(json.loads, (out / "training_log.jsonl").read_text().splitlines())] == [3, 5]
+    assert_same_end(reference, out, checkpoint="korquad_0.bin")
