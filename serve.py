@@ -268,16 +268,18 @@ def parse_payload(body: bytes, limits: Limits) -> tuple[list[dict[str, Any]], li
 
 def check_item(item: Any, where: str, limits: Limits) -> tuple[dict[str, Any], int | None]:
     """One question object as a predict.py record and its top_k, or RequestError naming the field at fault."""
-    if isinstance(item, dict):
-        unknown = [name for name in item if name not in FIELDS]
-        if unknown:
-            raise RequestError(400, f"{where}unknown field \"{unknown[0]}\" (expected {', '.join(FIELDS)})")
+    if not isinstance(item, dict):
+        raise RequestError(400, f"{where}expected a JSON object with \"question\" and \"context\", "
+                                f"got {json_type(item)}")
+    unknown = [name for name in item if name not in FIELDS]
+    if unknown:
+        raise RequestError(400, f"{where}unknown field \"{unknown[0]}\" (expected {', '.join(FIELDS)})")
+    for name in ("question", "context"):   # named in JSON's terms here; predict's check says the rest
+        if name in item and not isinstance(item[name], str):
+            raise RequestError(400, f"{where}\"{name}\" must be a string, got {json_type(item[name])}")
     try:
         record = check_question(item)
     except InputError as error:
-        if not isinstance(item, dict):
-            raise RequestError(400, f"{where}expected a JSON object with \"question\" and \"context\", "
-                                    f"got {json_type(item)}") from None
         raise RequestError(400, f"{where}{error}") from None
     for name in ("question", "context"):
         try:
@@ -311,7 +313,7 @@ def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout:
               announce: str | None = None) -> Starlette:
     """The ASGI application: /answer, /health and the page, around a started-on-startup `batcher`.
     `announce` is printed to stdout once the worker runs (the address, for whoever started the server)."""
-    counts = collections.Counter()
+    counts = dict.fromkeys(("accepted", "answered", "refused", "timed_out", "failed", "bad_requests"), 0)
 
     async def answer(request: Request) -> JSONResponse:
         began = time.monotonic()
@@ -375,8 +377,7 @@ def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout:
             yield
         finally:
             batcher.stop()   # uvicorn calls this after the requests in flight have their answers
-            logger.info("stopped: %s", ", ".join(f"{count} {name}" for name, count in sorted(counts.items()))
-                        or "no requests")
+            logger.info("stopped: %s", ", ".join(f"{count} {name}" for name, count in counts.items()))
 
     return Starlette(routes=[Route("/", page, methods=["GET"]), Route("/health", health, methods=["GET"]),
                              Route("/answer", answer, methods=["POST"])],
@@ -422,6 +423,7 @@ async function ask() {
   const context = $("context").value, question = $("question").value;
   $("ask").disabled = true;
   $("error").textContent = "";
+  $("result").hidden = $("passage").hidden = true;
   try {
     const response = await fetch("answer", {method: "POST", headers: {"Content-Type": "application/json"},
                                             body: JSON.stringify({question, context, top_k: 3})});
@@ -429,7 +431,6 @@ async function ask() {
     if (!response.ok) throw new Error(body.error || response.statusText);
     show(context, body);
   } catch (error) {
-    $("result").hidden = $("passage").hidden = true;
     $("others").replaceChildren();
     $("error").textContent = error.message;
   } finally {
