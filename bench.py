@@ -322,26 +322,36 @@ def _question_answering_pipeline(config):
     return answer, tokenizer
 
 
+def _write_random_run(run: Path, config) -> None:
+    """A training run directory holding `config` and one randomly initialised fine-tuned checkpoint."""
+    import json
+
+    import torch
+
+    from modeling import QuestionAnswering
+
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    torch.manual_seed(0)
+    torch.save(QuestionAnswering(config).state_dict(), run / "korquad_1.bin")
+
+
 @benchmark("predict")
 def bench_predict(args: argparse.Namespace) -> None:
     """predict.py on CPU with BERT-small (random weights: speed only): load time, answers per second
     one at a time and batched, next to transformers' question-answering pipeline (goal: batched >= 2x)."""
-    import json
     import tempfile
     import time
 
     import torch
 
     from korquad_utils import SquadExample, convert_examples_to_features
-    from modeling import Config, QuestionAnswering
+    from modeling import Config
     from predict import Reader
 
     config = Config.from_json_file(ROOT / "data" / "bert_small.json")
     questions = _dev_questions(args.dev, _PREDICT_QUESTIONS)
     with tempfile.TemporaryDirectory() as run:
-        (Path(run) / "config.json").write_text(json.dumps(config.to_dict()))
-        torch.manual_seed(0)
-        torch.save(QuestionAnswering(config).state_dict(), Path(run) / "korquad_1.bin")
+        _write_random_run(Path(run), config)
         started = time.perf_counter()
         reader = Reader.load(run, no_cuda=True, analyzer="mecab")
         load_seconds = time.perf_counter() - started
@@ -386,6 +396,83 @@ def bench_predict(args: argparse.Namespace) -> None:
                                                max_length=reader.max_seq_length)["input_ids"]) for q in questions]
         print(f"predict.answers_per_second[transformers {transformers.__version__} pipeline, fp32, one at a time]: "
               f"{theirs:.2f} (its first windows: {sum(their_pieces) / len(their_pieces):.0f} pieces each)")
+
+
+# --- serve.py (issue 20) -----------------------------------------------------------------
+_SERVE_QUESTIONS = 128   # the first dev questions, with their real contexts
+_SERVE_CLIENTS = 16
+
+
+def _serve_rate(port: int, questions: list[dict]) -> float:
+    """Answers/s of serve.py on 127.0.0.1:`port` with _SERVE_CLIENTS clients, each on one keep-alive
+    connection, sending its share of `questions` one request at a time."""
+    import http.client
+    import json
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(number: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        for question in questions[number::_SERVE_CLIENTS]:
+            connection.request("POST", "/answer", json.dumps(question, ensure_ascii=False).encode("utf-8"),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status != 200:
+                raise RuntimeError(f"serve.py answered {response.status}: {response.read()[:200]!r}")
+            response.read()
+        connection.close()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(_SERVE_CLIENTS) as pool:
+        list(pool.map(client, range(_SERVE_CLIENTS)))
+    return len(questions) / (time.perf_counter() - started)
+
+
+@benchmark("serve")
+def bench_serve(args: argparse.Namespace) -> None:
+    """serve.py under 16 concurrent loopback clients next to predict.py's offline batched rate, same model
+    (BERT-small, random weights: speed only), same dev questions, same run (goal: serve >= 0.8x offline)."""
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    import torch
+
+    from modeling import Config
+    from predict import Reader
+
+    config = Config.from_json_file(ROOT / "data" / "bert_small.json")
+    questions = _dev_questions(args.dev, _SERVE_QUESTIONS)
+    with tempfile.TemporaryDirectory() as run:
+        _write_random_run(Path(run), config)
+        reader = Reader.load(run, no_cuda=True, analyzer="mecab")
+        server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"--checkpoint={run}", "--port=0",
+                                   "--no_cuda", "--analyzer=mecab", "--quiet"], cwd=ROOT, text=True,
+                                  stdout=subprocess.PIPE)
+        try:
+            line = server.stdout.readline()
+            if "serving on" not in line:
+                print(f"serve: skipped (serve.py did not start: {line.strip() or 'see its messages above'})")
+                return
+            port = int(line.rsplit(":", 1)[1])
+            reader("워밍업?", questions[0]["context"])   # first-call costs not timed, here or there
+            _serve_rate(port, questions[:_SERVE_CLIENTS])
+            # Interleaved, so drifting machine load hurts both alike; the best of two runs each.
+            offline = served = 0.0
+            for _ in range(2):
+                started = time.perf_counter()
+                reader.answer_all(questions)
+                offline = max(offline, len(questions) / (time.perf_counter() - started))
+                served = max(served, _serve_rate(port, questions))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=120)
+    print(f"serve: {len(questions)} dev questions with their real contexts, BERT-small, CPU "
+          f"x{torch.get_num_threads()} threads, serve.py defaults (--max_batch 32, --max_wait_ms 5)")
+    print(f"serve.answers_per_second[predict.py offline, batched, batch {reader.batch_size}]: {offline:.2f}")
+    print(f"serve.answers_per_second[serve.py, {_SERVE_CLIENTS} concurrent loopback clients, one question per "
+          f"request]: {served:.2f} ({served / offline:.2f}x offline)")
 
 
 # --- the compiled CUDA loop (issue 12) ---------------------------------------------------
