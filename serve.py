@@ -189,7 +189,7 @@ class Batcher:
 def deliver(job: Job, outcome: list[dict[str, Any]] | BaseException) -> None:
     """Hand a job's answers (or its error) to the request waiting in the event loop."""
     def resolve() -> None:
-        if job.future.done():   # timed out meanwhile
+        if job.future.done():   # cancelled by the request's timeout meanwhile
             return
         if isinstance(outcome, BaseException):
             job.future.set_exception(outcome)
@@ -330,8 +330,7 @@ def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout:
             return error_response(503, str(full), {"Retry-After": "1"})
         counts["accepted"] += 1
         try:
-            answers = await asyncio.wait_for(asyncio.shield(job.future),
-                                             max(0.0, request_timeout - (time.monotonic() - began)))
+            answers = await asyncio.wait_for(job.future, max(0.0, request_timeout - (time.monotonic() - began)))
         except asyncio.TimeoutError:
             job.abandoned = True
             counts["timed_out"] += 1
@@ -426,8 +425,8 @@ async function ask() {
   try {
     const response = await fetch("answer", {method: "POST", headers: {"Content-Type": "application/json"},
                                             body: JSON.stringify({question, context, top_k: 3})});
-    const body = await response.json();
-    if (!response.ok) throw new Error(body.error || response.statusText);
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(body.error || response.status + " " + response.statusText);
     show(context, body);
   } catch (error) {
     $("others").replaceChildren();
