@@ -152,6 +152,8 @@ def server(run_dir, tmp_path_factory):
 # --- answers ---------------------------------------------------------------------------------
 
 def test_16_concurrent_clients_each_get_their_own_answer(server, reader):
+    # The load: 16 clients at once sending 500 requests in all, each with a context of its own, so
+    # that an answer handed to the wrong request, or lost, shows.
     questions = distinct_questions(500)
     # Every seventh request asks for its top 1-3 too: the server batches those beside plain ones.
     top_ks = [(n // 7) % 3 + 1 if n % 7 == 0 else None for n in range(len(questions))]
