@@ -370,13 +370,32 @@ def check_question_flag(question: str, context: str | None, context_flag: str = 
 
 # --- CLI -------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog=PROG, description="Answer questions about your own text with a "
-                                     "fine-tuned checkpoint (several = an ensemble).")
+def add_reader_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that describe a Reader (`Reader.from_args`): checkpoint, model files, batch, windows, device.
+    serve.py takes the same ones."""
     parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
                         help="Fine-tuned checkpoint(s), training run directories (their newest korquad_N.bin), "
                              "transformers QA model directories, hub ids, or ONNX exports (a directory or one "
                              "of its .onnx files).")
+    parser.add_argument("--model_config", "--config_name", dest="model_config", default=None,
+                        help="Model config (if not given: the training run's, else data/bert_small.json).")
+    parser.add_argument("--vocab_file", default=None,
+                        help="Vocabulary (if not given: the training run's, else data/ko_vocab_32k.txt).")
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                        help="Windows per forward pass (if not given: 32 on a GPU, 8 on a CPU, where larger "
+                             "batches fall out of the caches and run slower).")
+    parser.add_argument("--n_best_size", type=positive_int, default=20,
+                        help="Spans the probabilities are spread over, as in eval.py.")
+    add_no_answer_args(parser, remembered=True)
+    add_window_args(parser)
+    add_device_args(parser)
+    add_compile_args(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description="Answer questions about your own text with a "
+                                     "fine-tuned checkpoint (several = an ensemble).")
+    add_reader_args(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--question", help="One question, about --context or --context_file.")
     source.add_argument("--input", metavar="FILE",
@@ -389,20 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", metavar="FILE", help="Write the JSON lines here (if not given: stdout).")
     parser.add_argument("--top_k", type=positive_int, default=None,
                         help="Also list the K best answers as `answers` (if not given: the best one only).")
-    parser.add_argument("--model_config", "--config_name", dest="model_config", default=None,
-                        help="Model config (if not given: the training run's, else data/bert_small.json).")
-    parser.add_argument("--vocab_file", default=None,
-                        help="Vocabulary (if not given: the training run's, else data/ko_vocab_32k.txt).")
-    parser.add_argument("--batch_size", type=positive_int, default=None,
-                        help="Windows per forward pass (if not given: 32 on a GPU, 8 on a CPU, where larger "
-                             "batches fall out of the caches and run slower).")
-    parser.add_argument("--n_best_size", type=positive_int, default=20,
-                        help="Spans the probabilities are spread over, as in eval.py.")
     parser.add_argument("--quiet", action="store_true", help="Warnings only.")
-    add_no_answer_args(parser, remembered=True)
-    add_window_args(parser)
-    add_device_args(parser)
-    add_compile_args(parser)
     return parser
 
 

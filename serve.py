@@ -1,0 +1,552 @@
+"""Serve a fine-tuned reader over HTTP: a JSON API that batches concurrent requests, and one page to try it.
+
+    python3 serve.py --checkpoint=output                       # http://127.0.0.1:8000
+    curl -s localhost:8000/answer -H 'Content-Type: application/json' \\
+         -d '{"question": "수도는?", "context": "서울은 대한민국의 수도이다."}'
+
+POST /answer takes {"question", "context", "id"?, "top_k"?} or a list of such objects, and answers each as
+predict.py does: answer, start, end (character offsets into the context as sent), probability, and with
+top_k the `answers` list. GET /health says whether it is serving; GET / is a page to paste a text and ask.
+
+Requests wait in one bounded queue; a single worker thread takes up to --max_batch questions at a time
+(waiting up to --max_wait_ms for more to come) and answers them together with predict.Reader, so the model
+runs off the event loop and many clients share it. A full queue answers 503 at once. SIGTERM (or Ctrl-C)
+stops accepting connections, answers every request already accepted, then exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cli_common import ArgumentParser, UsageError, int_at_least, positive_float, positive_int, run_cli, setup_logging
+from predict import InputError, Reader, add_reader_args, check_numbers, check_question
+
+try:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+except ImportError as missing:   # reported as one line by main(); the rest of the project runs without them
+    MISSING_PACKAGE: str | None = missing.name or str(missing)
+else:
+    MISSING_PACKAGE = None
+
+logger = logging.getLogger("korquad")
+
+PROG = "serve.py"
+FIELDS = ("question", "context", "id", "top_k")
+MAX_TOP_K = 100   # top_k above n_best_size widens the n-best search; this keeps one request's decoding bounded
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status and a message naming what is wrong."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class QueueFull(Exception):
+    """No room for a request's questions (or the server is stopping): answered with 503 at once."""
+
+
+# --- the batching worker ---------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One request's questions, waiting for the worker; its answers arrive on `future`, in `loop`."""
+    records: list[dict[str, Any]]
+    top_ks: list[int | None]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    abandoned: bool = field(default=False)   # the request timed out: skip it if not started yet
+
+
+def answer_questions(reader: Reader, records: Sequence[dict[str, Any]],
+                     top_ks: Sequence[int | None]) -> list[dict[str, Any]]:
+    """What `reader(question, context, top_k)` returns for each record, computed in as few batches as
+    possible: one `answer_all` per n-best size (just one unless a top_k exceeds the reader's n_best_size)."""
+    answers: list[dict[str, Any]] = [{}] * len(records)
+    groups: dict[int, list[int]] = collections.defaultdict(list)
+    for index, top_k in enumerate(top_ks):
+        groups[max(reader.n_best_size, top_k or 1)].append(index)
+    for indices in groups.values():
+        asked = [top_ks[i] for i in indices if top_ks[i] is not None]
+        batch = reader.answer_all([records[i] for i in indices], top_k=max(asked, default=None))
+        for index, answer in zip(indices, batch):
+            if top_ks[index] is None:
+                answer.pop("answers", None)
+            else:
+                # Equal to asking for top_ks[index] alone: only an answerless n-best holds an entry without
+                # offsets (and then nothing else), so cutting the filtered list is cutting the n-best.
+                answer["answers"] = answer["answers"][:top_ks[index]]
+            answers[index] = answer
+    return answers
+
+
+class Batcher:
+    """A bounded queue of jobs and the one thread that answers them, up to `max_batch` questions at a time."""
+
+    def __init__(self, reader: Reader, queue_size: int, max_batch: int, max_wait_s: float) -> None:
+        self.reader = reader
+        self.queue_size = queue_size
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.queued = 0   # questions waiting, not yet taken by the worker
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._changed = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="reader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Answer every job already queued, then end the worker."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
+        self._thread.join()
+
+    def submit(self, records: list[dict[str, Any]], top_ks: list[int | None]) -> Job:
+        """Queue one request's questions (from the event loop); QueueFull when they do not fit."""
+        loop = asyncio.get_running_loop()
+        job = Job(records, top_ks, loop, loop.create_future())
+        with self._changed:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if self.queued + len(records) > self.queue_size:
+                raise QueueFull(f"the server is busy ({self.queued} questions queued, room for "
+                                f"{self.queue_size}); retry shortly")
+            self._jobs.append(job)
+            self.queued += len(records)
+            self._changed.notify()
+        return job
+
+    def _take(self) -> list[Job] | None:
+        """The next batch: the oldest job, then whole jobs that keep it within max_batch questions, waiting
+        up to max_wait_s for them. None once stopping with nothing left."""
+        with self._changed:
+            while not self._jobs:
+                if self._stopping:
+                    return None
+                self._changed.wait()
+            taken = [self._jobs.popleft()]
+            count = len(taken[0].records)
+            self.queued -= count
+            deadline = time.monotonic() + self.max_wait_s
+            while count < self.max_batch:
+                if self._jobs:
+                    if count + len(self._jobs[0].records) > self.max_batch:
+                        break
+                    taken.append(self._jobs.popleft())
+                    count += len(taken[-1].records)
+                    self.queued -= len(taken[-1].records)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    break
+                self._changed.wait(remaining)
+            return taken
+
+    def _work(self) -> None:
+        while (jobs := self._take()) is not None:
+            self._answer([job for job in jobs if not job.abandoned])
+
+    def _answer(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        try:
+            answers = answer_questions(self.reader, [r for job in jobs for r in job.records],
+                                       [k for job in jobs for k in job.top_ks])
+        except Exception as error:  # a bug on some input must cost that request only, not the whole batch
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._answer([job])
+                return
+            logger.exception("answering a request failed")
+            deliver(jobs[0], error)
+            return
+        start = 0
+        for job in jobs:
+            deliver(job, answers[start:start + len(job.records)])
+            start += len(job.records)
+
+
+def deliver(job: Job, outcome: list[dict[str, Any]] | BaseException) -> None:
+    """Hand a job's answers (or its error) to the request waiting in the event loop."""
+    def resolve() -> None:
+        if job.future.done():   # cancelled by the request's timeout meanwhile
+            return
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
+    with contextlib.suppress(RuntimeError):   # the loop has closed: nobody is waiting any more
+        job.loop.call_soon_threadsafe(resolve)
+
+
+# --- reading a request -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int
+    max_items: int
+    max_context_chars: int
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most `limit` bytes (413 beyond). A longer body is read to its end and dropped,
+    so that the client, still sending, receives the 413 rather than a reset connection."""
+    declared = request.headers.get("content-length")
+    too_large = declared is not None and declared.isdigit() and int(declared) > limit
+    body = bytearray()
+    async for chunk in request.stream():
+        if not too_large:
+            body += chunk
+            too_large = len(body) > limit
+    if too_large:
+        raise RequestError(413, f"the request body is larger than {limit} bytes (--max_body_bytes)")
+    return bytes(body)
+
+
+def check_content_type(value: str | None) -> None:
+    media_type, *parameters = (value or "").split(";")
+    if media_type.strip().lower() != "application/json":
+        raise RequestError(415, f"send the questions as JSON with Content-Type: application/json "
+                                f"(got {value!r})" if value else "send Content-Type: application/json")
+    for parameter in parameters:
+        name, _, charset = parameter.partition("=")
+        if name.strip().lower() == "charset" and charset.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise RequestError(415, f"the body must be UTF-8 JSON (Content-Type says charset={charset.strip()})")
+
+
+def parse_payload(body: bytes, limits: Limits) -> tuple[list[dict[str, Any]], list[int | None], bool]:
+    """(records, top_ks, single) from a body holding one question object or a list of them."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RequestError(400, f"the body is not UTF-8 (invalid byte at position {error.start})") from None
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise RequestError(400, "the body is empty; send {\"question\": ..., \"context\": ...}")
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RequestError(400, f"the body is not valid JSON ({error.msg} at line {error.lineno} "
+                                f"column {error.colno})") from None
+    except RecursionError:
+        raise RequestError(400, "the body's JSON is nested too deeply") from None
+    if isinstance(payload, dict):
+        record, top_k = check_item(payload, "", limits)
+        return [record], [top_k], True
+    if not isinstance(payload, list):
+        raise RequestError(400, f"expected a JSON object {{\"question\", \"context\"}} or a list of them, "
+                                f"got {json_type(payload)}")
+    if not payload:
+        raise RequestError(400, "an empty list: send at least one question")
+    if len(payload) > limits.max_items:
+        raise RequestError(413, f"{len(payload)} questions in one request; this server takes at most "
+                                f"{limits.max_items} (--max_items)")
+    checked = [check_item(item, f"item {number}: ", limits) for number, item in enumerate(payload)]
+    return [record for record, _ in checked], [top_k for _, top_k in checked], False
+
+
+def check_item(item: Any, where: str, limits: Limits) -> tuple[dict[str, Any], int | None]:
+    """One question object as a predict.py record and its top_k, or RequestError naming the field at fault."""
+    if not isinstance(item, dict):
+        raise RequestError(400, f"{where}expected a JSON object with \"question\" and \"context\", "
+                                f"got {json_type(item)}")
+    unknown = [name for name in item if name not in FIELDS]
+    if unknown:
+        raise RequestError(400, f"{where}unknown field \"{unknown[0]}\" (expected {', '.join(FIELDS)})")
+    for name in ("question", "context"):   # named in JSON's terms here; predict's check says the rest
+        if name in item and not isinstance(item[name], str):
+            raise RequestError(400, f"{where}\"{name}\" must be a string, got {json_type(item[name])}")
+    try:
+        record = check_question(item)
+    except InputError as error:
+        raise RequestError(400, f"{where}{error}") from None
+    for name in ("question", "context"):
+        try:
+            record[name].encode("utf-8")
+        except UnicodeEncodeError as error:   # JSON can escape a lone surrogate (\ud800); no text holds one
+            raise RequestError(400, f"{where}\"{name}\" is not valid Unicode (a lone surrogate at character "
+                                    f"{error.start})") from None
+        if len(record[name]) > limits.max_context_chars:
+            raise RequestError(413, f"{where}\"{name}\" is {len(record[name])} characters; this server takes at "
+                                    f"most {limits.max_context_chars} (--max_context_chars)")
+    top_k = item.get("top_k")
+    if top_k is not None and (type(top_k) is not int or not 1 <= top_k <= MAX_TOP_K):
+        raise RequestError(400, f"{where}\"top_k\" must be a whole number from 1 to {MAX_TOP_K}, got "
+                                f"{json.dumps(top_k)}")
+    return record, top_k
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+# --- the application -------------------------------------------------------------------------
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout: float,
+              announce: str | None = None) -> Starlette:
+    """The ASGI application: /answer, /health and the page, around a started-on-startup `batcher`.
+    `announce` is printed to stdout once the worker runs (the address, for whoever started the server)."""
+    counts = dict.fromkeys(("accepted", "answered", "refused", "timed_out", "failed", "bad_requests"), 0)
+
+    async def answer(request: Request) -> JSONResponse:
+        began = time.monotonic()
+        check_content_type(request.headers.get("content-type"))
+        try:
+            body = await asyncio.wait_for(read_body(request, limits.max_body_bytes), request_timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the body did not arrive within {request_timeout:g} s "
+                                    f"(--request_timeout)") from None
+        records, top_ks, single = parse_payload(body, limits)
+        try:
+            job = batcher.submit(records, top_ks)
+        except QueueFull as full:
+            counts["refused"] += 1
+            return error_response(503, str(full), {"Retry-After": "1"})
+        counts["accepted"] += 1
+        try:
+            answers = await asyncio.wait_for(job.future, max(0.0, request_timeout - (time.monotonic() - began)))
+        except asyncio.TimeoutError:
+            job.abandoned = True
+            counts["timed_out"] += 1
+            return error_response(504, f"not answered within {request_timeout:g} s (--request_timeout); "
+                                       f"the server is overloaded")
+        except Exception:   # logged by the worker, with its traceback; the client gets one line
+            counts["failed"] += 1
+            return error_response(500, "answering this request failed (the server's log says why)")
+        counts["answered"] += 1
+        return JSONResponse(answers[0] if single else answers)
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "queued": batcher.queued, **counts})
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    async def refused(request: Request, error: RequestError) -> JSONResponse:
+        counts["bad_requests"] += 1
+        return error_response(error.status, str(error))
+
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        counts["bad_requests"] += 1
+        message = {404: f"no page {request.url.path}; the API is POST /answer",
+                   405: f"{request.method} is not allowed on {request.url.path} (use "
+                        f"{(error.headers or {}).get('Allow', 'another method')})"}.get(error.status_code, error.detail)
+        return error_response(error.status_code, message, error.headers)
+
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        logger.error("unexpected error on %s %s", request.method, request.url.path, exc_info=error)
+        return error_response(500, "internal server error (the server's log says why)")
+
+    async def client_gone(request: Request, error: ClientDisconnect) -> JSONResponse:
+        return error_response(400, "the client disconnected before sending the whole body")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        batcher.start()
+        if announce:
+            print(announce, flush=True)
+        try:
+            yield
+        finally:
+            batcher.stop()   # uvicorn calls this after the requests in flight have their answers
+            logger.info("stopped: %s", ", ".join(f"{count} {name}" for name, count in counts.items()))
+
+    return Starlette(routes=[Route("/", page, methods=["GET"]), Route("/health", health, methods=["GET"]),
+                             Route("/answer", answer, methods=["POST"])],
+                     exception_handlers={RequestError: refused, HTTPException: http_error,
+                                         ClientDisconnect: client_gone, Exception: server_error},
+                     lifespan=lifespan)
+
+
+# The page: plain HTML and a little JavaScript, served as it is (no build step, nothing fetched elsewhere).
+PAGE = """<!doctype html>
+<html lang="ko">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>질문하기 · Ask the reader</title>
+<style>
+  body { font-family: system-ui, sans-serif; max-width: 50rem; margin: 2rem auto; padding: 0 1rem; line-height: 1.6; }
+  label { display: block; margin-top: 1rem; font-weight: 600; }
+  textarea, input { width: 100%; box-sizing: border-box; font: inherit; padding: .4rem; }
+  textarea { height: 12rem; }
+  button { font: inherit; margin: 1rem 0; padding: .4rem 1.4rem; }
+  #passage { white-space: pre-wrap; border: 1px solid #ccc; border-radius: 4px; padding: .8rem; }
+  mark { background: #ffe066; }
+  #error { color: #b00020; }
+</style>
+</head>
+<body>
+<h1>질문하기 · Ask the reader</h1>
+<label for="context">문맥 · Text</label>
+<textarea id="context" placeholder="답을 찾을 글을 붙여 넣으세요 · Paste the text to answer from"></textarea>
+<label for="question">질문 · Question</label>
+<input id="question" placeholder="예: 훈민정음은 언제 창제되었나?">
+<button id="ask" type="button">답 찾기 · Answer</button>
+<p id="result" hidden>답 · Answer: <strong id="answer-text"></strong> (확률 · probability <span id="probability"></span>)</p>
+<p id="error" role="alert"></p>
+<div id="passage" hidden></div>
+<ol id="others"></ol>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+
+async function ask() {
+  const context = $("context").value, question = $("question").value;
+  $("ask").disabled = true;
+  $("error").textContent = "";
+  $("result").hidden = $("passage").hidden = true;
+  try {
+    const response = await fetch("answer", {method: "POST", headers: {"Content-Type": "application/json"},
+                                            body: JSON.stringify({question, context, top_k: 3})});
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(body.error || response.status + " " + response.statusText);
+    show(context, body);
+  } catch (error) {
+    $("others").replaceChildren();
+    $("error").textContent = error.message;
+  } finally {
+    $("ask").disabled = false;
+  }
+}
+
+function percent(probability) { return (100 * probability).toFixed(1) + "%"; }
+
+function show(context, best) {
+  // The server counts characters as Python does (code points), not as JavaScript strings do (UTF-16 units).
+  const chars = Array.from(context);
+  const passage = $("passage");
+  passage.replaceChildren();
+  if (best.start === null) {
+    passage.append(context);
+    $("answer-text").textContent = "(없음 · none)";
+  } else {
+    const mark = document.createElement("mark");
+    mark.id = "highlight";
+    mark.textContent = chars.slice(best.start, best.end).join("");
+    passage.append(chars.slice(0, best.start).join(""), mark, chars.slice(best.end).join(""));
+    $("answer-text").textContent = best.answer;
+  }
+  $("probability").textContent = percent(best.probability);
+  $("others").replaceChildren(...best.answers.slice(1).map((other) => {
+    const item = document.createElement("li");
+    item.textContent = other.answer + " (" + percent(other.probability) + ")";
+    return item;
+  }));
+  $("result").hidden = passage.hidden = false;
+  const mark = $("highlight");
+  if (mark) mark.scrollIntoView({block: "center"});
+}
+
+$("ask").addEventListener("click", ask);
+$("question").addEventListener("keydown", (event) => { if (event.key === "Enter") ask(); });
+</script>
+</body>
+</html>
+"""
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description="Serve a fine-tuned reader over HTTP: POST /answer (JSON), "
+                                                   "GET /health, and a page at GET /.")
+    add_reader_args(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="Address to listen on; 0.0.0.0 makes the server reachable from other machines.")
+    parser.add_argument("--port", type=int_at_least(0), default=8000, help="Port to listen on (0: any free one).")
+    parser.add_argument("--queue_size", type=positive_int, default=256,
+                        help="Questions that may wait for the model; past that, requests get 503 at once.")
+    parser.add_argument("--max_batch", type=positive_int, default=32,
+                        help="Questions answered together, from as many requests as fit.")
+    parser.add_argument("--max_wait_ms", type=int_at_least(0), default=5,
+                        help="How long the worker waits for more requests to fill a batch.")
+    parser.add_argument("--max_items", type=positive_int, default=64, help="Questions in one request, at most.")
+    parser.add_argument("--max_body_bytes", type=positive_int, default=4 * 2**20,
+                        help="Largest request body; larger ones get 413.")
+    parser.add_argument("--max_context_chars", type=positive_int, default=100_000,
+                        help="Longest context (or question), in characters; longer ones get 413.")
+    parser.add_argument("--request_timeout", type=positive_float, default=30.0,
+                        help="Seconds a request may take, from its first byte to its answer (408/504 past it).")
+    parser.add_argument("--max_connections", type=positive_int, default=512,
+                        help="Open connections at most; past that, new ones get 503 (bounds memory under a flood).")
+    parser.add_argument("--access_log", action="store_true", help="Log one line per request.")
+    parser.add_argument("--quiet", action="store_true", help="Warnings only.")
+    return parser
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, opened before the model loads so that a taken port fails at once."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise UsageError(f"--host {host}: not an address of this machine ({error.strerror})") from None
+    sock = socket.socket(family, kind, protocol)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as error:
+        sock.close()
+        raise UsageError(f"--host {host} --port {port}: cannot listen there ({error.strerror})") from None
+    return sock
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if MISSING_PACKAGE is not None:
+        raise UsageError(f"{MISSING_PACKAGE} is not installed; serve.py needs: pip install -r requirements-serve.txt")
+    check_numbers(args)
+    if args.max_items > args.queue_size:
+        raise UsageError(f"--max_items {args.max_items} is larger than --queue_size {args.queue_size}: "
+                         f"such a request could never be queued")
+    setup_logging(args.quiet)
+    sock = listen(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    if not (host.startswith("127.") or host == "::1"):
+        logger.warning("listening on %s: anyone who can reach this machine can use the server (no authentication)",
+                       host)
+    reader = Reader.from_args(args)
+    batcher = Batcher(reader, args.queue_size, args.max_batch, args.max_wait_ms / 1000)
+    limits = Limits(args.max_body_bytes, args.max_items, args.max_context_chars)
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    app = build_app(reader, batcher, limits, args.request_timeout, announce=f"{PROG}: serving on {url}")
+    config = uvicorn.Config(app, log_config=None, access_log=args.access_log, lifespan="on",
+                            limit_concurrency=args.max_connections, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=args.request_timeout + 5)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again under the handler that was
+    # there before; a handler that ignores it lets the process end with status 0 after the clean shutdown.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda number, frame: None)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    run_cli(main)

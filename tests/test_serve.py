@@ -1,0 +1,554 @@
+"""serve.py: concurrent clients get their own answers, a flood gets fast 503s, bad requests get 4xx JSON,
+SIGTERM loses no accepted request, and the page works in a real browser. All on 127.0.0.1, bounded."""
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script
+from modeling import Config, QuestionAnswering
+
+pytest.importorskip("starlette", reason="serve.py's stack is not installed: pip install -r requirements-serve.txt")
+pytest.importorskip("uvicorn", reason="serve.py's stack is not installed: pip install -r requirements-serve.txt")
+
+WINDOWS = dict(max_seq_length=128, doc_stride=64, max_query_length=32)
+WINDOW_FLAGS = [f"--{name}={value}" for name, value in WINDOWS.items()]
+LIMITS = dict(queue_size=48, max_batch=16, max_items=16, max_body_bytes=256 * 1024, max_context_chars=3000)
+# A tiny model on a shared 2-core machine: one thread each keeps server and tests from fighting over cores.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A training run directory with a tiny randomly initialised model (what it answers does not matter,
+    only that the server answers as the Reader does)."""
+    run = tmp_path_factory.mktemp("serve_run")
+    (run / "config.json").write_text(json.dumps(TINY_CONFIG))
+    (run / "training_args.json").write_text(json.dumps({"vocab_file": str(VOCAB_FILE), "analyzer": "mecab"}))
+    torch.manual_seed(0)
+    torch.save(QuestionAnswering(Config(**TINY_CONFIG)).state_dict(), run / "korquad_1.bin")
+    return run
+
+
+@pytest.fixture(scope="module")
+def reader(run_dir):
+    from predict import Reader
+    return Reader.load(run_dir, no_cuda=True, **WINDOWS)
+
+
+def reference(reader, records: list[dict], top_k: int | None = None) -> list[dict]:
+    """The Reader's own answers (what predict.py prints), computed on one thread like the server."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return reader.answer_all(records, top_k=top_k)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sample_texts() -> tuple[list[str], list[str]]:
+    """The bundled sample's sentences and questions."""
+    articles = json.loads(SAMPLE_FILE.read_text(encoding="utf-8"))["data"]
+    paragraphs = [paragraph for article in articles for paragraph in article["paragraphs"]]
+    sentences = [s.strip() + "." for p in paragraphs for s in p["context"].split(". ") if s.strip()]
+    return sentences, [qa["question"] for p in paragraphs for qa in p["qas"]]
+
+
+def distinct_questions(count: int, sentences_each: int = 2) -> list[dict]:
+    """`count` questions, each with a context of its own (numbered, so no two are equal)."""
+    sentences, questions = sample_texts()
+    return [{"id": f"q{n}", "question": questions[n % len(questions)],
+             "context": f"{n}번 글. " + " ".join(sentences[(n + k) % len(sentences)] for k in range(sentences_each))}
+            for n in range(count)]
+
+
+def same_answer(got: dict, expected: dict) -> bool:
+    """Equal answers; probabilities to float noise (the server batches other requests' windows alongside)."""
+    def plain(answer: dict) -> dict:
+        return {k: v for k, v in answer.items() if k not in ("probability", "answers")}
+    if plain(got) != plain(expected) or got["probability"] != pytest.approx(expected["probability"], abs=1e-5):
+        return False
+    return [plain(a) for a in got.get("answers", [])] == [plain(a) for a in expected.get("answers", [])]
+
+
+class Server:
+    """serve.py in its own process, on a free port of 127.0.0.1."""
+
+    def __init__(self, run_dir: Path, log: Path, *flags: str) -> None:
+        self.log = log
+        limits = [f"--{name}={value}" for name, value in LIMITS.items()]
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "serve.py"), f"--checkpoint={run_dir}", "--port=0", "--no_cuda",
+             *WINDOW_FLAGS, *limits, *flags], cwd=ROOT, env={**os.environ, **ONE_THREAD}, text=True,
+            stdout=subprocess.PIPE, stderr=open(log, "w"))
+        line = self._read_line(deadline=time.monotonic() + 90)
+        match = re.fullmatch(r"serve\.py: serving on http://127\.0\.0\.1:(\d+)", line.strip())
+        assert match, f"no address announced: {line!r}\n{log.read_text()}"
+        self.port = int(match.group(1))
+
+    def _read_line(self, deadline: float) -> str:
+        while time.monotonic() < deadline:
+            if select.select([self.process.stdout], [], [], 0.2)[0]:
+                return self.process.stdout.readline()
+            if self.process.poll() is not None:
+                break
+        self.process.kill()
+        raise AssertionError(f"serve.py did not start:\n{self.log.read_text()}")
+
+    def connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        finally:
+            self.process.kill()
+
+    def rss_mib(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def post(connection: http.client.HTTPConnection, payload, path: str = "/answer") -> tuple[int, object]:
+    body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    connection.request("POST", path, body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def health(server: Server) -> dict:
+    connection = server.connect()
+    connection.request("GET", "/health")
+    response = connection.getresponse()
+    assert response.status == 200
+    return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    running = Server(run_dir, tmp_path_factory.mktemp("serve_log") / "server.log")
+    yield running
+    assert running.stop() == 0, running.log.read_text()
+    assert "Traceback" not in running.log.read_text()
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+def test_16_concurrent_clients_each_get_their_own_answer(server, reader):
+    # The issue's load: 16 clients at once sending 500 requests in all, each with a context of its own, so
+    # that an answer handed to the wrong request, or lost, shows.
+    questions = distinct_questions(500)
+    # Every seventh request asks for its top 1-3 too: the server batches those beside plain ones.
+    top_ks = [(n // 7) % 3 + 1 if n % 7 == 0 else None for n in range(len(questions))]
+    expected: list[dict] = [{}] * len(questions)
+    for top_k in set(top_ks):
+        indices = [n for n, k in enumerate(top_ks) if k == top_k]
+        for n, answer in zip(indices, reference(reader, [questions[n] for n in indices], top_k)):
+            expected[n] = answer
+    before = health(server)
+
+    def client(number: int) -> list[tuple[int, int, object]]:
+        connection = server.connect()   # one keep-alive connection per client
+        results = []
+        for n in range(number, len(questions), 16):
+            request = {**questions[n], **({"top_k": top_ks[n]} if top_ks[n] else {})}
+            results.append((n, *post(connection, request)))
+        return results
+
+    with ThreadPoolExecutor(16) as pool:
+        results = [result for client_results in pool.map(client, range(16)) for result in client_results]
+    assert sorted(n for n, _, _ in results) == list(range(len(questions)))
+    assert all(status == 200 for _, status, _ in results)
+    wrong = [(n, got, expected[n]) for n, _, got in results if not same_answer(got, expected[n])]
+    assert not wrong, f"{len(wrong)} of {len(results)} answers differ from the Reader's, e.g. {wrong[0]}"
+    after = health(server)
+    assert after["accepted"] - before["accepted"] == after["answered"] - before["answered"] == len(questions)
+
+
+CLEAN = "세종대왕은 1443년에 훈민정음을 창제하였다. 훈민정음은 1446년에 반포되었다."
+QUESTION = "훈민정음은 언제 창제되었나?"
+
+
+def odd_forms_answer_alike(server, reader, odd: str) -> None:
+    """`odd` (CLEAN in another form) and CLEAN, sent as a list: answered as the Reader answers each, the
+    same span of the text, with offsets into each caller's own string."""
+    import unicodedata
+
+    items = [{"question": QUESTION, "context": text, "top_k": 3} for text in (CLEAN, odd)]
+    status, answers = post(server.connect(), items)
+    assert status == 200 and len(answers) == 2
+    for item, answer in zip(items, answers):
+        assert same_answer(answer, reference(reader, [item], top_k=3)[0])
+        assert item["context"][answer["start"]:answer["end"]] == answer["answer"]
+    same_spaces = unicodedata.normalize("NFC", answers[1]["answer"]).replace("\u3000", " ").replace("\u00a0", " ")
+    assert same_spaces == answers[0]["answer"]
+
+
+def test_nfd_and_odd_spaces_answer_as_clean_text(server, reader):
+    import unicodedata
+
+    odd = unicodedata.normalize("NFD", CLEAN).replace(" ", "\u3000", 1).replace(" ", "\u00a0", 1)
+    odd_forms_answer_alike(server, reader, odd)
+
+
+def test_a_context_opening_with_a_bom_answers_as_clean_text(server, reader):
+    # Needs Mecab spans that skip leading separators (issue 23's tokenizer fix).
+    odd_forms_answer_alike(server, reader, "\ufeff" + CLEAN)
+
+
+def test_top_k_beyond_n_best_size_answers_as_the_reader_does(reader):
+    from serve import answer_questions
+
+    records = distinct_questions(3, sentences_each=4)
+    got = answer_questions(reader, records, [None, 25, 2])
+    assert "answers" not in got[0] and len(got[1]["answers"]) == 25 and len(got[2]["answers"]) == 2
+    for record, top_k, answer in zip(records, [None, 25, 2], got):
+        assert same_answer(answer, reference(reader, [record], top_k)[0])
+
+
+# --- protection ------------------------------------------------------------------------------
+
+async def flood_request(port: int, body: bytes) -> tuple[int, float, object]:
+    """One POST on its own connection: (status, seconds to the response, the JSON it returned)."""
+    began = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /answer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 60)
+    seconds = time.monotonic() - began
+    response = await asyncio.wait_for(reader.read(), 60)
+    writer.close()
+    return int(status_line.split()[1]), seconds, json.loads(response.split(b"\r\n\r\n", 1)[1])
+
+
+def test_a_flood_beyond_the_queue_gets_fast_503s_and_memory_stays_bounded(server, reader):
+    sentences, _ = sample_texts()
+    long_context = " ".join(sentences * 4)[:1200]
+    items = [{"question": f"{n}번째 질문: 무엇인가?", "context": long_context} for n in range(LIMITS["max_items"])]
+    body = json.dumps(items, ensure_ascii=False).encode("utf-8")
+    expected = reference(reader, items)
+
+    async def flood() -> list[tuple[int, float, object]]:
+        return await asyncio.gather(*(flood_request(server.port, body) for _ in range(100)))
+
+    assert asyncio.run(flood_request(server.port, body))[0] == 200   # first-use allocations happen here
+    rss = [server.rss_mib()]
+    for _ in range(2):
+        outcomes = asyncio.run(flood())
+        rss.append(server.rss_mib())
+        assert {status for status, _, _ in outcomes} <= {200, 503}
+        refused = sorted(seconds for status, seconds, _ in outcomes if status == 503)
+        answered = sorted(seconds for status, seconds, _ in outcomes if status == 200)
+        assert all(all(map(same_answer, answers, expected)) for status, _, answers in outcomes if status == 200)
+        # The queue holds 3 of these requests: most of the others are turned away, and at once.
+        assert len(refused) >= 70 and answered, (refused, answered)
+        assert refused[len(refused) // 2] < 1.0 and refused[len(refused) // 2] < answered[-1], (refused, answered)
+    # Memory does not grow with the floods: a request's worth each, not a queue's worth per request.
+    assert rss[1] - rss[0] < 64 and rss[2] - rss[1] < 16, rss
+    status, answers = post(server.connect(), items)
+    assert status == 200 and all(same_answer(got, want) for got, want in zip(answers, expected))
+
+
+LONG = "가" * (LIMITS["max_context_chars"] + 1)
+GOOD = {"question": "수도는?", "context": "서울은 대한민국의 수도이다."}
+
+
+def json_body(payload) -> bytes:
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
+BAD_REQUESTS = {   # kind: (method, path, content type, body, status, part of the message)
+    "not JSON": ("POST", "/answer", "application/json", b'{"question": "a",', 400, "not valid JSON"),
+    "not UTF-8": ("POST", "/answer", "application/json", b'{"question": "\xff\xfe", "context": "a"}', 400,
+                  "not UTF-8"),
+    "empty body": ("POST", "/answer", "application/json", b"", 400, "the body is empty"),
+    "no question": ("POST", "/answer", "application/json", json_body({"context": "a"}), 400, 'missing "question"'),
+    "no context": ("POST", "/answer", "application/json", json_body({"question": "a"}), 400, 'missing "context"'),
+    "question a number": ("POST", "/answer", "application/json", json_body({**GOOD, "question": 3}), 400,
+                          '"question" must be a string, got a number'),
+    "context null": ("POST", "/answer", "application/json", json_body({**GOOD, "context": None}), 400,
+                     '"context" must be a string, got null'),
+    "blank question": ("POST", "/answer", "application/json", json_body({**GOOD, "question": " \n"}), 400,
+                       '"question" is empty'),
+    "a bare string": ("POST", "/answer", "application/json", json_body("수도는?"), 400, "got a string"),
+    "empty list": ("POST", "/answer", "application/json", b"[]", 400, "empty list"),
+    "too many items": ("POST", "/answer", "application/json", json_body([GOOD] * (LIMITS["max_items"] + 1)), 413,
+                       "--max_items"),
+    "list item not an object": ("POST", "/answer", "application/json", json_body([GOOD, [1]]), 400,
+                                "item 1: expected a JSON object"),
+    "unknown field": ("POST", "/answer", "application/json", json_body({**GOOD, "questoin": "a"}), 400,
+                      'unknown field "questoin"'),
+    "top_k zero": ("POST", "/answer", "application/json", json_body({**GOOD, "top_k": 0}), 400, '"top_k"'),
+    "top_k a string": ("POST", "/answer", "application/json", json_body({**GOOD, "top_k": "3"}), 400, '"top_k"'),
+    "top_k true": ("POST", "/answer", "application/json", json_body({**GOOD, "top_k": True}), 400, '"top_k"'),
+    "top_k NaN": ("POST", "/answer", "application/json", b'{"question": "a", "context": "b", "top_k": NaN}', 400,
+                  '"top_k"'),
+    "top_k too large": ("POST", "/answer", "application/json", json_body({**GOOD, "top_k": 101}), 400, '"top_k"'),
+    "context too long": ("POST", "/answer", "application/json", json_body({**GOOD, "context": LONG}), 413,
+                         "--max_context_chars"),
+    "body too large": ("POST", "/answer", "application/json",
+                       json_body([{**GOOD, "context": "가" * 2000}] * 50), 413, "--max_body_bytes"),
+    "lone surrogate": ("POST", "/answer", "application/json", b'{"question": "\\ud800", "context": "a"}', 400,
+                       "not valid Unicode"),
+    "nested too deeply": ("POST", "/answer", "application/json", b"[" * 100_000 + b"]" * 100_000, 400,
+                          "nested too deeply"),
+    "form content type": ("POST", "/answer", "application/x-www-form-urlencoded", b"question=a", 415,
+                          "Content-Type: application/json"),
+    "no content type": ("POST", "/answer", None, json_body(GOOD), 415, "Content-Type: application/json"),
+    "latin-1 charset": ("POST", "/answer", "application/json; charset=latin-1", json_body(GOOD), 415, "UTF-8"),
+    "GET /answer": ("GET", "/answer", None, b"", 405, "use POST"),
+    "PUT /answer": ("PUT", "/answer", "application/json", json_body(GOOD), 405, "use POST"),
+    "POST /": ("POST", "/", "application/json", json_body(GOOD), 405, "not allowed"),
+    "unknown path": ("GET", "/answers", None, b"", 404, "POST /answer"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_answering(server, kind):
+    method, path, content_type, body, status, message = BAD_REQUESTS[kind]
+    connection = server.connect()
+    connection.request(method, path, body, {"Content-Type": content_type} if content_type else {})
+    response = connection.getresponse()
+    text = response.read().decode("utf-8")
+    assert response.status == status and response.headers["content-type"] == "application/json", text
+    assert list(json.loads(text)) == ["error"] and message in json.loads(text)["error"], text
+    assert "Traceback" not in text
+    assert post(server.connect(), GOOD)[0] == 200
+
+
+def test_a_body_too_large_without_content_length_gets_413(server):
+    connection = server.connect()
+    connection.putrequest("POST", "/answer")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Transfer-Encoding", "chunked")
+    connection.endheaders()
+    chunk = b"x" * 65536
+    for _ in range(LIMITS["max_body_bytes"] // len(chunk) + 2):
+        connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    connection.send(b"0\r\n\r\n")
+    response = connection.getresponse()
+    assert response.status == 413 and "--max_body_bytes" in json.loads(response.read())["error"]
+
+
+class ScriptedReader:
+    """A stand-in Reader: "slow" questions take 0.6 s, "boom" questions raise, others answer at once.
+    `batches` lists the questions of every call."""
+    n_best_size = 20
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def answer_all(self, records, top_k=None):
+        self.batches.append(sorted(record["question"] for record in records))
+        if any(record["question"] == "boom" for record in records):
+            raise RuntimeError("a bug met on this question")
+        if any(record["question"] == "slow" for record in records):
+            time.sleep(0.6)
+        return [{"answer": record["context"][:1], "start": 0, "end": 1, "probability": 1.0} for record in records]
+
+
+@pytest.fixture
+def scripted_server():
+    """serve.py's application around ScriptedReader, in this process (uvicorn on a thread), with a 0.5 s
+    request timeout and a 200 ms batching wait."""
+    import uvicorn
+
+    import serve
+
+    reader = ScriptedReader()
+    batcher = serve.Batcher(reader, queue_size=8, max_batch=8, max_wait_s=0.2)
+    app = serve.build_app(reader, batcher, serve.Limits(**{k: LIMITS[k] for k in (
+        "max_body_bytes", "max_items", "max_context_chars")}), request_timeout=0.5)
+    sock = serve.listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield sock.getsockname()[1], reader
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_timeouts_and_a_failing_request_cost_only_that_request(scripted_server):
+    port, reader = scripted_server
+    connect = lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # noqa: E731
+    status, body = post(connect(), {"question": "slow", "context": "가나"})
+    assert status == 504 and "--request_timeout" in body["error"]
+    # A body that stops arriving: 408 once the timeout passes, not a connection held forever.
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+        slow.sendall(b"POST /answer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"question\": ")
+        response = http.client.HTTPResponse(slow)
+        response.begin()
+        assert response.status == 408 and "--request_timeout" in json.loads(response.read())["error"]
+    # A request that breaks the reader gets a 500 of its own; one batched beside it is still answered.
+    with ThreadPoolExecutor(2) as pool:
+        boom, fine = pool.map(lambda question: post(connect(), {"question": question, "context": "가나"}),
+                              ["boom", "fine"])
+    assert boom[0] == 500 and "Traceback" not in boom[1]["error"] and list(boom[1]) == ["error"]
+    assert fine == (200, {"answer": "가", "start": 0, "end": 1, "probability": 1.0})
+    assert ["boom", "fine"] in reader.batches   # they were one batch, answered again one by one
+
+
+# --- shutting down ---------------------------------------------------------------------------
+
+def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(run_dir, reader, tmp_path):
+    server = Server(run_dir, tmp_path / "server.log")
+    items = distinct_questions(4 * 8, sentences_each=6)
+    requests = [items[n:n + 4] for n in range(0, len(items), 4)]
+    expected = reference(reader, items)
+    received: list[tuple[float, int, int, object]] = []   # (time, request, status, body)
+    failures: list[str] = []
+    lock = threading.Lock()
+    stop_sending = threading.Event()
+
+    def client(number: int) -> None:
+        connection = server.connect()
+        while not stop_sending.is_set():
+            try:
+                status, body = post(connection, requests[number])
+            except (ConnectionError, http.client.HTTPException, OSError) as error:
+                with lock:
+                    failures.append(type(error).__name__)
+                return   # the server no longer takes connections
+            with lock:
+                received.append((time.monotonic(), number, status, body))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while len(received) < 16 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    returncode = server.process.wait(timeout=60)
+    stop_sending.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    log = server.log.read_text()
+    assert returncode == 0, log
+    assert all(status == 200 for _, _, status, _ in received), received
+    for _, number, _, body in received:
+        assert all(same_answer(got, want) for got, want in zip(body, expected[4 * number:4 * number + 4]))
+    counts = dict((name, int(count)) for count, name in re.findall(r"(\d+) (\w+)", log.split("stopped: ")[-1]))
+    # Every request the server accepted was answered, and that answer reached its client.
+    assert counts["accepted"] == counts["answered"] == len(received), (counts, len(received), failures)
+    assert any(when > signalled for when, *_ in received), "no request was in flight at SIGTERM"
+    assert len(failures) == len(requests)   # each client then found the server gone
+    assert "Traceback" not in log
+
+
+# --- flags -----------------------------------------------------------------------------------
+
+def test_a_taken_port_and_impossible_limits_are_refused_before_the_model_loads(tmp_path):
+    import serve
+    from cli_common import UsageError
+
+    missing = str(tmp_path / "no_such_run")   # never read: the flags fail first
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        with pytest.raises(UsageError, match=f"--port {port}: cannot listen there"):
+            serve.main([f"--checkpoint={missing}", f"--port={port}"])
+    finally:
+        taken.close()
+    with pytest.raises(UsageError, match="--max_items 10 is larger than --queue_size 5"):
+        serve.main([f"--checkpoint={missing}", "--max_items=10", "--queue_size=5"])
+    with pytest.raises(SystemExit):
+        serve.build_parser().parse_args([f"--checkpoint={missing}", "--max_wait_ms=-1"])
+
+
+def test_a_missing_package_is_one_line_naming_it(run_dir, tmp_path):
+    fake = tmp_path / "uvicorn"   # shadows the installed uvicorn, as if it were not there
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'uvicorn'\", name='uvicorn')\n")
+    result = run_script("serve.py", f"--checkpoint={run_dir}", env={"PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("serve.py: error: uvicorn is not installed; serve.py needs: "
+                                     "pip install -r requirements-serve.txt")
+
+
+# --- the page --------------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]
+
+
+@pytest.fixture
+def browser(tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.skip("no headless browser: install Debian's chromium and chromium-driver (.ci/run does)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed "
+                                                                   "(pip install -r requirements-dev.txt)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_the_page_highlights_the_answer_in_a_real_browser(server, reader, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def ask(question: str) -> dict:
+        browser.find_element(By.ID, "question").clear()
+        browser.find_element(By.ID, "question").send_keys(question)
+        browser.find_element(By.ID, "ask").click()
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "result").is_displayed()
+                                         or b.find_element(By.ID, "error").text)
+        return browser.execute_script(
+            "const mark = document.getElementById('highlight');"
+            "return {error: document.getElementById('error').textContent, answer: mark && mark.textContent,"
+            " before: mark && mark.previousSibling.textContent,"
+            " probability: document.getElementById('probability').textContent};")
+
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    sentences, questions = sample_texts()
+    context = " ".join(sentences[:3]) + "\n" + " ".join(sentences[3:5])
+    browser.find_element(By.ID, "context").send_keys(context)   # typed, key by key
+    shown = ask(questions[0])
+    expected = reference(reader, [{"question": questions[0], "context": context}], top_k=3)[0]
+    assert shown["error"] == "" and shown["answer"] == expected["answer"] != ""
+    assert shown["before"] == context[:expected["start"]]
+    assert float(shown["probability"].rstrip("%")) == pytest.approx(100 * expected["probability"], abs=0.11)
+
+    # Characters beyond the BMP count once in Python's offsets but twice in JavaScript's strings.
+    emoji_context = "🙂🙂 " + context
+    browser.execute_script("document.getElementById('context').value = arguments[0];", emoji_context)
+    shown = ask(questions[0])
+    expected = reference(reader, [{"question": questions[0], "context": emoji_context}], top_k=3)[0]
+    assert shown["answer"] == expected["answer"] and shown["before"] == emoji_context[:expected["start"]]
+
+    shown = ask(" ")
+    assert '"question" is empty' in shown["error"]
