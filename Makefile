@@ -10,7 +10,7 @@ DEMO_DIR ?= demo_output
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-onnx.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-onnx.txt requirements-serve.txt
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
