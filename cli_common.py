@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import NoReturn
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -339,9 +341,15 @@ def save_torch_atomic(obj, path: Path) -> None:
     atomic_write(path, lambda file: torch.save(obj, file))
 
 
+def json_bytes(obj) -> bytes:
+    """Indented UTF-8 JSON (Korean unescaped), as the toolkit writes its JSON files."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def write_json_atomic(obj, path: Path) -> None:
     """Indented UTF-8 JSON (Korean unescaped), written atomically."""
-    atomic_write(path, lambda file: file.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
+    data = json_bytes(obj)
+    atomic_write(path, lambda file: file.write(data))
 
 
 CHECKPOINT_NAME = re.compile(r"korquad_(\d+)\.bin")   # train.py's per-epoch checkpoints
@@ -482,11 +490,63 @@ def fetch_hub_model(checkpoint: str) -> str:
                          f"the directory") from None
     logger.info("downloading %s from the model hub", checkpoint)
     try:
-        return snapshot_download(repo_id=checkpoint, allow_patterns=list(HUB_FILES))
+        return _download_while_progressing(checkpoint, lambda: snapshot_download(
+            repo_id=checkpoint, allow_patterns=list(HUB_FILES)))
+    except UsageError:
+        raise
     except Exception as err:  # network, authentication and not-found errors come in many types
         message = " ".join(str(err).split())[:200] or type(err).__name__
         raise UsageError(f"--checkpoint {checkpoint}: not a local path, and the hub download failed ({message})"
                          ) from None
+
+
+# huggingface_hub asks for a repository's file list without any timeout: an endpoint that accepts
+# the connection and never answers would hang the run forever. Give up after this long without a
+# byte arriving in the download's cache folder (a slow but moving download goes on).
+HUB_STALL_SECONDS = 60.0
+
+
+def _download_while_progressing(checkpoint: str, download: Callable[[], str]) -> str:
+    """`download()` in a daemon thread, abandoned once the repository's cache folder has not grown for
+    HUB_STALL_SECONDS (a daemon thread does not keep the process alive after the error)."""
+    import huggingface_hub
+
+    constants = getattr(huggingface_hub, "constants", None)  # where its cache and endpoint are
+    cache = Path(constants.HF_HUB_CACHE) / f"models--{checkpoint.replace('/', '--')}" if constants else None
+    endpoint = f"the model hub ({constants.ENDPOINT})" if constants else "the model hub"
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["path"] = download()
+        except BaseException as err:  # handed to the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=run, name="hub-download", daemon=True)
+    thread.start()
+    size, changed = -1, time.monotonic()
+    while thread.is_alive():
+        thread.join(timeout=min(1.0, HUB_STALL_SECONDS))
+        now_size = _folder_bytes(cache)
+        if now_size != size:
+            size, changed = now_size, time.monotonic()
+        elif thread.is_alive() and time.monotonic() - changed > HUB_STALL_SECONDS:
+            raise UsageError(f"--checkpoint {checkpoint}: {endpoint} sent nothing for "
+                             f"{HUB_STALL_SECONDS:g} s; check the network (or HF_ENDPOINT), or download the model "
+                             f"directory and pass its path")
+    if "error" in result:
+        raise result["error"]
+    return str(result["path"])
+
+
+def _folder_bytes(folder: Path | None) -> int:
+    """The bytes of the files under `folder` (0 if there is none); files renamed meanwhile are skipped."""
+    total = 0
+    if folder is not None and folder.is_dir():
+        for file in folder.rglob("*"):
+            with contextlib.suppress(OSError):
+                total += file.stat().st_size if file.is_file() else 0
+    return total
 
 
 def settings_from_model_dir(args: argparse.Namespace, model_dir: str | os.PathLike) -> Config:

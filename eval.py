@@ -68,13 +68,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     mean_starts, mean_ends = ensemble_logits(args, config, features, device, amp_dtype)
     predictions, nbest = decode_predictions(examples, features, mean_starts, mean_ends,
                                             n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
+    unwritable = drop_unwritable_questions(predictions, nbest)
     write_predictions(predictions, nbest, output_dir)
     logger.info("wrote %s and %s", output_dir / "predictions.json", output_dir / "nbest_predictions.json")
     if not has_answers(examples):
         print(f"{args.predict_file} has no answers (a test set?): predictions written, scoring skipped",
               file=sys.stderr)
-        return
-    print(json.dumps(score(args.predict_file, predictions)))
+    else:
+        print(json.dumps(score(args.predict_file, predictions)))
+    if unwritable:
+        sys.exit(f"eval.py: {unwritable} question(s) left out of the predictions (see the lines above)")
+
+
+def drop_unwritable_questions(predictions: dict[str, str], nbest: dict[str, list[dict]]) -> int:
+    """Leave out, with one line each, the questions whose id or answer is not writable as UTF-8 (a lone
+    surrogate such as "\\ud800" that JSON escapes allow), so the others' predictions are still written."""
+    dropped = 0
+    for qas_id in list(predictions):
+        try:
+            json.dumps([qas_id, predictions[qas_id], nbest.get(qas_id)], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            print(f"eval.py: question {qas_id}: its id or answer holds a lone surrogate (not Unicode text); "
+                  f"left out", file=sys.stderr)
+            del predictions[qas_id]
+            nbest.pop(qas_id, None)
+            dropped += 1
+    return dropped
 
 
 if __name__ == "__main__":

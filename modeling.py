@@ -531,6 +531,11 @@ def read_transformers_dir(path: str | os.PathLike) -> tuple[Config, dict[str, to
     config = config_from_transformers(read_transformers_config(directory), str(directory / TRANSFORMERS_CONFIG))
     weights_file = next((directory / name for name in TRANSFORMERS_WEIGHTS if (directory / name).is_file()), None)
     if weights_file is None:
+        shard_index = next((f"{name}.index.json" for name in TRANSFORMERS_WEIGHTS
+                            if (directory / f"{name}.index.json").is_file()), None)
+        if shard_index is not None:
+            raise CheckpointError(f"{directory}: sharded weights ({shard_index}) are not supported; save the model "
+                                  f"in one file (save_pretrained(..., max_shard_size=\"10GB\"))")
         raise CheckpointError(f"{directory}: no {' or '.join(TRANSFORMERS_WEIGHTS)} beside config.json")
     theirs = _read_transformers_weights(weights_file)
     state, source_names = from_transformers_state(theirs, str(weights_file))
