@@ -30,7 +30,7 @@ from korquad_utils import (InputFeature, KorquadFormatError, SquadExample, atomi
                            decode_predictions, make_length_grouped_batches)
 from modeling import (CheckpointError, Config, ConfigError, QuestionAnswering, config_from_transformers,
                       is_transformers_dir, load_checkpoint, read_transformers_config)
-from tokenization import BertTokenizer, TokenizerError, read_do_lower_case
+from tokenization import BertTokenizer, TokenizerError, read_do_lower_case, read_vocab_tokens
 
 logger = logging.getLogger("korquad")
 
@@ -386,11 +386,56 @@ def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
 def resolve_finetuned_settings(args: argparse.Namespace) -> Config:
     """eval.py, predict.py, export.py: resolve `args.checkpoint` (a list) and fill config, vocab,
     lower-casing and analyzer from the first one's transformers directory or training run."""
+    given = {name: getattr(args, name) for name in ("model_config", "vocab_file", "analyzer")}
     args.checkpoint = resolve_checkpoints(args.checkpoint)
+    config = _settings_of_first_checkpoint(args)
+    if len(args.checkpoint) > 1:
+        check_ensemble_members(args, config, given)
+    return config
+
+
+def _settings_of_first_checkpoint(args: argparse.Namespace) -> Config:
     if is_transformers_dir(args.checkpoint[0]):
         return settings_from_model_dir(args, args.checkpoint[0])
     resolve_from_training_run(args)
     return Config.from_json_file(args.model_config)
+
+
+# Config keys that change nothing at inference: members may differ in them.
+_TRAINING_ONLY_KEYS = ("dropout_prob", "initializer_range")
+
+
+def check_ensemble_members(args: argparse.Namespace, config: Config, given: dict[str, str | None]) -> None:
+    """Refuse, before any work, an ensemble member that the first member's tokenizer and model cannot
+    serve: another analyzer, casing or vocab, other model settings, or tensors of other shapes.
+
+    `args` holds the first member's resolved settings, `given` the flags as the user gave them (each
+    member resolves its own from them, as it would alone)."""
+    first_vocab = read_vocab_tokens(args.vocab_file)
+    first_config = config.to_dict()
+    with torch.device("meta"):  # shapes only: no memory for the weights
+        shape_model = QuestionAnswering(config)
+    for path in args.checkpoint:
+        member = argparse.Namespace(**{**vars(args), **given, "checkpoint": [path]})
+        member_config = _settings_of_first_checkpoint(member).to_dict()
+        differences = [f"{name} {member_config[name]!r} (vs {first_config[name]!r})" for name in first_config
+                       if name not in _TRAINING_ONLY_KEYS and member_config[name] != first_config[name]]
+        if member.analyzer != args.analyzer:
+            differences.append(f"analyzer {member.analyzer!r} (vs {args.analyzer!r})")
+        if member.do_lower_case != args.do_lower_case:
+            differences.append(f"do_lower_case {member.do_lower_case} (vs {args.do_lower_case})")
+        if read_vocab_tokens(member.vocab_file) != first_vocab:
+            differences.append(f"vocab {member.vocab_file} (vs {args.vocab_file})")
+        if differences:
+            raise UsageError(f"--checkpoint {path} cannot join an ensemble with {args.checkpoint[0]}: "
+                             f"{'; '.join(differences)}")
+        if load_checkpoint(shape_model, path) != "finetuned":
+            raise not_finetuned(path)
+
+
+def not_finetuned(path: str | os.PathLike) -> UsageError:
+    return UsageError(f"--checkpoint {path} is a pretrained encoder without a trained span head; "
+                      f"pass a fine-tuned korquad_*.bin from train.py")
 
 
 def load_finetuned(path: str | os.PathLike, config: Config, device: torch.device,
@@ -400,8 +445,7 @@ def load_finetuned(path: str | os.PathLike, config: Config, device: torch.device
     With `into`, the weights are loaded into that model (its compiled wrapper keeps working)."""
     model = into if into is not None else QuestionAnswering(config)
     if load_checkpoint(model, path) != "finetuned":
-        raise UsageError(f"--checkpoint {path} is a pretrained encoder without a trained span head; "
-                         f"pass a fine-tuned korquad_*.bin from train.py")
+        raise not_finetuned(path)
     return model.to(device).eval()
 
 

@@ -188,3 +188,130 @@ def test_export_keeps_layer_norm_eps_and_a_cased_runs_casing(run_dir, tmp_path):
         "Seoul KBS") != BertTokenizer(VOCAB_FILE, "none").tokenize("Seoul KBS")
     model = transformers.AutoModelForQuestionAnswering.from_pretrained(str(tmp_path / "hf"))
     assert model.config.layer_norm_eps == 1e-5
+
+
+# --- predict.py and eval.py input ------------------------------------------------------------
+
+WINDOW_FLAGS = ["--max_seq_length=128", "--doc_stride=64", "--max_query_length=32", "--no_cuda", "--quiet"]
+CONTEXT = "세종대왕은 조선의 제4대 왕이다. 훈민정음을 1443년에 창제하였고 1446년에 반포하였다."
+
+
+def _predict(monkeypatch, capsys, stdin: bytes, *flags: str) -> tuple[int, list[dict], list[str]]:
+    """predict.main in this process on `stdin`: exit status, answers, stderr lines."""
+    import io
+    import sys
+
+    import predict
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    status = 0
+    try:
+        predict.main([*flags, *WINDOW_FLAGS])
+    except SystemExit as exit_:
+        status = 1 if exit_.code else 0
+    captured = capsys.readouterr()
+    return status, [json.loads(line) for line in captured.out.split("\n") if line], captured.err.splitlines()
+
+
+def _line(**record) -> str:
+    return json.dumps(record, ensure_ascii=False)
+
+
+def test_json_lines_are_split_on_newlines_only(run_dir, monkeypatch, capsys):
+    lines = [_line(id="a", question="언제 창제되었나?", context=CONTEXT.replace(" ", "\u2028", 1)),
+             "not JSON", _line(id="c", question="누가?", context="\u2029" + CONTEXT + "\x85")]
+    status, answers, errors = _predict(monkeypatch, capsys, "\n".join(lines).encode(),
+                                       f"--checkpoint={run_dir}", "--input=-")
+    assert [answer["id"] for answer in answers] == ["a", "c"]
+    assert errors[0].startswith("predict.py: input line 2: not JSON") and status == 1
+
+
+def test_a_lone_surrogate_in_an_id_fails_that_question_only(run_dir, monkeypatch, capsys):
+    lines = ['{"id": "bad\\ud800", "question": "누가?", "context": "세종대왕이 만들었다."}',
+             _line(id="ok", question="누가?", context=CONTEXT)]
+    status, answers, errors = _predict(monkeypatch, capsys, "\n".join(lines).encode(),
+                                       f"--checkpoint={run_dir}", "--input=-")
+    assert [answer["id"] for answer in answers] == ["ok"]
+    assert errors[0] == 'predict.py: input line 1: "id" holds a lone surrogate (not Unicode text)'
+    assert status == 1 and len(errors) == 1
+
+
+def test_a_malformed_korquad_document_on_stdin_is_named_stdin(run_dir, monkeypatch, capsys):
+    from korquad_utils import KorquadFormatError
+
+    document = {"version": "1", "data": [{"title": "t", "paragraphs": [{"context": 5, "qas": []}]}]}
+    with pytest.raises(KorquadFormatError, match=r"^stdin: article 0 paragraph 0: 'context' must be str"):
+        _predict(monkeypatch, capsys, json.dumps(document).encode(), f"--checkpoint={run_dir}", "--input=-")
+
+
+def test_invalid_utf8_is_refused_on_stdin_as_from_a_file(run_dir, monkeypatch, capsys, tmp_path):
+    from cli_common import UsageError
+
+    data = _line(question="누가?", context=CONTEXT).encode()[:-5] + b"\xff\xfe" + b'"}\n'
+    (tmp_path / "in.jsonl").write_bytes(data)
+    for source, name in (("-", "stdin"), (str(tmp_path / "in.jsonl"), str(tmp_path / "in.jsonl"))):
+        with pytest.raises(UsageError, match=rf"^--input {name}: not UTF-8 text"):
+            _predict(monkeypatch, capsys, data, f"--checkpoint={run_dir}", f"--input={source}")
+
+
+def test_an_output_symlink_is_written_through_to_its_target(run_dir, monkeypatch, capsys, tmp_path):
+    target = tmp_path / "answers" / "latest.jsonl"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(target)
+    status, _, _ = _predict(monkeypatch, capsys, (_line(id=1, question="누가?", context=CONTEXT) + "\n").encode(),
+                            f"--checkpoint={run_dir}", "--input=-", f"--output={link}")
+    assert status == 0 and link.is_symlink() and link.resolve() == target
+    assert json.loads(target.read_text())["id"] == 1
+    assert sorted(path.name for path in target.parent.iterdir()) == ["latest.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def reader(run_dir):
+    from predict import Reader
+
+    return Reader.load(run_dir, no_cuda=True, max_seq_length=128, doc_stride=64, max_query_length=32,
+                       n_best_size=3)
+
+
+@pytest.mark.parametrize("before, after", [("  ", " \n"), ("\n\t", ""), ("\ufeff", "\ufeff"), ("\ufeff ", "")])
+def test_leading_and_trailing_whitespace_and_a_bom_shift_the_answer_only(reader, before, after):
+    clean = reader("훈민정음은 언제 창제되었나?", CONTEXT, top_k=3)
+    padded = reader(before + "훈민정음은 언제 창제되었나?" + after, before + CONTEXT + after, top_k=3)
+    shift = len(before)
+    for ours, theirs in zip([clean, *clean["answers"]], [padded, *padded["answers"]]):
+        assert (theirs["answer"], theirs["start"], theirs["end"]) == (ours["answer"], ours["start"] + shift,
+                                                                       ours["end"] + shift)
+        assert theirs["probability"] == pytest.approx(ours["probability"], abs=1e-6)
+
+
+def test_top_k_larger_than_n_best_size_lists_top_k_answers(reader):
+    answer = reader("훈민정음은 언제 창제되었나?", CONTEXT, top_k=8)
+    assert reader.n_best_size == 3 and len(answer["answers"]) == 8
+    assert [entry["probability"] for entry in answer["answers"]] == sorted(
+        (entry["probability"] for entry in answer["answers"]), reverse=True)
+    assert answer["answers"][0]["answer"] == answer["answer"]
+
+
+def _korquad_file(path, questions: list[tuple[str, str]]) -> None:
+    """A KorQuAD file of `CONTEXT` with (id, question) pairs, each answered by 1443년."""
+    start = CONTEXT.index("1443년")
+    qas = [{"id": qas_id, "question": question, "answers": [{"text": "1443년", "answer_start": start}]}
+           for qas_id, question in questions]
+    path.write_text(json.dumps({"version": "KorQuAD_v1.0", "data": [
+        {"title": "t", "paragraphs": [{"context": CONTEXT, "qas": qas}]}]}), encoding="utf-8")
+
+
+def test_eval_leaves_out_a_question_whose_id_is_a_lone_surrogate(run_dir, tmp_path, capfd):
+    import eval as evaluate_script
+
+    _korquad_file(tmp_path / "dev.json", [("bad\ud800", "언제?"), ("ok", "훈민정음은 언제 창제되었나?")])
+    with pytest.raises(SystemExit, match=r"1 question\(s\) left out"):
+        evaluate_script.main([f"--checkpoint={run_dir}", f"--predict_file={tmp_path / 'dev.json'}",
+                              f"--output_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}",
+                              *WINDOW_FLAGS])
+    out, err = capfd.readouterr()
+    assert set(json.loads((tmp_path / "out" / "predictions.json").read_text())) == {"ok"}
+    assert set(json.loads((tmp_path / "out" / "nbest_predictions.json").read_text())) == {"ok"}
+    assert "lone surrogate" in err and set(json.loads(out.splitlines()[-1])) == {"exact_match", "f1"}
