@@ -17,6 +17,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import NoReturn
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -429,7 +430,10 @@ def check_ensemble_members(args: argparse.Namespace, config: Config, given: dict
         if differences:
             raise UsageError(f"--checkpoint {path} cannot join an ensemble with {args.checkpoint[0]}: "
                              f"{'; '.join(differences)}")
-        if load_checkpoint(shape_model, path) != "finetuned":
+        with warnings.catch_warnings():  # loading into meta tensors is the no-op meant here
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+            kind = load_checkpoint(shape_model, path)
+        if kind != "finetuned":
             raise not_finetuned(path)
 
 

@@ -315,3 +315,119 @@ def test_eval_leaves_out_a_question_whose_id_is_a_lone_surrogate(run_dir, tmp_pa
     assert set(json.loads((tmp_path / "out" / "predictions.json").read_text())) == {"ok"}
     assert set(json.loads((tmp_path / "out" / "nbest_predictions.json").read_text())) == {"ok"}
     assert "lone surrogate" in err and set(json.loads(out.splitlines()[-1])) == {"exact_match", "f1"}
+
+
+def test_a_hub_endpoint_that_never_answers_fails_in_bounded_time(tmp_path):
+    """An endpoint that accepts the connection and then says nothing: one line, within seconds."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    pytest.importorskip("huggingface_hub")
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)   # accepted by the kernel; never read, never answered
+        port = server.getsockname()[1]
+        script = ("import cli_common, sys; cli_common.HUB_STALL_SECONDS = 2\n"
+                  "try:\n    cli_common.fetch_hub_model('someone/silent-model')\n"
+                  "except cli_common.UsageError as error:\n    sys.exit(str(error))\n")
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                                env={**__import__("os").environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+                                     "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0"})
+    assert time.monotonic() - started < 30
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("--checkpoint someone/silent-model: the model hub "
+                                            f"(http://127.0.0.1:{port}) sent nothing for 2 s")
+
+
+# --- ensembles -------------------------------------------------------------------------------
+
+def _copy_run(run_dir, path, seed: int, config: dict | None = None, **training_args):
+    """Another run beside `run_dir`: its own weights, optionally its own config and training args."""
+    import shutil
+
+    import torch
+
+    from modeling import QuestionAnswering
+
+    shutil.copytree(run_dir, path)
+    saved = {**json.loads((run_dir / "training_args.json").read_text()), **training_args}
+    (path / "training_args.json").write_text(json.dumps(saved))
+    config = config or json.loads((run_dir / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(seed)
+    torch.save(QuestionAnswering(Config(**config)).state_dict(), path / "korquad_0.bin")
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(analyzer="none"), "analyzer 'none' (vs 'mecab')"),
+    (dict(do_lower_case=True), "do_lower_case True (vs False)"),
+    (dict(config={**TINY_CONFIG, "layer_norm_eps": 1e-5, "num_hidden_layers": 3}), "num_hidden_layers 3 (vs 2)"),
+])
+def test_ensemble_members_that_do_not_match_are_refused_before_any_work(run_dir, tmp_path, change, message,
+                                                                        monkeypatch):
+    import cli_common
+    import eval as evaluate_script
+
+    other = _copy_run(run_dir, tmp_path / "other", 1, **change)
+    monkeypatch.setattr(cli_common, "predict_logits", lambda *a, **k: pytest.fail("inference ran"))
+    _korquad_file(tmp_path / "dev.json", [("q", "언제?")])
+    flags = [f"--predict_file={tmp_path / 'dev.json'}", f"--output_dir={tmp_path / 'out'}",
+             f"--cache_dir={tmp_path / 'cache'}", *WINDOW_FLAGS]
+    for members in ([run_dir, other], [other, run_dir]):  # refused in either order
+        with pytest.raises(cli_common.UsageError, match=r"cannot join an ensemble with .*" + __import__("re").escape(
+                message if members[0] == run_dir else message.split(" (vs")[0].split(" ")[0])):
+            evaluate_script.main(["--checkpoint", *map(str, members), *flags])
+
+
+def test_an_ensemble_member_of_other_shapes_is_refused_before_any_work(run_dir, tmp_path, monkeypatch):
+    import torch
+
+    import cli_common
+    import eval as evaluate_script
+    from modeling import CheckpointError, QuestionAnswering
+
+    other = _copy_run(run_dir, tmp_path / "other", 1)
+    torch.save(QuestionAnswering(Config(**{**TINY_CONFIG, "hidden_size": 32})).state_dict(), other / "korquad_0.bin")
+    monkeypatch.setattr(cli_common, "predict_logits", lambda *a, **k: pytest.fail("inference ran"))
+    _korquad_file(tmp_path / "dev.json", [("q", "언제?")])
+    with pytest.raises(CheckpointError, match=r"korquad_0.bin: shape mismatch"):
+        evaluate_script.main(["--checkpoint", str(run_dir), str(other), f"--predict_file={tmp_path / 'dev.json'}",
+                              f"--output_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}", *WINDOW_FLAGS])
+
+
+def test_ensemble_nbest_logits_and_probabilities_are_the_members_mean(run_dir, tmp_path):
+    import numpy as np
+    import torch
+
+    import eval as evaluate_script
+    from cli_common import build_tokenizer, load_finetuned, predict_logits
+    from korquad_utils import decode_predictions, load_or_build_features
+
+    other = _copy_run(run_dir, tmp_path / "other", 1)
+    _korquad_file(tmp_path / "dev.json", [("q1", "훈민정음은 언제 창제되었나?"), ("q2", "누가 반포하였나?")])
+    flags = [f"--predict_file={tmp_path / 'dev.json'}", f"--cache_dir={tmp_path / 'cache'}", *WINDOW_FLAGS]
+    evaluate_script.main(["--checkpoint", str(run_dir), str(other), f"--output_dir={tmp_path / 'out'}",
+                          "--n_best_size=5", *flags])
+    ensemble = json.loads((tmp_path / "out" / "nbest_predictions.json").read_text())
+
+    config = Config.from_json_file(run_dir / "config.json")
+    tokenizer = build_tokenizer(VOCAB_FILE, "mecab", config, do_lower_case=False)
+    examples, features = load_or_build_features(tmp_path / "dev.json", tokenizer, 128, 64, 32, is_training=False,
+                                                cache_dir=tmp_path / "cache")
+    members = [predict_logits(load_finetuned(run / "korquad_0.bin", config, torch.device("cpu")), features, 16,
+                              torch.device("cpu"), show_progress=False) for run in (run_dir, other)]
+    mean_starts = [(a + b) / 2 for a, b in zip(members[0][0], members[1][0])]
+    mean_ends = [(a + b) / 2 for a, b in zip(members[0][1], members[1][1])]
+    _, expected = decode_predictions(examples, features, mean_starts, mean_ends, n_best_size=5)
+    assert set(ensemble) == {"q1", "q2"}
+    for qas_id, entries in expected.items():
+        assert [entry["text"] for entry in ensemble[qas_id]] == [entry["text"] for entry in entries]
+        for key in ("start_logit", "end_logit", "probability"):
+            assert np.allclose([entry[key] for entry in ensemble[qas_id]], [entry[key] for entry in entries],
+                               atol=1e-5), key
