@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from cli_common import (ArgumentParser, add_compile_args, add_data_args, autocast_dtype, build_tokenizer,
                         check_compile_args, check_data_args, ensemble_logits, has_answers, pick_device, positive_int,
                         prepare_output_dir, resolve_finetuned_settings, run_cli, score, setup_logging)
-from korquad_utils import decode_predictions, load_or_build_features, write_predictions
+from korquad_utils import SquadExample, decode_predictions, load_or_build_features, write_predictions
+from modeling import Config
 
 logger = logging.getLogger("korquad")
 
@@ -54,6 +55,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = resolve_finetuned_settings(args)
     check_data_args(args, config)
     output_dir = prepare_output_dir(args.output_dir)
+    examples, predictions, nbest = predict_questions(args, config)
+    unwritable = drop_unwritable_questions(predictions, nbest)
+    write_predictions(predictions, nbest, output_dir)
+    logger.info("wrote %s and %s", output_dir / "predictions.json", output_dir / "nbest_predictions.json")
+    if not has_answers(examples):
+        print(f"{args.predict_file} has no answers (a test set?): predictions written, scoring skipped",
+              file=sys.stderr)
+    else:
+        print(json.dumps(score(args.predict_file, predictions)))
+    if unwritable:
+        sys.exit(f"eval.py: {unwritable} question(s) left out of the predictions (see the lines above)")
+
+
+def predict_questions(args: argparse.Namespace, config: Config
+                      ) -> tuple[list[SquadExample], dict[str, str], dict[str, list[dict]]]:
+    """The questions of `args.predict_file`, with the ensemble's best answer and n-best list for each
+    (`args` as parse_args leaves it, its settings resolved by resolve_finetuned_settings); submit.py's too."""
     device = pick_device(args.no_cuda)
     amp_dtype = autocast_dtype(args, device)
     check_compile_args(args, device)
@@ -68,16 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     mean_starts, mean_ends = ensemble_logits(args, config, features, device, amp_dtype)
     predictions, nbest = decode_predictions(examples, features, mean_starts, mean_ends,
                                             n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
-    unwritable = drop_unwritable_questions(predictions, nbest)
-    write_predictions(predictions, nbest, output_dir)
-    logger.info("wrote %s and %s", output_dir / "predictions.json", output_dir / "nbest_predictions.json")
-    if not has_answers(examples):
-        print(f"{args.predict_file} has no answers (a test set?): predictions written, scoring skipped",
-              file=sys.stderr)
-    else:
-        print(json.dumps(score(args.predict_file, predictions)))
-    if unwritable:
-        sys.exit(f"eval.py: {unwritable} question(s) left out of the predictions (see the lines above)")
+    return examples, predictions, nbest
 
 
 def drop_unwritable_questions(predictions: dict[str, str], nbest: dict[str, list[dict]]) -> int:

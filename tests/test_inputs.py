@@ -431,3 +431,25 @@ def test_ensemble_nbest_logits_and_probabilities_are_the_members_mean(run_dir, t
         for key in ("start_logit", "end_logit", "probability"):
             assert np.allclose([entry[key] for entry in ensemble[qas_id]], [entry[key] for entry in entries],
                                atol=1e-5), key
+
+
+# --- submit.py -------------------------------------------------------------------------------
+
+def test_submit_writes_eval_predictions_in_the_leaderboard_form(run_dir, tmp_path, monkeypatch):
+    import eval as evaluate_script
+    import submit
+
+    _korquad_file(tmp_path / "dev.json", [("q1", "훈민정음은 언제 창제되었나?"), ("q2", "누가 반포하였나?")])
+    submit.main([str(tmp_path / "dev.json"), str(tmp_path / "submission.json"), f"--checkpoint={run_dir}",
+                 "--quiet"])
+    submitted = json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))
+    assert not (tmp_path / "cache").exists()   # nothing left beside the input
+    evaluate_script.main([f"--checkpoint={run_dir}", f"--predict_file={tmp_path / 'dev.json'}", "--no_cuda",
+                          f"--output_dir={tmp_path / 'eval'}", *submit.BASELINE_FLAGS, "--quiet"])
+    assert submitted == json.loads((tmp_path / "eval" / "predictions.json").read_text(encoding="utf-8"))
+    assert set(submitted) == {"q1", "q2"}
+
+    monkeypatch.setattr(submit, "DEFAULT_CHECKPOINT", tmp_path / "korquad_3.bin")   # the baseline's default
+    from cli_common import UsageError
+    with pytest.raises(UsageError, match=r"korquad_3.bin: file not found"):
+        submit.main([str(tmp_path / "dev.json"), str(tmp_path / "other.json")])
