@@ -318,7 +318,8 @@ def test_a_byte_order_mark_is_accepted_on_every_input(tmp_path, capsys):
 # --- 14. --help of every entry point --------------------------------------------------------------
 
 # The merger adds predict.py and export.py here once they land.
-ENTRY_POINTS = ["train.py", "eval.py", "predict.py", "export.py", "download.py", "bench.py", "evaluate_v1_0.py"]
+ENTRY_POINTS = ["train.py", "eval.py", "predict.py", "export.py", "download.py", "bench.py", "evaluate_v1_0.py",
+                "submit.py"]
 _DEFAULT_NOTES = re.compile(r"\(default: |\(if not given: ")
 
 

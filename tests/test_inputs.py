@@ -453,3 +453,16 @@ def test_submit_writes_eval_predictions_in_the_leaderboard_form(run_dir, tmp_pat
     from cli_common import UsageError
     with pytest.raises(UsageError, match=r"korquad_3.bin: file not found"):
         submit.main([str(tmp_path / "dev.json"), str(tmp_path / "other.json")])
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_a_full_disk_under_predict_output_names_the_file_and_keeps_the_old_one(run_dir, monkeypatch, capsys,
+                                                                                tmp_path):
+    output = tmp_path / "answers.jsonl"
+    output.write_text("old\n")
+    _full_disk_on(monkeypatch, "answers.jsonl")
+    with pytest.raises(OSError, match="No space left on device") as error:
+        _predict(monkeypatch, capsys, (_line(question="누가?", context=CONTEXT) + "\n").encode(),
+                 f"--checkpoint={run_dir}", "--input=-", f"--output={output}")
+    assert error.value.filename == str(output) and output.read_text() == "old\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["answers.jsonl"]
