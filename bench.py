@@ -160,7 +160,7 @@ def bench_decode(args: argparse.Namespace) -> None:
     from korquad_utils import decode_predictions, gold_logits
     examples, features = _kq_dev_features(args.dev)
     rng = np.random.default_rng(0)
-    random_logits = [[rng.normal(size=len(f.input_ids)).astype(np.float32) for f in features] for _ in range(2)]
+    random_logits = [[rng.normal(size=n).astype(np.float32) for n in features.lengths.tolist()] for _ in range(2)]
     for name, (starts, ends) in (("gold", gold_logits(features)), ("random", random_logits)):
         seconds = _kq_median_seconds(lambda _: decode_predictions(examples, features, starts, ends))
         print(f"decode_dev_s[{name}_logits]: {seconds:.2f}")
@@ -221,19 +221,19 @@ def _timed_training_steps(model, optimizer, batches) -> float:
 def bench_train_throughput(args: argparse.Namespace) -> None:
     """Features per second on real dev features: length-grouped dynamic padding vs padding to 512."""
     import torch
-    from korquad_utils import collate_features, convert_examples_to_features, make_length_grouped_batches, \
-        read_squad_examples
+    from korquad_utils import convert_examples_to_features, make_length_grouped_batches, read_squad_examples
     from modeling import Config, QuestionAnswering
     from tokenization import BertTokenizer
+    from train import collate_tensors
 
     torch.manual_seed(0)
     examples = read_squad_examples(str(args.dev), is_training=True)
     features = convert_examples_to_features(examples, BertTokenizer(str(VOCAB_FILE)), 512, 128, 96, is_training=True,
                                             progress=False)
-    lengths = [len(f.input_ids) for f in features]
+    lengths = features.lengths
     batch_size, num_batches = 16, 6
     batches = make_length_grouped_batches(lengths, batch_size, shuffle=True, seed=0)[:num_batches]
-    dynamic = [collate_features([features[i] for i in b], is_training=True) for b in batches]
+    dynamic = [collate_tensors(b, features, is_training=True) for b in batches]
     padded = []
     for batch in dynamic:  # the same features, every batch padded to max_seq_length as the baseline did
         grow = 512 - batch["input_ids"].shape[1]
@@ -387,7 +387,7 @@ def bench_predict(args: argparse.Namespace) -> None:
                                             reader.max_query_length, is_training=False, progress=False)
     print(f"predict: {len(questions)} dev questions with their real contexts, BERT-small, "
           f"CPU x{torch.get_num_threads()} threads; {len(features)} windows, "
-          f"{sum(len(f.input_ids) for f in features) / len(features):.0f} pieces each (Mecab + WordPiece)")
+          f"{features.lengths.mean():.0f} pieces each (Mecab + WordPiece)")
     print(f"predict.load_seconds: {load_seconds:.2f}")
     labels = {"one_at_a_time": "one_at_a_time", "batched": f"batched, batch {reader.batch_size}",
               "batched_32": "batched, batch 32", "batched_bf16": f"batched, batch {reader.batch_size}, --bf16"}
@@ -461,14 +461,15 @@ def bench_gpu(args: argparse.Namespace) -> None:
         print("gpu: skipped (torch sees no CUDA GPU; run this on a GPU machine)")
         return
     from cli_common import compile_model, has_native_bf16, pick_device, predict_logits
-    from korquad_utils import bucket_width, collate_features, make_length_grouped_batches
+    from korquad_utils import bucket_width, make_length_grouped_batches
     from modeling import Config, QuestionAnswering
+    from train import collate_tensors
 
     device = pick_device(no_cuda=False)
     amp_dtype = torch.bfloat16 if has_native_bf16(device) else torch.float16
     compile_args = argparse.Namespace(compile=True, compile_bucket=64)
     examples, features = _kq_dev_features(args.dev)
-    lengths = [len(f.input_ids) for f in features]
+    lengths = features.lengths
     batches = [b for b in make_length_grouped_batches(lengths, _GPU_BATCH_SIZE, shuffle=True, seed=0)
                if len(b) == _GPU_BATCH_SIZE]
     config = Config.from_json_file(ROOT / "data" / "bert_small.json")
@@ -478,7 +479,7 @@ def bench_gpu(args: argparse.Namespace) -> None:
         return QuestionAnswering(config).to(device).train()
 
     def collations(**padding):
-        return [partial(collate_features, [features[i] for i in b], is_training=True, **padding) for b in batches]
+        return [partial(collate_tensors, b, features, is_training=True, **padding) for b in batches]
 
     # (c) first sees one batch of every bucket in its warm-up, so that all compilation happens there.
     by_bucket = {}
@@ -521,6 +522,184 @@ def bench_gpu(args: argparse.Namespace) -> None:
               f"compilation included, tokenization and evaluation not; goal < 3)")
 
 
+# --- training data at scale (issue 18) ---------------------------------------------------
+# The dev set repeated 11 times, each copy's contexts made distinct: about KorQuAD's 60,407 training
+# questions. train.py runs a tiny model for a few steps, so that the data path is what is measured.
+_SCALE_COPIES = 11
+_SCALE_TINY_CONFIG = {"act_fn": "gelu", "dropout_prob": 0.0, "ff_dim": 128, "hidden_size": 64,
+                      "initializer_range": 0.02, "max_position_embeddings": 512, "num_heads": 4,
+                      "num_hidden_layers": 2, "type_vocab_size": 2, "vocab_size": 32000}
+
+
+def _write_scaled_copy(dev: Path, path: Path, copies: int) -> int:
+    """`copies` copies of `dev` in one file, each context ending in its copy's number (answer offsets
+    stay valid) and each question id suffixed: returns the number of questions."""
+    import json
+
+    with open(dev, encoding="utf-8") as file:
+        dataset = json.load(file)
+    articles = []
+    for copy in range(copies):
+        for article in dataset["data"]:
+            paragraphs = [{"context": f"{p['context']} (사본 {copy})",
+                           "qas": [{**qa, "id": f"{qa['id']}-{copy}"} for qa in p["qas"]]}
+                          for p in article["paragraphs"]]
+            articles.append({"title": f"{article['title']} {copy}", "paragraphs": paragraphs})
+    path.write_text(json.dumps({"version": dataset["version"], "data": articles}, ensure_ascii=False),
+                    encoding="utf-8")
+    return sum(len(p["qas"]) for a in articles for p in a["paragraphs"])
+
+
+def _process_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a live process in bytes, from /proc; (0, 0) once it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as file:
+            values = dict(line.split()[:2] for line in file if line.startswith(("Rss:", "Pss:")))
+        return int(values["Rss:"]) * 1024, int(values["Pss:"]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
+def _descendants(pid: int) -> list[int]:
+    import os
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as file:
+                    parent = int(file.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for parent in frontier for child in children.get(parent, [])]
+        found += frontier
+    return found
+
+
+def _measured_run(command: list[str], ranks_named: str, cwd: Path) -> dict[str, float]:
+    """Run `command`, sampling every 50 ms the processes of its tree whose command line holds
+    `ranks_named`: wall seconds, the highest single RSS, and the highest PSS summed over them
+    (shared pages, such as a memory-mapped feature table, counted once in all)."""
+    import subprocess
+    import threading
+    import time
+
+    began = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peaks = {"rss": 0, "pss_total": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            pids = [process.pid] + _descendants(process.pid)
+            ranks = []
+            for pid in pids:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as file:
+                        cmdline = file.read()
+                except OSError:
+                    continue
+                if ranks_named.encode() in cmdline and b"torch.distributed.run" not in cmdline:  # not the launcher
+                    ranks.append(pid)
+            memory = [_process_memory(pid) for pid in ranks]
+            peaks["rss"] = max([peaks["rss"]] + [rss for rss, _ in memory])
+            peaks["pss_total"] = max(peaks["pss_total"], sum(pss for _, pss in memory))
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = process.communicate()
+    done.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed ({process.returncode}): {stderr.strip()[-2000:]}")
+    return {"seconds": time.perf_counter() - began, "rss_mb": peaks["rss"] / 2**20,
+            "pss_total_mb": peaks["pss_total"] / 2**20}
+
+
+def _scale_runs(code: Path, work: Path, big: Path, sample: Path, label: str, torchrun: bool) -> None:
+    """The figures of train_scale for the train.py in `code`."""
+    import shutil
+    import sys
+
+    config = work / "tiny.json"
+    window = ["--max_seq_length=512", "--doc_stride=128", "--max_query_length=96"]
+    steps = ["--max_steps=3"] if "--max_steps" in (code / "train.py").read_text(encoding="utf-8") else \
+        ["--num_train_epochs=0.001"]  # revisions before --max_steps: a sliver of an epoch
+
+    def train(train_file: Path, name: str, launcher: list[str]) -> dict[str, float]:
+        output = work / f"{label}-{name}"
+        shutil.rmtree(output, ignore_errors=True)
+        return _measured_run(launcher + [str(code / "train.py"), f"--train_file={train_file}",
+                                         f"--output_dir={output}", "--checkpoint=none", f"--model_config={config}",
+                                         f"--cache_dir={work / (label + '-cache')}", "--train_batch_size=8",
+                                         "--no_cuda", "--quiet", *window, *steps], "train.py", code)
+
+    python = [sys.executable]
+    build = train(big, "build", python)
+    hit = train(big, "hit", python)
+    train(sample, "sample-warm", python)  # builds the sample's cache: the next run is a hit as well
+    small = train(sample, "sample", python)
+    print(f"train_scale[{label}].build: {build['seconds']:.1f} s, peak RSS {build['rss_mb']:.0f} MB")
+    print(f"train_scale[{label}].cache_hit: {hit['seconds']:.1f} s, peak RSS {hit['rss_mb']:.0f} MB "
+          f"(PSS {hit['pss_total_mb']:.0f} MB); the 56-question sample: {small['seconds']:.1f} s, "
+          f"peak RSS {small['rss_mb']:.0f} MB; time ratio {hit['seconds'] / small['seconds']:.2f}x")
+    if torchrun:
+        launcher = python + ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
+        two = train(big, "torchrun", launcher)
+        print(f"train_scale[{label}].torchrun_2_ranks: {two['seconds']:.1f} s, PSS of both ranks "
+              f"{two['pss_total_mb']:.0f} MB = {two['pss_total_mb'] / hit['pss_total_mb']:.2f}x one process's "
+              f"{hit['pss_total_mb']:.0f} MB (peak RSS of a rank {two['rss_mb']:.0f} MB)")
+
+
+@benchmark("train_scale")
+def bench_train_scale(args: argparse.Namespace) -> None:
+    """train.py on the dev set x11 (63,514 questions, 512/128/96, tiny model, 3 steps): feature build time,
+    cache-hit run time and peak memory, one process and two torchrun ranks (gloo); with --compare_rev REV,
+    the same figures for the train.py of that git revision, run side by side (targets: build peak <= 800 MB,
+    cache hit <= 400 MB above a bare `import torch` and <= 1.5x the sample run's time, table load <= 1 s,
+    two ranks <= 1.3x one)."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from korquad_utils import load_or_build_features, read_squad_examples
+    from tokenization import BertTokenizer
+
+    with tempfile.TemporaryDirectory() as temp:
+        work = Path(temp)
+        big = work / "korquad_dev_x11.json"
+        questions = _write_scaled_copy(args.dev, big, _SCALE_COPIES)
+        (work / "tiny.json").write_text(__import__("json").dumps(_SCALE_TINY_CONFIG))
+        print(f"train_scale: {questions} questions ({big.stat().st_size / 2**20:.0f} MB of JSON)")
+        bare = _measured_run([sys.executable, "-c", "import torch, time; time.sleep(0.5)"], "import torch", ROOT)
+        print(f"train_scale.bare_import_torch: peak RSS {bare['rss_mb']:.0f} MB")
+        _scale_runs(ROOT, work, big, ROOT / "data" / "korquad_sample.json", "this", torchrun=True)
+
+        tokenizer = BertTokenizer(str(VOCAB_FILE), analyzer="mecab")
+        began = time.perf_counter()
+        read_squad_examples(big, is_training=True)
+        read_seconds = time.perf_counter() - began
+        began = time.perf_counter()
+        _, table = load_or_build_features(big, tokenizer, 512, 128, 96, is_training=True,
+                                          cache_dir=work / "this-cache", progress=False)
+        load_seconds = time.perf_counter() - began
+        print(f"train_scale.cache_load: {len(table)} windows, table {table.nbytes / 2**20:.0f} MB mapped; "
+              f"load_or_build_features {load_seconds:.2f} s of which reading the JSON {read_seconds:.2f} s, "
+              f"the table {load_seconds - read_seconds:.2f} s")
+        if args.compare_rev:
+            old = work / "old"
+            old.mkdir()
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.compare_rev], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+            (old / "data" / "ko_vocab_32k.txt").write_bytes(VOCAB_FILE.read_bytes())
+            _scale_runs(old, work, big, old / "data" / "korquad_sample.json", args.compare_rev, torchrun=True)
+
+
 # Benchmarks on made-up inputs, which run without the dev set.
 WITHOUT_DEV = {"max_context"}
 
@@ -529,6 +708,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dev", type=Path, default=None,
                         help="KorQuAD v1.0 dev JSON (if not given: data/ or ../shared/data/).")
+    parser.add_argument("--compare_rev", default=None,
+                        help="train_scale: also measure the train.py of this git revision (e.g. HEAD~1), side by side.")
     parser.add_argument("--only", default="",
                         help="Comma-separated benchmark names (if not given: all): " + ", ".join(BENCHMARKS) + ".")
     args = parser.parse_args()

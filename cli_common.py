@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 import evaluate_v1_0
-from korquad_utils import (InputFeature, KorquadFormatError, SquadExample, atomic_write, collate_features,
+from korquad_utils import (FeatureTable, KorquadFormatError, SquadExample, atomic_write, collate_features,
                            decode_predictions, make_length_grouped_batches)
 from modeling import (CheckpointError, Config, ConfigError, QuestionAnswering, config_from_transformers,
                       is_transformers_dir, load_checkpoint, read_transformers_config)
@@ -476,7 +476,7 @@ def average_logits(member_logits: Iterable[tuple[list[np.ndarray], list[np.ndarr
     return [s / count for s in summed_starts], [e / count for e in summed_ends]
 
 
-def ensemble_logits(args: argparse.Namespace, config: Config, features: Sequence[InputFeature],
+def ensemble_logits(args: argparse.Namespace, config: Config, features: FeatureTable,
                     device: torch.device, amp_dtype: torch.dtype | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The mean start/end logits of every checkpoint in `args.checkpoint` over `features`.
 
@@ -639,11 +639,11 @@ def copy_vocab_into(vocab_file: str | os.PathLike, directory: Path) -> None:
 # --- evaluation ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, features: Sequence[InputFeature], batch_size: int,
+def predict_logits(model: torch.nn.Module, features: FeatureTable, batch_size: int,
                    device: torch.device, amp_dtype: torch.dtype | None = None,
                    show_progress: bool = True,
                    pad_to_multiple: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Start and end logits for every feature (float32 arrays as long as its input_ids), in feature order.
+    """Start and end logits for every window of `features` (float32 arrays as long as its input ids), in order.
 
     Batches are length-sorted and padded to their own longest feature, so little compute goes to padding;
     with `pad_to_multiple` (for a compiled model) to that multiple and to `batch_size` rows.
@@ -653,15 +653,16 @@ def predict_logits(model: torch.nn.Module, features: Sequence[InputFeature], bat
     model.eval()
     starts: list[np.ndarray | None] = [None] * len(features)
     ends: list[np.ndarray | None] = [None] * len(features)
-    lengths = [len(f.input_ids) for f in features]
+    lengths = features.lengths
     padding = {} if pad_to_multiple is None else {
-        "pad_to_multiple": pad_to_multiple, "max_width": max(lengths, default=0), "pad_rows_to": batch_size}
+        "pad_to_multiple": pad_to_multiple, "max_width": int(lengths.max(initial=0)), "pad_rows_to": batch_size}
     batches = make_length_grouped_batches(lengths, batch_size, shuffle=False)
     on_gpu = device.type == "cuda"
     pending = []
     for batch in tqdm(batches, desc="predict", unit="batch", disable=not show_progress):
-        tensors = collate_features([features[i] for i in batch], is_training=False, **padding)
-        inputs = {k: (v.pin_memory() if on_gpu else v).to(device, non_blocking=True) for k, v in tensors.items()}
+        arrays = collate_features(features, batch, is_training=False, **padding)
+        inputs = {k: (torch.from_numpy(v).pin_memory() if on_gpu else torch.from_numpy(v)).to(device, non_blocking=True)
+                  for k, v in arrays.items()}
         with autocast_context(device, amp_dtype):
             start_logits, end_logits = model(inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"])
         # stack copies: a CUDA-graph replay overwrites its outputs on the next call.
@@ -688,7 +689,7 @@ def score(predict_file: str | os.PathLike, predictions: dict[str, str]) -> dict[
     return evaluate_v1_0.evaluate(dataset, predictions)
 
 
-def evaluate_model(model: torch.nn.Module, examples: Sequence[SquadExample], features: Sequence[InputFeature],
+def evaluate_model(model: torch.nn.Module, examples: Sequence[SquadExample], features: FeatureTable,
                    args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None,
                    batch_size: int) -> tuple[dict[str, str], dict[str, list[dict]]]:
     """Predictions and n-best lists of one model (train.py calls this after each epoch)."""

@@ -4,9 +4,10 @@ Flow: `read_squad_examples` -> `convert_examples_to_features` (or `load_or_build
 caches the features) -> batches from `make_length_grouped_batches` + `collate_features` -> model
 logits -> `decode_predictions` -> `write_predictions`.
 
-Features are assembled from a compact table (each distinct context's pieces and offsets stored once,
-plus a few integers per window); that table is also what the feature cache stores, so a cache hit
-and a fresh build go through the same assembly code.
+Features live in one `FeatureTable` for their whole life: flat numpy arrays (each distinct context's
+pieces and offsets stored once, a few integers per window), which the feature cache stores as `.npy`
+files and every process memory-maps. Batches are cut from it when collated (numpy, no torch here),
+and decoding reads offsets and max-context flags from the same arrays.
 """
 from __future__ import annotations
 
@@ -20,23 +21,25 @@ import multiprocessing
 import os
 import re
 import secrets
-import zipfile
+import shutil
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
 # Bump whenever reading, tokenising or windowing changes what the features contain.
-CACHE_VERSION = 3
+CACHE_VERSION = 4
+# The feature cache's index file: key, settings, and each array's shape, type and checksum.
+TABLE_INDEX = "table.json"
 
 # Features whose logits are masked and ranked together in one set of numpy operations; small enough
 # that a chunk's (features x length) arrays stay in cache (measured faster than 512 here).
@@ -56,20 +59,6 @@ class SquadExample:
     answers: list[dict]
     start_char: int | None = None
     end_char: int | None = None
-
-
-@dataclass
-class InputFeature:
-    """One `[CLS] question [SEP] context-window [SEP]` model input, unpadded."""
-    unique_id: int
-    example_index: int
-    doc_span_index: int
-    input_ids: list[int]
-    segment_ids: list[int]
-    token_offsets: list[tuple[int, int] | None]
-    token_is_max_context: list[bool]
-    start_position: int = 0
-    end_position: int = 0
 
 
 @contextmanager
@@ -300,22 +289,163 @@ def _check_lengths(max_seq_length: int, doc_stride: int, max_query_length: int) 
 # ----------------------------------------------------------------------------- features
 
 
+# The arrays of a FeatureTable, as stored in its cache: each distinct context's pieces once, a few
+# integers per window. A window is `[CLS] question [SEP] context[doc_start:doc_start + doc_length] [SEP]`.
+TABLE_ARRAYS = (
+    "special_ids",         # [cls_id, sep_id]
+    "context_ids",         # piece ids of all distinct contexts, back to back (int32)
+    "context_offsets",     # (pieces, 2) character offsets, same order (int32)
+    "context_bounds",      # context c is context_ids[bounds[c]:bounds[c + 1]]
+    "example_context",     # per example: its context's index
+    "query_ids",           # truncated question ids of all examples, back to back (int32)
+    "query_bounds",        # per example, like context_bounds
+    "feature_example",     # per window: example index
+    "feature_span_index",  # per window: window number within its example
+    "feature_doc_start",   # per window: first context piece of the window
+    "feature_doc_length",  # per window: pieces in the window
+    "feature_positions",   # per window: (start_position, end_position); (0, 0) = [CLS]
+    "max_context",         # the windows' max-context flags, back to back (bool)
+)
+
+
 @dataclass
-class _FeatureTable:
-    """Features in flat arrays: each distinct context stored once, windows as integers."""
-    special_ids: np.ndarray         # [cls_id, sep_id]
-    context_ids: np.ndarray         # piece ids of all distinct contexts, back to back
-    context_offsets: np.ndarray     # (pieces, 2) character offsets, same order
-    context_bounds: np.ndarray      # context c is context_ids[bounds[c]:bounds[c + 1]]
-    example_context: np.ndarray     # per example: its context's index
-    query_ids: np.ndarray           # truncated question ids of all examples, back to back
-    query_bounds: np.ndarray        # per example, like context_bounds
-    feature_example: np.ndarray     # per feature: example index
-    feature_span_index: np.ndarray  # per feature: window number within its example
-    feature_doc_start: np.ndarray   # per feature: first context piece of the window
-    feature_doc_length: np.ndarray  # per feature: pieces in the window
-    feature_positions: np.ndarray   # per feature: (start_position, end_position)
-    max_context: np.ndarray         # the windows' max-context flags, back to back
+class InputFeature:
+    """One window as Python lists, made on demand by `FeatureTable.feature(i)` (for inspection and
+    tests; the training, evaluation and decoding paths read the table's arrays instead)."""
+    unique_id: int
+    example_index: int
+    doc_span_index: int
+    input_ids: list[int]
+    segment_ids: list[int]
+    token_offsets: list[tuple[int, int] | None]
+    token_is_max_context: list[bool]
+    start_position: int = 0
+    end_position: int = 0
+
+
+class FeatureTable:
+    """Every window of a data file as flat arrays (`TABLE_ARRAYS`), in memory or memory-mapped
+    read-only from the feature cache, so that all processes of a machine share one copy.
+
+    Nothing per window is kept as Python objects: batches are cut from the arrays when they are
+    collated (`collate_features`) and decoding reads offsets and max-context flags from them.
+    `len(table)` is the number of windows; `table.lengths[i]` is window i's number of input ids.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        missing = [name for name in TABLE_ARRAYS if name not in arrays]
+        if missing:
+            raise ValueError(f"feature table arrays missing: {', '.join(missing)}")
+        self.arrays = {name: arrays[name] for name in TABLE_ARRAYS}
+        for name, array in self.arrays.items():
+            setattr(self, name, array)
+        self.cls_id, self.sep_id = (int(value) for value in self.special_ids)
+        # Small per-window integers derived once per process (a few MB for a KorQuAD-sized file).
+        query_lengths = np.diff(self.query_bounds)
+        self.prefix = query_lengths[self.feature_example] + 2  # [CLS] question [SEP]
+        self.lengths = self.prefix + self.feature_doc_length + 1
+        self.window_start = self.context_bounds[self.example_context[self.feature_example]] + self.feature_doc_start
+        self.max_context_bounds = _bounds(self.feature_doc_length)
+
+    def __len__(self) -> int:
+        return len(self.feature_example)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FeatureTable):
+            return NotImplemented
+        return all(np.array_equal(self.arrays[name], other.arrays[name]) for name in TABLE_ARRAYS)
+
+    @property
+    def example_index(self) -> np.ndarray:
+        """Per window: the index of its example (question)."""
+        return self.feature_example
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self.arrays.values())
+
+    def input_ids(self, index: int) -> np.ndarray:
+        """Window `index`'s input ids (int64), built from the flat arrays."""
+        example = self.feature_example[index]
+        query = self.query_ids[self.query_bounds[example]:self.query_bounds[example + 1]]
+        start = self.window_start[index]
+        context = self.context_ids[start:start + self.feature_doc_length[index]]
+        return np.concatenate([[self.cls_id], query, [self.sep_id], context, [self.sep_id]]).astype(np.int64)
+
+    def char_span(self, index: int, start_token: int, end_token: int) -> tuple[int, int]:
+        """Character offsets (end exclusive) in the context of window `index`'s tokens
+        `start_token`..`end_token` (both context pieces)."""
+        base = self.window_start[index] - self.prefix[index]
+        return int(self.context_offsets[base + start_token, 0]), int(self.context_offsets[base + end_token, 1])
+
+    def token_offsets(self, index: int) -> np.ndarray:
+        """(length, 2) character offsets of window `index`'s tokens; (-1, -1) outside the context."""
+        offsets = np.full((self.lengths[index], 2), -1, dtype=np.int64)
+        prefix, start, length = self.prefix[index], self.window_start[index], self.feature_doc_length[index]
+        offsets[prefix:prefix + length] = self.context_offsets[start:start + length]
+        return offsets
+
+    def context_masks(self, indices: Sequence[int], width: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, width) masks of the windows `indices`: which tokens are context pieces, and which
+        of those have their maximum context in that window."""
+        in_context = np.zeros((len(indices), width), dtype=bool)
+        max_context = np.zeros((len(indices), width), dtype=bool)
+        for row, index in enumerate(indices):
+            prefix, length = self.prefix[index], self.feature_doc_length[index]
+            in_context[row, prefix:prefix + length] = True
+            max_context[row, prefix:prefix + length] = \
+                self.max_context[self.max_context_bounds[index]:self.max_context_bounds[index + 1]]
+        return in_context, max_context
+
+    def feature(self, index: int) -> InputFeature:
+        """Window `index` as an `InputFeature` of Python lists."""
+        prefix, length = int(self.prefix[index]), int(self.feature_doc_length[index])
+        offsets = [(int(start), int(end)) if start >= 0 else None for start, end in self.token_offsets(index)]
+        flags = self.max_context[self.max_context_bounds[index]:self.max_context_bounds[index + 1]].tolist()
+        start_position, end_position = (int(value) for value in self.feature_positions[index])
+        return InputFeature(
+            unique_id=index, example_index=int(self.feature_example[index]),
+            doc_span_index=int(self.feature_span_index[index]), input_ids=self.input_ids(index).tolist(),
+            segment_ids=[0] * prefix + [1] * (length + 1), token_offsets=offsets,
+            token_is_max_context=[False] * prefix + flags + [False],
+            start_position=start_position, end_position=end_position)
+
+    def __getitem__(self, index: int) -> InputFeature:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"window {index} of {len(self)}")
+        return self.feature(index % len(self))
+
+    def __iter__(self) -> Iterator[InputFeature]:
+        return (self.feature(index) for index in range(len(self)))
+
+    def check(self, num_examples: int) -> str | None:
+        """Why the arrays do not describe `num_examples` examples' windows consistently, or None."""
+        num_contexts, num_features = len(self.context_bounds) - 1, len(self)
+        context_lengths = np.diff(self.context_bounds)
+        problems = (
+            (len(self.special_ids) != 2, "special ids"),
+            (self.context_bounds[-1] != len(self.context_ids) or len(self.context_offsets) != len(self.context_ids),
+             "context bounds"),
+            (len(self.example_context) != num_examples or len(self.query_bounds) != num_examples + 1
+             or self.query_bounds[-1] != len(self.query_ids), "examples"),
+            (num_examples and (self.example_context.min() < 0 or self.example_context.max() >= num_contexts),
+             "example contexts"),
+            (any(len(self.arrays[name]) != num_features for name in
+                 ("feature_span_index", "feature_doc_start", "feature_doc_length", "feature_positions")),
+             "window columns"),
+            (num_features and (self.feature_example.min() < 0 or self.feature_example.max() >= num_examples),
+             "window examples"),
+            (len(self.max_context) != self.feature_doc_length.sum(), "max-context flags"),
+        )
+        problem = next((what for failed, what in problems if failed), None)
+        if problem is None and num_features:
+            windows_end = self.feature_doc_start + self.feature_doc_length
+            if (self.feature_doc_start.min() < 0
+                    or (windows_end > context_lengths[self.example_context[self.feature_example]]).any()
+                    or (self.feature_positions < 0).any()
+                    or (self.feature_positions >= self.lengths[:, None]).any()):
+                problem = "window bounds"
+        return problem
 
 
 def _bounds(lengths: Sequence[int]) -> np.ndarray:
@@ -331,7 +461,7 @@ def _number_distinct(texts: Sequence[str]) -> tuple[list[str], list[int]]:
 
 def _build_feature_table(examples: Sequence[SquadExample], tokenizer: Any, max_seq_length: int,
                          doc_stride: int, max_query_length: int, is_training: bool, num_workers: int,
-                         progress: bool) -> _FeatureTable:
+                         progress: bool) -> FeatureTable:
     _check_lengths(max_seq_length, doc_stride, max_query_length)
     if num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
@@ -363,60 +493,30 @@ def _build_feature_table(examples: Sequence[SquadExample], tokenizer: Any, max_s
             feature_rows.append((example_index, span_index, doc_start, doc_length, *positions))
             max_context.append(flags[span_index])
     rows = np.array(feature_rows, dtype=np.int64).reshape(-1, 6)
-    return _FeatureTable(
-        special_ids=np.array([tokenizer.cls_token_id, tokenizer.sep_token_id], dtype=np.int64),
-        context_ids=np.concatenate([ids for ids, _ in contexts] or [np.zeros(0, np.int32)]),
-        context_offsets=np.concatenate([offsets for _, offsets in contexts] or [np.zeros((0, 2), np.int32)]),
-        context_bounds=_bounds([len(ids) for ids, _ in contexts]),
-        example_context=np.array(example_context, dtype=np.int64),
-        query_ids=np.array(list(chain.from_iterable(example_query)), dtype=np.int32),
-        query_bounds=_bounds([len(query) for query in example_query]),
-        feature_example=rows[:, 0], feature_span_index=rows[:, 1], feature_doc_start=rows[:, 2],
-        feature_doc_length=rows[:, 3], feature_positions=rows[:, 4:6],
-        max_context=np.concatenate(max_context or [np.zeros(0, bool)]))
-
-
-def _split(flat: list, bounds: np.ndarray) -> list[list]:
-    return [flat[begin:end] for begin, end in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
-
-
-@_gc_paused()
-def _assemble_features(table: _FeatureTable) -> list[InputFeature]:
-    """Turn the table into `InputFeature`s; per-feature work is list slicing only."""
-    cls_id, sep_id = table.special_ids.tolist()
-    context_ids = _split(table.context_ids.tolist(), table.context_bounds)
-    context_offsets = _split(list(zip(*table.context_offsets.T.tolist())), table.context_bounds)
-    queries = _split(table.query_ids.tolist(), table.query_bounds)
-    example_context = table.example_context.tolist()
-    max_context = _split(table.max_context.tolist(), _bounds(table.feature_doc_length))
-    features = []
-    for unique_id, (example_index, span_index, doc_start, doc_length, (start_position, end_position)) in enumerate(
-            zip(table.feature_example.tolist(), table.feature_span_index.tolist(), table.feature_doc_start.tolist(),
-                table.feature_doc_length.tolist(), table.feature_positions.tolist())):
-        context = example_context[example_index]
-        query = queries[example_index]
-        doc_end = doc_start + doc_length
-        prefix = len(query) + 2
-        features.append(InputFeature(
-            unique_id=unique_id, example_index=example_index, doc_span_index=span_index,
-            input_ids=[cls_id, *query, sep_id, *context_ids[context][doc_start:doc_end], sep_id],
-            segment_ids=[0] * prefix + [1] * (doc_length + 1),
-            token_offsets=[None] * prefix + context_offsets[context][doc_start:doc_end] + [None],
-            token_is_max_context=[False] * prefix + max_context[unique_id] + [False],
-            start_position=start_position, end_position=end_position))
-    return features
+    return FeatureTable({
+        "special_ids": np.array([tokenizer.cls_token_id, tokenizer.sep_token_id], dtype=np.int64),
+        "context_ids": np.concatenate([ids for ids, _ in contexts] or [np.zeros(0, np.int32)]),
+        "context_offsets": np.concatenate([offsets for _, offsets in contexts] or [np.zeros((0, 2), np.int32)]),
+        "context_bounds": _bounds([len(ids) for ids, _ in contexts]),
+        "example_context": np.array(example_context, dtype=np.int64),
+        "query_ids": np.array(list(chain.from_iterable(example_query)), dtype=np.int32),
+        "query_bounds": _bounds([len(query) for query in example_query]),
+        "feature_example": rows[:, 0].copy(), "feature_span_index": rows[:, 1].copy(),
+        "feature_doc_start": rows[:, 2].copy(), "feature_doc_length": rows[:, 3].copy(),
+        "feature_positions": rows[:, 4:6].copy(),
+        "max_context": np.concatenate(max_context or [np.zeros(0, bool)])})
 
 
 def convert_examples_to_features(examples: Sequence[SquadExample], tokenizer: Any, max_seq_length: int,
                                  doc_stride: int, max_query_length: int, is_training: bool,
-                                 num_workers: int = 1, progress: bool = True) -> list[InputFeature]:
-    """Cut each example into `[CLS] question [SEP] context-window [SEP]` features (unpadded).
+                                 num_workers: int = 1, progress: bool = True) -> FeatureTable:
+    """Cut each example into `[CLS] question [SEP] context-window [SEP]` windows, as a `FeatureTable`.
 
     The question keeps its first `max_query_length` pieces; context windows step by `doc_stride`.
     Each distinct context and question is tokenized once, in `num_workers` processes.
     """
-    return _assemble_features(_build_feature_table(examples, tokenizer, max_seq_length, doc_stride,
-                                                   max_query_length, is_training, num_workers, progress))
+    return _build_feature_table(examples, tokenizer, max_seq_length, doc_stride, max_query_length, is_training,
+                                num_workers, progress)
 
 
 # ----------------------------------------------------------------------------- feature cache
@@ -452,12 +552,12 @@ def feature_cache_key(input_file: str | os.PathLike, tokenizer: Any, max_seq_len
     return digest.hexdigest()
 
 
-def _cache_paths(input_file: Path, cache_dir: Path, analyzer: str, max_seq_length: int, doc_stride: int,
-                 max_query_length: int, is_training: bool) -> tuple[Path, Path]:
+def _cache_path(input_file: Path, cache_dir: Path, analyzer: str, max_seq_length: int, doc_stride: int,
+                max_query_length: int, is_training: bool) -> Path:
     mode = "train" if is_training else "eval"
     name = f"{input_file.stem}.{analyzer}.{mode}.{max_seq_length}_{doc_stride}_{max_query_length}"
     stem = re.sub(r"[^\w.-]", "_", name)
-    return cache_dir / f"{stem}.features.npz", cache_dir / f"{stem}.features.json"
+    return cache_dir / f"{stem}.features"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
@@ -496,23 +596,41 @@ def atomic_write_files(files: dict[str | os.PathLike, Callable[[IO[bytes]], None
         raise
 
 
-def _read_cached_table(npz_path: Path, key: str, num_examples: int) -> _FeatureTable | None:
-    """The cached table if it exists, carries `key` and hangs together; otherwise None."""
+def _checksum(array: np.ndarray) -> int:
+    # crc32 catches any flipped byte or cut run of bytes and reads ~1 GB/s: a train-sized table in ~0.1 s.
+    return zlib.crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+
+def _read_cached_table(directory: Path, key: str, num_examples: int) -> FeatureTable | None:
+    """The cached table, memory-mapped read-only, if it exists, carries `key`, every array matches
+    its recorded shape, type and checksum, and the windows hang together; otherwise None."""
+    index_path = directory / TABLE_INDEX
     try:
-        # The key lives inside the .npz, so data and key are always replaced together.
-        with np.load(npz_path, allow_pickle=False) as arrays:
-            if str(arrays["key"]) != key:
-                logger.info("feature cache %s is stale; rebuilding", npz_path)
-                return None
-            table = _FeatureTable(**{field.name: arrays[field.name] for field in fields(_FeatureTable)})
+        index = json.loads(index_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, AttributeError, EOFError, zipfile.BadZipFile) as error:
-        logger.warning("feature cache %s is unreadable (%s); rebuilding", npz_path, error)
+    except (OSError, ValueError) as error:
+        logger.warning("feature cache %s is unreadable (%s); rebuilding", index_path, error)
         return None
-    if (len(table.example_context) != num_examples or len(table.max_context) != table.feature_doc_length.sum()
-            or table.context_bounds[-1] != len(table.context_ids)):
-        logger.warning("feature cache %s is inconsistent; rebuilding", npz_path)
+    if not isinstance(index, dict) or index.get("key") != key:
+        logger.info("feature cache %s is stale; rebuilding", directory)
+        return None
+    arrays = {}
+    try:
+        for name in TABLE_ARRAYS:
+            expected = index["arrays"][name]
+            array = np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            if (list(array.shape) != expected["shape"] or array.dtype.str != expected["dtype"]
+                    or _checksum(array) != expected["crc32"]):
+                raise ValueError(f"{name}.npy does not match its recorded shape, type or checksum")
+            arrays[name] = array
+        table = FeatureTable(arrays)
+        problem = table.check(num_examples)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("feature cache %s is damaged (%s); rebuilding", directory, error)
+        return None
+    if problem:
+        logger.warning("feature cache %s is inconsistent (%s); rebuilding", directory, problem)
         return None
     return table
 
@@ -528,54 +646,71 @@ def _is_writable_dir(directory: Path) -> bool:
     return directory.is_dir() and os.access(directory, os.W_OK) and bool(directory.stat().st_mode & 0o222)
 
 
-def _write_cached_table(table: _FeatureTable, npz_path: Path, json_path: Path, key: str,
-                        metadata: dict[str, Any]) -> None:
-    if not _is_writable_dir(npz_path.parent):
+def _write_cached_table(table: FeatureTable, directory: Path, key: str, metadata: dict[str, Any]) -> bool:
+    """Write the table as one `.npy` file per array plus `table.json` (key, shapes, checksums) into a
+    temporary directory, then rename it into place: readers see the old cache or the new one, whole."""
+    if not _is_writable_dir(directory.parent):
         logger.warning("%s is not writable: features are not cached (pass cache_dir to cache them elsewhere)",
-                       npz_path.parent)
-        return
-    arrays = {field.name: getattr(table, field.name) for field in fields(_FeatureTable)}
+                       directory.parent)
+        return False
+    temp = directory.with_name(f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    old = directory.with_name(f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.old.tmp")
     try:
-        npz_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(npz_path, lambda file: np.savez(file, key=np.array(key), **arrays))
-        # The sidecar is for people and tools: what the cache was built from.
-        sidecar = {"key": key, "cache_version": CACHE_VERSION, "num_examples": len(table.example_context),
-                   "num_features": len(table.feature_example), **metadata}
-        atomic_write(json_path, lambda file: file.write(json.dumps(sidecar, indent=1).encode("utf-8")))
+        temp.mkdir(parents=True)
+        index = {"key": key, "cache_version": CACHE_VERSION, "num_examples": len(table.example_context),
+                 "num_features": len(table), **metadata, "arrays": {}}
+        for name, array in table.arrays.items():
+            array = np.ascontiguousarray(array)
+            with open(temp / f"{name}.npy", "wb") as file:
+                np.save(file, array, allow_pickle=False)
+                file.flush()
+                os.fsync(file.fileno())
+            index["arrays"][name] = {"shape": list(array.shape), "dtype": array.dtype.str,
+                                     "crc32": _checksum(array)}
+        atomic_write(temp / TABLE_INDEX, lambda file: file.write(json.dumps(index, indent=1).encode("utf-8")))
+        if directory.exists():
+            directory.rename(old)  # a reader that has it mapped keeps its files until it closes them
+        temp.rename(directory)
     except OSError as error:
         logger.warning("cannot write the feature cache in %s (%s): features are not cached",
-                       npz_path.parent, error.strerror or error)
-        return
-    logger.info("feature cache written: %s", npz_path)
+                       directory.parent, error.strerror or error)
+        return False
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("feature cache written: %s", directory)
+    return True
 
 
 def load_or_build_features(input_file: str | os.PathLike, tokenizer: Any, max_seq_length: int, doc_stride: int,
                            max_query_length: int, is_training: bool, cache_dir: str | os.PathLike | None = None,
                            overwrite_cache: bool = False, num_workers: int = 1,
-                           progress: bool = True) -> tuple[list[SquadExample], list[InputFeature]]:
-    """Examples read from `input_file`, and their features from the cache when it is current.
+                           progress: bool = True) -> tuple[list[SquadExample], FeatureTable]:
+    """Examples read from `input_file`, and their feature table from the cache when it is current.
 
-    The cache (an .npz of flat arrays plus a JSON sidecar, no pickle) lives in `cache_dir`, by default
-    `cache/` beside the data file, and is keyed by `feature_cache_key`. A cache that cannot be
-    written (read-only data directory) is skipped with a warning.
+    The cache is a directory of `.npy` arrays plus `table.json` (no pickle) in `cache_dir`, by default
+    `cache/` beside the data file, keyed by `feature_cache_key`. The table comes back memory-mapped
+    from it, also right after building it, so every process of a machine reads the same pages. A
+    damaged cache is rebuilt with a warning; one that cannot be written (read-only data directory) is
+    skipped with a warning and the table stays in memory.
     """
     input_file = Path(input_file)
     examples = read_squad_examples(input_file, is_training)
     settings = _tokenizer_settings(tokenizer)
     key = feature_cache_key(input_file, tokenizer, max_seq_length, doc_stride, max_query_length, is_training)
-    npz_path, json_path = _cache_paths(input_file, Path(cache_dir) if cache_dir else input_file.parent / "cache",
-                                       settings["analyzer"], max_seq_length, doc_stride, max_query_length,
-                                       is_training)
-    table = None if overwrite_cache else _read_cached_table(npz_path, key, len(examples))
+    directory = _cache_path(input_file, Path(cache_dir) if cache_dir else input_file.parent / "cache",
+                            settings["analyzer"], max_seq_length, doc_stride, max_query_length, is_training)
+    table = None if overwrite_cache else _read_cached_table(directory, key, len(examples))
     if table is not None:
-        logger.info("features loaded from cache %s", npz_path)
-    else:
-        table = _build_feature_table(examples, tokenizer, max_seq_length, doc_stride, max_query_length,
-                                     is_training, num_workers, progress)
-        _write_cached_table(table, npz_path, json_path, key, {
-            "input_file": str(input_file), **settings, "max_seq_length": max_seq_length,
-            "doc_stride": doc_stride, "max_query_length": max_query_length, "is_training": is_training})
-    return examples, _assemble_features(table)
+        logger.info("features loaded from cache %s", directory)
+        return examples, table
+    table = _build_feature_table(examples, tokenizer, max_seq_length, doc_stride, max_query_length,
+                                 is_training, num_workers, progress)
+    written = _write_cached_table(table, directory, key, {
+        "input_file": str(input_file), **settings, "max_seq_length": max_seq_length,
+        "doc_stride": doc_stride, "max_query_length": max_query_length, "is_training": is_training})
+    # Map what was just written, dropping the built copy: this process then holds no private copy.
+    return examples, (written and _read_cached_table(directory, key, len(examples))) or table
 
 
 # ----------------------------------------------------------------------------- batching
@@ -619,39 +754,41 @@ def bucket_width(length: int, multiple: int, max_width: int | None = None) -> in
     return rounded if max_width is None else min(rounded, max(max_width, length))
 
 
-def collate_features(features: list[InputFeature], is_training: bool, pad_id: int = 0,
+def collate_features(table: FeatureTable, indices: Sequence[int], is_training: bool, pad_id: int = 0,
                      pad_to_multiple: int | None = None, max_width: int | None = None,
-                     pad_rows_to: int | None = None) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest feature: int64 `input_ids`, `token_type_ids`, `attention_mask`
-    (1 = real token) and, for training, `start_positions`/`end_positions`.
+                     pad_rows_to: int | None = None) -> dict[str, np.ndarray]:
+    """Windows `indices` of `table`, padded to the longest of them: int64 numpy arrays `input_ids`,
+    `token_type_ids`, `attention_mask` (1 = real token) and, for training, `start_positions`/
+    `end_positions`. Cut from the flat arrays here, so no window exists before its batch does;
+    `torch.from_numpy` turns each array into a tensor without a copy.
 
     For a compiled model, which compiles once per input shape: `pad_to_multiple` pads the width up
     to a multiple of it (at most `max_width`), and `pad_rows_to` adds filler rows up to that many
     rows. A filler row attends only to its first token and its positions are -1, which the loss
     ignores, so real rows train and predict as without it.
     """
-    if not features:
-        raise ValueError("collate_features needs at least one feature")
-    lengths = np.array([len(feature.input_ids) for feature in features])
+    if len(indices) == 0:
+        raise ValueError("collate_features needs at least one window")
+    indices = np.asarray(indices, dtype=np.int64)
+    lengths = table.lengths[indices]
     width = int(lengths.max())
     if pad_to_multiple is not None:
         width = bucket_width(width, pad_to_multiple, max_width)
-    rows = max(len(features), pad_rows_to or 0)
-    real = np.zeros((rows, width), dtype=bool)
-    real[:len(features)] = np.arange(width) < lengths[:, None]
-    total = int(lengths.sum())
-    input_ids = np.full(real.shape, pad_id, dtype=np.int64)
-    input_ids[real] = np.fromiter(chain.from_iterable(f.input_ids for f in features), np.int64, count=total)
-    token_type_ids = np.zeros(real.shape, dtype=np.int64)
-    token_type_ids[real] = np.fromiter(chain.from_iterable(f.segment_ids for f in features), np.int64, count=total)
-    attention_mask = real.astype(np.int64)
-    attention_mask[len(features):, 0] = 1  # a row with no key to attend to would give NaN
-    batch = {"input_ids": torch.from_numpy(input_ids), "token_type_ids": torch.from_numpy(token_type_ids),
-             "attention_mask": torch.from_numpy(attention_mask)}
+    rows = max(len(indices), pad_rows_to or 0)
+    input_ids = np.full((rows, width), pad_id, dtype=np.int64)
+    token_type_ids = np.zeros((rows, width), dtype=np.int64)
+    attention_mask = np.zeros((rows, width), dtype=np.int64)
+    for row, index in enumerate(indices.tolist()):
+        length = int(lengths[row])
+        input_ids[row, :length] = table.input_ids(index)
+        token_type_ids[row, table.prefix[index]:length] = 1
+        attention_mask[row, :length] = 1
+    attention_mask[len(indices):, 0] = 1  # a row with no key to attend to would give NaN
+    batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
     if is_training:
-        filler = [-1] * (rows - len(features))
-        batch["start_positions"] = torch.tensor([f.start_position for f in features] + filler, dtype=torch.int64)
-        batch["end_positions"] = torch.tensor([f.end_position for f in features] + filler, dtype=torch.int64)
+        positions = np.full((rows, 2), -1, dtype=np.int64)
+        positions[:len(indices)] = table.feature_positions[indices]
+        batch["start_positions"], batch["end_positions"] = positions[:, 0].copy(), positions[:, 1].copy()
     return batch
 
 
@@ -703,31 +840,28 @@ class _RankedSpans:
         yield from zip(*(column.tolist() for column in self._columns(row, rest)), repeat(feature_number))
 
 
-def _masked_logits(features: Sequence[InputFeature], start_logits: Sequence,
+def _masked_logits(table: FeatureTable, indices: range, start_logits: Sequence,
                    end_logits: Sequence) -> tuple[np.ndarray, np.ndarray]:
-    """(features, longest) start and end logits, -inf wherever a span may not start or end."""
-    lengths = np.array([len(feature.input_ids) for feature in features])
+    """(windows, longest) start and end logits of the windows `indices`, -inf wherever a span may
+    not start or end."""
+    lengths = table.lengths[indices]
     real = np.arange(lengths.max()) < lengths[:, None]
-    for feature, length, row_start, row_end in zip(features, lengths, start_logits, end_logits):
+    for index, length, row_start, row_end in zip(indices, lengths, start_logits, end_logits):
         if min(len(row_start), len(row_end)) < length:
-            raise ValueError(f"logits of feature {feature.unique_id} are shorter than its {length} input ids")
-    # Flat per-token values scattered into the padded arrays; padding stays -inf / False.
+            raise ValueError(f"logits of window {index} are shorter than its {length} input ids")
+    # Flat per-token values scattered into the padded arrays; padding stays -inf.
     start = np.full(real.shape, -np.inf)
     start[real] = np.concatenate([np.asarray(row[:n], dtype=np.float64) for row, n in zip(start_logits, lengths)])
     end = np.full(real.shape, -np.inf)
     end[real] = np.concatenate([np.asarray(row[:n], dtype=np.float64) for row, n in zip(end_logits, lengths)])
-    # bytes() over a list of bools (or of bool(offset)) runs in C: far faster than a Python loop.
-    in_context = np.zeros(real.shape, dtype=bool)
-    in_context[real] = np.frombuffer(bytes(map(bool, chain.from_iterable(f.token_offsets for f in features))), bool)
-    max_context = np.zeros(real.shape, dtype=bool)
-    max_context[real] = np.frombuffer(b"".join([bytes(f.token_is_max_context) for f in features]), bool)
-    return np.where(max_context & in_context, start, -np.inf), np.where(in_context, end, -np.inf)
+    in_context, max_context = table.context_masks(indices, real.shape[1])
+    return np.where(max_context, start, -np.inf), np.where(in_context, end, -np.inf)
 
 
-def _rank_spans(features: Sequence[InputFeature], start_logits: Sequence, end_logits: Sequence,
+def _rank_spans(table: FeatureTable, indices: range, start_logits: Sequence, end_logits: Sequence,
                 n_best_size: int, max_answer_length: int) -> _RankedSpans:
-    """Pair each feature's `n_best_size` best valid starts and ends; keep the valid pairs."""
-    start, end = _masked_logits(features, start_logits, end_logits)
+    """Pair each window's `n_best_size` best valid starts and ends; keep the valid pairs."""
+    start, end = _masked_logits(table, indices, start_logits, end_logits)
     k = min(n_best_size, start.shape[1])
     top_starts, top_ends = _top_k(start, k), _top_k(end, k)
     start_values = np.take_along_axis(start, top_starts, axis=1)
@@ -735,7 +869,7 @@ def _rank_spans(features: Sequence[InputFeature], start_logits: Sequence, end_lo
     span_lengths = top_ends[:, None, :] - top_starts[:, :, None] + 1
     scores = start_values[:, :, None] + end_values[:, None, :]
     valid = (span_lengths >= 1) & (span_lengths <= max_answer_length) & np.isfinite(scores)
-    pair_scores = np.where(valid, scores, -np.inf).reshape(len(features), k * k)
+    pair_scores = np.where(valid, scores, -np.inf).reshape(len(indices), k * k)
     return _RankedSpans(pair_scores, start_values, end_values, top_starts, top_ends, block=n_best_size)
 
 
@@ -746,58 +880,57 @@ def _softmax(scores: list[float]) -> list[float]:
     return [value / total for value in exps]
 
 
-def gold_logits(features: Sequence[InputFeature]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Logits pointing at each training feature's gold start/end (flat in windows without the answer).
+def gold_logits(table: FeatureTable) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Logits pointing at each training window's gold start/end (flat in windows without the answer).
 
     Decoding these measures the pipeline's own ceiling: what a perfect model could score after
     tokenization, windowing and decoding.
     """
     starts, ends = [], []
-    for feature in features:
-        start, end = np.zeros(len(feature.input_ids), np.float32), np.zeros(len(feature.input_ids), np.float32)
-        if feature.start_position:
-            start[feature.start_position] = end[feature.end_position] = 10.0
+    for length, (start_position, end_position) in zip(table.lengths.tolist(), table.feature_positions.tolist()):
+        start, end = np.zeros(length, np.float32), np.zeros(length, np.float32)
+        if start_position:
+            start[start_position] = end[end_position] = 10.0
         starts.append(start)
         ends.append(end)
     return starts, ends
 
 
 @_gc_paused()
-def decode_predictions(examples: Sequence[SquadExample], features: Sequence[InputFeature], start_logits: Sequence,
+def decode_predictions(examples: Sequence[SquadExample], table: FeatureTable, start_logits: Sequence,
                        end_logits: Sequence, n_best_size: int = 20, max_answer_length: int = 30,
                        progress: bool = False) -> tuple[dict[str, str], dict[str, list[dict[str, Any]]]]:
-    """Best answer text per question, and its n-best list, from per-feature start/end logits.
+    """Best answer text per question, and its n-best list, from per-window start/end logits.
 
-    `start_logits[i]`/`end_logits[i]` belong to `features[i]` and are at least as long as its
-    `input_ids`. Candidates pair the `n_best_size` best starts (at max-context pieces) and ends of each
-    feature's context, `start <= end`, at most `max_answer_length` pieces. Answer texts are slices of
+    `start_logits[i]`/`end_logits[i]` belong to window i of `table` and are at least as long as its
+    input ids. Candidates pair the `n_best_size` best starts (at max-context pieces) and ends of each
+    window's context, `start <= end`, at most `max_answer_length` pieces. Answer texts are slices of
     the original context, and each n-best entry carries its `start`/`end` character offsets
     (`context[start:end] == text`); duplicates are dropped; probabilities are a softmax over the kept
     ones. A question without any valid candidate gets "" (n-best offsets None).
     """
-    if len(start_logits) != len(features) or len(end_logits) != len(features):
+    if len(start_logits) != len(table) or len(end_logits) != len(table):
         raise ValueError(f"got {len(start_logits)} start and {len(end_logits)} end logit rows "
-                         f"for {len(features)} features")
+                         f"for {len(table)} windows")
     if n_best_size < 1 or max_answer_length < 1:
         raise ValueError(f"n_best_size ({n_best_size}) and max_answer_length ({max_answer_length}) must be >= 1")
+    if len(table) and not 0 <= int(table.feature_example.min()) <= int(table.feature_example.max()) < len(examples):
+        raise ValueError(f"the windows point at examples beyond the {len(examples)} given")
     candidate_streams: dict[int, list] = {}
-    for begin in range(0, len(features), _DECODE_CHUNK):
-        chunk = slice(begin, begin + _DECODE_CHUNK)
-        ranked = _rank_spans(features[chunk], start_logits[chunk], end_logits[chunk], n_best_size, max_answer_length)
-        for row, feature in enumerate(features[chunk]):
-            if not 0 <= feature.example_index < len(examples):
-                raise ValueError(f"feature {feature.unique_id} points at example {feature.example_index}, "
-                                 f"but there are {len(examples)} examples")
-            candidate_streams.setdefault(feature.example_index, []).append(
-                ranked.candidates(row, begin + row))
+    for begin in range(0, len(table), _DECODE_CHUNK):
+        indices = range(begin, min(begin + _DECODE_CHUNK, len(table)))
+        chunk = slice(indices.start, indices.stop)
+        ranked = _rank_spans(table, indices, start_logits[chunk], end_logits[chunk], n_best_size, max_answer_length)
+        for row, example_index in enumerate(table.feature_example[chunk].tolist()):
+            candidate_streams.setdefault(example_index, []).append(ranked.candidates(row, begin + row))
 
     predictions: dict[str, str] = {}
     nbest: dict[str, list[dict[str, Any]]] = {}
     for example_index, example in enumerate(tqdm(examples, desc="decoding", unit="question", disable=not progress)):
-        # Each feature's candidates come best first; merge them lazily.
+        # Each window's candidates come best first; merge them lazily.
         streams = candidate_streams.get(example_index, [])
         candidates = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=itemgetter(0), reverse=True)
-        kept = (_distinct_texts(example.context_text, features, candidates, n_best_size)
+        kept = (_distinct_texts(example.context_text, table, candidates, n_best_size)
                 or [("", 0.0, 0.0, 0.0, None, None)])
         probabilities = _softmax([candidate[1] for candidate in kept])
         predictions[example.qas_id] = kept[0][0]
@@ -808,15 +941,14 @@ def decode_predictions(examples: Sequence[SquadExample], features: Sequence[Inpu
     return predictions, nbest
 
 
-def _distinct_texts(context: str, features: Sequence[InputFeature], candidates: Iterator[tuple],
+def _distinct_texts(context: str, table: FeatureTable, candidates: Iterator[tuple],
                     n_best_size: int) -> list[tuple[str, float, float, float, int, int]]:
     """(text, score, start logit, end logit, start char, end char) of the first `n_best_size`
     candidates with distinct texts; text == context[start char:end char]."""
     kept: list[tuple[str, float, float, float, int, int]] = []
     seen_texts: set[str] = set()
-    for score, start_logit, end_logit, start, end, feature_number in candidates:
-        offsets = features[feature_number].token_offsets
-        start_char, end_char = offsets[start][0], offsets[end][1]
+    for score, start_logit, end_logit, start, end, window in candidates:
+        start_char, end_char = table.char_span(window, start, end)
         text = context[start_char:end_char]
         if text not in seen_texts:
             seen_texts.add(text)

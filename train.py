@@ -42,7 +42,8 @@ from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, Argumen
                         evaluate_model, fetch_hub_model, finite_float, has_answers, pick_device, positive_float,
                         positive_int, prepare_output_dir, resolve_model_settings, run_cli, save_torch_atomic, score,
                         setup_logging, write_json_atomic)
-from korquad_utils import atomic_write, collate_features, load_or_build_features, make_length_grouped_batches
+from korquad_utils import (FeatureTable, atomic_write, collate_features, load_or_build_features,
+                           make_length_grouped_batches)
 from long_run import DirectoryLocked, RunLock, StopSignals, plot_training_curves, read_log, remove_dead_temp_files
 from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
 
@@ -163,6 +164,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=positive_float, default=5e-5, help="Peak AdamW learning rate.")
     parser.add_argument("--num_train_epochs", type=positive_float, default=4.0,
                         help="Epochs to train (a fraction ends mid-epoch).")
+    parser.add_argument("--max_steps", type=positive_int, default=None,
+                        help="Stop after this many optimizer steps, the learning-rate schedule spanning them "
+                             "(overrides --num_train_epochs; if not given: the epochs decide).")
     parser.add_argument("--warmup_proportion", type=finite_float(0.0, 1.0, high_inclusive=False), default=0.1,
                         help="Share of the steps over which the learning rate rises linearly.")
     parser.add_argument("--weight_decay", type=finite_float(0.0), default=0.01,
@@ -267,7 +271,8 @@ def run_settings(args: argparse.Namespace, config: Config, do_lower_case: bool, 
         "--doc_stride": args.doc_stride, "model config": config.to_dict(),
         "global batch (--train_batch_size x ranks x --gradient_accumulation_steps)":
             args.train_batch_size * world_size * args.gradient_accumulation_steps,
-        "--num_train_epochs": args.num_train_epochs, "--learning_rate": args.learning_rate,
+        "--num_train_epochs": args.num_train_epochs, "--max_steps": args.max_steps,
+        "--learning_rate": args.learning_rate,
         "--warmup_proportion": args.warmup_proportion, "--weight_decay": args.weight_decay,
         "--adam_epsilon": args.adam_epsilon, "--max_grad_norm": args.max_grad_norm, "--seed": args.seed,
     }
@@ -428,8 +433,15 @@ def load_resume_state(run_dir: Path, settings: dict, paths: dict) -> dict | None
     return state
 
 
-def train_one_epoch(run: TrainingRun, features, batches: list[np.ndarray], weights: list[float], *, epoch: int,
-                    first_step: int, global_step: int, pending_loss: tuple[float, int] = (0.0, 0)) -> tuple[int, bool]:
+def collate_tensors(indices: list[int], features: FeatureTable, **settings) -> dict[str, torch.Tensor]:
+    """`collate_features` as tensors (sharing the numpy arrays' memory): the DataLoader's collate_fn."""
+    return {name: torch.from_numpy(array) for name, array in collate_features(features, indices, **settings).items()}
+
+
+def train_one_epoch(run: TrainingRun, features: FeatureTable, batches: list[np.ndarray], weights: list[float], *,
+                    epoch: int,
+                    first_step: int, global_step: int,
+                    pending_loss: tuple[float, int] = (0.0, 0)) -> tuple[int, bool]:
     """This rank's batches of `epoch` from optimizer step `first_step` on (see `rank_batches`).
 
     Returns the global step reached and whether a stop signal ended the epoch early (its state then written).
@@ -438,9 +450,10 @@ def train_one_epoch(run: TrainingRun, features, batches: list[np.ndarray], weigh
     args, ctx, device = run.args, run.ctx, run.device
     accumulation = args.gradient_accumulation_steps
     steps_in_epoch = len(batches) // accumulation
-    collate = partial(collate_features, is_training=True,
+    collate = partial(collate_tensors, features=features, is_training=True,
                       **compile_padding(args, rows=args.train_batch_size, max_width=args.max_seq_length))
-    loader = DataLoader(features, batch_sampler=batches[first_step * accumulation:], collate_fn=collate,
+    # The dataset is the window numbers: each batch is cut from the feature table only when collated.
+    loader = DataLoader(range(len(features)), batch_sampler=batches[first_step * accumulation:], collate_fn=collate,
                         pin_memory=device.type == "cuda")
     loss_sum = torch.full((), pending_loss[0], device=device)  # read back only when shown: no sync per step
     loss_count = pending_loss[1]
@@ -611,7 +624,7 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
         args.train_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
         is_training=True, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache and ctx.is_main,
         num_workers=args.preprocess_workers, progress=not args.quiet))
-    if not features:
+    if not len(features):
         raise UsageError(f"--train_file {args.train_file}: no usable training questions")
     eval_data = None
     if args.eval_file:
@@ -636,10 +649,14 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
     # The span head never reads the pooler; frozen, it keeps its pretrained weights and DDP
     # does not wait for gradients that never come.
     model.bert.pooler.requires_grad_(False)
-    lengths = [len(f.input_ids) for f in features]
+    lengths = features.lengths
     optimizer_steps_per_epoch = len(rank_batches(lengths, args, ctx, 0)[0]) // args.gradient_accumulation_steps
-    total_steps = max(1, int(optimizer_steps_per_epoch * args.num_train_epochs))
-    num_epochs = math.ceil(args.num_train_epochs)
+    if args.max_steps:
+        total_steps = args.max_steps
+        num_epochs = math.ceil(total_steps / max(1, optimizer_steps_per_epoch))
+    else:
+        total_steps = max(1, int(optimizer_steps_per_epoch * args.num_train_epochs))
+        num_epochs = math.ceil(args.num_train_epochs)
 
     model.to(device)
     optimizer = build_optimizer(model, args, device)

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from conftest import SAMPLE_FILE, TINY_CONFIG, run_script
-from korquad_utils import InputFeature, bucket_width, collate_features
+import numpy as np
+
+from korquad_utils import FeatureTable, bucket_width, collate_features
 from modeling import Config, QuestionAnswering
 from test_training import assert_same_training, train_flags
 
@@ -21,12 +23,19 @@ NUM_BUCKETS = MAX_SEQ_LENGTH // BUCKET
 NARROW_FLAGS = [f"--max_seq_length={MAX_SEQ_LENGTH}", "--doc_stride=64"]
 
 
-def feature(length: int, start: int, end: int) -> InputFeature:
-    ids = [2] + list(range(100, 100 + length - 2)) + [3]
-    return InputFeature(unique_id=length, example_index=0, doc_span_index=0, input_ids=ids,
-                        segment_ids=[0] * (length // 2) + [1] * (length - length // 2),
-                        token_offsets=[None] * length, token_is_max_context=[True] * length,
-                        start_position=start, end_position=end)
+def windows(*specs: tuple[int, int, int]) -> FeatureTable:
+    """One question per (length, start, end): a window of `length` ids, half question, with those positions."""
+    query_lengths = [length // 2 - 2 for length, _, _ in specs]
+    doc_lengths = [length - length // 2 - 1 for length, _, _ in specs]
+    bounds = np.concatenate([[0], np.cumsum(doc_lengths)])
+    return FeatureTable({
+        "special_ids": np.array([2, 3]), "context_ids": np.arange(100, 100 + bounds[-1], dtype=np.int32),
+        "context_offsets": np.zeros((bounds[-1], 2), np.int32), "context_bounds": bounds,
+        "example_context": np.arange(len(specs)), "query_ids": np.full(sum(query_lengths), 50, np.int32),
+        "query_bounds": np.concatenate([[0], np.cumsum(query_lengths)]), "feature_example": np.arange(len(specs)),
+        "feature_span_index": np.zeros(len(specs), np.int64), "feature_doc_start": np.zeros(len(specs), np.int64),
+        "feature_doc_length": np.array(doc_lengths), "feature_positions": np.array([s[1:] for s in specs]),
+        "max_context": np.ones(bounds[-1], bool)})
 
 
 def test_bucket_width_rounds_up_to_the_multiple_and_stops_at_the_max():
@@ -36,10 +45,11 @@ def test_bucket_width_rounds_up_to_the_multiple_and_stops_at_the_max():
 
 
 def test_bucketed_batch_trains_and_predicts_like_the_unpadded_one():
-    features = [feature(37, 5, 9), feature(21, 0, 0), feature(30, 12, 12)]
-    plain = collate_features(features, is_training=True)
-    bucketed = collate_features(features, is_training=True, pad_to_multiple=BUCKET, max_width=MAX_SEQ_LENGTH,
-                                pad_rows_to=BATCH_SIZE)
+    table = windows((37, 5, 9), (21, 0, 0), (30, 12, 12))
+    plain = {k: torch.from_numpy(v) for k, v in collate_features(table, [0, 1, 2], is_training=True).items()}
+    bucketed = {k: torch.from_numpy(v) for k, v in collate_features(
+        table, [0, 1, 2], is_training=True, pad_to_multiple=BUCKET, max_width=MAX_SEQ_LENGTH,
+        pad_rows_to=BATCH_SIZE).items()}
     assert plain["input_ids"].shape == (3, 37)
     assert {name: tuple(t.shape) for name, t in bucketed.items()} == {
         "input_ids": (8, BUCKET), "token_type_ids": (8, BUCKET), "attention_mask": (8, BUCKET),

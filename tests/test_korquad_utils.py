@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import korquad_utils as ku
 from evaluate_v1_0 import evaluate
@@ -271,12 +272,17 @@ def _cached(path, tokenizer, cache_dir, **overrides):
 def test_cache_hit_skips_tokenization(long_file, tokenizer, tmp_path):
     cache_dir = tmp_path / "cache"
     examples, built = _cached(long_file, tokenizer, cache_dir)
-    assert sorted(p.suffix for p in cache_dir.iterdir()) == [".json", ".npz"]
-    for npz in cache_dir.glob("*.npz"):
-        with np.load(npz, allow_pickle=False) as arrays:
-            assert all(arrays[name].dtype != object for name in arrays.files)
+    (table_dir,) = cache_dir.iterdir()
+    assert table_dir.suffix == ".features"
+    assert sorted(p.name for p in table_dir.iterdir()) == sorted([f"{name}.npy" for name in ku.TABLE_ARRAYS]
+                                                                 + ["table.json"])
+    for name in ku.TABLE_ARRAYS:   # plain arrays: no pickle needed, none allowed
+        assert np.load(table_dir / f"{name}.npy", allow_pickle=False).dtype != object
     hit_examples, hit = _cached(long_file, ExplodingTokenizer(tokenizer.vocab_file), cache_dir)
     assert hit == built and hit_examples == examples
+    # Both the build and the hit are read-only maps of the cache files, not private copies.
+    for table in (built, hit):
+        assert all(isinstance(array, np.memmap) and not array.flags.writeable for array in table.arrays.values())
     # overwrite_cache rebuilds even though the cache is current.
     with pytest.raises(AssertionError, match="despite a cache hit"):
         _cached(long_file, ExplodingTokenizer(tokenizer.vocab_file), cache_dir, overwrite_cache=True)
@@ -308,9 +314,36 @@ def test_cache_misses_when_anything_it_depends_on_changes(long_file, tokenizer, 
     assert original_key != ku.feature_cache_key(long_file, changed, **key_settings | overrides)
 
 
+@pytest.mark.parametrize("damage", ["cut in half", "flipped byte in the ids", "foreign array", "foreign index"])
+def test_damaged_cache_is_rebuilt_with_a_warning(long_file, tokenizer, tmp_path, caplog, damage):
+    cache_dir = tmp_path / "cache"
+    _, built = _cached(long_file, tokenizer, cache_dir)
+    expected = {name: np.array(array) for name, array in built.arrays.items()}
+    (table_dir,) = cache_dir.iterdir()
+    ids = table_dir / "context_ids.npy"
+    data = bytearray(ids.read_bytes())
+    if damage == "cut in half":
+        ids.write_bytes(data[:len(data) // 2])
+    elif damage == "flipped byte in the ids":
+        data[-3] ^= 0x10   # inside the array's data, past the .npy header: a different piece id
+        ids.write_bytes(bytes(data))
+    elif damage == "foreign array":   # a well-formed array of the right shape from somewhere else
+        np.save(ids, np.zeros(len(expected["context_ids"]), np.int32))
+    else:
+        (table_dir / "table.json").write_text(json.dumps({"key": "another file's key"}))
+    del built
+    with caplog.at_level(logging.INFO, logger="korquad_utils"):
+        _, rebuilt = _cached(long_file, tokenizer, cache_dir)
+    assert ("stale" if damage == "foreign index" else "damaged") in caplog.text
+    assert all(np.array_equal(rebuilt.arrays[name], expected[name]) for name in ku.TABLE_ARRAYS)
+    # The rebuilt cache is whole again: the next load is a hit.
+    _, hit = _cached(long_file, ExplodingTokenizer(tokenizer.vocab_file), cache_dir)
+    assert hit == rebuilt
+
+
 def test_cache_defaults_beside_the_data(long_file, tokenizer):
     _cached(long_file, tokenizer, None)
-    assert len(list((long_file.parent / "cache").glob("long.*.npz"))) == 1
+    assert len(list((long_file.parent / "cache").glob("long.*.features"))) == 1
 
 
 def test_read_only_data_dir_is_left_alone(tmp_path, tokenizer, caplog):
@@ -361,16 +394,34 @@ def test_shuffled_batches_are_seeded_permutations_that_pad_little():
     assert padding(batches) < 0.2 * padding(random_batches)
 
 
+def _hand_made_table() -> ku.FeatureTable:
+    """Two questions ([7] and [8, 6]) on two contexts ([4] and [9, 4, 5]); one window each, the second
+    window holding context pieces 1..2 only."""
+    arrays = dict(special_ids=[2, 3], context_ids=np.array([4, 9, 4, 5], np.int32),
+                  context_offsets=np.array([[0, 1], [0, 2], [3, 4], [5, 6]], np.int32), context_bounds=[0, 1, 4],
+                  example_context=[0, 1], query_ids=np.array([7, 8, 6], np.int32), query_bounds=[0, 1, 3],
+                  feature_example=[0, 1], feature_span_index=[0, 1], feature_doc_start=[0, 1],
+                  feature_doc_length=[1, 2], feature_positions=[[3, 3], [5, 6]], max_context=[True, True, False])
+    return ku.FeatureTable({name: np.asarray(value) for name, value in arrays.items()})
+
+
 def test_collate_pads_to_the_longest_in_the_batch():
-    features = [ku.InputFeature(0, 0, 0, [2, 7, 3], [0, 0, 1], [None, None, None], [False] * 3, 1, 1),
-                ku.InputFeature(1, 0, 1, [2, 8, 9, 4, 3], [0, 0, 1, 1, 1], [None] * 5, [False] * 5, 2, 3)]
-    batch = ku.collate_features(features, is_training=True, pad_id=0)
-    assert batch["input_ids"].tolist() == [[2, 7, 3, 0, 0], [2, 8, 9, 4, 3]]
-    assert batch["token_type_ids"].tolist() == [[0, 0, 1, 0, 0], [0, 0, 1, 1, 1]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
-    assert batch["start_positions"].tolist() == [1, 2] and batch["end_positions"].tolist() == [1, 3]
-    assert all(tensor.dtype == torch.int64 for tensor in batch.values())
-    assert set(ku.collate_features(features, is_training=False)) == {"input_ids", "token_type_ids", "attention_mask"}
+    table = _hand_made_table()
+    assert table.lengths.tolist() == [5, 7] and table.check(num_examples=2) is None
+    batch = ku.collate_features(table, [0, 1], is_training=True, pad_id=0)
+    assert batch["input_ids"].tolist() == [[2, 7, 3, 4, 3, 0, 0], [2, 8, 6, 3, 4, 5, 3]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]
+    assert batch["start_positions"].tolist() == [3, 5] and batch["end_positions"].tolist() == [3, 6]
+    assert all(isinstance(array, np.ndarray) and array.dtype == np.int64 for array in batch.values())
+    assert ku.collate_features(table, [1], is_training=False)["input_ids"].tolist() == [[2, 8, 6, 3, 4, 5, 3]]
+    assert set(ku.collate_features(table, [0], is_training=False)) == {"input_ids", "token_type_ids", "attention_mask"}
+    # The on-demand window view agrees with the table.
+    window = table.feature(1)
+    assert window.input_ids == [2, 8, 6, 3, 4, 5, 3] and window.segment_ids == [0] * 4 + [1] * 3
+    assert window.token_offsets == [None] * 4 + [(3, 4), (5, 6), None]
+    assert window.token_is_max_context == [False] * 4 + [True, False, False]
+    assert (window.start_position, window.end_position) == (5, 6)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -422,7 +473,7 @@ def test_decode_starts_only_at_max_context_pieces(long_file, tokenizer):
     # so "w5 w6" from window 1 is no candidate; w6 (4+3 in window 1) is max-context there.
     starts = _logits(features, {1: {6: 9.0}, 0: {9: 1.0}})
     ends = _logits(features, {1: {7: 9.0}, 0: {9: 1.0}})
-    predictions, _ = ku.decode_predictions(examples[:1], features[:5], starts[:5], ends[:5])
+    predictions, _ = ku.decode_predictions(examples, features, starts, ends)
     assert predictions["straddle"] == "w6"
 
 
@@ -500,3 +551,25 @@ def test_oracle_reaches_the_ceiling_on_the_dev_set(dev_file, vocab_file):
     with open(dev_file, encoding="utf-8") as file:
         scores = evaluate(json.load(file)["data"], predictions)
     assert scores["exact_match"] >= 99.65 and scores["f1"] >= 99.9, scores
+
+
+def test_the_data_path_runs_without_torch(tmp_path, long_file):
+    """Reading, windows, the cache, collation and decoding import no torch (the ONNX deployment has none)."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch is not installed here')\n")
+    (tmp_path / "v.txt").write_text("[PAD]\n")
+    script = (f"import sys; sys.path[:0] = [{str(blocker)!r}, {str(Path(ku.__file__).parent)!r}]\n"
+              "import korquad_utils as ku\n"
+              "from test_korquad_utils import WhitespaceTokenizer\n"
+              f"examples, table = ku.load_or_build_features({str(long_file)!r}, "
+              f"WhitespaceTokenizer({str(tmp_path / 'v.txt')!r}), 13, 3, 8, False, cache_dir={str(tmp_path)!r}, "
+              "progress=False)\n"
+              "batch = ku.collate_features(table, range(len(table)), is_training=False)\n"
+              "logits = [batch['attention_mask'][i, :n].astype(float) for i, n in enumerate(table.lengths)]\n"
+              "predictions, _ = ku.decode_predictions(examples, table, logits, logits)\n"
+              "print(len(predictions), 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["2", "False"]

@@ -128,6 +128,25 @@ def test_gradient_accumulation_trains_like_the_whole_global_batch(tiny_setup, tm
     assert_same_training(tmp_path / "whole", tmp_path / "accumulated", "korquad_0.bin")
 
 
+def test_max_steps_stops_there_with_the_schedule_spanning_them(tiny_setup, tmp_path):
+    import train
+
+    out = tmp_path / "out"
+    flags = train_flags(tiny_setup, out, epochs=30, batch_size=24) + ["--warmup_proportion=0"]
+    train.main(flags + ["--max_steps=5"])
+    log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    steps = [record for record in log if "loss" in record]
+    assert [record["step"] for record in steps] == [1, 2, 3, 4, 5]
+    # The linear decay reaches zero at step 5, not at 30 epochs' worth of steps.
+    assert [record["lr"] for record in steps] == pytest.approx([2e-3 * (5 - s) / 5 for s in range(1, 6)])
+    epochs = sorted({record["epoch"] for record in steps})
+    assert len(epochs) >= 2 and epochs == list(range(len(epochs)))  # 5 steps cross an epoch of these windows
+    assert sorted(p.name for p in out.glob("korquad_*.bin")) == [f"korquad_{epoch}.bin" for epoch in epochs]
+    # It is one of the run's settings: a resume with another value is refused.
+    with pytest.raises(train.UsageError, match="--max_steps was 5 in the interrupted run, now 6"):
+        train.main(flags + ["--max_steps=6", "--resume"])
+
+
 def test_default_precision_on_gpus(monkeypatch):
     """bf16 only where the GPU has it natively (an A100), fp16 with a scaler on a T4; --fp32 turns autocast off."""
     import argparse
