@@ -70,6 +70,25 @@ def bench_tokenize(args: argparse.Namespace) -> None:
     print(f"tokenize.continuation_share[analyzer=none]: {sum(p.startswith('##') for p in spaced) / len(spaced):.2%}")
 
 
+
+@benchmark("tokenize_long")
+def bench_tokenize_long(args: argparse.Namespace) -> None:
+    """Mecab + WordPiece over one long document (dev contexts joined, repeated to length): seconds
+    per length, and the seconds per 100k characters, which stay flat when tokenization is linear."""
+    import time
+
+    from tokenization import BertTokenizer
+
+    joined = " ".join(_dev_contexts(args.dev))
+    for length in (58_000, 116_000, 232_000, 1_200_000):
+        text = (joined * (length // len(joined) + 1))[:length]
+        tokenizer = BertTokenizer(VOCAB_FILE, analyzer="mecab")  # fresh: empty caches
+        started = time.perf_counter()
+        pieces = tokenizer.tokenize_with_offsets(text)
+        seconds = time.perf_counter() - started
+        print(f"tokenize_long[{length} chars]: {seconds:.2f} s, {len(pieces)} pieces, "
+              f"{seconds / length * 100_000:.2f} s per 100k chars")
+
 # --- features, decoding, oracle (issue 4) ------------------------------------------------
 # Dev set at 512 / 128 / 96 with Mecab; times are the median of 3 runs, each with a fresh tokenizer.
 _KQ_SETTINGS = {"max_seq_length": 512, "doc_stride": 128, "max_query_length": 96}

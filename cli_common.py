@@ -17,6 +17,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,7 +33,7 @@ import evaluate_v2_0
 import onnx_reader
 from korquad_utils import (FeatureTable, KorquadFormatError, SquadExample, abstain, atomic_write, collate_features,
                            decode_predictions, make_length_grouped_batches, null_odds)
-from tokenization import BertTokenizer, TokenizerError, read_do_lower_case
+from tokenization import BertTokenizer, TokenizerError, read_do_lower_case, read_vocab_tokens
 
 # torch and modeling (which needs torch) are imported where they are used: an ONNX model answers
 # through eval.py and predict.py without torch installed.
@@ -423,9 +426,15 @@ def save_torch_atomic(obj, path: Path) -> None:
     atomic_write(path, lambda file: torch.save(obj, file))
 
 
+def json_bytes(obj) -> bytes:
+    """Indented UTF-8 JSON (Korean unescaped), as the toolkit writes its JSON files."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def write_json_atomic(obj, path: Path) -> None:
     """Indented UTF-8 JSON (Korean unescaped), written atomically."""
-    atomic_write(path, lambda file: file.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
+    data = json_bytes(obj)
+    atomic_write(path, lambda file: file.write(data))
 
 
 CHECKPOINT_NAME = re.compile(r"korquad_(\d+)\.bin")   # train.py's per-epoch checkpoints
@@ -477,9 +486,17 @@ def resolve_finetuned_settings(args: argparse.Namespace) -> Config | onnx_reader
 
     For ONNX exports the answer is their `ExportSettings` (torch is not imported): it carries the
     config's vocab_size and max_position_embeddings for check_data_args and build_tokenizer."""
+    given = {name: getattr(args, name) for name in ("model_config", "vocab_file", "analyzer")}
     args.checkpoint = resolve_checkpoints(args.checkpoint)
     if any(onnx_reader.find_export(path) is not None for path in args.checkpoint):
         return settings_from_onnx_export(args)
+    config = _settings_of_first_checkpoint(args)
+    if len(args.checkpoint) > 1:
+        check_ensemble_members(args, config, given)
+    return config
+
+
+def _settings_of_first_checkpoint(args: argparse.Namespace) -> Config:
     from modeling import Config, is_transformers_dir
 
     if is_transformers_dir(args.checkpoint[0]):
@@ -492,6 +509,50 @@ def resolve_finetuned_settings(args: argparse.Namespace) -> Config | onnx_reader
     return config
 
 
+# Config keys that change nothing at inference: members may differ in them.
+_TRAINING_ONLY_KEYS = ("dropout_prob", "initializer_range")
+
+
+def check_ensemble_members(args: argparse.Namespace, config: Config, given: dict[str, str | None]) -> None:
+    """Refuse, before any work, an ensemble member that the first member's tokenizer and model cannot
+    serve: another analyzer, casing or vocab, other model settings, or tensors of other shapes.
+
+    `args` holds the first member's resolved settings, `given` the flags as the user gave them (each
+    member resolves its own from them, as it would alone)."""
+    import torch
+
+    from modeling import QuestionAnswering, load_checkpoint
+
+    first_vocab = read_vocab_tokens(args.vocab_file)
+    first_config = config.to_dict()
+    with torch.device("meta"):  # shapes only: no memory for the weights
+        shape_model = QuestionAnswering(config)
+    for path in args.checkpoint:
+        member = argparse.Namespace(**{**vars(args), **given, "checkpoint": [path]})
+        member_config = _settings_of_first_checkpoint(member).to_dict()
+        differences = [f"{name} {member_config[name]!r} (vs {first_config[name]!r})" for name in first_config
+                       if name not in _TRAINING_ONLY_KEYS and member_config[name] != first_config[name]]
+        if member.analyzer != args.analyzer:
+            differences.append(f"analyzer {member.analyzer!r} (vs {args.analyzer!r})")
+        if member.do_lower_case != args.do_lower_case:
+            differences.append(f"do_lower_case {member.do_lower_case} (vs {args.do_lower_case})")
+        if read_vocab_tokens(member.vocab_file) != first_vocab:
+            differences.append(f"vocab {member.vocab_file} (vs {args.vocab_file})")
+        if differences:
+            raise UsageError(f"--checkpoint {path} cannot join an ensemble with {args.checkpoint[0]}: "
+                             f"{'; '.join(differences)}")
+        with warnings.catch_warnings():  # loading into meta tensors is the no-op meant here
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+            kind = load_checkpoint(shape_model, path)
+        if kind != "finetuned":
+            raise not_finetuned(path)
+
+
+def not_finetuned(path: str | os.PathLike) -> UsageError:
+    return UsageError(f"--checkpoint {path} is a pretrained encoder without a trained span head; "
+                      f"pass a fine-tuned korquad_*.bin from train.py")
+
+
 def load_finetuned(path: str | os.PathLike, config: Config, device: torch.device,
                    into: QuestionAnswering | None = None) -> QuestionAnswering:
     """A fine-tuned QA model from `path`, in eval mode on `device`; a bare pretrained encoder is refused.
@@ -501,8 +562,7 @@ def load_finetuned(path: str | os.PathLike, config: Config, device: torch.device
 
     model = into if into is not None else QuestionAnswering(config)
     if load_checkpoint(model, path) != "finetuned":
-        raise UsageError(f"--checkpoint {path} is a pretrained encoder without a trained span head; "
-                         f"pass a fine-tuned korquad_*.bin from train.py")
+        raise not_finetuned(path)
     return model.to(device).eval()
 
 
@@ -600,11 +660,63 @@ def fetch_hub_model(checkpoint: str) -> str:
                          f"the directory") from None
     logger.info("downloading %s from the model hub", checkpoint)
     try:
-        return snapshot_download(repo_id=checkpoint, allow_patterns=list(HUB_FILES))
+        return _download_while_progressing(checkpoint, lambda: snapshot_download(
+            repo_id=checkpoint, allow_patterns=list(HUB_FILES)))
+    except UsageError:
+        raise
     except Exception as err:  # network, authentication and not-found errors come in many types
         message = " ".join(str(err).split())[:200] or type(err).__name__
         raise UsageError(f"--checkpoint {checkpoint}: not a local path, and the hub download failed ({message})"
                          ) from None
+
+
+# huggingface_hub asks for a repository's file list without any timeout: an endpoint that accepts
+# the connection and never answers would hang the run forever. Give up after this long without a
+# byte arriving in the download's cache folder (a slow but moving download goes on).
+HUB_STALL_SECONDS = 60.0
+
+
+def _download_while_progressing(checkpoint: str, download: Callable[[], str]) -> str:
+    """`download()` in a daemon thread, abandoned once the repository's cache folder has not grown for
+    HUB_STALL_SECONDS (a daemon thread does not keep the process alive after the error)."""
+    import huggingface_hub
+
+    constants = getattr(huggingface_hub, "constants", None)  # where its cache and endpoint are
+    cache = Path(constants.HF_HUB_CACHE) / f"models--{checkpoint.replace('/', '--')}" if constants else None
+    endpoint = f"the model hub ({constants.ENDPOINT})" if constants else "the model hub"
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["path"] = download()
+        except BaseException as err:  # handed to the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=run, name="hub-download", daemon=True)
+    thread.start()
+    size, changed = -1, time.monotonic()
+    while thread.is_alive():
+        thread.join(timeout=min(1.0, HUB_STALL_SECONDS))
+        now_size = _folder_bytes(cache)
+        if now_size != size:
+            size, changed = now_size, time.monotonic()
+        elif thread.is_alive() and time.monotonic() - changed > HUB_STALL_SECONDS:
+            raise UsageError(f"--checkpoint {checkpoint}: {endpoint} sent nothing for "
+                             f"{HUB_STALL_SECONDS:g} s; check the network (or HF_ENDPOINT), or download the model "
+                             f"directory and pass its path")
+    if "error" in result:
+        raise result["error"]
+    return str(result["path"])
+
+
+def _folder_bytes(folder: Path | None) -> int:
+    """The bytes of the files under `folder` (0 if there is none); files renamed meanwhile are skipped."""
+    total = 0
+    if folder is not None and folder.is_dir():
+        for file in folder.rglob("*"):
+            with contextlib.suppress(OSError):
+                total += file.stat().st_size if file.is_file() else 0
+    return total
 
 
 def settings_from_model_dir(args: argparse.Namespace, model_dir: str | os.PathLike) -> Config:

@@ -32,8 +32,8 @@ from cli_common import (TUNED_THRESHOLDS, ArgumentParser, UsageError, add_compil
                         check_metric_dataset, check_version_2, ensemble_logits, explicit_flags, has_answers,
                         pick_device, positive_int, prepare_output_dir, resolve_finetuned_settings, run_cli, score,
                         score_no_answer, setup_logging, tuned_threshold)
-from korquad_utils import (abstain, decode_predictions, load_or_build_features, null_odds, write_null_files,
-                           write_predictions)
+from korquad_utils import (SquadExample, abstain, decode_predictions, load_or_build_features, null_odds,
+                           write_null_files, write_predictions)
 
 logger = logging.getLogger("korquad")
 
@@ -81,6 +81,45 @@ def main(argv: Sequence[str] | None = None) -> None:
     metric = args.metric or ("squad2" if args.version_2_with_negative else "korquad")
     check_metric_dataset(args.predict_file, metric)
     output_dir = prepare_output_dir(args.output_dir)
+    examples, predictions, nbest, odds = predict_questions(args, config)
+    unwritable = drop_unwritable_questions(predictions, nbest, odds)
+    if odds is None:
+        write_predictions(predictions, nbest, output_dir)
+        logger.info("wrote %s and %s", output_dir / "predictions.json", output_dir / "nbest_predictions.json")
+        scores = None
+        if has_answers(examples):
+            scores = score(args.predict_file, predictions) if metric == "korquad" else \
+                score_no_answer(args.predict_file, metric, predictions, None)
+    else:
+        threshold = args.null_score_diff_threshold
+        if threshold in TUNED_THRESHOLDS:
+            if not has_answers(examples):
+                raise UsageError(f"--null_score_diff_threshold {threshold}: {args.predict_file} has no answers "
+                                 f"to tune on")
+            threshold = tuned_threshold(args.predict_file, predictions, odds, threshold)
+            logger.info("null_score_diff_threshold tuned on %s (%s): %.6g", args.predict_file,
+                        args.null_score_diff_threshold, threshold)
+        write_predictions(abstain(predictions, odds, threshold), nbest, output_dir)
+        write_null_files(odds, output_dir)
+        logger.info("wrote predictions.json, nbest_predictions.json, null_odds.json and na_probs.json in %s "
+                    "(threshold %.6g: %d of %d questions answered \"\")", output_dir, threshold,
+                    sum(value > threshold for value in odds.values()), len(odds))
+        scores = score_no_answer(args.predict_file, metric, predictions, odds, threshold) \
+            if has_answers(examples) else None
+    if scores is None:
+        print(f"{args.predict_file} has no answers (a test set?): predictions written, scoring skipped",
+              file=sys.stderr)
+    else:
+        print(json.dumps(scores, ensure_ascii=False))
+    if unwritable:
+        sys.exit(f"eval.py: {unwritable} question(s) left out of the predictions (see the lines above)")
+
+
+def predict_questions(args: argparse.Namespace, config
+                      ) -> tuple[list[SquadExample], dict[str, str], dict[str, list[dict]], dict[str, float] | None]:
+    """The questions of `args.predict_file`, with the ensemble's best answer and n-best list for each,
+    and (with --version_2_with_negative) each question's null-score odds (`args` as parse_args leaves
+    it, its settings resolved by resolve_finetuned_settings); submit.py's too."""
     onnx = isinstance(config, onnx_reader.ExportSettings)
     if not onnx:
         device = pick_device(args.no_cuda)
@@ -88,11 +127,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_compile_args(args, device)
 
     tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config, args.do_lower_case)
+    version_2 = getattr(args, "version_2_with_negative", False)
     examples, features = load_or_build_features(
         args.predict_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
         is_training=False, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache,
-        num_workers=args.preprocess_workers, progress=not args.quiet,
-        version_2_with_negative=args.version_2_with_negative)
+        num_workers=args.preprocess_workers, progress=not args.quiet, version_2_with_negative=version_2)
     logger.info("%d questions, %d features from %s", len(examples), len(features), args.predict_file)
 
     if onnx:
@@ -103,36 +142,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         mean_starts, mean_ends = ensemble_logits(args, config, features, device, amp_dtype)
     predictions, nbest = decode_predictions(examples, features, mean_starts, mean_ends,
                                             n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
-    if not args.version_2_with_negative:
-        write_predictions(predictions, nbest, output_dir)
-        logger.info("wrote %s and %s", output_dir / "predictions.json", output_dir / "nbest_predictions.json")
-        if not has_answers(examples):
-            print(f"{args.predict_file} has no answers (a test set?): predictions written, scoring skipped",
-                  file=sys.stderr)
-            return
-        scores = score(args.predict_file, predictions) if metric == "korquad" else \
-            score_no_answer(args.predict_file, metric, predictions, None)
-        print(json.dumps(scores, ensure_ascii=False))
-        return
+    odds = null_odds(examples, features.feature_example, mean_starts, mean_ends, nbest) if version_2 else None
+    return examples, predictions, nbest, odds
 
-    odds = null_odds(examples, features.feature_example, mean_starts, mean_ends, nbest)
-    threshold = args.null_score_diff_threshold
-    if threshold in TUNED_THRESHOLDS:
-        if not has_answers(examples):
-            raise UsageError(f"--null_score_diff_threshold {threshold}: {args.predict_file} has no answers to tune on")
-        threshold = tuned_threshold(args.predict_file, predictions, odds, threshold)
-        logger.info("null_score_diff_threshold tuned on %s (%s): %.6g", args.predict_file,
-                    args.null_score_diff_threshold, threshold)
-    write_predictions(abstain(predictions, odds, threshold), nbest, output_dir)
-    write_null_files(odds, output_dir)
-    logger.info("wrote predictions.json, nbest_predictions.json, null_odds.json and na_probs.json in %s "
-                "(threshold %.6g: %d of %d questions answered \"\")", output_dir, threshold,
-                sum(value > threshold for value in odds.values()), len(odds))
-    if not has_answers(examples):
-        print(f"{args.predict_file} has no answers (a test set?): predictions written, scoring skipped",
-              file=sys.stderr)
-        return
-    print(json.dumps(score_no_answer(args.predict_file, metric, predictions, odds, threshold), ensure_ascii=False))
+
+def drop_unwritable_questions(predictions: dict[str, str], nbest: dict[str, list[dict]],
+                              odds: dict[str, float] | None = None) -> int:
+    """Leave out, with one line each, the questions whose id or answer is not writable as UTF-8 (a lone
+    surrogate such as "\\ud800" that JSON escapes allow), so the others' predictions are still written."""
+    dropped = 0
+    for qas_id in list(predictions):
+        try:
+            json.dumps([qas_id, predictions[qas_id], nbest.get(qas_id)], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            print(f"eval.py: question {qas_id}: its id or answer holds a lone surrogate (not Unicode text); "
+                  f"left out", file=sys.stderr)
+            del predictions[qas_id]
+            nbest.pop(qas_id, None)
+            if odds is not None:
+                odds.pop(qas_id, None)
+            dropped += 1
+    return dropped
 
 
 if __name__ == "__main__":

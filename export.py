@@ -33,13 +33,13 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 import onnx_reader
-from cli_common import (ANALYZER_CONFIG_KEY, ROOT, SAVED_ARGS_NAME, ArgumentParser, UsageError, build_tokenizer,
-                        copy_vocab_into, load_finetuned, prepare_output_dir, resolve_finetuned_settings, run_cli,
-                        setup_logging, write_json_atomic)
-from korquad_utils import atomic_write, collate_features, convert_examples_to_features, read_squad_examples
+from cli_common import (ANALYZER_CONFIG_KEY, CHECKPOINT_NAME, ROOT, SAVED_ARGS_NAME, SAVED_VOCAB_NAME, ArgumentParser,
+                        UsageError, build_tokenizer, json_bytes, load_finetuned, prepare_output_dir,
+                        resolve_finetuned_settings, run_cli, setup_logging)
+from korquad_utils import atomic_write_files, collate_features, convert_examples_to_features, read_squad_examples
 from modeling import (TRANSFORMERS_CONFIG, BertForPreTraining, QuestionAnswering, config_to_transformers,
                       load_checkpoint, read_state_dict, to_transformers_pretraining_state, to_transformers_state)
-from tokenization import build_vocab, read_vocab_tokens
+from tokenization import ANALYZER_NAMES, build_vocab, read_vocab_tokens
 
 logger = logging.getLogger("korquad")
 
@@ -81,15 +81,33 @@ def export(model: QuestionAnswering | BertForPreTraining, vocab_file: str | Path
     else:
         config = config_to_transformers(model.config, **{ANALYZER_CONFIG_KEY: analyzer})
         state = to_transformers_state(model)
-    write_json_atomic(config, output_dir / TRANSFORMERS_CONFIG)
     weights = safetensors_bytes(state, metadata={"format": "pt"})
-    atomic_write(output_dir / WEIGHTS_NAME, lambda file: file.write(weights))
-    copy_vocab_into(vocab_file, output_dir)
+    vocab = Path(vocab_file).read_bytes()
     # strip_accents false: transformers would otherwise NFD-strip with lower-casing, breaking Hangul into jamo.
-    write_json_atomic({"tokenizer_class": "BertTokenizer", "do_lower_case": do_lower_case, "strip_accents": False,
-                       "tokenize_chinese_chars": True, "model_max_length": model.config.max_position_embeddings,
-                       "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                       "mask_token": "[MASK]"}, output_dir / TOKENIZER_CONFIG_NAME)
+    tokenizer_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": do_lower_case, "strip_accents": False,
+                        "tokenize_chinese_chars": True, "model_max_length": model.config.max_position_embeddings,
+                        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                        "mask_token": "[MASK]"}
+    # All four or none: a config.json beside another export's weights would describe the wrong model.
+    atomic_write_files({output_dir / TRANSFORMERS_CONFIG: lambda file: file.write(json_bytes(config)),
+                        output_dir / WEIGHTS_NAME: lambda file: file.write(weights),
+                        output_dir / SAVED_VOCAB_NAME: lambda file: file.write(vocab),
+                        output_dir / TOKENIZER_CONFIG_NAME: lambda file: file.write(json_bytes(tokenizer_config))})
+
+
+def check_output_dir(output_dir: Path, checkpoint: Path) -> None:
+    """Refuse to export into the source model's directory or into a training run's: the export's
+    config.json would replace the one the run's checkpoints (or the source model) are read with."""
+    source_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    if output_dir.exists() and output_dir.resolve() == source_dir.resolve():
+        raise UsageError(f"--output_dir {output_dir} is the directory of --checkpoint {checkpoint}; exporting "
+                         f"there would overwrite its {TRANSFORMERS_CONFIG}: pass a new directory")
+    if output_dir.is_dir():
+        run_files = sorted(child.name for child in output_dir.iterdir()
+                           if CHECKPOINT_NAME.fullmatch(child.name) or child.name == SAVED_ARGS_NAME)
+        if run_files:
+            raise UsageError(f"--output_dir {output_dir} holds a training run ({', '.join(run_files[:3])}); "
+                             f"exporting there would overwrite its {TRANSFORMERS_CONFIG}: pass a new directory")
 
 
 # --- ONNX ------------------------------------------------------------------------------------
@@ -273,10 +291,12 @@ def export_onnx(model: QuestionAnswering, vocab_file: str | Path, settings: onnx
             int8_bytes = quantize_int8(fp32_bytes, Path(scratch))
         verify(model, int8_bytes, onnx_reader.INT8_MODEL_NAME, batch, INT8_TOLERANCE)
         models[onnx_reader.INT8_MODEL_NAME] = int8_bytes
-    for name, model_bytes in models.items():
-        atomic_write(output_dir / name, lambda file, data=model_bytes: file.write(data))
-    copy_vocab_into(vocab_file, output_dir)
-    write_json_atomic(settings.to_json(), output_dir / onnx_reader.SETTINGS_NAME)
+    # All files or none, as for the transformers format: settings beside another export's model would mislead.
+    files = {output_dir / name: (lambda file, data=model_bytes: file.write(data)) for name, model_bytes in models.items()}
+    vocab = Path(vocab_file).read_bytes()
+    files[output_dir / SAVED_VOCAB_NAME] = lambda file: file.write(vocab)
+    files[output_dir / onnx_reader.SETTINGS_NAME] = lambda file: file.write(json_bytes(settings.to_json()))
+    atomic_write_files(files)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -286,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = resolve_finetuned_settings(args)
     if isinstance(config, onnx_reader.ExportSettings):
         raise UsageError(f"--checkpoint {args.checkpoint[0]} is an ONNX export already; export its PyTorch checkpoint")
+    if args.analyzer not in ANALYZER_NAMES:
+        raise UsageError(f"--analyzer {args.analyzer!r} (given, or the training run's) is not one of "
+                         f"{', '.join(ANALYZER_NAMES)}")
+    check_output_dir(Path(args.output_dir), Path(args.checkpoint[0]))
     vocab_tokens = read_vocab_tokens(args.vocab_file)
     build_vocab(vocab_tokens, args.vocab_file)  # checks the special tokens are there
     vocab_size = len(vocab_tokens)

@@ -182,18 +182,24 @@ def read_squad_examples(input_file: str | os.PathLike, is_training: bool,
     there is no `id`; `is_impossible` must be a boolean and false wherever there are answers.
     """
     path = Path(input_file)
-    articles = _field(_load_json_file(path), "data", list, str(path))
+    return squad_examples_from_json(_load_json_file(path), str(path), is_training, version_2_with_negative)
+
+
+def squad_examples_from_json(dataset: Any, name: str, is_training: bool,
+                             version_2_with_negative: bool = False) -> list[SquadExample]:
+    """`read_squad_examples` for a file already parsed (e.g. read from stdin); messages name `name`."""
+    articles = _field(dataset, "data", list, name)
     examples: list[SquadExample] = []
     seen_ids: set[str] = set()
     skipped = 0
     for article_number, article in enumerate(articles):
-        article_where = f"{path}: article {article_number}"
+        article_where = f"{name}: article {article_number}"
         for paragraph_number, paragraph in enumerate(_field(article, "paragraphs", list, article_where)):
             paragraph_where = f"{article_where} paragraph {paragraph_number}"
             context = _field(paragraph, "context", str, paragraph_where)
             for qa_number, qa in enumerate(_field(paragraph, "qas", list, paragraph_where)):
                 qas_id = _question_id(qa, f"{paragraph_where} question {qa_number}", version_2_with_negative)
-                where = f"{path}: question {qas_id}"
+                where = f"{name}: question {qas_id}"
                 if qas_id in seen_ids:
                     raise KorquadFormatError(f"{where}: duplicate question id")
                 seen_ids.add(qas_id)
@@ -210,7 +216,7 @@ def read_squad_examples(input_file: str | os.PathLike, is_training: bool,
                     example.start_char, example.end_char = span
                 examples.append(example)
     if skipped:
-        logger.warning("%s: skipped %d of %d training questions", path, skipped, len(seen_ids))
+        logger.warning("%s: skipped %d of %d training questions", name, skipped, len(seen_ids))
     return examples
 
 
@@ -610,19 +616,37 @@ def _cache_path(input_file: Path, cache_dir: Path, analyzer: str, max_seq_length
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Write through a temporary file in the same directory, then rename it into place, so a reader
-    (or a crash half-way) never leaves half a file under `path`."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with mode 0o666 lets the user's umask decide the final permissions, as for a plain open().
-    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    (or a crash half-way) never leaves half a file under `path`. An OSError names `path`."""
+    atomic_write_files({path: write})
+
+
+def atomic_write_files(files: dict[str | os.PathLike, Callable[[IO[bytes]], None]]) -> None:
+    """Write files that belong together (a model directory, predictions with their n-best lists)
+    whole or not at all: each goes to a temporary file beside it, and only once every one of them
+    is on disk are they renamed into place. A failed write (a full disk) replaces none of them, and
+    its OSError names the file being written, not its temporary name. A path that is a symlink is
+    written through to its target (the rename would otherwise replace the link with a plain file)."""
+    written: list[tuple[Path, Path]] = []
     try:
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())  # the data is on disk before the name points at it
-        os.replace(temp, path)
+        for target, write in files.items():
+            path = Path(os.path.realpath(target)) if Path(target).is_symlink() else Path(target)
+            temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            written.append((temp, path))
+            try:
+                # os.open with mode 0o666 lets the user's umask decide the final permissions, as for a plain open().
+                with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
+                    write(file)
+                    file.flush()
+                    os.fsync(file.fileno())  # the data is on disk before the name points at it
+            except OSError as error:
+                if error.filename not in (None, str(temp)):
+                    raise  # about another file (a source being copied): it names that one
+                raise OSError(error.errno, error.strerror or str(error), str(target)) from None
+        for temp, path in written:
+            os.replace(temp, path)
     except BaseException:
-        temp.unlink(missing_ok=True)
+        for temp, _path in written:
+            temp.unlink(missing_ok=True)
         raise
 
 
@@ -1080,13 +1104,14 @@ def write_null_files(odds: dict[str, float], output_dir: str | os.PathLike) -> t
 
 def write_predictions(predictions: dict[str, str], nbest: dict[str, list[dict[str, Any]]],
                       output_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write `predictions.json` and `nbest_predictions.json` (UTF-8, Korean unescaped) atomically."""
+    """Write `predictions.json` and `nbest_predictions.json` (UTF-8, Korean unescaped), both or neither."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = output_dir / "predictions.json", output_dir / "nbest_predictions.json"
-    for path, content in zip(paths, (predictions, nbest)):
-        text = json.dumps(content, ensure_ascii=False, indent=2) + "\n"
-        atomic_write(path, lambda file, text=text: file.write(text.encode("utf-8")))
+    texts = [(json.dumps(content, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
+             for content in (predictions, nbest)]
+    # Both or neither: predictions.json never stands beside the n-best lists of another run.
+    atomic_write_files({path: lambda file, text=text: file.write(text) for path, text in zip(paths, texts)})
     return paths
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import zipfile
 from dataclasses import asdict, dataclass, fields
@@ -61,20 +62,16 @@ class Config:
     model_type: str = "bert"             # "bert" or "electra": only the tensor names of an export differ
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.act_fn not in ACTIVATIONS:
-            raise ConfigError(f"act_fn {self.act_fn!r} is not one of {sorted(ACTIVATIONS)}")
-        if self.model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type {self.model_type!r} is not one of {list(MODEL_TYPES)}")
+        check_config_values(self.to_dict())
 
     @property
     def embedding_dim(self) -> int:
         return self.hidden_size if self.embedding_size is None else self.embedding_size
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> Config:
-        """Build a config from a dict; every key must be known and every required key present."""
+    def from_dict(cls, values: dict, source: str = "config", names: dict[str, str] | None = None) -> Config:
+        """Build a config from a dict; every key must be known, every required key present and every
+        value of its type and in its range. `names` gives the file's own key for a message (transformers')."""
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: expected a JSON object of model hyper-parameters")
         known = {f.name: f for f in fields(cls)}
@@ -84,16 +81,11 @@ class Config:
         missing = sorted(set(known) - set(values) - set(OPTIONAL_CONFIG_KEYS))
         if missing:
             raise ConfigError(f"{source}: missing key(s) {missing}")
-        for name, value in values.items():
-            if name == "embedding_size" and value is None:
-                continue
-            expected = {"float": float, "int": int, "int | None": int}.get(known[name].type, str)
-            if not isinstance(value, (int, float) if expected is float else expected) or isinstance(value, bool):
-                raise ConfigError(f"{source}: key {name!r} must be {expected.__name__}, got {value!r}")
         try:
-            return cls(**values)
+            check_config_values(values, names)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
+        return cls(**values)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> Config:
@@ -112,6 +104,45 @@ class Config:
 
 
 OPTIONAL_CONFIG_KEYS = ("embedding_size", "layer_norm_eps", "model_type")
+# Smallest allowed value of each whole-number key. Two token types: the question and the context segment.
+_MINIMUM_INTS = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_heads": 1, "ff_dim": 1,
+                 "max_position_embeddings": 1, "type_vocab_size": 2, "embedding_size": 1}
+# Allowed range of each number key as (low, low_inclusive, high, high_inclusive).
+_FLOAT_RANGES = {"dropout_prob": (0.0, True, 1.0, False), "initializer_range": (0.0, True, math.inf, False),
+                 "layer_norm_eps": (0.0, False, math.inf, False)}
+_CHOICES = {"act_fn": tuple(ACTIVATIONS), "model_type": MODEL_TYPES}
+
+
+def check_config_values(values: dict, names: dict[str, str] | None = None) -> None:
+    """Refuse a config value of the wrong type or out of range, naming the key (`names`: the file's own
+    key for ours) and the value: a bad value would otherwise surface as a traceback deep in the model,
+    or train something silently wrong (0 layers, NaN LayerNorm)."""
+    def problem(name: str, what: str) -> ConfigError:
+        return ConfigError(f"key {(names or {}).get(name, name)!r} {what}, got {values[name]!r}")
+
+    for name, value in values.items():
+        if name == "embedding_size" and value is None:
+            continue
+        if name in _MINIMUM_INTS:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise problem(name, "must be a whole number")
+            if value < _MINIMUM_INTS[name]:
+                raise problem(name, f"must be at least {_MINIMUM_INTS[name]}")
+        elif name in _FLOAT_RANGES:
+            low, low_inclusive, high, high_inclusive = _FLOAT_RANGES[name]
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise problem(name, "must be a number")
+            if not (math.isfinite(value) and (value >= low if low_inclusive else value > low)
+                    and (value <= high if high_inclusive else value < high)):
+                bounds = [f"{'>=' if low_inclusive else '>'} {low:g}"] + (
+                    [f"{'<=' if high_inclusive else '<'} {high:g}"] if math.isfinite(high) else [])
+                raise problem(name, f"must be a finite number {' and '.join(bounds)}")
+        elif name in _CHOICES and (not isinstance(value, str) or value not in _CHOICES[name]):
+            raise problem(name, f"must be one of {list(_CHOICES[name])}")
+    hidden, heads = values.get("hidden_size"), values.get("num_heads")
+    if hidden is not None and heads is not None and hidden % heads:
+        raise ConfigError(f"hidden_size {hidden} is not divisible by {(names or {}).get('num_heads', 'num_heads')} "
+                          f"{heads}")
 
 
 class Embeddings(nn.Module):
@@ -594,13 +625,19 @@ def config_from_transformers(values: dict, source: str = TRANSFORMERS_CONFIG) ->
     if position_type != "absolute":
         raise ConfigError(f"{source}: position_embedding_type {position_type!r} is not supported (only 'absolute')")
     activation = values.get("hidden_act", "gelu")
-    if activation not in ACTIVATIONS_FROM_TRANSFORMERS:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS_FROM_TRANSFORMERS:
         raise ConfigError(f"{source}: hidden_act {activation!r} is not supported "
                           f"(one of {sorted(ACTIVATIONS_FROM_TRANSFORMERS)})")
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     missing = [key for key in required if key not in values]
     if missing:
         raise ConfigError(f"{source}: missing key(s) {missing}")
+    if "attention_probs_dropout_prob" in values:  # not used, but a bad value is still a bad file
+        try:
+            check_config_values({"dropout_prob": values["attention_probs_dropout_prob"]},
+                                {"dropout_prob": "attention_probs_dropout_prob"})
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
     if values.get("attention_probs_dropout_prob", values.get("hidden_dropout_prob")) != values.get(
             "hidden_dropout_prob"):
         logger.info("%s: one dropout probability for all layers here: hidden_dropout_prob", source)
@@ -615,7 +652,12 @@ def config_from_transformers(values: dict, source: str = TRANSFORMERS_CONFIG) ->
             "initializer_range": values.get("initializer_range", 0.02),
             "embedding_size": None if embedding_size == hidden_size else embedding_size,
             "layer_norm_eps": values.get("layer_norm_eps", LAYER_NORM_EPS), "model_type": model_type}
-    return Config.from_dict(ours, source)
+    return Config.from_dict(ours, source, names=_NAMES_IN_TRANSFORMERS)
+
+
+# Our config keys under another name in a transformers config.json (for messages about that file).
+_NAMES_IN_TRANSFORMERS = {"num_heads": "num_attention_heads", "ff_dim": "intermediate_size",
+                          "act_fn": "hidden_act", "dropout_prob": "hidden_dropout_prob"}
 
 
 def config_to_transformers(config: Config, **extra) -> dict:
@@ -655,6 +697,11 @@ def read_transformers_dir(path: str | os.PathLike,
     config = config_from_transformers(read_transformers_config(directory), str(directory / TRANSFORMERS_CONFIG))
     weights_file = next((directory / name for name in TRANSFORMERS_WEIGHTS if (directory / name).is_file()), None)
     if weights_file is None:
+        shard_index = next((f"{name}.index.json" for name in TRANSFORMERS_WEIGHTS
+                            if (directory / f"{name}.index.json").is_file()), None)
+        if shard_index is not None:
+            raise CheckpointError(f"{directory}: sharded weights ({shard_index}) are not supported; save the model "
+                                  f"in one file (save_pretrained(..., max_shard_size=\"10GB\"))")
         raise CheckpointError(f"{directory}: no {' or '.join(TRANSFORMERS_WEIGHTS)} beside config.json")
     theirs = _read_transformers_weights(weights_file)
     state, source_names = from_transformers_state(theirs, str(weights_file), keep_heads)

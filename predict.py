@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from cli_common import (ArgumentParser, UsageError, add_compile_args, add_device
                         check_data_args, check_version_2, compile_model, explicit_flags, load_finetuned, pick_device,
                         positive_int, predict_logits, resolve_finetuned_settings, run_cli, setup_logging)
 from korquad_utils import (SquadExample, atomic_write, convert_examples_to_features, decode_predictions,
-                           no_answer_probability, null_odds, read_squad_examples)
+                           no_answer_probability, null_odds, squad_examples_from_json)
 from tokenization import BertTokenizer
 
 # torch is imported where a PyTorch model needs it: an ONNX export answers without torch installed.
@@ -78,6 +77,11 @@ def check_question(record: Any) -> dict[str, Any]:
         if not record[field].strip():
             raise InputError(f"\"{field}\" is empty")
         checked[field] = record[field]
+    for field, value in checked.items():
+        try:  # what is echoed back must be writable: JSON's \\ud800 escapes give lone surrogates
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"\"{field}\" holds a lone surrogate (not Unicode text)") from None
     return checked
 
 
@@ -220,30 +224,28 @@ Item = tuple[str, dict[str, Any] | InputError]
 
 
 def read_input_text(path: str) -> str:
-    """The whole of --input (a file, or stdin for "-"), a leading BOM dropped."""
-    if path == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            with open(path, encoding="utf-8") as file:
-                text = file.read()
-        except UnicodeDecodeError:
-            raise UsageError(f"--input {path}: not UTF-8 text") from None
-        except OSError as err:
-            raise UsageError(f"--input {path}: cannot read it ({err.strerror or err})") from None
+    """The whole of --input (a file, or stdin for "-"), a leading BOM dropped; the same UTF-8 rule for both."""
+    name = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as file:
+                data = file.read()
+    except OSError as err:
+        raise UsageError(f"--input {name}: cannot read it ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--input {name}: not UTF-8 text (byte {err.start})") from None
     return text.removeprefix("\ufeff")
 
 
-def korquad_items(path: str, text: str, version_2_with_negative: bool = False) -> list[Item]:
+def korquad_items(path: str, dataset: dict, version_2_with_negative: bool = False) -> list[Item]:
     """The questions of a KorQuAD/SQuAD-format input, checked by the same reader eval.py uses
     (with `version_2_with_negative`, KLUE-MRC's `guid` ids work too)."""
-    if path != "-":
-        examples = read_squad_examples(path, is_training=False, version_2_with_negative=version_2_with_negative)
-    else:
-        with tempfile.TemporaryDirectory() as directory:
-            copy = Path(directory) / "stdin.json"
-            copy.write_text(text, encoding="utf-8")
-            examples = read_squad_examples(copy, is_training=False, version_2_with_negative=version_2_with_negative)
+    examples = squad_examples_from_json(dataset, "stdin" if path == "-" else path, is_training=False,
+                                        version_2_with_negative=version_2_with_negative)
     items: list[Item] = []
     for example in examples:
         record = {"id": example.qas_id, "question": example.question_text, "context": example.context_text}
@@ -276,8 +278,9 @@ def input_items(path: str, version_2_with_negative: bool = False) -> list[Item] 
     except json.JSONDecodeError:
         whole = None
     if isinstance(whole, dict) and "data" in whole:
-        return korquad_items(path, text, version_2_with_negative)
-    return json_lines_items(text.splitlines())
+        return korquad_items(path, whole, version_2_with_negative)
+    # "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085, which JSON strings may hold raw.
+    return json_lines_items(text.split("\n"))
 
 
 def interactive_items(context: str | None, stdin: TextIO) -> Iterator[Item]:
@@ -436,12 +439,15 @@ def check_output(path: str | None) -> Path | None:
     if path is None:
         return None
     output = Path(path)
-    if output.is_dir():
-        raise UsageError(f"--output {output} is a directory")
-    if not output.parent.is_dir():
-        raise UsageError(f"--output {output}: directory {output.parent} does not exist")
-    if not os.access(output.parent, os.W_OK):
-        raise UsageError(f"--output {output}: directory {output.parent} is not writable")
+    # A symlink is written through to its target (atomic_write renames beside the target).
+    target = Path(os.path.realpath(output)) if output.is_symlink() else output
+    via = f" (a symlink to {target})" if target != output else ""
+    if target.is_dir():
+        raise UsageError(f"--output {output}{via} is a directory")
+    if not target.parent.is_dir():
+        raise UsageError(f"--output {output}{via}: directory {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise UsageError(f"--output {output}{via}: directory {target.parent} is not writable")
     return output
 
 

@@ -259,7 +259,7 @@ class MecabKoAnalyzer:
 
     def _find_lattice_api(self) -> Callable[[str], object] | None:
         # MeCab.parse builds a Morpheme with a parsed Feature for every node, two thirds of its
-        # time; reading the spans straight off the lattice skips that. The lattice API is not
+        # time; reading the nodes straight off the lattice skips that. The lattice API is not
         # public, so fall back to parse() where this python-mecab-ko version lacks it.
         try:
             from mecab.utils import create_lattice
@@ -273,11 +273,37 @@ class MecabKoAnalyzer:
         lattice = self._create_lattice(text)
         if not self._mecab._tagger.parse(lattice):
             raise TokenizerError(f"mecab failed: {self._mecab._tagger.what()}")
-        return [tuple(span) for span, _node in lattice]
+        return _node_spans(text, lattice.bos_node().next)
 
     def _parse_spans(self, text: str) -> list[Span]:
-        """Spans through the public MeCab.parse (the slower path)."""
-        return [(morpheme.span.start, morpheme.span.end) for morpheme in self._mecab.parse(text)]
+        """Spans through the public MeCab.parse (the slower path). Its spans, like the lattice
+        iterator's, leave out leading spaces, so the text goes in without them."""
+        body = text.lstrip(" ")
+        lead = len(text) - len(body)
+        return [(morpheme.span.start + lead, morpheme.span.end + lead) for morpheme in self._mecab.parse(body)]
+
+
+_MECAB_EOS = 3  # node.stat of the end-of-sentence node
+
+
+def _node_spans(text: str, node) -> list[Span]:
+    """Character spans of Mecab's lattice nodes from their byte lengths, in one pass over `text`.
+
+    Not the lattice's own (span, node) iterator: it converts every span from the start of the
+    text (quadratic: 36 s for 232k characters) and drops leading spaces from its count, so a text
+    starting with a separator came back shifted by one character per separator.
+    """
+    data = text.encode("utf-8")
+    spans: list[Span] = []
+    byte = char = 0
+    while node is not None and node.stat != _MECAB_EOS:
+        start = byte + node.rlength - node.length   # rlength counts the spaces skipped before it
+        char += len(data[byte:start].decode("utf-8"))
+        end = char + len(node.surface)
+        spans.append((char, end))
+        char, byte = end, start + node.length
+        node = node.next
+    return spans
 
 
 class SurfaceAnalyzer:

@@ -30,6 +30,7 @@ class FileServer(ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.honor_range = True
         self.cut_next_response = False
+        self.misplaced_range_start: int | None = None  # answer any Range with a 206 from this byte instead
         self.requests: list[tuple[str, str | None, int]] = []  # (path, Range header, status sent)
 
     @property
@@ -55,10 +56,13 @@ class RangeHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        status = 206 if start else 200
+        misplaced = requested is not None and self.server.misplaced_range_start is not None
+        if misplaced:
+            start = self.server.misplaced_range_start
+        status = 206 if start or misplaced else 200
         self._log(requested, status)
         self.send_response(status)
-        if start:
+        if start or misplaced:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
@@ -156,6 +160,15 @@ def test_server_ignoring_range_restarts_from_zero(server, dev_bytes, tmp_path):
     assert fetch(server, tmp_path) is True
     assert server.requests[-1][1:] == ("bytes=1000-", 200)
     assert (tmp_path / DEV).read_bytes() == dev_bytes
+
+
+def test_a_206_for_another_range_restarts_and_verifies(server, dev_bytes, tmp_path):
+    server.files = {DEV: dev_bytes}
+    server.misplaced_range_start = 0   # "206, bytes 0-N/N": the whole file, not the part asked for
+    (tmp_path / (DEV + ".part")).write_bytes(dev_bytes[:1000])
+    assert fetch(server, tmp_path) is True
+    assert [r[1:] for r in server.requests] == [("bytes=1000-", 206), (None, 200)]
+    assert (tmp_path / DEV).read_bytes() == dev_bytes and not (tmp_path / (DEV + ".part")).exists()
 
 
 def test_complete_part_file_is_finished_without_transfer(server, dev_bytes, tmp_path):

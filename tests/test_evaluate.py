@@ -17,6 +17,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "evaluate_v1_0.py"
     ('《서울》 "대한민국"의 (수도)', "서울 대한민국 의 수도"),
     ("‘한강’ 〈기적〉 <KorQuAD>", "한강 기적 korquad"),
     ("a(b)c", "a b c"),            # brackets become spaces ...
+    ("a<b>c", "a b c"),            # ... angle brackets too (at a word's edge they hide: see <KorQuAD> above)
+    ("a《b》c〈d〉e‘f’g\"h\"i'j", "a b c d e f g h i j"),
     ("a-b.c!", "abc"),             # ... other ASCII punctuation just goes
     ("  1,000  원 ", "1000 원"),
     ("「가」·나", "「가」·나"),        # non-ASCII punctuation outside the list stays

@@ -161,7 +161,8 @@ def test_train_from_an_electra_dir_then_eval_the_moved_run(tmp_path):
     write_subset(SAMPLE_FILE, tmp_path / "train.json", 16)
     flags = [*DATA_FLAGS, "--analyzer=none", "--no_cuda", "--quiet", f"--cache_dir={tmp_path / 'cache'}"]
     trained = run_script("train.py", f"--checkpoint={model_dir}", f"--train_file={tmp_path / 'train.json'}",
-                         f"--output_dir={tmp_path / 'run'}", "--num_train_epochs=1", "--train_batch_size=8", *flags)
+                         f"--eval_file={tmp_path / 'train.json'}", f"--output_dir={tmp_path / 'run'}",
+                         "--num_train_epochs=1", "--train_batch_size=8", *flags)
     assert trained.returncode == 0, trained.stderr
     saved_args = json.loads((tmp_path / "run" / "training_args.json").read_text())
     assert saved_args["do_lower_case"] is False and saved_args["analyzer"] == "none"
@@ -171,7 +172,15 @@ def test_train_from_an_electra_dir_then_eval_the_moved_run(tmp_path):
     evaluated = run_script("eval.py", f"--checkpoint={tmp_path / 'moved' / 'korquad_0.bin'}",
                            f"--predict_file={tmp_path / 'train.json'}", f"--output_dir={tmp_path / 'eval'}", *flags)
     assert evaluated.returncode == 0, evaluated.stderr
-    assert set(json.loads(evaluated.stdout.splitlines()[-1])) == {"exact_match", "f1"}
+    # The moved run reads text as training did (vocab, casing, analyzer): the scores train.py measured itself.
+    scores, during_training = json.loads(evaluated.stdout.splitlines()[-1]), json.loads(trained.stdout.splitlines()[-1])
+    assert scores == pytest.approx({key: during_training[key] for key in ("exact_match", "f1")}, abs=1e-6)
+    contexts = {qa["id"]: paragraph["context"] for paragraph in json.loads((tmp_path / "train.json").read_text(
+        encoding="utf-8"))["data"][0]["paragraphs"] for qa in paragraph["qas"]}
+    nbest = json.loads((tmp_path / "eval" / "nbest_predictions.json").read_text(encoding="utf-8"))
+    assert set(nbest) == set(contexts)
+    for qas_id, entries in nbest.items():
+        assert all(contexts[qas_id][entry["start"]:entry["end"]] == entry["text"] != "" for entry in entries)
 
 
 @pytest.mark.parametrize("model_type", ["bert", "electra"])

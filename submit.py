@@ -1,0 +1,77 @@
+"""Predictions for a KorQuAD v1.0 file in the leaderboard's submission form: INPUT.json in, OUTPUT.json out.
+
+    python3 submit.py INPUT.json OUTPUT.json
+    python3 submit.py INPUT.json OUTPUT.json --checkpoint output/korquad_2.bin
+
+As the contest baseline's submit.py: on the CPU, from `korquad_3.bin` beside this file with the config
+and vocab in `data/` beside it (unless the checkpoint's training run brings its own), 512-piece windows
+with a stride of 64, questions of up to 64 pieces, answers of up to 30, 20 candidates, 16 windows a batch.
+OUTPUT.json is {question id: answer text}, as the official evaluate-v1.0.py reads it. The work is eval.py's.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import eval as evaluate_script
+from cli_common import (ROOT, ArgumentParser, UsageError, check_data_args, json_bytes, resolve_finetuned_settings,
+                        run_cli, setup_logging)
+from korquad_utils import atomic_write
+
+logger = logging.getLogger("korquad")
+
+DEFAULT_CHECKPOINT = ROOT / "korquad_3.bin"
+# The baseline submit.py's settings, as eval.py flags.
+BASELINE_FLAGS = ["--max_seq_length=512", "--doc_stride=64", "--max_query_length=64", "--max_answer_length=30",
+                  "--n_best_size=20", "--train_batch_size=16"]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="submit.py", description="Write a KorQuAD v1.0 file's predictions as a "
+                                                         "leaderboard submission does, on the CPU.")
+    parser.add_argument("input", metavar="INPUT.json", help="KorQuAD v1.0-format questions to answer.")
+    parser.add_argument("output", metavar="OUTPUT.json", help="Where the {id: answer} predictions go.")
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                        help="A fine-tuned checkpoint, run directory or transformers QA directory "
+                             "(if not given: korquad_3.bin beside submit.py).")
+    parser.add_argument("--analyzer", default=None,
+                        help="Morpheme analyzer (if not given: the checkpoint's training run's, else mecab).")
+    parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
+    return parser.parse_args(argv)
+
+
+def check_output(path: Path) -> None:
+    """Refuse an OUTPUT.json that cannot be written, before any work."""
+    target = path.resolve()
+    if target.is_dir():
+        raise UsageError(f"OUTPUT.json {path} is a directory")
+    if not target.parent.is_dir():
+        raise UsageError(f"OUTPUT.json {path}: directory {target.parent} does not exist")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    own = parse_args(argv)
+    setup_logging(own.quiet)
+    output = Path(own.output)
+    check_output(output)
+    with tempfile.TemporaryDirectory(prefix="submit_") as scratch:   # features are built afresh, not cached
+        args = evaluate_script.parse_args(
+            ["--checkpoint", own.checkpoint, f"--predict_file={own.input}", f"--output_dir={scratch}",
+             f"--cache_dir={scratch}", "--no_cuda", *BASELINE_FLAGS, *(["--quiet"] if own.quiet else []),
+             *([f"--analyzer={own.analyzer}"] if own.analyzer else [])])
+        config = resolve_finetuned_settings(args)
+        check_data_args(args, config)
+        _, predictions, nbest, _ = evaluate_script.predict_questions(args, config)
+    unwritable = evaluate_script.drop_unwritable_questions(predictions, nbest)
+    atomic_write(output, lambda file: file.write(json_bytes(predictions)))
+    logger.info("wrote %d predictions to %s", len(predictions), output)
+    if unwritable:
+        sys.exit(f"submit.py: {unwritable} question(s) left out of the predictions (see the lines above)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
