@@ -280,12 +280,7 @@ def check_item(item: Any, where: str, limits: Limits) -> tuple[dict[str, Any], i
         record = check_question(item)
     except InputError as error:
         raise RequestError(400, f"{where}{error}") from None
-    for name in ("question", "context"):
-        try:
-            record[name].encode("utf-8")
-        except UnicodeEncodeError as error:   # JSON can escape a lone surrogate (\ud800); no text holds one
-            raise RequestError(400, f"{where}\"{name}\" is not valid Unicode (a lone surrogate at character "
-                                    f"{error.start})") from None
+    for name in ("question", "context"):   # check_question has refused lone surrogates (\ud800) already
         if len(record[name]) > limits.max_context_chars:
             raise RequestError(413, f"{where}\"{name}\" is {len(record[name])} characters; this server takes at "
                                     f"most {limits.max_context_chars} (--max_context_chars)")

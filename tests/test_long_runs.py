@@ -423,7 +423,7 @@ def test_new_run_into_a_runs_directory_is_refused_unless_resumed_or_overwritten(
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(train, "load_or_build_features", killed)
+        patch.setattr(train, "load_or_build_table", killed)
         with pytest.raises(KeyboardInterrupt):
             train.main(flags(setup, out, "--num_train_epochs=0.2", "--overwrite_output_dir"))
     assert directory_contents(out) == before
