@@ -139,7 +139,7 @@ def teacher_run(tmp_path_factory) -> Path:
     trained = run_script("train.py", f"--output_dir={root / 'run'}", "--checkpoint=none",
                          f"--model_config={root / 'tiny.json'}",
                          f"--train_file={repeated(root / 'train.json', root / 'repeated.json', PASSES)}", *SMALL,
-                         "--analyzer=none", "--train_batch_size=8", "--learning_rate=3e-3", "--num_train_epochs=4",
+                         "--analyzer=none", "--train_batch_size=8", "--learning_rate=3e-3", "--num_train_epochs=12",
                          "--warmup_proportion=0.05", "--save_total_limit=1", "--no_cuda", "--quiet",
                          f"--cache_dir={root / 'cache'}", "--logging_steps=50", timeout=900)
     assert trained.returncode == 0, trained.stderr
@@ -240,6 +240,9 @@ def test_mecab_student_learns_the_teachers_answers_without_gold(teacher_run, tmp
                          f"--teacher_targets={tmp_path / 'targets'}", "--distill_alpha=1", timeout=900)
     assert trained.returncode == 0, trained.stderr
     teacher = predictions_of(teacher_run / "run", train_file, tmp_path / "teacher_predictions")
+    # The premise: the teacher knows these questions (a teacher that does not is a coin flip to copy).
+    gold = {example.qas_id: example.answers[0]["text"] for example in read_squad_examples(train_file, False)}
+    assert sum(teacher[q] == gold[q] for q in gold) >= 7, teacher
     student = predictions_of(tmp_path / "student", train_file, tmp_path / "student_predictions")
     agree = sum(student[q] == teacher[q] for q in teacher)
     assert agree >= 0.75 * len(teacher), (agree, student, teacher)

@@ -341,6 +341,13 @@ def test_damaged_cache_is_rebuilt_with_a_warning(long_file, tokenizer, tmp_path,
     assert hit == rebuilt
 
 
+def test_a_file_without_usable_windows_caches_an_empty_table(tmp_path, tokenizer):
+    path = _write_squad(tmp_path / "d.json", [{"context": CONTEXT, "qas": [_qa("q", "q0", "not in it", 3)]}])
+    for _ in range(2):   # built and written, then read back from the cache
+        _, table = _cached(path, tokenizer, tmp_path / "cache")
+        assert len(table) == 0 and table.num_examples == 0
+
+
 def test_cache_defaults_beside_the_data(long_file, tokenizer):
     _cached(long_file, tokenizer, None)
     assert len(list((long_file.parent / "cache").glob("long.*.features"))) == 1
