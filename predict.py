@@ -31,7 +31,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import onnx_reader
 from cli_common import (ArgumentParser, UsageError, add_compile_args, add_device_args, add_no_answer_args,
@@ -283,26 +283,53 @@ def input_items(path: str, version_2_with_negative: bool = False) -> list[Item] 
     return json_lines_items(text.split("\n"))
 
 
-def interactive_items(context: str | None, stdin: TextIO) -> Iterator[Item]:
-    """A context (given, else the first non-blank line read), then one question per line until EOF."""
+def stdin_lines(stdin: BinaryIO) -> Iterator[tuple[int, str | UnicodeDecodeError]]:
+    """Each line of `stdin`, numbered from 1, as text without its line end (a BOM opening the stream
+    dropped), or the error of a line that is not UTF-8.
+
+    Lines are decoded here, as --input decodes stdin: a text-mode sys.stdin would follow the locale
+    and replace, escape or crash on bytes that are not UTF-8."""
+    for number, raw in enumerate(stdin, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield number, err
+            continue
+        if number == 1:
+            line = line.removeprefix("\ufeff")
+        yield number, line.removesuffix("\n").removesuffix("\r")
+
+
+def interactive_items(context: str | None, stdin: BinaryIO) -> Iterator[Item]:
+    """A context (given, else the first non-blank line read), then one question per line until EOF.
+
+    A question line that is not UTF-8 fails alone (like a bad --input line); a context line that is
+    not UTF-8 ends the session, as every question would be asked about it."""
     prompt = stdin.isatty()
+    lines = stdin_lines(stdin)
     if context is None:
         if prompt:
             print("context> ", end="", file=sys.stderr, flush=True)
-        for line in stdin:
+        for number, line in lines:
+            if isinstance(line, UnicodeDecodeError):
+                raise UsageError(f"--interactive: stdin line {number} (the context): "
+                                 f"not UTF-8 text (byte {line.start} of the line)")
             if line.strip():
-                context = line.rstrip("\n").removeprefix("\ufeff")
+                context = line
                 break
         else:
             raise UsageError("--interactive: no context given (pass --context/--context_file or type it first)")
     if prompt:
         print("question> ", end="", file=sys.stderr, flush=True)
-    for number, line in enumerate(stdin, start=1):
-        if line.strip():
+    for number, line in lines:
+        where = f"stdin line {number}"
+        if isinstance(line, UnicodeDecodeError):
+            yield where, InputError(f"not UTF-8 text (byte {line.start} of the line)")
+        elif line.strip():
             try:
-                yield f"question {number}", check_question({"question": line.rstrip("\n"), "context": context})
+                yield where, check_question({"question": line, "context": context})
             except InputError as err:
-                yield f"question {number}", err
+                yield where, err
         if prompt:
             print("question> ", end="", file=sys.stderr, flush=True)
 
@@ -346,7 +373,7 @@ def question_items(args: argparse.Namespace) -> Iterable[Item]:
     if args.input is not None:
         # A KLUE file's guid ids need the flag now, before the model (and the run's setting) is read.
         return input_items(args.input, args.version_2_with_negative is True)
-    return interactive_items(context, sys.stdin)
+    return interactive_items(context, sys.stdin.buffer)
 
 
 def read_context(args: argparse.Namespace) -> str | None:

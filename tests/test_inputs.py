@@ -253,6 +253,69 @@ def test_invalid_utf8_is_refused_on_stdin_as_from_a_file(run_dir, monkeypatch, c
             _predict(monkeypatch, capsys, data, f"--checkpoint={run_dir}", f"--input={source}")
 
 
+def test_interactive_skips_a_question_line_that_is_not_utf8_and_answers_the_rest(run_dir):
+    """Real stdin in a fresh process, decoded strictly as on a UTF-8 desktop locale: one line naming
+    stdin and the line, the other questions answered, exit status 1, no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    stdin = CONTEXT.encode() + "\n언제 창제되었나?\n수도".encode() + b"\xff?\n" + "누가?\n".encode()
+    result = subprocess.run([sys.executable, str(ROOT / "predict.py"), f"--checkpoint={run_dir}", "--interactive",
+                             *WINDOW_FLAGS], input=stdin, capture_output=True, cwd=ROOT, timeout=120,
+                            env={**__import__("os").environ, "PYTHONIOENCODING": "utf-8:strict"})
+    answers = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert result.stderr.decode().splitlines() == [
+        "predict.py: stdin line 3: not UTF-8 text (byte 6 of the line)",
+        "predict.py: 1 question(s) could not be answered (see the lines above)"]
+    assert len(answers) == 2 and result.returncode == 1
+    assert all(CONTEXT[answer["start"]:answer["end"]] == answer["answer"] for answer in answers)
+
+
+def test_interactive_refuses_a_context_line_that_is_not_utf8(run_dir, monkeypatch, capsys):
+    from cli_common import UsageError
+
+    stdin = "\n".encode() + CONTEXT.encode()[:6] + b"\xc0\xaf" + "\n누가?\n".encode()
+    with pytest.raises(UsageError, match=r"^--interactive: stdin line 2 \(the context\): not UTF-8 text "
+                                         r"\(byte 6 of the line\)$"):
+        _predict(monkeypatch, capsys, stdin, f"--checkpoint={run_dir}", "--interactive")
+    assert capsys.readouterr().out == ""
+
+
+def test_interactive_odd_text_gets_the_answers_of_clean_text(run_dir, monkeypatch, capsys):
+    """A BOM opening stdin, CRLF line ends, NFD Hangul, ideographic / no-break / zero-width spaces:
+    the answers (and probabilities) of the clean lines, with offsets into the text as typed."""
+    import unicodedata
+
+    questions = ["훈민정음은 언제 창제되었나?", "누가 반포하였나?"]
+
+    def session(context: str, *question_lines: str, before: str = "", end: str = "\n") -> list[dict]:
+        stdin = before + context + end + "".join(question + end for question in question_lines)
+        status, answers, errors = _predict(monkeypatch, capsys, stdin.encode(), f"--checkpoint={run_dir}",
+                                           "--interactive")
+        assert status == 0 and errors == [] and len(answers) == len(question_lines)
+        return answers
+
+    clean = session(CONTEXT, *questions)
+    odd_questions = [variant for question in questions for variant in (
+        unicodedata.normalize("NFD", question), question.replace(" ", "\u3000"),
+        "\u200b" + question.replace(" ", "\u00a0"), "\ufeff" + question)]
+    for answer, expected in zip(session(CONTEXT, *odd_questions, before="\ufeff", end="\r\n"),
+                                [answer for answer in clean for _ in range(4)]):
+        assert answer == expected
+    odd_spaces = CONTEXT.replace(" ", "\u3000", 2).replace(" ", "\u00a0")   # swapped one for one
+    for answer, expected in zip(session(odd_spaces, *questions, before="\ufeff"), clean):
+        assert {**answer, "answer": answer["answer"].replace("\u3000", " ").replace("\u00a0", " ")} == expected
+        assert answer["answer"] == odd_spaces[answer["start"]:answer["end"]]
+    decomposed = unicodedata.normalize("NFD", CONTEXT)
+    for answer, expected in zip(session(decomposed, *questions, end="\r\n"), clean):
+        start, end = (len(unicodedata.normalize("NFD", CONTEXT[:offset])) for offset in (expected["start"],
+                                                                                           expected["end"]))
+        assert (answer["answer"], answer["start"], answer["end"]) == (decomposed[start:end], start, end)
+        assert answer["probability"] == pytest.approx(expected["probability"], abs=1e-6)
+
+
 def test_an_output_symlink_is_written_through_to_its_target(run_dir, monkeypatch, capsys, tmp_path):
     target = tmp_path / "answers" / "latest.jsonl"
     target.parent.mkdir()

@@ -21,13 +21,15 @@ import torch
 from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
 
 # Run train.py, sending itself a signal at one chosen moment: in the Nth optimizer step (the Nth gradient
-# clipping) or while writing the Nth torch file (after part of it is on disk). A test hook only: train.py
+# clipping), before the Nth training micro-batch's forward pass (with accumulation: between the micro-batches
+# of one step) or while writing the Nth torch file (after part of it is on disk). A test hook only: train.py
 # itself is run unchanged, as a user would.
 STOPPER = '''
 import os, signal, sys
 sys.path.insert(0, {root!r})
 sys.argv[0] = "train.py"
 import torch
+import modeling
 import train
 
 when, sig, where = int(os.environ["STOP_AT"]), signal.Signals[os.environ["STOP_SIGNAL"]], os.environ["STOP_WHERE"]
@@ -55,9 +57,20 @@ def save_then_maybe_stop(obj, file, *args, **kwargs):
     return real_save(obj, file, *args, **kwargs)
 
 
-real_clip, real_save = torch.nn.utils.clip_grad_norm_, torch.save
+def forward_then_maybe_stop(self, *args, **kwargs):
+    global calls
+    if self.training:
+        calls += 1
+        if calls == when:
+            stop_here()
+    return real_forward(self, *args, **kwargs)
+
+
+real_clip, real_save, real_forward = torch.nn.utils.clip_grad_norm_, torch.save, modeling.QuestionAnswering.forward
 if where == "save":
     torch.save = save_then_maybe_stop
+elif where == "micro_batch":
+    modeling.QuestionAnswering.forward = forward_then_maybe_stop
 else:
     torch.nn.utils.clip_grad_norm_ = clip_then_maybe_stop
 train.run_cli(train.cli, train.USER_ERRORS + (train.TrainingDiverged, train.CheckpointWriteError,
@@ -106,6 +119,22 @@ def straight(setup) -> Path:
 
     output_dir = setup / "straight"
     train.main(flags(setup, output_dir))
+    return output_dir
+
+
+# 2 micro-batches of 2 features a step (5 steps an epoch, one epoch) and a loss line every 3 steps: stops fall
+# inside steps and between loss lines, where a resume must skip whole steps' micro-batches and carry the
+# losses not yet shown.
+ACCUMULATED = ["--train_batch_size=2", "--gradient_accumulation_steps=2", "--logging_steps=3", "--num_train_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def straight_accumulated(setup) -> Path:
+    """An uninterrupted run with ACCUMULATED: what the interrupted accumulated runs must end equal to."""
+    import train
+
+    output_dir = setup / "straight_accumulated"
+    train.main(flags(setup, output_dir, *ACCUMULATED))
     return output_dir
 
 
@@ -558,17 +587,12 @@ def test_stops_during_evaluation_are_finished_on_resume_and_the_best_epoch_survi
 
 
 def test_kill_and_sigterm_with_accumulation_and_sparse_logging_resume_like_an_uninterrupted_run(
-        setup, tmp_path, monkeypatch):
-    """2 micro-batches a step and a loss line every 3 steps: each stop falls between loss lines, and a resumed
-    run must skip whole steps' micro-batches and carry on the losses still to be shown."""
+        setup, straight_accumulated, tmp_path, monkeypatch):
+    """With ACCUMULATED, in this process: each stop falls between loss lines."""
     import train
 
-    accumulated = ["--train_batch_size=2", "--gradient_accumulation_steps=2", "--logging_steps=3",
-                   "--num_train_epochs=1"]
-    reference = tmp_path / "straight"
-    train.main(flags(setup, reference, *accumulated))
     out = tmp_path / "run"
-    run = flags(setup, out, *accumulated, "--save_steps=2")
+    run = flags(setup, out, *ACCUMULATED, "--save_steps=2")
     with monkeypatch.context() as patch:  # killed inside step 3: the newest state is step 2's
         call_hook(patch, torch.nn.utils, "clip_grad_norm_", kill_at(3))
         with pytest.raises(Killed):
@@ -584,4 +608,32 @@ def test_kill_and_sigterm_with_accumulation_and_sparse_logging_resume_like_an_un
 
     train.main(run + ["--resume"])
     assert [r["step"] for r in map(json.loads, (out / "training_log.jsonl").read_text().splitlines())] == [3, 5]
-    assert_same_end(reference, out, checkpoint="korquad_0.bin")
+    assert_same_end(straight_accumulated, out, checkpoint="korquad_0.bin")
+
+
+def test_kill_9_between_micro_batches_and_after_a_save_then_resume_ends_like_an_uninterrupted_run(
+        setup, straight_accumulated, tmp_path):
+    """A real kill -9 with ACCUMULATED: once between the two micro-batches of a step, once just after a saved
+    state, before the next step's first micro-batch. Each resume skips whole steps' micro-batches."""
+    import train
+
+    out = tmp_path / "run"
+    run = flags(setup, out, *ACCUMULATED, "--save_steps=2")
+
+    def losses_not_yet_shown() -> int:
+        return torch.load(out / "training_state.pt", weights_only=True)["loss_count"]
+
+    # Micro-batches 1-4 are steps 1-2 (state saved, their 4 losses not yet shown); killed after micro-batch 5,
+    # the first half of step 3, whose gradient dies with the process.
+    killed = run_stopped(setup, run, "SIGKILL", when=6, where="micro_batch")
+    assert killed.returncode == -signal.SIGKILL and state_position(out)[:4] == (0, 2, False, 2)
+    assert losses_not_yet_shown() == 4
+
+    # Resumed at micro-batch 5: steps 3 (shown) and 4 (saved, its 2 losses pending); killed before step 5.
+    killed = run_stopped(setup, run + ["--resume"], "SIGKILL", when=5, where="micro_batch")
+    assert killed.returncode == -signal.SIGKILL and state_position(out)[:4] == (0, 4, False, 4)
+    assert losses_not_yet_shown() == 2
+
+    train.main(run + ["--resume"])  # to the end in this process: the kills above were the real ones
+    assert_same_end(straight_accumulated, out, tolerance=0.0, checkpoint="korquad_0.bin")  # tensor-identical
+    assert (out / "training_log.jsonl").read_text() == (straight_accumulated / "training_log.jsonl").read_text()
