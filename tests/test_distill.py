@@ -548,3 +548,19 @@ def test_compiled_distillation_trains_as_eager_in_one_graph_per_bucket(student_s
     assert_same_training(tmp_path / "eager", tmp_path / "compiled", "korquad_0.bin")
     assert shapes["compiled"] == {(4, 96), (4, 128)}, shapes
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_transformers_teacher_whose_windows_leave_no_context_is_refused_before_any_work(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import distill as distill_script
+    from cli_common import UsageError
+    config = transformers.BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128)
+    transformers.BertForQuestionAnswering(config).save_pretrained(str(tmp_path / "qa"))
+    shutil.copy(VOCAB_FILE, tmp_path / "qa" / "vocab.txt")
+    # The model's 128 positions cap --max_seq_length 512: 126 question tokens and [CLS]/[SEP]/[SEP] fill them.
+    with pytest.raises(UsageError, match="windows of 128 tokens leave no room for the context after "
+                                         "--max_query_length 126"):
+        distill_script.main([f"--teacher={tmp_path / 'qa'}", f"--train_file={SAMPLE_FILE}", "--max_seq_length=512",
+                             "--max_query_length=126", f"--output_dir={tmp_path / 'out'}", "--no_cuda"])
+    assert not (tmp_path / "out").exists()
