@@ -337,12 +337,18 @@ def test_questions_without_targets_are_refused(teacher_run, tmp_path):
     one_line_error(result, "no targets for question", "3 of 8")
 
 
-def test_transformers_dir_without_a_qa_head_is_one_line(tmp_path):
+def tiny_transformers_model(directory: Path, architecture: str = "BertForQuestionAnswering") -> Path:
+    """A transformers BERT directory with our vocabulary and 128 positions, random weights."""
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=128)
-    transformers.BertModel(config).save_pretrained(str(tmp_path / "encoder"))
-    shutil.copy(VOCAB_FILE, tmp_path / "encoder" / "vocab.txt")
+    getattr(transformers, architecture)(config).save_pretrained(str(directory))
+    shutil.copy(VOCAB_FILE, directory / "vocab.txt")
+    return directory
+
+
+def test_transformers_dir_without_a_qa_head_is_one_line(tmp_path):
+    tiny_transformers_model(tmp_path / "encoder", "BertModel")
     result = run_script("distill.py", f"--teacher={tmp_path / 'encoder'}", f"--train_file={SAMPLE_FILE}",
                         f"--output_dir={tmp_path / 'out'}", "--no_cuda")
     one_line_error(result, "--teacher", "not a question-answering model")
@@ -353,10 +359,7 @@ def test_slow_tokenizer_without_offsets_is_refused(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     import distill as distill_script
     from cli_common import UsageError
-    config = transformers.BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=128)
-    transformers.BertForQuestionAnswering(config).save_pretrained(str(tmp_path / "qa"))
-    shutil.copy(VOCAB_FILE, tmp_path / "qa" / "vocab.txt")
+    tiny_transformers_model(tmp_path / "qa")
 
     class SlowTokenizer:  # what a tokenizer without a tokenizer.json (no Rust backend) reports
         is_fast = False
@@ -364,6 +367,18 @@ def test_slow_tokenizer_without_offsets_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="slow one without character offsets"):
         distill_script.main([f"--teacher={tmp_path / 'qa'}", f"--train_file={SAMPLE_FILE}",
                              f"--output_dir={tmp_path / 'out'}", "--no_cuda"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_transformers_teacher_whose_windows_leave_no_context_is_refused_before_any_work(tmp_path):
+    import distill as distill_script
+    from cli_common import UsageError
+    tiny_transformers_model(tmp_path / "qa")
+    # The model's 128 positions cap --max_seq_length 512: 126 question tokens and [CLS]/[SEP]/[SEP] fill them.
+    with pytest.raises(UsageError, match="windows of 128 tokens leave no room for the context after "
+                                         "--max_query_length 126"):
+        distill_script.main([f"--teacher={tmp_path / 'qa'}", f"--train_file={SAMPLE_FILE}", "--max_seq_length=512",
+                             "--max_query_length=126", f"--output_dir={tmp_path / 'out'}", "--no_cuda"])
     assert not (tmp_path / "out").exists()
 
 
@@ -548,19 +563,3 @@ def test_compiled_distillation_trains_as_eager_in_one_graph_per_bucket(student_s
     assert_same_training(tmp_path / "eager", tmp_path / "compiled", "korquad_0.bin")
     assert shapes["compiled"] == {(4, 96), (4, 128)}, shapes
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
-
-
-def test_transformers_teacher_whose_windows_leave_no_context_is_refused_before_any_work(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    import distill as distill_script
-    from cli_common import UsageError
-    config = transformers.BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=128)
-    transformers.BertForQuestionAnswering(config).save_pretrained(str(tmp_path / "qa"))
-    shutil.copy(VOCAB_FILE, tmp_path / "qa" / "vocab.txt")
-    # The model's 128 positions cap --max_seq_length 512: 126 question tokens and [CLS]/[SEP]/[SEP] fill them.
-    with pytest.raises(UsageError, match="windows of 128 tokens leave no room for the context after "
-                                         "--max_query_length 126"):
-        distill_script.main([f"--teacher={tmp_path / 'qa'}", f"--train_file={SAMPLE_FILE}", "--max_seq_length=512",
-                             "--max_query_length=126", f"--output_dir={tmp_path / 'out'}", "--no_cuda"])
-    assert not (tmp_path / "out").exists()
