@@ -46,6 +46,9 @@ logger = logging.getLogger("korquad")
 
 # Every code point str.isspace() accepts (none lies above U+3000).
 SPACE_CODE_POINTS = np.array([code for code in range(0x3001) if chr(code).isspace()], dtype=np.uint32)
+# Part of the targets' key: targets from when a transformers teacher's --doc_stride was its windows' overlap
+# are not current for the same flags now.
+WINDOWS_RULE = "window starts --doc_stride tokens apart"
 # One teacher window: its context tokens' (m, 2) character offsets, start logits (m), end logits (m).
 Window = tuple[np.ndarray, np.ndarray, np.ndarray]
 # One question's sparse distribution: characters and their probabilities.
@@ -323,8 +326,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "max_query_length": args.max_query_length, "analyzer": args.analyzer,
                 "target_mass": args.target_mass}
     key = hashlib.sha256(json.dumps({"format": TEACHER_TARGETS_FORMAT, "train_file_sha256": train_sha,
-                                     "teachers": [t["sha256"] for t in described], **settings},
-                                    sort_keys=True).encode()).hexdigest()
+                                     "teachers": [t["sha256"] for t in described], "windows": WINDOWS_RULE,
+                                     **settings}, sort_keys=True).encode()).hexdigest()
     if (output_dir / TEACHER_TARGETS_NPZ).is_file():
         try:
             if read_teacher_targets(output_dir).key == key:
