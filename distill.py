@@ -46,6 +46,9 @@ logger = logging.getLogger("korquad")
 
 # Every code point str.isspace() accepts (none lies above U+3000).
 SPACE_CODE_POINTS = np.array([code for code in range(0x3001) if chr(code).isspace()], dtype=np.uint32)
+# Part of the targets' key: targets from when a transformers teacher's --doc_stride was its windows' overlap
+# are not current for the same flags now.
+WINDOWS_RULE = "window starts --doc_stride tokens apart"
 # One teacher window: its context tokens' (m, 2) character offsets, start logits (m), end logits (m).
 Window = tuple[np.ndarray, np.ndarray, np.ndarray]
 # One question's sparse distribution: characters and their probabilities.
@@ -153,10 +156,12 @@ def import_transformers():
     return transformers
 
 
-def check_transformers_teacher(directory: Path, teacher: str):
-    """The fast tokenizer of a transformers QA model directory; refuses a model without a QA head or offsets."""
+def check_transformers_teacher(directory: Path, teacher: str, args: argparse.Namespace):
+    """The fast tokenizer of a transformers QA model directory; refuses a model without a QA head or offsets,
+    and windows that leave its longest question no context."""
     transformers = import_transformers()
-    architectures = read_transformers_config(directory).get("architectures") or []
+    config = read_transformers_config(directory)
+    architectures = config.get("architectures") or []
     if architectures and not any(name.endswith("ForQuestionAnswering") for name in architectures):
         raise UsageError(f"--teacher {teacher}: not a question-answering model (its config.json says "
                          f"architectures {architectures}); pass a model fine-tuned for extractive QA")
@@ -168,11 +173,23 @@ def check_transformers_teacher(directory: Path, teacher: str):
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(f"--teacher {teacher}: its tokenizer ({type(tokenizer).__name__}) is a slow one without "
                          f"character offsets; distillation needs a fast tokenizer (tokenizer.json)")
+    limit = window_limit(config, tokenizer, args)
+    if limit - args.max_query_length - tokenizer.num_special_tokens_to_add(pair=True) < 1:
+        raise UsageError(f"--teacher {teacher}: its windows of {limit} tokens leave no room for the context after "
+                         f"--max_query_length {args.max_query_length}; lower --max_query_length")
     return tokenizer
 
 
-def load_transformers_model(directory: Path, teacher: str, device: torch.device):
+def window_limit(config: dict, tokenizer, args: argparse.Namespace) -> int:
+    """A transformers teacher's window length: --max_seq_length, capped by the model's and tokenizer's limits."""
+    return min(args.max_seq_length, config.get("max_position_embeddings") or args.max_seq_length,
+               tokenizer.model_max_length)
+
+
+def load_transformers_model(directory: Path, teacher: str, device: torch.device, quiet: bool):
     transformers = import_transformers()
+    if quiet:  # --quiet means no progress bars, transformers' weight-loading bar included
+        transformers.utils.logging.disable_progress_bar()
     try:
         model, info = transformers.AutoModelForQuestionAnswering.from_pretrained(str(directory),
                                                                                  output_loading_info=True)
@@ -187,27 +204,39 @@ def load_transformers_model(directory: Path, teacher: str, device: torch.device)
 
 def transformers_windows(directory: Path, teacher: str, tokenizer, examples: Sequence[SquadExample],
                          args: argparse.Namespace, device: torch.device, amp_dtype) -> list[list[Window]]:
-    """Each question's windows as the transformers model sees them: its tokenizer's overflowing windows
-    (`stride` = --doc_stride tokens of overlap, as transformers' run_qa.py), at most --max_seq_length and
-    the model's own limit."""
-    model = load_transformers_model(directory, teacher, device)
-    limit = min(args.max_seq_length, getattr(model.config, "max_position_embeddings", args.max_seq_length),
-                tokenizer.model_max_length)
+    """Each question's windows as the transformers model sees them: windows of its own tokens cut by its
+    tokenizer's overflow, at most --max_seq_length and the model's own limit long, their starts --doc_stride
+    tokens apart as in train.py (the tokenizer's `stride` is the overlap: window length - --doc_stride)."""
+    model = load_transformers_model(directory, teacher, device, args.quiet)
+    limit = window_limit(read_transformers_config(directory), tokenizer, args)
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
     questions = [truncated_question(tokenizer, ex.question_text, args.max_query_length) for ex in examples]
+    # The context's share of a window, and so the overlap, depends on the question's length: one
+    # tokenizer call per question length.
+    question_lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    by_length: dict[int, list[int]] = {}
+    for example_index, length in enumerate(question_lengths):
+        by_length.setdefault(length, []).append(example_index)
+    chunks = [(length, group[begin:begin + 256]) for length, group in sorted(by_length.items())
+              for begin in range(0, len(group), 256)]
     inputs, spans = [], []
-    for begin in tqdm(range(0, len(examples), 256), desc=f"tokenizing for {teacher}", unit="chunk",
-                      disable=args.quiet):
-        chunk = slice(begin, begin + 256)
-        encoded = tokenizer(questions[chunk], [ex.context_text for ex in examples[chunk]], truncation="only_second",
-                            max_length=limit, stride=max(0, min(args.doc_stride, limit - args.max_query_length - 4)),
+    for length, chunk in tqdm(chunks, desc=f"tokenizing for {teacher}", unit="chunk", disable=args.quiet):
+        context_budget = limit - length - specials  # at least 1: check_transformers_teacher
+        encoded = tokenizer([questions[i] for i in chunk], [examples[i].context_text for i in chunk],
+                            truncation="only_second", max_length=limit,
+                            stride=max(0, context_budget - args.doc_stride),
                             return_overflowing_tokens=True, return_offsets_mapping=True)
-        for row, example_index in enumerate(encoded["overflow_to_sample_mapping"]):
+        window_number = np.zeros(len(chunk), dtype=np.int64)
+        for row, in_chunk in enumerate(encoded["overflow_to_sample_mapping"]):
             in_context = np.array([sequence == 1 for sequence in encoded.sequence_ids(row)])
             offsets = np.asarray(encoded["offset_mapping"][row], dtype=np.int64).reshape(-1, 2)
             inputs.append({name: encoded[name][row] for name in ("input_ids", "token_type_ids", "attention_mask")
                            if name in encoded})
-            spans.append((begin + example_index, np.flatnonzero(in_context), offsets[in_context]))
-    windows: list[list[Window]] = [[] for _ in examples]
+            spans.append((chunk[in_chunk], window_number[in_chunk], np.flatnonzero(in_context), offsets[in_context]))
+            window_number[in_chunk] += 1
+    # Filled by window number: the max-context rule breaks ties by window order, whatever the batch order.
+    counts = np.bincount([example_index for example_index, *_ in spans], minlength=len(examples))
+    windows: list[list[Window]] = [[None] * count for count in counts.tolist()]
     pad_id = tokenizer.pad_token_id or 0
     batches = make_length_grouped_batches([len(x["input_ids"]) for x in inputs], args.batch_size, shuffle=False)
     with torch.no_grad():
@@ -221,8 +250,8 @@ def transformers_windows(directory: Path, teacher: str, tokenizer, examples: Seq
             start_logits = output.start_logits.float().cpu().numpy()
             end_logits = output.end_logits.float().cpu().numpy()
             for row, index in enumerate(batch):
-                example_index, columns, offsets = spans[index]
-                windows[example_index].append((offsets, start_logits[row, columns], end_logits[row, columns]))
+                example_index, number, columns, offsets = spans[index]
+                windows[example_index][number] = (offsets, start_logits[row, columns], end_logits[row, columns])
     return windows
 
 
@@ -282,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # A transformers directory or hub id goes through transformers; anything else is a checkpoint or run of ours.
         directory = Path(fetch_hub_model(teacher))
         if is_transformers_dir(directory):
-            teachers.append((teacher, "transformers", directory, check_transformers_teacher(directory, teacher)))
+            teachers.append((teacher, "transformers", directory, check_transformers_teacher(directory, teacher, args)))
         else:
             checkpoint = resolve_checkpoints([teacher])[0]
             teachers.append((teacher, "korquad", checkpoint, None))
@@ -297,8 +326,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "max_query_length": args.max_query_length, "analyzer": args.analyzer,
                 "target_mass": args.target_mass}
     key = hashlib.sha256(json.dumps({"format": TEACHER_TARGETS_FORMAT, "train_file_sha256": train_sha,
-                                     "teachers": [t["sha256"] for t in described], **settings},
-                                    sort_keys=True).encode()).hexdigest()
+                                     "teachers": [t["sha256"] for t in described], "windows": WINDOWS_RULE,
+                                     **settings}, sort_keys=True).encode()).hexdigest()
     if (output_dir / TEACHER_TARGETS_NPZ).is_file():
         try:
             if read_teacher_targets(output_dir).key == key:

@@ -350,10 +350,17 @@ def file_digest(flag: str, path: str | os.PathLike) -> str:
 def check_same_settings(saved: dict, current: dict, saved_paths: dict, current_paths: dict) -> None:
     """Refuse a resume whose settings differ from the interrupted run's, naming the first difference."""
     advice = "resume with the interrupted run's settings, or train into a new --output_dir"
-    for name, now in current.items():
-        was = saved.get(name)
+    # A setting only one of the runs has (a teacher, --version_2_with_negative) differs too.
+    for name in [*current, *(name for name in saved if name not in current)]:
+        was, now = saved.get(name), current.get(name)
         if was == now:
             continue
+        if name not in current:
+            raise UsageError(f"--resume: the interrupted run had {name} {_setting_shown(name, saved, saved_paths)}, "
+                             f"this one has none; {advice}")
+        if name not in saved:
+            raise UsageError(f"--resume: the interrupted run had no {name}, this one has {name} "
+                             f"{_setting_shown(name, current, current_paths)}; {advice}")
         if name in current_paths:  # files: compared by contents, shown by name
             raise UsageError(f"--resume: {name} {current_paths[name]} (sha256 {now[:12]}) differs from the "
                              f"interrupted run's {saved_paths.get(name)} (sha256 {str(was)[:12]}); {advice}")
@@ -362,6 +369,12 @@ def check_same_settings(saved: dict, current: dict, saved_paths: dict, current_p
             raise UsageError(f"--resume: {name} {key} was {was.get(key)} in the interrupted run, now {now.get(key)}; "
                              f"{advice}")
         raise UsageError(f"--resume: {name} was {was} in the interrupted run, now {now}; {advice}")
+
+
+def _setting_shown(name: str, settings: dict, paths: dict) -> str:
+    """A setting as a refusal names it: a file by its path and the start of its digest, else its value."""
+    value = settings[name]
+    return f"{paths[name]} (sha256 {str(value)[:12]})" if name in paths else str(value)
 
 
 def read_training_state(path: Path, keys: Sequence[str], writer: str) -> dict:

@@ -590,6 +590,8 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
         args.teacher_targets_key = targets.key
     settings = run_settings(args, config, tokenizer.do_lower_case, ctx.world_size)
     paths = {"--train_file": str(args.train_file), "--vocab_file": str(args.vocab_file)}
+    if targets is not None:  # a refused resume names the targets' directories (compared by their key)
+        paths["--teacher_targets"] = str(args.teacher_targets)
     state = load_resume_state(output_dir, settings, paths) if args.resume else None
     if ctx.enabled and args.preprocess_workers > 1:
         # Forking tokenizer workers from a process whose process group (and CUDA) threads are

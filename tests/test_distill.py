@@ -1,15 +1,19 @@
 """Distillation: distill.py's character-level teacher targets, their projection onto student windows, the KD loss."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
+from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
 from korquad_utils import (TeacherTargets, convert_examples_to_features, decode_predictions, gold_logits,
                            project_char_targets, read_squad_examples, read_teacher_targets, teacher_batch_targets)
 from modeling import Config, QuestionAnswering, distill_loss
@@ -198,24 +202,26 @@ def test_own_run_as_teacher_projects_to_its_own_softmax_over_the_students_tokens
 
 
 def test_transformers_path_and_our_path_give_the_same_targets(teacher_run, tmp_path):
+    """An exported `--analyzer none` run: BertTokenizerFast cuts the same pieces, and its overflow, with the
+    overlap distill.py derives from --doc_stride, the same windows; so the same logits and the same targets,
+    also where a context needs several windows and the max-context rule picks among them."""
     pytest.importorskip("transformers", reason="transformers is a test-only dependency")
     run, train_file = teacher_run / "run", teacher_run / "train.json"
     exported = run_script("export.py", f"--checkpoint={run}", f"--output_dir={tmp_path / 'exported'}", "--quiet")
     assert exported.returncode == 0, exported.stderr
-    ours = distill(run, train_file, tmp_path / "ours", "--target_mass=1", windows=LONG)
-    theirs = distill(tmp_path / "exported", train_file, tmp_path / "theirs", "--target_mass=1", windows=LONG)
+    ours = distill(run, train_file, tmp_path / "ours", "--target_mass=1")
+    theirs = distill(tmp_path / "exported", train_file, tmp_path / "theirs", "--target_mass=1")
     assert json.loads((tmp_path / "theirs" / "teacher_targets.json").read_text())["teachers"][0]["kind"] == \
         "transformers"
-    _, features, _ = none_features(run, train_file)
-    windows_per_question = np.bincount(features.example_index)
-    single = [q for q in range(len(windows_per_question)) if windows_per_question[q] == 1]
-    assert len(single) >= 2
-    # Several windows: transformers' stride is an overlap, ours a step, so the windows (and their
-    # logits) differ; one window: the same tokens, the same model, the same numbers.
-    for row in single:
+    tokenizer = BertTokenizer(str(run / "vocab.txt"), analyzer="none")
+    examples = read_squad_examples(train_file, is_training=False)
+    windows = np.bincount(convert_examples_to_features(examples, tokenizer, is_training=False, progress=False,
+                                                       **SMALL_WINDOWS).example_index)
+    assert (windows >= 3).sum() >= 4, windows  # most contexts need several windows
+    for row in range(len(examples)):
         for side in ("start", "end"):
             a, b = dense(ours, row, side), dense(theirs, row, side)
-            assert set(a) == set(b)
+            assert set(a) == set(b) and len(a) > 10
             np.testing.assert_allclose([b[c] for c in a], list(a.values()), atol=1e-4)
 
 
@@ -331,12 +337,18 @@ def test_questions_without_targets_are_refused(teacher_run, tmp_path):
     one_line_error(result, "no targets for question", "3 of 8")
 
 
-def test_transformers_dir_without_a_qa_head_is_one_line(tmp_path):
+def tiny_transformers_model(directory: Path, architecture: str = "BertForQuestionAnswering") -> Path:
+    """A transformers BERT directory with our vocabulary and 128 positions, random weights."""
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=128)
-    transformers.BertModel(config).save_pretrained(str(tmp_path / "encoder"))
-    shutil.copy(VOCAB_FILE, tmp_path / "encoder" / "vocab.txt")
+    getattr(transformers, architecture)(config).save_pretrained(str(directory))
+    shutil.copy(VOCAB_FILE, directory / "vocab.txt")
+    return directory
+
+
+def test_transformers_dir_without_a_qa_head_is_one_line(tmp_path):
+    tiny_transformers_model(tmp_path / "encoder", "BertModel")
     result = run_script("distill.py", f"--teacher={tmp_path / 'encoder'}", f"--train_file={SAMPLE_FILE}",
                         f"--output_dir={tmp_path / 'out'}", "--no_cuda")
     one_line_error(result, "--teacher", "not a question-answering model")
@@ -347,10 +359,7 @@ def test_slow_tokenizer_without_offsets_is_refused(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     import distill as distill_script
     from cli_common import UsageError
-    config = transformers.BertConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=128)
-    transformers.BertForQuestionAnswering(config).save_pretrained(str(tmp_path / "qa"))
-    shutil.copy(VOCAB_FILE, tmp_path / "qa" / "vocab.txt")
+    tiny_transformers_model(tmp_path / "qa")
 
     class SlowTokenizer:  # what a tokenizer without a tokenizer.json (no Rust backend) reports
         is_fast = False
@@ -359,3 +368,198 @@ def test_slow_tokenizer_without_offsets_is_refused(tmp_path, monkeypatch):
         distill_script.main([f"--teacher={tmp_path / 'qa'}", f"--train_file={SAMPLE_FILE}",
                              f"--output_dir={tmp_path / 'out'}", "--no_cuda"])
     assert not (tmp_path / "out").exists()
+
+
+def test_transformers_teacher_whose_windows_leave_no_context_is_refused_before_any_work(tmp_path):
+    import distill as distill_script
+    from cli_common import UsageError
+    tiny_transformers_model(tmp_path / "qa")
+    # The model's 128 positions cap --max_seq_length 512: 126 question tokens and [CLS]/[SEP]/[SEP] fill them.
+    with pytest.raises(UsageError, match="windows of 128 tokens leave no room for the context after "
+                                         "--max_query_length 126"):
+        distill_script.main([f"--teacher={tmp_path / 'qa'}", f"--train_file={SAMPLE_FILE}", "--max_seq_length=512",
+                             "--max_query_length=126", f"--output_dir={tmp_path / 'out'}", "--no_cuda"])
+    assert not (tmp_path / "out").exists()
+
+
+# --- train.py's machinery with a teacher: resume, DDP, --compile, accumulation, bf16 ---------------
+
+def synthetic_targets(train_file: Path, directory: Path, seed: int) -> Path:
+    """Teacher targets for `train_file` as distill.py writes them, drawn at random: each question's start
+    and end mass on a few characters of its whole context (so some of it lies outside any one window)."""
+    from korquad_utils import sha256_of_file, write_teacher_targets
+    examples = read_squad_examples(train_file, is_training=False)
+    rng = np.random.default_rng(seed)
+    sides = []
+    for _ in ("start", "end"):
+        per_question = [np.unique(rng.integers(0, len(example.context_text), 8)) for example in examples]
+        probs = [rng.dirichlet(np.full(len(chars), 0.3)) for chars in per_question]
+        sides += [np.r_[0, np.cumsum([len(chars) for chars in per_question])].astype(np.int64),
+                  np.concatenate(per_question).astype(np.int32), np.concatenate(probs).astype(np.float32)]
+    train_sha = sha256_of_file(train_file)
+    directory.mkdir()
+    key = hashlib.sha256(f"synthetic {seed} {train_sha}".encode()).hexdigest()
+    write_teacher_targets(TeacherTargets(key, train_sha, np.array([ex.qas_id for ex in examples]), *sides),
+                          directory, {"teachers": [f"synthetic, seed {seed}"]})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def student_setup(tmp_path_factory) -> Path:
+    """4 questions (20 windows at DATA_FLAGS: 5 steps of 4 an epoch, whole for 1 or 2 ranks), with and
+    without their answers; targets for each (`targets`, an identical copy, and others); configs with
+    and without dropout; an encoder to start from."""
+    root = tmp_path_factory.mktemp("student")
+    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    (root / "dropout.json").write_text(json.dumps({**TINY_CONFIG, "dropout_prob": 0.1}))
+    torch.manual_seed(0)
+    torch.save(QuestionAnswering(Config(**TINY_CONFIG)).bert.state_dict(), root / "pretrained.bin")
+    write_subset(SAMPLE_FILE, root / "train.json", 4)
+    repeated(root / "train.json", root / "unlabelled.json", 1, keep_answers=False)
+    synthetic_targets(root / "train.json", root / "targets", seed=0)
+    shutil.copytree(root / "targets", root / "same_targets")
+    synthetic_targets(root / "train.json", root / "other_targets", seed=1)
+    synthetic_targets(root / "unlabelled.json", root / "unlabelled_targets", seed=2)
+    return root
+
+
+def student_flags(setup: Path, output_dir: Path, *extra: str, config: str = "dropout.json",
+                  targets: str | None = "targets") -> list[str]:
+    teacher = [f"--teacher_targets={setup / targets}"] if targets else []
+    return [f"--output_dir={output_dir}", f"--checkpoint={setup / 'pretrained.bin'}",
+            f"--model_config={setup / config}", f"--train_file={setup / 'train.json'}", *DATA_FLAGS,
+            "--train_batch_size=4", "--learning_rate=2e-3", "--num_train_epochs=2", "--seed=42", "--no_cuda",
+            "--quiet", f"--cache_dir={setup / 'cache'}", "--logging_steps=1", *teacher, *extra]
+
+
+def training_losses(output_dir: Path) -> list[float]:
+    return [record["loss"] for record in map(json.loads, (output_dir / "training_log.jsonl").read_text().splitlines())
+            if "loss" in record]
+
+
+def test_resume_with_teacher_targets_ends_as_the_uninterrupted_run_and_other_targets_are_refused(
+        student_setup, tmp_path, monkeypatch):
+    """Dropout on (the random state after the stop matters); SIGTERM inside step 3 of 5."""
+    import train
+    from test_long_runs import call_hook, sigterm_at
+
+    def flags(output_dir: Path, *extra: str, targets: str | None = "targets") -> list[str]:
+        return student_flags(student_setup, output_dir, "--num_train_epochs=1", *extra, targets=targets)
+    train.main(flags(tmp_path / "straight"))
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        call_hook(patch, torch.nn.utils, "clip_grad_norm_", sigterm_at(3))
+        with pytest.raises(train.TrainingStopped):
+            train.main(flags(out, "--save_steps=2"))
+    state = out / "training_state.pt"
+    assert torch.load(state, weights_only=True)["global_step"] == 3
+    before = state.read_bytes()
+
+    targets = student_setup / "targets"
+    refusals = {
+        "other targets": (flags(out, "--resume", targets="other_targets"),
+                          ["--teacher_targets", str(student_setup / "other_targets"), str(targets)]),
+        "alpha": (flags(out, "--resume", "--distill_alpha=0.7"),
+                  ["--distill_alpha was 0.5 in the interrupted run, now 0.7"]),
+        "temperature": (flags(out, "--resume", "--distill_temperature=3"),
+                        ["--distill_temperature was 2.0 in the interrupted run, now 3.0"]),
+        "no targets": (flags(out, "--resume", targets=None),
+                       ["the interrupted run had --teacher_targets", str(targets), "this one has none"]),
+    }
+    for name, (refused_flags, expected) in refusals.items():
+        with pytest.raises(train.UsageError) as refused:
+            train.main(refused_flags)
+        message = str(refused.value)
+        assert "\n" not in message and all(part in message for part in expected), (name, message)
+        assert state.read_bytes() == before, name
+    # Targets are known by their contents: an identical copy elsewhere resumes.
+    train.main(flags(out, "--resume", targets="same_targets"))
+    expected = torch.load(tmp_path / "straight" / "korquad_0.bin", weights_only=True)
+    resumed = torch.load(out / "korquad_0.bin", weights_only=True)
+    assert expected.keys() == resumed.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
+    assert training_losses(out) == training_losses(tmp_path / "straight")  # no step lost, none twice
+    assert len(training_losses(out)) == 5 and (out / "training_curves.png").is_file()
+
+
+def test_a_plain_run_resumed_with_teacher_targets_is_refused(student_setup, tmp_path):
+    """Settings only one of the two runs has are a difference too (check_same_settings once looked only at
+    the resuming run's)."""
+    import train
+
+    plain = student_flags(student_setup, tmp_path / "plain", "--num_train_epochs=0.2", targets=None)
+    train.main(plain)
+    with pytest.raises(train.UsageError, match="the interrupted run had no --teacher_targets, this one has "
+                                               f"--teacher_targets {student_setup / 'targets'}"):
+        train.main(plain + ["--resume", f"--teacher_targets={student_setup / 'targets'}"])
+
+
+def test_torchrun_distillation_without_gold_matches_one_process_with_the_same_global_batch(student_setup, tmp_path):
+    """--distill_alpha 1 on questions without answers: every number in the loss comes from the targets each
+    rank projects onto its own windows, so a rank projecting wrongly would part from the single process."""
+    import train
+    from test_training import assert_same_training
+
+    def flags(output_dir: Path, batch_size: int) -> list[str]:
+        return student_flags(student_setup, output_dir, f"--train_file={student_setup / 'unlabelled.json'}",
+                             f"--train_batch_size={batch_size}", "--distill_alpha=1", config="tiny.json",
+                             targets="unlabelled_targets")
+    train.main(flags(tmp_path / "single", 4))
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "train.py"), *flags(tmp_path / "ddp", 2)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    args = json.loads((tmp_path / "ddp" / "training_args.json").read_text())
+    assert (args["world_size"], args["global_batch_size"]) == (2, 4)
+    assert_same_training(tmp_path / "single", tmp_path / "ddp", "korquad_1.bin")
+    losses = training_losses(tmp_path / "ddp")
+    assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])  # it learns the teacher
+
+
+def test_accumulation_trains_like_the_whole_batch_and_bf16_steps_with_teacher_targets(student_setup, tmp_path):
+    import train
+    from test_training import assert_same_training
+
+    def flags(output_dir: Path, *extra: str) -> list[str]:
+        return student_flags(student_setup, output_dir, "--num_train_epochs=1", *extra, config="tiny.json")
+    train.main(flags(tmp_path / "whole"))
+    train.main(flags(tmp_path / "accumulated", "--train_batch_size=2", "--gradient_accumulation_steps=2"))
+    assert_same_training(tmp_path / "whole", tmp_path / "accumulated", "korquad_0.bin")
+
+    train.main(flags(tmp_path / "bf16", "--bf16"))
+    bf16, fp32 = training_losses(tmp_path / "bf16"), training_losses(tmp_path / "whole")
+    assert len(bf16) == 5 and all(np.isfinite(bf16))
+    np.testing.assert_allclose(bf16, fp32, rtol=0.05)  # bfloat16 keeps 8 significant bits
+    start = torch.load(student_setup / "pretrained.bin", weights_only=True)
+    trained = torch.load(tmp_path / "bf16" / "korquad_0.bin", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in trained.values())
+    assert not torch.equal(trained["bert.embeddings.word_embeddings.weight"], start["embeddings.word_embeddings.weight"])
+
+
+def test_compiled_distillation_trains_as_eager_in_one_graph_per_bucket(student_setup, tmp_path, monkeypatch):
+    """The targets are padded with the batch (filler rows carry none), so --compile sees the shapes plain
+    training does: one graph per bucket, no recompilation per batch. Dynamo's tracing and guards (what
+    decides recompiling) run with the aot_eager backend: Inductor's C++ build of a training graph takes
+    about a minute on this CPU, and its code for plain training is what test_compile.py checks."""
+    import train
+    from korquad_utils import collate_features
+    from test_training import assert_same_training
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, dynamic=None: real_compile(
+        model, backend="aot_eager", dynamic=dynamic))
+    shapes: dict[str, set] = {"eager": set(), "compiled": set()}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for run, extra in (("eager", []), ("compiled", ["--compile", "--compile_bucket=32"])):
+        def recording_collate(*args, _seen=shapes[run], **kwargs):
+            batch = collate_features(*args, **kwargs)
+            _seen.add(batch["input_ids"].shape)
+            return batch
+        with monkeypatch.context() as patch:
+            patch.setattr(train, "collate_features", recording_collate)
+            # 20 windows: 16 of 128 pieces, 4 of 75-79 (a bucket of 96 when compiled).
+            train.main(student_flags(student_setup, tmp_path / run, "--max_seq_length=128", "--doc_stride=90",
+                                     "--num_train_epochs=1", *extra, config="tiny.json"))
+    assert_same_training(tmp_path / "eager", tmp_path / "compiled", "korquad_0.bin")
+    assert shapes["compiled"] == {(4, 96), (4, 128)}, shapes
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2

@@ -281,6 +281,22 @@ def test_dead_runs_lock_and_temp_files_are_taken_over_and_changed_resumes_refuse
         assert not (out / ".train.lock").exists()
 
 
+def test_a_setting_only_the_interrupted_run_had_is_a_difference():
+    """A flag recorded only when used (--version_2_with_negative, a teacher) must not vanish unnoticed."""
+    from long_run import check_same_settings
+    from cli_common import UsageError
+
+    common = {"--seed": 42}
+    with pytest.raises(UsageError, match="the interrupted run had --version_2_with_negative True, this one has "
+                                         "none"):
+        check_same_settings({**common, "--version_2_with_negative": True}, common, {}, {})
+    with pytest.raises(UsageError, match=r"had no --teacher_targets, this one has --teacher_targets new \(sha256 "
+                                         r"abcdef012345\)"):
+        check_same_settings(common, {**common, "--teacher_targets": "abcdef0123456789"}, {},
+                            {"--teacher_targets": "new"})
+    check_same_settings(common, dict(common), {}, {})  # the same settings resume
+
+
 class Foreign:
     """Not a tensor nor a plain value: what a malicious or foreign pickle holds."""
 
