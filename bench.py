@@ -495,14 +495,30 @@ def bench_predict(args: argparse.Namespace) -> None:
           f"{onnx_megabytes / torch_megabytes:.2f}x the peak memory")
 
 
+# Runs one command and prints, as JSON, the seconds to its first stdout line and its peak RSS. A child's
+# ru_maxrss keeps the high-water mark of the process it was spawned from (Linux carries it across exec),
+# so the command is spawned from this small process, not from bench.py with its models loaded.
+_STARTUP_PROBE = """
+import json, resource, subprocess, sys, time
+started = time.perf_counter()
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+line = process.stdout.readline()
+seconds = time.perf_counter() - started
+process.stdout.read()
+status = process.wait()
+peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"seconds": seconds, "status": status, "answered": bool(line.strip()), "peak_kib": peak_kib}))
+"""
+
+
 def _startup_and_memory(run: str, onnx_dir: Path, question: dict) -> dict[str, tuple[float, float]]:
     """predict.py --question as a fresh process: seconds from its start to the answer line, and its peak
     RSS, for the PyTorch checkpoint and the int8 ONNX export (in an environment where torch cannot be
     imported, as in a deployment without it). The best of three, interleaved."""
+    import json
     import os
     import subprocess
     import tempfile
-    import time
 
     with tempfile.TemporaryDirectory() as shim:
         (Path(shim) / "torch.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
@@ -511,20 +527,15 @@ def _startup_and_memory(run: str, onnx_dir: Path, question: dict) -> dict[str, t
         best: dict[str, tuple[float, float]] = {}
         for _ in range(3):
             for name, (checkpoint, env) in cases.items():
-                started = time.perf_counter()
-                process = subprocess.Popen(
-                    [sys.executable, str(ROOT / "predict.py"), "--checkpoint", *checkpoint, "--quiet",
-                     "--question", question["question"], "--context", question["context"]],
-                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **env}, cwd=ROOT)
-                line = process.stdout.readline()
-                seconds = time.perf_counter() - started
-                _, status, usage = os.wait4(process.pid, 0)
-                process.stdout.close()
-                if status != 0 or not line.strip():
-                    raise RuntimeError(f"predict.py ({name}) failed with status {status}")
-                megabytes = usage.ru_maxrss / 1024   # KiB on Linux
+                probe = subprocess.run(
+                    [sys.executable, "-c", _STARTUP_PROBE, sys.executable, str(ROOT / "predict.py"), "--checkpoint",
+                     *checkpoint, "--quiet", "--question", question["question"], "--context", question["context"]],
+                    capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT, check=True)
+                result = json.loads(probe.stdout)
+                if result["status"] != 0 or not result["answered"]:
+                    raise RuntimeError(f"predict.py ({name}) failed with status {result['status']}")
                 previous = best.get(name, (float("inf"), float("inf")))
-                best[name] = (min(previous[0], seconds), min(previous[1], megabytes))
+                best[name] = (min(previous[0], result["seconds"]), min(previous[1], result["peak_kib"] / 1024))
     return best
 
 

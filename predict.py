@@ -24,6 +24,7 @@ one thread per physical core, with the export's window settings unless flags say
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import logging
 import os
@@ -504,8 +505,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"{PROG}: {failures} question(s) could not be answered (see the lines above)")
 
 
+def utf8_stdout() -> None:
+    """Answers go out as UTF-8 JSON lines (RFC 8259's encoding) whatever the locale: a latin-1 or ASCII
+    stdout cannot print Korean and would end the run in a UnicodeEncodeError."""
+    if codecs.lookup(sys.stdout.encoding or "ascii").name != "utf-8" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8")
+
+
 def main_quiet_on_broken_pipe(argv: Sequence[str] | None = None) -> None:
     """main, but a reader that stops early (`| head`) ends the run without a message or traceback."""
+    utf8_stdout()
     try:
         main(argv)
         sys.stdout.flush()

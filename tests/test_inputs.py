@@ -528,3 +528,19 @@ def test_a_full_disk_under_predict_output_names_the_file_and_keeps_the_old_one(r
                  f"--checkpoint={run_dir}", "--input=-", f"--output={output}")
     assert error.value.filename == str(output) and output.read_text() == "old\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["answers.jsonl"]
+
+
+def test_answers_print_as_utf8_whatever_the_locale_of_stdout(run_dir):
+    """A latin-1 (or ASCII) stdout cannot print Korean: the JSON lines still come out, as UTF-8."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, str(ROOT / "predict.py"), f"--checkpoint={run_dir}",
+                             "--question", "언제 창제되었나?", "--context", CONTEXT, *WINDOW_FLAGS],
+                            capture_output=True, cwd=ROOT, timeout=120,
+                            env={**__import__("os").environ, "PYTHONIOENCODING": "latin-1"})
+    assert result.returncode == 0 and result.stderr == b""
+    answer = json.loads(result.stdout.decode("utf-8"))
+    assert CONTEXT[answer["start"]:answer["end"]] == answer["answer"]

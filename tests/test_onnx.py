@@ -202,3 +202,27 @@ def test_export_refuses_a_model_whose_logits_drift(eager):
     with pytest.raises(UsageError, match=r"differ from the eager model.s by 5 \(allowed 0.001\); nothing written"):
         export.verify(eager, graph.SerializeToString(), "model.onnx", batch, export.FP32_TOLERANCE)
     export.verify(eager, export.onnx_graph(eager).SerializeToString(), "model.onnx", batch, export.FP32_TOLERANCE)
+
+
+def test_our_sessions_run_the_residual_layer_norms_unfused(export_dir, tmp_path):
+    """The speed choice export.py and onnx_reader make together: ORT would fuse each residual Add +
+    LayerNormalization back into its slower SkipLayerNormalization; our sessions keep them apart (in
+    both the fp32 and the int8 model), while a bare session may fuse them and still answers the same."""
+    import onnx
+
+    import onnx_reader
+
+    batch = sample_batch(3, 48, 5)
+    for name in (onnx_reader.MODEL_NAME, onnx_reader.INT8_MODEL_NAME):
+        written = onnx.load(str(export_dir / name))
+        assert "SkipLayerNormalization" not in {n.op_type for n in written.graph.node}
+        optimized = tmp_path / f"optimized_{name}"
+        options = onnxruntime.SessionOptions()
+        options.optimized_model_filepath = str(optimized)
+        ours = onnxruntime.InferenceSession(str(export_dir / name), options, providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=onnx_reader.UNFUSED_OPTIMIZERS)
+        ops = {n.op_type for n in onnx.load(str(optimized)).graph.node}
+        assert "LayerNormalization" in ops and "SkipLayerNormalization" not in ops, ops
+        bare = onnxruntime.InferenceSession(str(export_dir / name), providers=["CPUExecutionProvider"])
+        for got, expected in zip(ours.run(None, batch), bare.run(None, batch)):
+            np.testing.assert_allclose(got, expected, atol=1e-4)
