@@ -286,3 +286,74 @@ def test_run_directory_fine_tunes_evaluates_and_exports(tmp_path, tiny_setup):
     inputs = _inputs(TINY_CONFIG["vocab_size"])
     with torch.no_grad():
         torch.testing.assert_close(theirs(**inputs).prediction_logits, ours(**inputs)[0], atol=1e-5, rtol=0)
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "training_log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_torchrun_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path):
+    """Each rank takes its half of every global batch (the masks depend on the pair, not the rank); DDP
+    averages the ranks' gradients, which weights the masked pieces by rank rather than all alike, so the
+    losses agree closely rather than bit for bit. One writer: one log, one checkpoint."""
+    single = _run(tmp_path, "single", "--max_steps=6")
+    assert single.returncode == 0, single.stderr
+    flags = ["--train_files", str(SAMPLE_FILE), f"--output_dir={tmp_path / 'ddp'}", "--checkpoint=none",
+             f"--model_config={tmp_path / 'tiny.json'}", f"--cache_dir={tmp_path / 'cache'}", *FLAGS,
+             "--max_steps=6", "--train_batch_size=2"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "pretrain.py"), *flags], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    args = json.loads((tmp_path / "ddp" / "training_args.json").read_text())
+    assert (args["world_size"], args["global_batch_size"]) == (2, 4)
+    single_losses, ddp_losses = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
+    assert len(ddp_losses) == len(single_losses) == 6  # logged once per step, not once per rank
+    np.testing.assert_allclose(ddp_losses, single_losses, rtol=0.03)
+    assert [p.name for p in (tmp_path / "ddp").glob("pretrain_*.bin")] == \
+        [p.name for p in (tmp_path / "single").glob("pretrain_*.bin")]
+
+
+def test_bf16_autocast_pretrains_and_keeps_fp32_weights(tmp_path):
+    fp32 = _run(tmp_path, "fp32", "--max_steps=4")
+    bf16 = _run(tmp_path, "bf16", "--max_steps=4", "--bf16")
+    assert fp32.returncode == 0 and bf16.returncode == 0, bf16.stderr
+    np.testing.assert_allclose(_losses(tmp_path / "bf16"), _losses(tmp_path / "fp32"), rtol=0.05)
+    weights = torch.load(next((tmp_path / "bf16").glob("pretrain_*.bin")), weights_only=True)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+
+
+def test_compiled_pretraining_trains_as_eager_in_one_shape_per_bucket(tmp_path, monkeypatch):
+    """--compile pads every batch to its width bucket and to --max_predictions_per_seq prediction slots,
+    so the compiled model sees one shape per bucket; the padding changes no loss. Dynamo's guards (what
+    decides recompiling) run with the aot_eager backend: Inductor's C++ build of a training graph takes
+    about a minute on this CPU, and its code is what test_compile.py checks for train.py."""
+    import cli_common
+
+    monkeypatch.setattr(cli_common, "check_compile_args", lambda args, device: None)  # no C++ compiler needed
+    monkeypatch.setattr(pretrain, "check_compile_args", lambda args, device: None)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, dynamic=None: real_compile(
+        model, backend="aot_eager", dynamic=dynamic))
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    shapes: dict[str, set] = {"eager": set(), "compiled": set()}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for run, extra in (("eager", []), ("compiled", ["--compile", "--compile_bucket=32"])):
+        def recording_collate(*args, _seen=shapes[run], _compiled=bool(extra), **kwargs):
+            batch = real_collate(*args, **kwargs)
+            if kwargs or not _compiled:  # training batches; the held-out evaluation runs the eager model
+                _seen.add((tuple(batch["input_ids"].shape), tuple(batch["masked_positions"].shape)))
+            return batch
+        real_collate = pretrain.collate
+        with monkeypatch.context() as patch:
+            patch.setattr(pretrain, "collate", recording_collate)
+            pretrain.main(["--train_files", str(SAMPLE_FILE), f"--output_dir={tmp_path / run}", "--checkpoint=none",
+                           f"--model_config={tmp_path / 'tiny.json'}", f"--cache_dir={tmp_path / 'cache'}", *FLAGS,
+                           "--max_steps=6", *extra])
+    widths = {width for (_, width), _ in shapes["compiled"]}
+    saved = json.loads((tmp_path / "compiled" / "training_args.json").read_text())["max_predictions_per_seq"]
+    assert widths <= {32, 64} and {slots for _, (_, slots) in shapes["compiled"]} == {saved or 12}, shapes
+    assert len(shapes["eager"]) > len(shapes["compiled"]), shapes  # eager pads each batch to its own longest pair
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(widths)
+    np.testing.assert_allclose(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-5)
