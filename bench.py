@@ -502,6 +502,15 @@ def bench_predict(args: argparse.Namespace) -> None:
           f"{onnx_megabytes / torch_megabytes:.2f}x the peak memory")
 
 
+def _without_torch_env(directory: Path) -> dict[str, str]:
+    """This process's environment with `directory` first on PYTHONPATH, holding a `torch` that cannot be
+    imported: a deployment that installed only the ONNX requirements."""
+    import os
+
+    (directory / "torch.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
+    return {**os.environ, "PYTHONPATH": str(directory)}
+
+
 # Loads a Reader (argv: questions JSON, checkpoint, Reader.load keywords as JSON) and prints its best
 # answers/s over three passes.
 _RATE_PROBE = """
@@ -530,12 +539,12 @@ def _rates_in_own_processes(cases: dict[str, tuple[list[str], dict]], questions:
     import tempfile
 
     with tempfile.TemporaryDirectory() as work:
-        (Path(work) / "torch.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
+        without_torch = _without_torch_env(Path(work))
         (Path(work) / "questions.json").write_text(json.dumps(questions, ensure_ascii=False), encoding="utf-8")
         rates = dict.fromkeys(cases, 0.0)
         for _ in range(2):
             for name, ([checkpoint], keywords) in cases.items():
-                env = {**os.environ, "PYTHONPATH": work} if name.startswith("ONNX") else os.environ
+                env = without_torch if name.startswith("ONNX") else os.environ
                 result = subprocess.run([sys.executable, "-c", _RATE_PROBE, str(Path(work) / "questions.json"),
                                          checkpoint, json.dumps(keywords)], capture_output=True, text=True, env=env,
                                         cwd=ROOT)
@@ -571,16 +580,15 @@ def _startup_and_memory(run: str, onnx_dir: Path, question: dict) -> dict[str, t
     import tempfile
 
     with tempfile.TemporaryDirectory() as shim:
-        (Path(shim) / "torch.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
-        cases = {"PyTorch": ([run, "--no_cuda"], {}),
-                 "ONNX int8, without torch": ([str(onnx_dir / "model_int8.onnx")], {"PYTHONPATH": shim})}
+        cases = {"PyTorch": ([run, "--no_cuda"], os.environ),
+                 "ONNX int8, without torch": ([str(onnx_dir / "model_int8.onnx")], _without_torch_env(Path(shim)))}
         best: dict[str, tuple[float, float]] = {}
         for _ in range(3):
             for name, (checkpoint, env) in cases.items():
                 probe = subprocess.run(
                     [sys.executable, "-c", _STARTUP_PROBE, sys.executable, str(ROOT / "predict.py"), "--checkpoint",
                      *checkpoint, "--quiet", "--question", question["question"], "--context", question["context"]],
-                    capture_output=True, text=True, env={**os.environ, **env}, cwd=ROOT, check=True)
+                    capture_output=True, text=True, env=env, cwd=ROOT, check=True)
                 result = json.loads(probe.stdout)
                 if result["status"] != 0 or not result["answered"]:
                     raise RuntimeError(f"predict.py ({name}) failed with status {result['status']}")
