@@ -250,6 +250,36 @@ def prepare_output_dir(path: str, flag: str = "--output_dir") -> Path:
     return out
 
 
+def is_same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Whether two paths name one existing file: the same path, a symlink to it, or a hard link."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist (then nothing can be overwritten) or cannot be read
+        return False
+
+
+def refuse_output_over_input(output_flag: str, outputs: Iterable[str | os.PathLike],
+                             inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> None:
+    """Refuse, before any work, an output file that is one of the inputs (by its own path or another
+    name for it): writing the results there would destroy the input they were computed from.
+
+    `outputs` are the files an entry point may write (through `output_flag`); `inputs` pairs each
+    input flag with its path (None: not given)."""
+    given = [(flag, path) for flag, path in inputs if path is not None]
+    for output in outputs:
+        for input_flag, path in given:
+            if is_same_file(output, path):
+                raise UsageError(f"{output_flag}: writing {output} would overwrite {input_flag} {path} (the same "
+                                 f"file); choose another {output_flag}")
+
+
+def model_inputs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """The model files a run reads, as `refuse_output_over_input` takes them: every --checkpoint,
+    --model_config and --vocab_file (`args.checkpoint` a list, as eval.py and predict.py parse it)."""
+    return [*(("--checkpoint", path) for path in args.checkpoint), ("--model_config", args.model_config),
+            ("--vocab_file", args.vocab_file)]
+
+
 def check_checkpoint_file(path: str, flag: str = "--checkpoint") -> None:
     """Refuse a checkpoint path that is missing or a directory (other than a transformers model directory)."""
     from modeling import is_transformers_dir

@@ -37,9 +37,11 @@ from cli_common import (USER_ERRORS, ArgumentParser, UsageError, add_data_args, 
                         build_tokenizer, check_data_args, fetch_hub_model, finite_float, load_finetuned,
                         pick_device, predict_logits, prepare_output_dir, resolve_checkpoints, resolve_from_training_run, run_cli,
                         setup_logging)
+from cli_common import refuse_output_over_input
 from korquad_utils import (TEACHER_TARGETS_FORMAT, TEACHER_TARGETS_NPZ, KorquadFormatError, SquadExample,
                            TeacherTargets, load_or_build_features, make_length_grouped_batches,
                            read_squad_examples, read_teacher_targets, sha256_of_file, write_teacher_targets)
+from korquad_utils import TEACHER_TARGETS_JSON
 from modeling import Config, is_transformers_dir, read_transformers_config
 
 logger = logging.getLogger("korquad")
@@ -305,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.quiet)
     if not Path(args.train_file).is_file():
         raise UsageError(f"--train_file {args.train_file}: file not found")
+    refuse_output_over_input("--output_dir", [Path(args.output_dir) / TEACHER_TARGETS_NPZ,
+                                              Path(args.output_dir) / TEACHER_TARGETS_JSON],
+                             [("--train_file", args.train_file), *(("--teacher", path) for path in args.teacher)])
     # Every teacher is resolved and checked before any model runs.
     teachers = []  # (name, kind, path, tokenizer or None)
     for teacher in args.teacher:

@@ -25,17 +25,21 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import onnx_reader
 from cli_common import (TUNED_THRESHOLDS, ArgumentParser, UsageError, add_compile_args, add_data_args, add_no_answer_args,
                         autocast_dtype, average_logits, build_tokenizer, check_compile_args, check_data_args,
                         check_metric_dataset, check_version_2, ensemble_logits, explicit_flags, has_answers,
-                        pick_device, positive_int, prepare_output_dir, resolve_finetuned_settings, run_cli, score,
-                        score_no_answer, setup_logging, tuned_threshold)
+                        model_inputs, pick_device, positive_int, prepare_output_dir, refuse_output_over_input,
+                        resolve_finetuned_settings, run_cli, score, score_no_answer, setup_logging, tuned_threshold)
 from korquad_utils import (SquadExample, abstain, decode_predictions, load_or_build_features, null_odds,
                            write_null_files, write_predictions)
 
 logger = logging.getLogger("korquad")
+
+# What eval.py writes in --output_dir (the last two with --version_2_with_negative).
+OUTPUT_NAMES = ("predictions.json", "nbest_predictions.json", "null_odds.json", "na_probs.json")
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -75,6 +79,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.quiet)
+    refuse_output_over_input("--output_dir", [Path(args.output_dir) / name for name in OUTPUT_NAMES],
+                             [("--predict_file", args.predict_file), *model_inputs(args)])
     config = resolve_finetuned_settings(args)
     check_data_args(args, config)
     check_version_2(args)

@@ -36,6 +36,7 @@ import onnx_reader
 from cli_common import (ANALYZER_CONFIG_KEY, CHECKPOINT_NAME, ROOT, SAVED_ARGS_NAME, SAVED_VOCAB_NAME, ArgumentParser,
                         UsageError, build_tokenizer, json_bytes, load_finetuned, prepare_output_dir,
                         resolve_finetuned_settings, run_cli, setup_logging)
+from cli_common import model_inputs, refuse_output_over_input
 from korquad_utils import atomic_write_files, collate_features, convert_examples_to_features, read_squad_examples
 from modeling import (TRANSFORMERS_CONFIG, BertForPreTraining, QuestionAnswering, config_to_transformers,
                       load_checkpoint, read_state_dict, to_transformers_pretraining_state, to_transformers_state)
@@ -45,6 +46,9 @@ logger = logging.getLogger("korquad")
 
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+# What each --format writes in --output_dir.
+WRITTEN_FILES = {"transformers": (TRANSFORMERS_CONFIG, WEIGHTS_NAME, SAVED_VOCAB_NAME, TOKENIZER_CONFIG_NAME),
+                 "onnx": (onnx_reader.MODEL_NAME, onnx_reader.INT8_MODEL_NAME, SAVED_VOCAB_NAME, onnx_reader.SETTINGS_NAME)}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -305,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.quiet)
     args.checkpoint = [args.checkpoint]
+    refuse_output_over_input("--output_dir", [Path(args.output_dir) / name for name in WRITTEN_FILES[args.format]],
+                             model_inputs(args))
     config = resolve_finetuned_settings(args)
     if isinstance(config, onnx_reader.ExportSettings):
         raise UsageError(f"--checkpoint {args.checkpoint[0]} is an ONNX export already; export its PyTorch checkpoint")

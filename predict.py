@@ -39,6 +39,7 @@ from cli_common import (ArgumentParser, UsageError, add_compile_args, add_device
                         add_window_args, autocast_dtype, average_logits, build_tokenizer, check_compile_args,
                         check_data_args, check_version_2, compile_model, explicit_flags, load_finetuned, pick_device,
                         positive_int, predict_logits, resolve_finetuned_settings, run_cli, setup_logging)
+from cli_common import model_inputs, refuse_output_over_input
 from korquad_utils import (SquadExample, atomic_write, convert_examples_to_features, decode_predictions,
                            no_answer_probability, null_odds, squad_examples_from_json)
 from tokenization import BertTokenizer
@@ -484,6 +485,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_numbers(args)
     setup_logging(args.quiet)
     output = check_output(args.output)
+    refuse_output_over_input("--output", [output] if output else [], [
+        ("--input", None if args.input == "-" else args.input), ("--context_file", args.context_file),
+        *model_inputs(args)])
     items = question_items(args)
     reader = Reader.from_args(args)
     # Interactive answers go out one by one, as they are typed.

@@ -49,6 +49,7 @@ from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, Argumen
                         check_compile_args, compile_model, copy_vocab_into, fetch_hub_model, finite_float,
                         positive_float, positive_int, prepare_output_dir, resolve_model_settings, run_cli,
                         setup_logging, write_json_atomic)
+from cli_common import refuse_output_over_input
 from korquad_utils import atomic_write, bucket_width, make_length_grouped_batches
 from long_run import (CheckpointWriteError, DirectoryLocked, Distributed, RunLock, StopSignals, TrainingDiverged,
                       TrainingStopped, build_optimizer, check_same_settings, file_digest, keep_log_until,
@@ -733,6 +734,12 @@ def run_pretraining(args: argparse.Namespace, ctx: Distributed, device: torch.de
             raise UsageError(f"--checkpoint {args.checkpoint}: file not found; download the published checkpoint "
                              f"as pretrain_ckpt/README.md says, or pass --checkpoint none to start from scratch")
     config = resolve_model_settings(args, args.checkpoint)
+    # A run's own checkpoints are what --resume goes on rewriting; a new run must not start from one it replaces.
+    starts_from = [] if args.resume or args.checkpoint.lower() == "none" else [("--checkpoint", args.checkpoint)]
+    written = [*(Path(args.output_dir) / name for name in (STATE_NAME, LOG_NAME, CURVES_NAME, SAVED_CONFIG_NAME,
+                                                           SAVED_ARGS_NAME)),
+               *Path(args.output_dir).glob(f"{CHECKPOINT_PREFIX}*.bin")]
+    refuse_output_over_input("--output_dir", written, [*(("--train_files", file) for file in files), *starts_from])
     if args.max_seq_length > config.max_position_embeddings:
         raise UsageError(f"--max_seq_length {args.max_seq_length} is larger than the model's "
                          f"max_position_embeddings {config.max_position_embeddings}")

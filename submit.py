@@ -6,7 +6,9 @@
 As the contest baseline's submit.py: on the CPU, from `korquad_3.bin` beside this file with the config
 and vocab in `data/` beside it (unless the checkpoint's training run brings its own), 512-piece windows
 with a stride of 64, questions of up to 64 pieces, answers of up to 30, 20 candidates, 16 windows a batch.
-OUTPUT.json is {question id: answer text}, as the official evaluate-v1.0.py reads it. The work is eval.py's.
+OUTPUT.json is {question id: answer text}, as the official evaluate-v1.0.py reads it. The work is eval.py's:
+with unanswerable questions (a run trained with --version_2_with_negative remembers it) a question is
+answered "" where eval.py's predictions.json answers it so, at the same --null_score_diff_threshold.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import eval as evaluate_script
-from cli_common import (ROOT, ArgumentParser, UsageError, check_data_args, json_bytes, resolve_finetuned_settings,
-                        run_cli, setup_logging)
-from korquad_utils import atomic_write
+from cli_common import (ROOT, ArgumentParser, UsageError, add_no_answer_args, check_data_args, check_version_2,
+                        json_bytes, refuse_output_over_input, resolve_finetuned_settings, run_cli, setup_logging)
+from korquad_utils import abstain, atomic_write
 
 logger = logging.getLogger("korquad")
 
@@ -41,32 +43,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--analyzer", default=None,
                         help="Morpheme analyzer (if not given: the checkpoint's training run's, else mecab).")
     parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
+    add_no_answer_args(parser, remembered=True)
     return parser.parse_args(argv)
 
 
-def check_output(path: Path) -> None:
-    """Refuse an OUTPUT.json that cannot be written, before any work."""
+def check_output(own: argparse.Namespace) -> Path:
+    """Refuse an OUTPUT.json that cannot be written, or that is INPUT.json or the checkpoint, before any work."""
+    path = Path(own.output)
     target = path.resolve()
     if target.is_dir():
         raise UsageError(f"OUTPUT.json {path} is a directory")
     if not target.parent.is_dir():
         raise UsageError(f"OUTPUT.json {path}: directory {target.parent} does not exist")
+    refuse_output_over_input("OUTPUT.json", [path], [("INPUT.json", own.input), ("--checkpoint", own.checkpoint)])
+    return path
+
+
+def eval_args(own: argparse.Namespace, scratch: str) -> argparse.Namespace:
+    """eval.py's settings for submit.py's flags: the baseline's, on the CPU, features built in `scratch`."""
+    no_answer = ["--version_2_with_negative"] if own.version_2_with_negative else []
+    return evaluate_script.parse_args(
+        ["--checkpoint", own.checkpoint, f"--predict_file={own.input}", f"--output_dir={scratch}",
+         f"--cache_dir={scratch}", "--no_cuda", *BASELINE_FLAGS, *(["--quiet"] if own.quiet else []),
+         *([f"--analyzer={own.analyzer}"] if own.analyzer else []), *no_answer,
+         f"--null_score_diff_threshold={own.null_score_diff_threshold!r}"])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     own = parse_args(argv)
     setup_logging(own.quiet)
-    output = Path(own.output)
-    check_output(output)
+    output = check_output(own)
     with tempfile.TemporaryDirectory(prefix="submit_") as scratch:   # features are built afresh, not cached
-        args = evaluate_script.parse_args(
-            ["--checkpoint", own.checkpoint, f"--predict_file={own.input}", f"--output_dir={scratch}",
-             f"--cache_dir={scratch}", "--no_cuda", *BASELINE_FLAGS, *(["--quiet"] if own.quiet else []),
-             *([f"--analyzer={own.analyzer}"] if own.analyzer else [])])
+        args = eval_args(own, scratch)
         config = resolve_finetuned_settings(args)
         check_data_args(args, config)
-        _, predictions, nbest, _ = evaluate_script.predict_questions(args, config)
-    unwritable = evaluate_script.drop_unwritable_questions(predictions, nbest)
+        check_version_2(args)
+        _, predictions, nbest, odds = evaluate_script.predict_questions(args, config)
+    unwritable = evaluate_script.drop_unwritable_questions(predictions, nbest, odds)
+    if odds is not None:   # as eval.py writes predictions.json: "" where the null score wins by the threshold
+        predictions = abstain(predictions, odds, args.null_score_diff_threshold)
     atomic_write(output, lambda file: file.write(json_bytes(predictions)))
     logger.info("wrote %d predictions to %s", len(predictions), output)
     if unwritable:

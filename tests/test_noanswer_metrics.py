@@ -229,3 +229,13 @@ def test_klue_equals_reference_on_random_predictions(tmp_path):
             assert abs(scores[kind][key] - expected[kind][key]) < 1e-9
             assert scores[kind]["total"] == expected[kind]["total"]
     assert 0 < scores["rouge_w"] < 100 and scores["type3"]["total"] > 50
+
+
+def test_klue_lower_cases_latin_letters_as_klue_does():
+    """KLUE's normalisation lower-cases: an answer differing from the gold only in Latin case matches exactly."""
+    questions = [{"guid": "a", "question": "?", "question_type": 1, "is_impossible": False,
+                  "answers": [{"text": "BERT", "answer_start": 0}], "plausible_answers": []},
+                 {"guid": "b", "question": "?", "question_type": 2, "is_impossible": False,
+                  "answers": [{"text": "KorQuAD 데이터", "answer_start": 0}], "plausible_answers": []}]
+    scores = evaluate_klue_mrc.evaluate(_klue_file(questions), {"a": "bert", "b": "korquad 데이터"})
+    assert (scores["exact_match"], scores["rouge_w"]) == (100.0, 100.0)
