@@ -38,7 +38,7 @@ from korquad_utils import (SquadExample, abstain, decode_predictions, load_or_bu
 
 logger = logging.getLogger("korquad")
 
-# What eval.py writes in --output_dir (the last two with --version_2_with_negative).
+# What eval.py writes in --output_dir (write_predictions; write_null_files with --version_2_with_negative).
 OUTPUT_NAMES = ("predictions.json", "nbest_predictions.json", "null_odds.json", "na_probs.json")
 
 

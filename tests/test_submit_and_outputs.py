@@ -27,7 +27,7 @@ def _second_name(original: Path, kind: str) -> Path:
     return other
 
 
-NAMES = ["same path", "dot spelling", "symlink", "hard link"]
+SPELLINGS = ["same path", "dot spelling", "symlink", "hard link"]
 
 
 # --- 1. an output that is an input is refused before any work ----------------------------------------
@@ -42,7 +42,7 @@ def test_submit_refuses_its_input_as_output_from_the_command_line(tmp_path):
     assert questions.read_text(encoding="utf-8") == QUESTIONS
 
 
-@pytest.mark.parametrize("kind", NAMES)
+@pytest.mark.parametrize("kind", SPELLINGS)
 def test_submit_refuses_any_name_of_its_input(tmp_path, kind):
     import submit
 
@@ -67,7 +67,7 @@ def test_submit_refuses_the_checkpoint_as_output(tmp_path):
     assert checkpoint.read_bytes() == b"weights"
 
 
-@pytest.mark.parametrize("kind", NAMES)
+@pytest.mark.parametrize("kind", SPELLINGS)
 def test_eval_refuses_an_output_dir_whose_files_are_inputs(tmp_path, kind):
     import eval as evaluate_script
 
