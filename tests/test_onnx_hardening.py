@@ -292,7 +292,8 @@ def test_an_export_killed_before_its_settings_leaves_nothing_that_loads(v2_run, 
         f"predict.py: error: --checkpoint {out / 'model.onnx'}: not the model export.py wrote (its CRC-32 is not "
         f"the one onnx_reader.json records): truncated, damaged or from an interrupted export; export it again"]
     # A rerun succeeds and sweeps the killed runs' temporary files.
-    assert run_script("export.py", *flags).returncode == 0
+    import export
+    export.main(flags)
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "onnx_reader.json", "vocab.txt"]
     assert predict_once(out).returncode == 0
 
@@ -313,7 +314,8 @@ def test_a_sigkill_during_quantization_leaves_the_previous_export_and_a_rerun_cl
     finally:
         process.wait(timeout=60)
     assert {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
-    assert run_script("export.py", *export_flags(run, out, "--quantize", "int8")).returncode == 0
+    import export
+    export.main(export_flags(run, out, "--quantize", "int8"))
     assert sorted(p.name for p in out.iterdir()) == sorted(before)   # the scratch directory is gone
 
 
@@ -374,23 +376,28 @@ def test_version_1_settings_still_read_and_never_abstain(exports, tmp_path):
 
 # --- output directories over the checkpoint -------------------------------------------------------------
 
-def test_export_refuses_to_write_over_its_checkpoint_before_any_work(v2_run, exports, tmp_path):
+def test_export_refuses_to_write_over_its_checkpoint_before_any_work(v2_run, exports, tmp_path, monkeypatch):
+    import export
+    from cli_common import UsageError
+
     _, run = v2_run
     checkpoint = run / "korquad_1.bin"
     original = checkpoint.read_bytes()
     link = tmp_path / "link_to_run"
     link.symlink_to(run)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output directory was checked")
+    monkeypatch.setattr(export, "load_finetuned", no_model)
     cases = [
-        (run, "is the directory of --checkpoint"),
-        (link, "is the directory of --checkpoint"),
-        (checkpoint, "exists and is not a directory"),
-        (exports["plain"], None),   # given as --checkpoint below: an export is not exported again
+        (run, run, "is the directory of --checkpoint"),
+        (run, link, "is the directory of --checkpoint"),
+        (checkpoint, run, "is the directory of --checkpoint"),
+        (run, checkpoint, "exists and is not a directory"),
+        (exports["plain"], exports["plain"], "is an ONNX export already"),
     ]
-    for output_dir, message in cases:
-        source = exports["plain"] if message is None else run
-        result = run_script("export.py", *export_flags(source, output_dir))
-        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-        assert (message or "is an ONNX export already") in result.stderr
+    for source, output_dir, message in cases:
+        with pytest.raises(UsageError, match=message):
+            export.main(export_flags(source, output_dir))
     assert checkpoint.read_bytes() == original
     assert not any(p.name.endswith(".onnx") for p in run.iterdir())
