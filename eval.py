@@ -33,6 +33,7 @@ from cli_common import (TUNED_THRESHOLDS, ArgumentParser, UsageError, add_compil
                         check_metric_dataset, check_version_2, ensemble_logits, explicit_flags, has_answers,
                         model_inputs, pick_device, positive_int, prepare_output_dir, refuse_output_over_input,
                         resolve_finetuned_settings, run_cli, score, score_no_answer, setup_logging, tuned_threshold)
+from cli_common import WINDOW_FLAGS
 from korquad_utils import (SquadExample, abstain, decode_predictions, load_or_build_features, null_odds,
                            write_null_files, write_predictions)
 
@@ -72,7 +73,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_data_args(parser)
     add_compile_args(parser)
     args = parser.parse_args(argv)
-    args.explicit_flags = explicit_flags(parser, argv)
+    # The threshold too: an ONNX export records one, which only a threshold given here replaces.
+    args.explicit_flags = explicit_flags(parser, argv, (*WINDOW_FLAGS, "null_score_diff_threshold"))
     return args
 
 
@@ -82,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     refuse_output_over_input("--output_dir", [Path(args.output_dir) / name for name in OUTPUT_NAMES],
                              [("--predict_file", args.predict_file), *model_inputs(args)])
     config = resolve_finetuned_settings(args)
+    if isinstance(config, onnx_reader.ExportSettings):
+        onnx_reader.apply_no_answer_settings(args, config)
     check_data_args(args, config)
     check_version_2(args)
     metric = args.metric or ("squad2" if args.version_2_with_negative else "korquad")

@@ -12,11 +12,14 @@ from the training run beside the checkpoint. The analyzer is recorded in config.
 
 `--format onnx` writes `model.onnx` (dynamic batch and length; inputs input_ids, token_type_ids,
 attention_mask; outputs start_logits, end_logits), vocab.txt and onnx_reader.json (tokenizer,
-analyzer and the training run's window settings); `--quantize int8` adds `model_int8.onnx`,
+analyzer, the training run's window settings, its --version_2_with_negative and the
+--null_score_diff_threshold given here, which eval.py and predict.py then apply as they do for the
+run; and each model's size and CRC-32); `--quantize int8` adds `model_int8.onnx`,
 dynamically quantized. The graph is written with ONNX Runtime's fused transformer operators
 (EmbedLayerNormalization, Attention, FastGelu; residual + LayerNormalization), which its int8
 quantizer turns into QEmbedLayerNormalization, QAttention and DynamicQuantizeMatMul. Each model is checked
-against the eager model on windows of the bundled sample before it is written. eval.py,
+against the eager model on windows of the bundled sample before it is written (NaN or infinite
+logits are refused), and onnx_reader.json is renamed into place last. eval.py,
 predict.py and serve.py take the directory (or one of its .onnx files) as --checkpoint.
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,10 +39,12 @@ from safetensors.torch import save as safetensors_bytes
 
 import onnx_reader
 from cli_common import (ANALYZER_CONFIG_KEY, CHECKPOINT_NAME, ROOT, SAVED_ARGS_NAME, SAVED_VOCAB_NAME, ArgumentParser,
-                        UsageError, build_tokenizer, json_bytes, load_finetuned, prepare_output_dir,
-                        resolve_finetuned_settings, run_cli, setup_logging)
+                        UsageError, add_no_answer_args, build_tokenizer, check_version_2, json_bytes, load_finetuned,
+                        prepare_output_dir, resolve_finetuned_settings, run_cli, setup_logging)
 from cli_common import model_inputs, refuse_output_over_input
-from korquad_utils import atomic_write_files, collate_features, convert_examples_to_features, read_squad_examples
+from korquad_utils import (atomic_write, atomic_write_files, collate_features, convert_examples_to_features,
+                           read_squad_examples)
+from long_run import pid_is_alive, remove_dead_temp_files
 from modeling import (TRANSFORMERS_CONFIG, BertForPreTraining, QuestionAnswering, config_to_transformers,
                       load_checkpoint, read_state_dict, to_transformers_pretraining_state, to_transformers_state)
 from tokenization import ANALYZER_NAMES, build_vocab, read_vocab_tokens
@@ -68,10 +75,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantize", choices=("int8",), default=None,
                         help="With --format onnx: also write model_int8.onnx, dynamically quantized "
                              "(if not given: fp32 only).")
+    # Recorded in onnx_reader.json: eval.py and predict.py decide "" for the export as for the run.
+    add_no_answer_args(parser, remembered=True)
     parser.add_argument("--quiet", action="store_true", help="Warnings only.")
     args = parser.parse_args(argv)
     if args.quantize is not None and args.format != "onnx":
         parser.error("--quantize needs --format onnx")
+    if args.format != "onnx" and (args.version_2_with_negative or args.null_score_diff_threshold != 0.0):
+        parser.error("--version_2_with_negative and --null_score_diff_threshold need --format onnx (a transformers "
+                     "directory does not record them: pass them to eval.py or predict.py)")
     return args
 
 
@@ -269,17 +281,24 @@ def check_batch(model: QuestionAnswering, settings: onnx_reader.ExportSettings, 
 
 def verify(model: QuestionAnswering, model_bytes: bytes, name: str, batch: dict[str, np.ndarray],
            tolerance: float) -> None:
-    """Refuse `model_bytes` if its logits on `batch` differ from the eager model's by more than `tolerance`."""
+    """Refuse `model_bytes` if its logits on `batch` are not finite, or differ from the eager model's by
+    more than `tolerance`."""
     session = onnx_reader.open_session(Path(name), model_bytes=model_bytes)
     with torch.inference_mode():
-        expected = model(*(torch.from_numpy(batch[n]) for n in onnx_reader.INPUT_NAMES))
+        expected = [logits.numpy() for logits in model(*(torch.from_numpy(batch[n]) for n in onnx_reader.INPUT_NAMES))]
     real = batch["attention_mask"] == 1
     got = session.run(onnx_reader.OUTPUT_NAMES, batch)
-    difference = max(float(np.abs(g[real] - e.numpy()[real]).max()) for g, e in zip(got, expected))
+    for source, outputs in (("the checkpoint's own", expected), (name, got)):
+        for output, logits in zip(onnx_reader.OUTPUT_NAMES, outputs):
+            if not np.isfinite(logits[real]).all():
+                raise UsageError(f"{name}: {source} {output} are NaN or infinite on the sample windows; "
+                                 f"nothing written")
+    # One array, not Python's max(): max(0.1, nan) is 0.1, so a NaN end logit would pass a start logit's check.
+    difference = float(np.max([np.abs(g[real] - e[real]).max() for g, e in zip(got, expected)]))
     rows, width = batch["input_ids"].shape
     print(f"{name}: max start/end logit difference to the eager model {difference:.2e} "
           f"on {rows} sample windows of up to {width} pieces (allowed {tolerance:g})")
-    if not difference <= tolerance:  # also refuses NaN
+    if not difference <= tolerance:
         raise UsageError(f"{name}: logits differ from the eager model's by {difference:.3g} (allowed {tolerance:g}); "
                          f"nothing written")
 
@@ -288,21 +307,37 @@ def export_onnx(model: QuestionAnswering, vocab_file: str | Path, settings: onnx
                 output_dir: Path, quantize: bool) -> None:
     """model.onnx (and model_int8.onnx), vocab.txt and onnx_reader.json in `output_dir`, each model
     verified against `model` before anything is written."""
+    remove_dead_scratch(output_dir)
     batch = check_batch(model, settings, vocab_file)
     fp32_bytes = onnx_graph(model).SerializeToString()
     verify(model, fp32_bytes, onnx_reader.MODEL_NAME, batch, FP32_TOLERANCE)
     models = {onnx_reader.MODEL_NAME: fp32_bytes}
     if quantize:
-        with tempfile.TemporaryDirectory(prefix=".quantize.", dir=output_dir) as scratch:
+        with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}.", dir=output_dir) as scratch:
             int8_bytes = quantize_int8(fp32_bytes, Path(scratch))
         verify(model, int8_bytes, onnx_reader.INT8_MODEL_NAME, batch, INT8_TOLERANCE)
         models[onnx_reader.INT8_MODEL_NAME] = int8_bytes
-    # All files or none, as for the transformers format: settings beside another export's model would mislead.
+    settings.models = {name: onnx_reader.model_digest(data) for name, data in models.items()}
     files = {output_dir / name: (lambda file, data=model_bytes: file.write(data)) for name, model_bytes in models.items()}
     vocab = Path(vocab_file).read_bytes()
     files[output_dir / SAVED_VOCAB_NAME] = lambda file: file.write(vocab)
-    files[output_dir / onnx_reader.SETTINGS_NAME] = lambda file: file.write(json_bytes(settings.to_json()))
     atomic_write_files(files)
+    # The settings last and on their own: a process killed between the renames above leaves the previous
+    # settings, whose recorded checksums then refuse the new models by name instead of misdescribing them.
+    atomic_write(output_dir / onnx_reader.SETTINGS_NAME, lambda file: file.write(json_bytes(settings.to_json())))
+
+
+# quantize_int8's scratch directories: `.quantize.{pid}.{random}` in the output directory (a model's size each).
+SCRATCH_PREFIX = ".quantize."
+
+
+def remove_dead_scratch(output_dir: Path) -> None:
+    """Delete what a killed export left in `output_dir`: its temporary files and quantization scratch."""
+    remove_dead_temp_files(output_dir)
+    for path in output_dir.glob(f"{SCRATCH_PREFIX}*"):
+        pid = path.name[len(SCRATCH_PREFIX):].partition(".")[0]
+        if path.is_dir() and pid.isdigit() and not pid_is_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -314,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = resolve_finetuned_settings(args)
     if isinstance(config, onnx_reader.ExportSettings):
         raise UsageError(f"--checkpoint {args.checkpoint[0]} is an ONNX export already; export its PyTorch checkpoint")
+    check_version_2(args)
     if args.analyzer not in ANALYZER_NAMES:
         raise UsageError(f"--analyzer {args.analyzer!r} (given, or the training run's) is not one of "
                          f"{', '.join(ANALYZER_NAMES)}")
@@ -341,7 +377,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.format == "onnx":
         settings = onnx_reader.ExportSettings(
             vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
-            do_lower_case=args.do_lower_case, analyzer=args.analyzer, **training_windows(args.checkpoint[0]))
+            do_lower_case=args.do_lower_case, analyzer=args.analyzer, **training_windows(args.checkpoint[0]),
+            version_2_with_negative=args.version_2_with_negative,
+            null_score_diff_threshold=args.null_score_diff_threshold)
         export_onnx(model, args.vocab_file, settings, output_dir, quantize=args.quantize == "int8")
         print(output_dir)
         return

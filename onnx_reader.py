@@ -1,7 +1,10 @@
 """A reader exported by `export.py --format onnx`, run by ONNX Runtime: no torch anywhere on this path.
 
 An export directory holds `model.onnx` (and `model_int8.onnx` with `--quantize int8`), `vocab.txt`
-and `onnx_reader.json` (tokenizer, analyzer and window settings). The model's inputs are int64
+and `onnx_reader.json` (tokenizer, analyzer, window and no-answer settings, and each model's size and
+CRC-32, checked when it is loaded: a truncated, damaged or half-replaced model is refused by name;
+the settings file is written last, so a killed export never leaves one describing models it did not
+write). The model's inputs are int64
 `input_ids`, `token_type_ids` and `attention_mask` (batch, sequence), its outputs float32
 `start_logits` and `end_logits` (batch, sequence): the names transformers and optimum use.
 
@@ -10,11 +13,14 @@ and `onnx_reader.json` (tokenizer, analyzer and window settings). The model's in
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import logging
+import math
 import os
-from dataclasses import asdict, dataclass, fields
+import zlib
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +36,9 @@ INT8_MODEL_NAME = "model_int8.onnx"
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 OUTPUT_NAMES = ("start_logits", "end_logits")
 FORMAT = "korquad-onnx-reader"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 (before the no-answer settings and model checksums) reads as a version-1 model: never abstaining.
+READABLE_VERSIONS = (1, 2)
 
 
 class OnnxExportError(ValueError):
@@ -42,7 +50,9 @@ class ExportSettings:
     """What `onnx_reader.json` records besides the model: enough to tokenize and window text as in training.
 
     It carries `vocab_size` and `max_position_embeddings` under the model config's names, so the
-    checks that take a model config (cli_common.check_data_args, build_tokenizer) take it too."""
+    checks that take a model config (cli_common.check_data_args, build_tokenizer) take it too, and
+    the no-answer decision eval.py and predict.py make for the training run (--version_2_with_negative,
+    --null_score_diff_threshold), which they make for the export where their flags do not say otherwise."""
     vocab_size: int
     max_position_embeddings: int
     do_lower_case: bool
@@ -51,10 +61,19 @@ class ExportSettings:
     doc_stride: int
     max_query_length: int
     max_answer_length: int
+    version_2_with_negative: bool = False
+    null_score_diff_threshold: float = 0.0
+    # {file name: {"bytes": size, "crc32": checksum}} of the models written with these settings.
+    models: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, **asdict(self), "inputs": list(INPUT_NAMES),
                 "outputs": list(OUTPUT_NAMES)}
+
+
+def model_digest(data: bytes) -> dict[str, int]:
+    """What onnx_reader.json records of one model file: its size and CRC-32 (about 1 GB/s: a cheap check at load)."""
+    return {"bytes": len(data), "crc32": zlib.crc32(data)}
 
 
 def find_export(path: str | os.PathLike) -> Path | None:
@@ -84,17 +103,75 @@ def read_settings(export_dir: Path) -> ExportSettings:
         raise OnnxExportError(f"{source}: not readable JSON ({err})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise OnnxExportError(f"{source}: not an export.py --format onnx settings file (\"format\" is not {FORMAT!r})")
-    if raw.get("version") != FORMAT_VERSION:
-        raise OnnxExportError(f"{source}: version {raw.get('version')!r}; this toolkit reads version {FORMAT_VERSION}")
+    version = raw.get("version")
+    if version not in READABLE_VERSIONS:
+        raise OnnxExportError(f"{source}: version {version!r}; this toolkit reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))} (export it again with this export.py)")
     values = {}
-    for field in fields(ExportSettings):
-        kind = {"int": int, "bool": bool, "str": str}[field.type]
-        value = raw.get(field.name)
-        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
-            wanted = "positive whole number" if kind is int else kind.__name__
-            raise OnnxExportError(f"{source}: \"{field.name}\" must be a {wanted}, got {value!r}")
-        values[field.name] = value
+    for setting in fields(ExportSettings):
+        if setting.name not in raw and version == 1 and setting.name in VERSION_2_FIELDS:
+            continue  # its default: a version-1 export never abstains and records no checksums
+        value = raw.get(setting.name)
+        problem = SETTING_CHECKS[setting.type](value)
+        if problem:
+            raise OnnxExportError(f"{source}: \"{setting.name}\" must be {problem}, got {value!r}")
+        values[setting.name] = value
     return ExportSettings(**values)
+
+
+VERSION_2_FIELDS = ("version_2_with_negative", "null_score_diff_threshold", "models")
+
+
+def _model_records_problem(value: object) -> str | None:
+    is_count = lambda number: isinstance(number, int) and not isinstance(number, bool) and number >= 0  # noqa: E731
+    if isinstance(value, dict) and all(
+            isinstance(record, dict) and set(record) == {"bytes", "crc32"} and all(map(is_count, record.values()))
+            for record in value.values()):
+        return None
+    return 'an object of {"bytes": N, "crc32": N} per model file'
+
+
+# Why a setting's JSON value is unusable (None: it is fine), by the field's annotation.
+SETTING_CHECKS = {
+    "int": lambda value: None if isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    else "a positive whole number",
+    "bool": lambda value: None if isinstance(value, bool) else "true or false",
+    "str": lambda value: None if isinstance(value, str) else "a string",
+    "float": lambda value: None if isinstance(value, (int, float)) and not isinstance(value, bool)
+    and math.isfinite(value) else "a finite number",
+    "dict[str, dict[str, int]]": _model_records_problem,
+}
+
+
+def check_model_bytes(path: Path, data: bytes, settings: ExportSettings) -> None:
+    """Refuse a model file that is not the one export.py recorded beside it (cut short, damaged, or
+    left from another export); a file of another name (a user's own), or beside version-1 settings
+    (which record none), is taken as it is."""
+    recorded = settings.models.get(path.name)
+    if recorded is None and settings.models and path.name in (MODEL_NAME, INT8_MODEL_NAME):
+        raise OnnxExportError(f"--checkpoint {path}: {SETTINGS_NAME} does not list it, so it is left from an "
+                              f"earlier export (the last one wrote {', '.join(sorted(settings.models))}); export "
+                              f"again, or remove it")
+    found = model_digest(data)
+    if recorded is not None and found != recorded:
+        what = (f"{found['bytes']} bytes, {SETTINGS_NAME} records {recorded['bytes']}"
+                if found["bytes"] != recorded["bytes"] else f"its CRC-32 is not the one {SETTINGS_NAME} records")
+        raise OnnxExportError(f"--checkpoint {path}: not the model export.py wrote ({what}): truncated, damaged "
+                              f"or from an interrupted export; export it again")
+
+
+def apply_no_answer_settings(args: argparse.Namespace, settings: ExportSettings) -> None:
+    """The export's no-answer decision into `args` where the flags leave it open, as cli_common does for a
+    training run: --version_2_with_negative not given (None) takes the export's, and so does
+    --null_score_diff_threshold (given: named in `args.explicit_flags`; a caller that records none
+    counts any value but the default 0 as given)."""
+    if getattr(args, "version_2_with_negative", False) is None:
+        args.version_2_with_negative = settings.version_2_with_negative
+    explicit = getattr(args, "explicit_flags", None)
+    given = ("null_score_diff_threshold" in explicit if explicit is not None
+             else args.null_score_diff_threshold != 0.0)
+    if args.version_2_with_negative and not given:
+        args.null_score_diff_threshold = settings.null_score_diff_threshold
 
 
 def physical_cores() -> int:
@@ -138,7 +215,8 @@ def open_session(path: Path, threads: int | None = None, model_bytes: bytes | No
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # its warnings about serialising optimised graphs say nothing to a user
     try:
-        session = onnxruntime.InferenceSession(model_bytes or str(path), options, providers=["CPUExecutionProvider"],
+        session = onnxruntime.InferenceSession(str(path) if model_bytes is None else model_bytes, options,
+                                               providers=["CPUExecutionProvider"],
                                                disabled_optimizers=UNFUSED_OPTIMIZERS)
     except Exception as err:  # onnxruntime raises its own types for damaged or foreign files
         message = " ".join(str(err).split())[:300] or type(err).__name__
@@ -155,7 +233,14 @@ class OnnxReaderModel:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         self.path = model_file(path)
-        self.session = open_session(self.path, threads)
+        export_dir = find_export(self.path)
+        try:
+            data = self.path.read_bytes()
+        except OSError as err:
+            raise OnnxExportError(f"--checkpoint {self.path}: cannot read it ({err.strerror or err})") from None
+        if export_dir is not None:
+            check_model_bytes(self.path, data, read_settings(export_dir))
+        self.session = open_session(self.path, threads, model_bytes=data)
         logger.info("loaded ONNX model %s (%d threads)", self.path,
                     self.session.get_session_options().intra_op_num_threads)
 

@@ -39,7 +39,7 @@ from cli_common import (ArgumentParser, UsageError, add_compile_args, add_device
                         add_window_args, autocast_dtype, average_logits, build_tokenizer, check_compile_args,
                         check_data_args, check_version_2, compile_model, explicit_flags, load_finetuned, pick_device,
                         positive_int, predict_logits, resolve_finetuned_settings, run_cli, setup_logging)
-from cli_common import model_inputs, refuse_output_over_input
+from cli_common import WINDOW_FLAGS, model_inputs, refuse_output_over_input
 from korquad_utils import (SquadExample, atomic_write, convert_examples_to_features, decode_predictions,
                            no_answer_probability, null_odds, squad_examples_from_json)
 from tokenization import BertTokenizer
@@ -152,10 +152,14 @@ class Reader:
         """The Reader of ONNX exports (torch is not imported): ONNX Runtime on the CPU."""
         if args.batch_size is None:
             args.batch_size = CPU_BATCH_SIZE
+        onnx_reader.apply_no_answer_settings(args, settings)
+        check_version_2(args)
         tokenizer = build_tokenizer(args.vocab_file, args.analyzer, settings, args.do_lower_case)
         models = [onnx_reader.OnnxReaderModel(path) for path in args.checkpoint]
         return cls(models, tokenizer, None, None, args.max_seq_length, args.max_query_length, args.doc_stride,
-                   args.max_answer_length, args.n_best_size, args.batch_size)
+                   args.max_answer_length, args.n_best_size, args.batch_size,
+                   version_2_with_negative=args.version_2_with_negative,
+                   null_score_diff_threshold=args.null_score_diff_threshold)
 
     def __call__(self, question: str, context: str, top_k: int | None = None) -> dict[str, Any]:
         """The best answer to one question: answer, start, end, probability (and `answers` with top_k)."""
@@ -459,7 +463,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("give --question (with --context or --context_file), --input FILE or --interactive")
     if args.input is not None and (args.context is not None or args.context_file is not None):
         parser.error("--input brings its own contexts; drop --context/--context_file")
-    args.explicit_flags = explicit_flags(parser, argv)
+    # The threshold too: an ONNX export records one, which only a threshold given here replaces.
+    args.explicit_flags = explicit_flags(parser, argv, (*WINDOW_FLAGS, "null_score_diff_threshold"))
     return args
 
 

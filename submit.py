@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import eval as evaluate_script
+import onnx_reader
 from cli_common import (ROOT, ArgumentParser, UsageError, add_no_answer_args, check_data_args, check_version_2,
-                        json_bytes, refuse_output_over_input, resolve_finetuned_settings, run_cli, setup_logging)
+                        explicit_flags, json_bytes, refuse_output_over_input, resolve_finetuned_settings, run_cli, setup_logging)
 from korquad_utils import abstain, atomic_write
 
 logger = logging.getLogger("korquad")
@@ -44,7 +45,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="Morpheme analyzer (if not given: the checkpoint's training run's, else mecab).")
     parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
     add_no_answer_args(parser, remembered=True)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Not given, the threshold is the ONNX export's recorded one (0 for a checkpoint), as in eval.py.
+    args.threshold_given = "null_score_diff_threshold" in explicit_flags(parser, argv, ("null_score_diff_threshold",))
+    return args
 
 
 def check_output(own: argparse.Namespace) -> Path:
@@ -66,7 +70,7 @@ def eval_args(own: argparse.Namespace, scratch: str) -> argparse.Namespace:
         ["--checkpoint", own.checkpoint, f"--predict_file={own.input}", f"--output_dir={scratch}",
          f"--cache_dir={scratch}", "--no_cuda", *BASELINE_FLAGS, *(["--quiet"] if own.quiet else []),
          *([f"--analyzer={own.analyzer}"] if own.analyzer else []), *no_answer,
-         f"--null_score_diff_threshold={own.null_score_diff_threshold!r}"])
+         *([f"--null_score_diff_threshold={own.null_score_diff_threshold!r}"] if own.threshold_given else [])])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -76,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="submit_") as scratch:   # features are built afresh, not cached
         args = eval_args(own, scratch)
         config = resolve_finetuned_settings(args)
+        if isinstance(config, onnx_reader.ExportSettings):
+            onnx_reader.apply_no_answer_settings(args, config)
         check_data_args(args, config)
         check_version_2(args)
         _, predictions, nbest, odds = evaluate_script.predict_questions(args, config)
