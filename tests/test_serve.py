@@ -405,7 +405,8 @@ class ScriptedReader:
         return [{"answer": record["context"][:1], "start": 0, "end": 1, "probability": 1.0} for record in records]
 
 
-SCRIPTED_FLAGS = ["--checkpoint=unused", "--queue_size=8", "--max_batch=8", "--max_wait_ms=200", "--request_timeout=0.5",
+SCRIPTED_FLAGS = ["--checkpoint=unused", "--queue_size=8", "--max_batch=8", "--max_wait_ms=200",
+                  "--request_timeout=0.5",
                   *(f"--{name}={LIMITS[name]}" for name in ("max_body_bytes", "max_items", "max_context_chars"))]
 
 
@@ -440,14 +441,17 @@ def scripted_server():
         thread.join(timeout=30)
 
 
+def plain_question(question: str) -> dict:
+    return {"question": question, "context": "가나"}
+
+
 def local_connection(port: int) -> http.client.HTTPConnection:
     return http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
 
 def test_timeouts_and_a_failing_request_cost_only_that_request(scripted_server):
     port, reader = scripted_server()
-    connect = lambda: local_connection(port)  # noqa: E731
-    status, body = post(connect(), {"question": "slow", "context": "가나"})
+    status, body = post(local_connection(port), plain_question("slow"))
     assert status == 504 and "--request_timeout" in body["error"]
     # A body that stops arriving: 408 once the timeout passes, not a connection held forever.
     with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
@@ -458,22 +462,19 @@ def test_timeouts_and_a_failing_request_cost_only_that_request(scripted_server):
         assert response.status == 408 and "--request_timeout" in json.loads(response.read())["error"]
     # A request that breaks the reader gets a 500 of its own; one batched beside it is still answered.
     with ThreadPoolExecutor(2) as pool:
-        boom, fine = pool.map(lambda question: post(connect(), {"question": question, "context": "가나"}),
+        boom, fine = pool.map(lambda question: post(local_connection(port), plain_question(question)),
                               ["boom", "fine"])
     assert boom[0] == 500 and "Traceback" not in boom[1]["error"] and list(boom[1]) == ["error"]
     assert fine == (200, {"answer": "가", "start": 0, "end": 1, "probability": 1.0})
     assert ["boom", "fine"] in reader.batches   # they were one batch, answered again one by one
 
 
-def wait_for(condition, seconds: float = 10) -> None:
+def wait_until(condition, seconds: float = 10) -> None:
+    """Poll `condition` (blocking: in a coroutine too, where the worker thread needs no loop meanwhile)."""
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.01)
-
-
-def plain_question(question: str) -> dict:
-    return {"question": question, "context": "가나"}
 
 
 def test_a_request_of_exactly_queue_size_questions_is_queued_and_one_more_is_refused(scripted_server):
@@ -490,7 +491,7 @@ def test_a_request_that_times_out_in_the_queue_is_never_computed_and_frees_its_r
     port, reader = scripted_server()   # --request_timeout=0.5
     with ThreadPoolExecutor(1) as pool:
         held = pool.submit(post, local_connection(port), plain_question("hold"))
-        wait_for(lambda: ["hold"] in reader.batches)   # the worker is busy with it
+        wait_until(lambda: ["hold"] in reader.batches)   # the worker is busy with it
         status, body = post(local_connection(port), [plain_question("queued")] * 3)
         assert status == 504 and "--request_timeout" in body["error"]
         assert health(port)["queued"] == 0   # its 3 questions no longer take room in the queue
@@ -510,19 +511,12 @@ def run_batcher(batcher, scenario) -> object:
         batcher.stop()
 
 
-async def until(condition, seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.01)
-
-
 def test_a_job_abandoned_while_its_batch_fills_is_not_computed():
     from serve import Batcher
 
     async def scenario(batcher) -> None:
         job = batcher.submit([plain_question("late")], [None])
-        await until(lambda: batcher.queued == 0)   # the worker has taken it and waits up to 30 s for more
+        wait_until(lambda: batcher.queued == 0)   # the worker has taken it and waits up to 30 s for more
         batcher.abandon(job)
 
     reader = ScriptedReader()
@@ -540,7 +534,7 @@ def test_no_batch_exceeds_max_batch_and_every_question_gets_its_own_answer():
 
     async def scenario(batcher) -> list[list[dict]]:
         held = batcher.submit([plain_question("hold")], [None])
-        await until(lambda: batcher.reader.batches)   # all the others queue up behind it
+        wait_until(lambda: batcher.reader.batches)   # all the others queue up behind it
         jobs = [batcher.submit(records, [None] * len(records)) for records in requests]
         batcher.reader.release.set()
         await asyncio.wait_for(held.future, 30)
@@ -611,9 +605,11 @@ def test_connections_that_never_finish_their_headers_are_closed_and_others_answe
         statuses = []
         while time.monotonic() - began < 1 + 4 and (not statuses or statuses[-1] == 503):
             connection = local_connection(port)
-            connection.request("POST", "/answer", json_body(plain_question("q")), {"Content-Type": "application/json"})
+            connection.request("POST", "/answer", json_body(plain_question("q")),
+                               {"Content-Type": "application/json"})
             response = connection.getresponse()
             response.read()
+            connection.close()
             statuses.append(response.status)
             time.sleep(0.1 if response.status == 503 else 0)
         answered_after = time.monotonic() - began
@@ -621,7 +617,7 @@ def test_connections_that_never_finish_their_headers_are_closed_and_others_answe
     # Turned away while the trickling connections fill the server; answered once they are cut off.
     assert statuses[-1] == 200 and answered_after < 1 + 4, (statuses, answered_after)
     for seconds, sent in outcomes:
-        assert 0.9 < seconds < 1 + 4, outcomes
+        assert 0.7 < seconds < 1 + 4, outcomes   # not before --header_timeout, give or take a client's delay
         assert sent.startswith(b"HTTP/1.1 408 ") and b"--header_timeout" in sent, outcomes
     # Headers in time, then a body slower than --header_timeout: answered (the body has --request_timeout).
     body = json_body(plain_question("q"))
