@@ -10,8 +10,12 @@ top_k the `answers` list. GET /health says whether it is serving; GET / is a pag
 
 Requests wait in one bounded queue; a single worker thread takes up to --max_batch questions at a time
 (waiting up to --max_wait_ms for more to come) and answers them together with predict.Reader, so the model
-runs off the event loop and many clients share it. A full queue answers 503 at once. SIGTERM (or Ctrl-C)
-stops accepting connections, answers every request already accepted, then exits 0.
+runs off the event loop and many clients share it; a request of more questions than a batch holds is split
+over several. A full queue answers 503 at once; a request that times out leaves the queue at once. A connection
+that has not sent a request's line and headers within --header_timeout is closed (408), so that slow clients
+cannot hold --max_connections. Numbers strict JSON cannot carry (NaN, Infinity, 1e999, whole numbers past
+Python's 4,300-digit limit) get 400 naming the field. SIGTERM (or Ctrl-C) stops accepting connections,
+answers every request already accepted, then exits 0.
 """
 from __future__ import annotations
 
@@ -21,8 +25,10 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -65,14 +71,24 @@ class QueueFull(Exception):
 
 # --- the batching worker ---------------------------------------------------------------------
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request's questions, waiting for the worker; its answers arrive on `future`, in `loop`."""
     records: list[dict[str, Any]]
     top_ks: list[int | None]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    abandoned: bool = field(default=False)   # the request timed out: skip it if not started yet
+    taken: int = 0      # questions handed to the worker so far: a job larger than a batch's room is split
+    answers: list[dict[str, Any]] = field(default_factory=list)   # to its first len(answers) questions
+    abandoned: bool = False   # timed out or failed: what is not computed yet never will be
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Questions start:stop of one job, as part of a batch."""
+    job: Job
+    start: int
+    stop: int
 
 
 def answer_questions(reader: Reader, records: Sequence[dict[str, Any]],
@@ -136,54 +152,67 @@ class Batcher:
             self._changed.notify()
         return job
 
-    def _take(self) -> list[Job] | None:
-        """The next batch: the oldest job, then whole jobs that keep it within max_batch questions, waiting
-        up to max_wait_s for them. None once stopping with nothing left."""
+    def abandon(self, job: Job) -> None:
+        """Give up a job (its request timed out, or one of its questions failed): its questions still queued
+        leave the queue at once, and the worker computes no more of it."""
+        with self._changed:
+            job.abandoned = True
+            if job.taken < len(job.records):   # still in the queue, in part at least
+                self._jobs.remove(job)
+                self.queued -= len(job.records) - job.taken
+
+    def _take(self) -> list[Piece] | None:
+        """The next batch: up to max_batch questions from the oldest jobs on, waiting up to max_wait_s for
+        more to fill it; a job that does not fit goes on in the next batch. None once stopping with nothing left."""
         with self._changed:
             while not self._jobs:
                 if self._stopping:
                     return None
                 self._changed.wait()
-            taken = [self._jobs.popleft()]
-            count = len(taken[0].records)
-            self.queued -= count
+            batch: list[Piece] = []
+            count = 0
             deadline = time.monotonic() + self.max_wait_s
-            while count < self.max_batch:
-                if self._jobs:
-                    if count + len(self._jobs[0].records) > self.max_batch:
-                        break
-                    taken.append(self._jobs.popleft())
-                    count += len(taken[-1].records)
-                    self.queued -= len(taken[-1].records)
-                    continue
+            while True:
+                while self._jobs and count < self.max_batch:
+                    job = self._jobs[0]
+                    stop = min(len(job.records), job.taken + self.max_batch - count)
+                    batch.append(Piece(job, job.taken, stop))
+                    count += stop - job.taken
+                    self.queued -= stop - job.taken
+                    job.taken = stop
+                    if stop == len(job.records):
+                        self._jobs.popleft()
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stopping:
-                    break
+                if count == self.max_batch or remaining <= 0 or self._stopping:
+                    return batch
                 self._changed.wait(remaining)
-            return taken
 
     def _work(self) -> None:
-        while (jobs := self._take()) is not None:
-            self._answer([job for job in jobs if not job.abandoned])
+        while (batch := self._take()) is not None:
+            self._answer([piece for piece in batch if not piece.job.abandoned])
 
-    def _answer(self, jobs: list[Job]) -> None:
-        if not jobs:
+    def _answer(self, pieces: list[Piece]) -> None:
+        if not pieces:
             return
         try:
-            answers = answer_questions(self.reader, [r for job in jobs for r in job.records],
-                                       [k for job in jobs for k in job.top_ks])
+            answers = answer_questions(self.reader, [r for p in pieces for r in p.job.records[p.start:p.stop]],
+                                       [k for p in pieces for k in p.job.top_ks[p.start:p.stop]])
         except Exception as error:  # a bug on some input must cost that request only, not the whole batch
-            if len(jobs) > 1:
-                for job in jobs:
-                    self._answer([job])
+            if len(pieces) > 1:
+                for piece in pieces:
+                    if not piece.job.abandoned:   # else it has failed already, in an earlier piece
+                        self._answer([piece])
                 return
             logger.exception("answering a request failed")
-            deliver(jobs[0], error)
+            self.abandon(pieces[0].job)
+            deliver(pieces[0].job, error)
             return
         start = 0
-        for job in jobs:
-            deliver(job, answers[start:start + len(job.records)])
-            start += len(job.records)
+        for piece in pieces:
+            piece.job.answers += answers[start:start + piece.stop - piece.start]
+            start += piece.stop - piece.start
+            if len(piece.job.answers) == len(piece.job.records):
+                deliver(piece.job, piece.job.answers)
 
 
 def deliver(job: Job, outcome: list[dict[str, Any]] | BaseException) -> None:
@@ -244,7 +273,8 @@ def parse_payload(body: bytes, limits: Limits) -> tuple[list[dict[str, Any]], li
     if not text.strip():
         raise RequestError(400, "the body is empty; send {\"question\": ..., \"context\": ...}")
     try:
-        payload = json.loads(text)
+        payload = json.loads(text, parse_constant=not_json_constant, parse_float=finite_float_or_marker,
+                             parse_int=int_or_marker)
     except json.JSONDecodeError as error:
         raise RequestError(400, f"the body is not valid JSON ({error.msg} at line {error.lineno} "
                                 f"column {error.colno})") from None
@@ -265,6 +295,50 @@ def parse_payload(body: bytes, limits: Limits) -> tuple[list[dict[str, Any]], li
     return [record for record, _ in checked], [top_k for _, top_k in checked], False
 
 
+class UnusableNumber:
+    """Stands in for a number json.loads would accept but this server cannot take: NaN or ±Infinity (not
+    JSON, and the answer echoing them could not be strict JSON), a float beyond a double's range (1e999) or
+    a whole number past Python's digit limit for int(). check_item refuses it, naming the field."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+
+
+def not_json_constant(text: str) -> UnusableNumber:
+    return UnusableNumber(f"{text}, which is not JSON")
+
+
+def finite_float_or_marker(text: str) -> float | UnusableNumber:
+    number = float(text)
+    if math.isfinite(number):
+        return number
+    shown = text if len(text) <= 20 else text[:17] + "..."
+    return UnusableNumber(f"{shown}, a number beyond the range of a double")
+
+
+def int_or_marker(text: str) -> int | UnusableNumber:
+    try:
+        return int(text)
+    except ValueError:   # more digits than sys.get_int_max_str_digits() allows
+        return UnusableNumber(f"a whole number of {len(text.lstrip('-'))} digits, more than the "
+                              f"{sys.get_int_max_str_digits()} this server reads")
+
+
+def unusable_number_in(value: Any) -> UnusableNumber | None:
+    """The first UnusableNumber anywhere in a parsed JSON value (walked without recursion: an "id" may nest
+    as deep as json.loads allows)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, UnusableNumber):
+            return item
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return None
+
+
 def check_item(item: Any, where: str, limits: Limits) -> tuple[dict[str, Any], int | None]:
     """One question object as a predict.py record and its top_k, or RequestError naming the field at fault."""
     if not isinstance(item, dict):
@@ -273,6 +347,9 @@ def check_item(item: Any, where: str, limits: Limits) -> tuple[dict[str, Any], i
     unknown = [name for name in item if name not in FIELDS]
     if unknown:
         raise RequestError(400, f"{where}unknown field \"{unknown[0]}\" (expected {', '.join(FIELDS)})")
+    for name, value in item.items():
+        if (number := unusable_number_in(value)) is not None:
+            raise RequestError(400, f"{where}\"{name}\" holds {number.description}")
     for name in ("question", "context"):   # named in JSON's terms here; predict's check says the rest
         if name in item and not isinstance(item[name], str):
             raise RequestError(400, f"{where}\"{name}\" must be a string, got {json_type(item[name])}")
@@ -327,7 +404,7 @@ def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout:
         try:
             answers = await asyncio.wait_for(job.future, max(0.0, request_timeout - (time.monotonic() - began)))
         except asyncio.TimeoutError:
-            job.abandoned = True
+            batcher.abandon(job)
             counts["timed_out"] += 1
             return error_response(504, f"not answered within {request_timeout:g} s (--request_timeout); "
                                        f"the server is overloaded")
@@ -491,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Seconds a request may take, from its first byte to its answer (408/504 past it).")
     parser.add_argument("--max_connections", type=positive_int, default=512,
                         help="Open connections at most; past that, new ones get 503 (bounds memory under a flood).")
+    parser.add_argument("--header_timeout", type=positive_float, default=10.0,
+                        help="Seconds a connection may take to send a request's line and headers (from opening, or "
+                             "from the previous answer on it); slower ones are closed, so that they cannot hold "
+                             "--max_connections.")
     parser.add_argument("--access_log", action="store_true", help="Log one line per request.")
     parser.add_argument("--quiet", action="store_true", help="Warnings only.")
     return parser
@@ -514,6 +595,62 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def header_timeout_protocol(header_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP/1.1 protocol (h11), closing a connection that has not sent a whole request line and
+    headers within `header_timeout` seconds of opening, or of the previous answer on it. uvicorn has no such
+    limit (its keep-alive timer stops at a request's first byte) and counts these connections against
+    --max_connections, so a few clients sending a byte now and then would keep every other client at 503."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    message = json.dumps({"error": f"the request line and headers did not arrive within {header_timeout:g} s "
+                                   f"(--header_timeout)"}).encode("utf-8")
+    overdue = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(message), message))
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self.await_headers()
+
+        def on_response_complete(self) -> None:
+            self.await_headers()   # the next request's line and headers are due from now on
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+        def await_headers(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            self.header_timer = self.loop.call_later(header_timeout, self.headers_overdue)
+
+        def headers_overdue(self) -> None:
+            if self.cycle is not None and not self.cycle.response_complete:
+                return   # its request is under way: the body and the answer have --request_timeout
+            if self.conn.trailing_data[0] and not self.transport.is_closing():   # part of a request came
+                self.transport.write(overdue)
+            self.timeout_keep_alive_handler()   # uvicorn's own way to close a connection between requests
+
+    return HeaderTimeoutProtocol
+
+
+def server_config(reader: Reader, args: argparse.Namespace, announce: str | None = None) -> uvicorn.Config:
+    """uvicorn's configuration for serving `reader` as the flags say."""
+    batcher = Batcher(reader, args.queue_size, args.max_batch, args.max_wait_ms / 1000)
+    limits = Limits(args.max_body_bytes, args.max_items, args.max_context_chars)
+    app = build_app(reader, batcher, limits, args.request_timeout, announce)
+    # uvicorn answers 503 once the open connections, the one asking included, reach limit_concurrency.
+    # ws="none": the app has no WebSocket routes, and the header timer would cut an upgraded connection.
+    return uvicorn.Config(app, http=header_timeout_protocol(args.header_timeout), ws="none", log_config=None,
+                          access_log=args.access_log, lifespan="on",
+                          limit_concurrency=args.max_connections + 1, timeout_keep_alive=5,
+                          timeout_graceful_shutdown=args.request_timeout + 5)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if MISSING_PACKAGE is not None:
@@ -529,13 +666,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.warning("listening on %s: anyone who can reach this machine can use the server (no authentication)",
                        host)
     reader = Reader.from_args(args)
-    batcher = Batcher(reader, args.queue_size, args.max_batch, args.max_wait_ms / 1000)
-    limits = Limits(args.max_body_bytes, args.max_items, args.max_context_chars)
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    app = build_app(reader, batcher, limits, args.request_timeout, announce=f"{PROG}: serving on {url}")
-    config = uvicorn.Config(app, log_config=None, access_log=args.access_log, lifespan="on",
-                            limit_concurrency=args.max_connections, timeout_keep_alive=5,
-                            timeout_graceful_shutdown=args.request_timeout + 5)
+    config = server_config(reader, args, announce=f"{PROG}: serving on {url}")
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again under the handler that was
     # there before; a handler that ignores it lets the process end with status 0 after the clean shutdown.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):

@@ -3,8 +3,10 @@ SIGTERM loses no accepted request, and the page works in a real browser. All on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
+import math
 import os
 import re
 import select
@@ -133,8 +135,8 @@ def post(connection: http.client.HTTPConnection, payload, path: str = "/answer")
     return response.status, json.loads(response.read())
 
 
-def health(server: Server) -> dict:
-    connection = server.connect()
+def health(port: int) -> dict:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     connection.request("GET", "/health")
     response = connection.getresponse()
     assert response.status == 200
@@ -162,7 +164,7 @@ def test_16_concurrent_clients_each_get_their_own_answer(server, reader):
         indices = [n for n, k in enumerate(top_ks) if k == top_k]
         for n, answer in zip(indices, reference(reader, [questions[n] for n in indices], top_k)):
             expected[n] = answer
-    before = health(server)
+    before = health(server.port)
 
     def client(number: int) -> list[tuple[int, int, object]]:
         connection = server.connect()   # one keep-alive connection per client
@@ -178,7 +180,7 @@ def test_16_concurrent_clients_each_get_their_own_answer(server, reader):
     assert all(status == 200 for _, status, _ in results)
     wrong = [(n, got, expected[n]) for n, _, got in results if not same_answer(got, expected[n])]
     assert not wrong, f"{len(wrong)} of {len(results)} answers differ from the Reader's, e.g. {wrong[0]}"
-    after = health(server)
+    after = health(server.port)
     assert after["accepted"] - before["accepted"] == after["answered"] - before["answered"] == len(questions)
 
 
@@ -334,6 +336,41 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_answering(server
     assert post(server.connect(), GOOD)[0] == 200
 
 
+MANY_DIGITS = "7" * 4301   # one more than Python's int() reads by default
+NOT_STRICT_JSON = {   # body: the error names the field and what it holds
+    '{"question": "a", "context": "b", "id": NaN}': '"id" holds NaN, which is not JSON',
+    '{"question": "a", "context": "b", "id": Infinity}': '"id" holds Infinity, which is not JSON',
+    '{"question": "a", "context": "b", "id": -Infinity}': '"id" holds -Infinity, which is not JSON',
+    '{"question": "a", "context": "b", "id": 1e999}': '"id" holds 1e999, a number beyond the range of a double',
+    '{"question": "a", "context": "b", "id": -1e999}': '"id" holds -1e999, a number beyond',
+    f'{{"question": "a", "context": "b", "id": {MANY_DIGITS}}}': '"id" holds a whole number of 4301 digits',
+    f'{{"question": "a", "context": "b", "id": -{MANY_DIGITS}}}': '"id" holds a whole number of 4301 digits',
+    '{"question": "a", "context": "b", "id": {"run": [1, 2, NaN]}}': '"id" holds NaN',
+    '{"question": 1e999, "context": "b"}': '"question" holds 1e999',
+    f'{{"question": "a", "context": {MANY_DIGITS}}}': '"context" holds a whole number of 4301 digits',
+    '{"question": "a", "context": "b", "top_k": Infinity}': '"top_k" holds Infinity',
+    f'{{"question": "a", "context": "b", "top_k": {MANY_DIGITS}}}': '"top_k" holds a whole number of 4301 digits',
+    '[{"question": "a", "context": "b"}, {"question": "a", "context": "b", "id": NaN}]': 'item 1: "id" holds NaN',
+}
+
+
+@pytest.mark.parametrize("body", NOT_STRICT_JSON, ids=lambda body: body[:60])
+def test_numbers_strict_json_cannot_carry_get_400_naming_the_field(server, body):
+    connection = server.connect()
+    connection.request("POST", "/answer", body.encode("utf-8"), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    text = response.read().decode("utf-8")
+    assert response.status == 400 and list(json.loads(text)) == ["error"], text
+    assert NOT_STRICT_JSON[body] in json.loads(text)["error"], text
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_ids_strict_json_can_carry_are_echoed(server):
+    ids = [1.5, -2.5e-300, 1e308, int("9" * 4300), {"run": [1, None, True]}]
+    status, answers = post(server.connect(), [{**GOOD, "id": answer_id} for answer_id in ids])
+    assert status == 200 and [answer["id"] for answer in answers] == ids
+
+
 def test_a_body_too_large_without_content_length_gets_413(server):
     connection = server.connect()
     connection.putrequest("POST", "/answer")
@@ -349,12 +386,13 @@ def test_a_body_too_large_without_content_length_gets_413(server):
 
 
 class ScriptedReader:
-    """A stand-in Reader: "slow" questions take 0.6 s, "boom" questions raise, others answer at once.
-    `batches` lists the questions of every call."""
+    """A stand-in Reader: "slow" questions take 0.6 s, "hold" ones wait for `release`, "boom" ones raise,
+    others answer at once with their context's first character. `batches` lists the questions of every call."""
     n_best_size = 20
 
     def __init__(self) -> None:
         self.batches: list[list[str]] = []
+        self.release = threading.Event()
 
     def answer_all(self, records, top_k=None):
         self.batches.append(sorted(record["question"] for record in records))
@@ -362,37 +400,58 @@ class ScriptedReader:
             raise RuntimeError("a bug met on this question")
         if any(record["question"] == "slow" for record in records):
             time.sleep(0.6)
+        if any(record["question"] == "hold" for record in records):
+            self.release.wait(30)
         return [{"answer": record["context"][:1], "start": 0, "end": 1, "probability": 1.0} for record in records]
+
+
+SCRIPTED_FLAGS = ["--checkpoint=unused", "--queue_size=8", "--max_batch=8", "--max_wait_ms=200",
+                  "--request_timeout=0.5",
+                  *(f"--{name}={LIMITS[name]}" for name in ("max_body_bytes", "max_items", "max_context_chars"))]
 
 
 @pytest.fixture
 def scripted_server():
-    """serve.py's application around ScriptedReader, in this process (uvicorn on a thread), with a 0.5 s
-    request timeout and a 200 ms batching wait."""
+    """Start serve.py's server around a ScriptedReader, in this process (uvicorn on a thread), configured by
+    serve.py's own flags: a 0.5 s request timeout and a 200 ms batching wait unless `flags` say otherwise.
+    Returns (port, reader)."""
     import uvicorn
 
     import serve
 
-    reader = ScriptedReader()
-    batcher = serve.Batcher(reader, queue_size=8, max_batch=8, max_wait_s=0.2)
-    app = serve.build_app(reader, batcher, serve.Limits(**{k: LIMITS[k] for k in (
-        "max_body_bytes", "max_items", "max_context_chars")}), request_timeout=0.5)
-    sock = serve.listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    yield sock.getsockname()[1], reader
-    server.should_exit = True
-    thread.join(timeout=30)
+    running: list[tuple[uvicorn.Server, threading.Thread, ScriptedReader]] = []
+
+    def start(*flags: str) -> tuple[int, ScriptedReader]:
+        reader = ScriptedReader()
+        args = serve.build_parser().parse_args([*SCRIPTED_FLAGS, *flags])
+        sock = serve.listen("127.0.0.1", 0)
+        server = uvicorn.Server(serve.server_config(reader, args))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+        thread.start()
+        running.append((server, thread, reader))
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return sock.getsockname()[1], reader
+
+    yield start
+    for server, thread, reader in running:
+        reader.release.set()
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def plain_question(question: str) -> dict:
+    return {"question": question, "context": "가나"}
+
+
+def local_connection(port: int) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
 
 def test_timeouts_and_a_failing_request_cost_only_that_request(scripted_server):
-    port, reader = scripted_server
-    connect = lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # noqa: E731
-    status, body = post(connect(), {"question": "slow", "context": "가나"})
+    port, reader = scripted_server()
+    status, body = post(local_connection(port), plain_question("slow"))
     assert status == 504 and "--request_timeout" in body["error"]
     # A body that stops arriving: 408 once the timeout passes, not a connection held forever.
     with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
@@ -403,11 +462,174 @@ def test_timeouts_and_a_failing_request_cost_only_that_request(scripted_server):
         assert response.status == 408 and "--request_timeout" in json.loads(response.read())["error"]
     # A request that breaks the reader gets a 500 of its own; one batched beside it is still answered.
     with ThreadPoolExecutor(2) as pool:
-        boom, fine = pool.map(lambda question: post(connect(), {"question": question, "context": "가나"}),
+        boom, fine = pool.map(lambda question: post(local_connection(port), plain_question(question)),
                               ["boom", "fine"])
     assert boom[0] == 500 and "Traceback" not in boom[1]["error"] and list(boom[1]) == ["error"]
     assert fine == (200, {"answer": "가", "start": 0, "end": 1, "probability": 1.0})
     assert ["boom", "fine"] in reader.batches   # they were one batch, answered again one by one
+
+
+def wait_until(condition, seconds: float = 10) -> None:
+    """Poll `condition` (blocking: in a coroutine too, where the worker thread needs no loop meanwhile)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_a_request_of_exactly_queue_size_questions_is_queued_and_one_more_is_refused(scripted_server):
+    port, reader = scripted_server()   # --queue_size=8, --max_items=16
+    items = [plain_question(f"q{n}") for n in range(9)]
+    status, answers = post(local_connection(port), items[:8])
+    assert status == 200 and [answer["answer"] for answer in answers] == ["가"] * 8
+    status, body = post(local_connection(port), items)
+    assert status == 503 and "room for 8" in body["error"]
+    assert sorted(question for batch in reader.batches for question in batch) == [f"q{n}" for n in range(8)]
+
+
+def test_a_request_that_times_out_in_the_queue_is_never_computed_and_frees_its_room(scripted_server):
+    port, reader = scripted_server()   # --request_timeout=0.5
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(post, local_connection(port), plain_question("hold"))
+        wait_until(lambda: ["hold"] in reader.batches)   # the worker is busy with it
+        status, body = post(local_connection(port), [plain_question("queued")] * 3)
+        assert status == 504 and "--request_timeout" in body["error"]
+        assert health(port)["queued"] == 0   # its 3 questions no longer take room in the queue
+        reader.release.set()
+        assert held.result()[0] == 504   # it was being computed when its time ran out
+    assert post(local_connection(port), plain_question("after"))[0] == 200   # the worker has moved past it
+    assert all("queued" not in batch for batch in reader.batches), reader.batches
+
+
+def run_batcher(batcher, scenario) -> object:
+    """`scenario(batcher)` in an event loop, with the batcher's worker running; the worker stopped after."""
+    batcher.start()
+    try:
+        return asyncio.run(scenario(batcher))
+    finally:
+        batcher.reader.release.set()
+        batcher.stop()
+
+
+def test_a_job_abandoned_while_its_batch_fills_is_not_computed():
+    from serve import Batcher
+
+    async def scenario(batcher) -> None:
+        job = batcher.submit([plain_question("late")], [None])
+        wait_until(lambda: batcher.queued == 0)   # the worker has taken it and waits up to 30 s for more
+        batcher.abandon(job)
+
+    reader = ScriptedReader()
+    run_batcher(Batcher(reader, queue_size=8, max_batch=8, max_wait_s=30), scenario)   # stop() ends the wait
+    assert reader.batches == []
+
+
+def test_no_batch_exceeds_max_batch_and_every_question_gets_its_own_answer():
+    from serve import Batcher
+
+    sizes = [3, 2, 1, 6, 1, 1]   # 14 questions; the 6 is larger than a whole batch
+    starts = [sum(sizes[:n]) for n in range(len(sizes))]
+    requests = [[{"question": f"q{start + k:02d}", "context": chr(ord("가") + start + k)} for k in range(size)]
+                for start, size in zip(starts, sizes)]
+
+    async def scenario(batcher) -> list[list[dict]]:
+        held = batcher.submit([plain_question("hold")], [None])
+        wait_until(lambda: batcher.reader.batches)   # all the others queue up behind it
+        jobs = [batcher.submit(records, [None] * len(records)) for records in requests]
+        batcher.reader.release.set()
+        await asyncio.wait_for(held.future, 30)
+        return [await asyncio.wait_for(job.future, 30) for job in jobs]
+
+    reader = ScriptedReader()
+    answers = run_batcher(Batcher(reader, queue_size=32, max_batch=4, max_wait_s=0.05), scenario)
+    for records, got in zip(requests, answers):
+        assert [answer["answer"] for answer in got] == [record["context"] for record in records]
+    assert reader.batches[0] == ["hold"]
+    # Full batches of 4, whatever the requests' sizes, and each question computed once.
+    assert [len(batch) for batch in reader.batches[1:]] == [4, 4, 4, 2], reader.batches
+    assert sorted(sum(reader.batches[1:], [])) == [f"q{n:02d}" for n in range(14)]
+
+
+def test_max_connections_connections_are_served_at_once_and_one_more_is_not(scripted_server):
+    port, _ = scripted_server("--max_connections=3")
+    with contextlib.ExitStack() as open_connections:
+        for _ in range(2):
+            open_connections.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
+        assert health(port)["status"] == "ok"   # asked on a 3rd connection
+        open_connections.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
+        connection = local_connection(port)   # a 4th
+        connection.request("GET", "/health")
+        assert connection.getresponse().status == 503
+
+
+TRICKLED = b"POST /answer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 40\r\n"
+
+
+def trickle(port: int, after_a_request: bool, connected: threading.Barrier, give_up_s: float) -> tuple[float, bytes]:
+    """Open a connection (after_a_request: have one request answered on it first) and send TRICKLED one byte
+    every 0.5 s, never ending the headers. (seconds from the answer, or from opening, to the server closing
+    it; what the server sent then), or (inf, b"") if it is still open after `give_up_s`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        if after_a_request:
+            time.sleep(0.6)   # the answer comes late enough that the timer from opening alone would cut short
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            received = b""
+            while not received.endswith(b"}"):
+                received += sock.recv(4096)
+        began = time.monotonic()
+        connected.wait(10)
+        for byte in TRICKLED:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return time.monotonic() - began, b""
+            if select.select([sock], [], [], 0.5)[0]:
+                closed_at, sent = time.monotonic(), b""
+                with contextlib.suppress(OSError):
+                    while chunk := sock.recv(4096):
+                        sent += chunk
+                return closed_at - began, sent
+            if time.monotonic() - began > give_up_s:
+                break
+    return math.inf, b""
+
+
+def test_connections_that_never_finish_their_headers_are_closed_and_others_answered(scripted_server):
+    port, _ = scripted_server("--max_connections=3", "--header_timeout=1", "--request_timeout=5")
+    connected = threading.Barrier(4)
+    with ThreadPoolExecutor(3) as pool:
+        # Three trickling connections: as many as --max_connections; one of them has had an answer already.
+        tricklers = [pool.submit(trickle, port, n == 0, connected, 1 + 6) for n in range(3)]
+        connected.wait(10)
+        began = time.monotonic()
+        statuses = []
+        while time.monotonic() - began < 1 + 4 and (not statuses or statuses[-1] == 503):
+            connection = local_connection(port)
+            connection.request("POST", "/answer", json_body(plain_question("q")),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            connection.close()
+            statuses.append(response.status)
+            time.sleep(0.1 if response.status == 503 else 0)
+        answered_after = time.monotonic() - began
+        outcomes = [trickler.result() for trickler in tricklers]
+    # Turned away while the trickling connections fill the server; answered once they are cut off.
+    assert statuses[-1] == 200 and answered_after < 1 + 4, (statuses, answered_after)
+    for seconds, sent in outcomes:
+        assert 0.7 < seconds < 1 + 4, outcomes   # not before --header_timeout, give or take a client's delay
+        assert sent.startswith(b"HTTP/1.1 408 ") and b"--header_timeout" in sent, outcomes
+    # Headers in time, then a body slower than --header_timeout: answered (the body has --request_timeout).
+    body = json_body(plain_question("q"))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /answer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        for part in (body[:5], body[5:]):
+            time.sleep(0.7)
+            sock.sendall(part)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 200, response.read()
 
 
 # --- shutting down ---------------------------------------------------------------------------
@@ -479,6 +701,16 @@ def test_a_taken_port_and_impossible_limits_are_refused_before_the_model_loads(t
         serve.main([f"--checkpoint={missing}", "--max_items=10", "--queue_size=5"])
     with pytest.raises(SystemExit):
         serve.build_parser().parse_args([f"--checkpoint={missing}", "--max_wait_ms=-1"])
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1", "soon"])
+def test_a_bad_header_timeout_is_one_line_naming_the_flag(value, capsys):
+    import serve
+
+    with pytest.raises(SystemExit) as exit_info:
+        serve.build_parser().parse_args(["--checkpoint=unused", f"--header_timeout={value}"])
+    lines = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "--header_timeout" in lines[0], lines
 
 
 def test_a_missing_package_is_one_line_naming_it(run_dir, tmp_path):
