@@ -38,9 +38,10 @@ from cli_common import (USER_ERRORS, ArgumentParser, UsageError, add_data_args, 
                         pick_device, predict_logits, prepare_output_dir, resolve_checkpoints, resolve_from_training_run, run_cli,
                         setup_logging)
 from cli_common import refuse_output_over_input
-from korquad_utils import (TEACHER_TARGETS_FORMAT, TEACHER_TARGETS_NPZ, KorquadFormatError, SquadExample,
-                           TeacherTargets, load_or_build_features, make_length_grouped_batches,
-                           read_squad_examples, read_teacher_targets, sha256_of_file, write_teacher_targets)
+from korquad_utils import (TEACHER_TARGETS_FORMAT, TEACHER_TARGETS_NPZ, SquadExample, TeacherTargets,
+                           load_or_build_features, make_length_grouped_batches, read_squad_examples, sha256_of_file,
+                           teacher_targets_are_current, write_teacher_targets)
+from long_run import DirectoryLocked, RunLock, file_digest, remove_dead_temp_files
 from korquad_utils import TEACHER_TARGETS_JSON
 from modeling import Config, is_transformers_dir, read_transformers_config
 
@@ -263,14 +264,31 @@ def truncated_question(tokenizer, question: str, max_tokens: int) -> str:
     return question if len(offsets) <= max_tokens else question[:offsets[max_tokens - 1][1]]
 
 
-def our_windows(checkpoints: Sequence[Path], examples: Sequence[SquadExample], args: argparse.Namespace,
+def our_teacher_settings(checkpoint: Path, args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with the model config, vocab, analyzer and lower-casing of the run beside `checkpoint`."""
+    settings = copy.copy(args)
+    settings.checkpoint, settings.model_config, settings.vocab_file = [checkpoint], None, None
+    resolve_from_training_run(settings)
+    return settings
+
+
+def our_teacher_digest(settings: argparse.Namespace) -> str:
+    """sha256 over what makes one of our teachers' windows and logits: its weights, config, vocab and text rules
+    (a run directory's vocab.txt or analyzer changed under the same weights makes other targets)."""
+    described = {"weights": sha256_of_file(settings.checkpoint[0]),
+                 "config": file_digest("--teacher's config", settings.model_config),
+                 "vocab": file_digest("--teacher's vocab", settings.vocab_file), "analyzer": settings.analyzer,
+                 "do_lower_case": settings.do_lower_case}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def our_windows(teachers: Sequence[argparse.Namespace], examples: Sequence[SquadExample], args: argparse.Namespace,
                 device: torch.device, amp_dtype) -> list[list[list[Window]]]:
-    """Each of our checkpoints' windows per question: its own run's tokenizer, analyzer and config."""
+    """Each of our teachers' windows per question (`our_teacher_settings`: its own run's tokenizer, analyzer
+    and config)."""
     members = []
-    for checkpoint in checkpoints:
-        settings = copy.copy(args)
-        settings.checkpoint, settings.model_config, settings.vocab_file = [checkpoint], None, None
-        resolve_from_training_run(settings)
+    for settings in teachers:
+        checkpoint = settings.checkpoint[0]
         config = Config.from_json_file(settings.model_config)
         check_data_args(settings, config)
         tokenizer = build_tokenizer(settings.vocab_file, settings.analyzer, config, settings.do_lower_case)
@@ -290,14 +308,22 @@ def our_windows(checkpoints: Sequence[Path], examples: Sequence[SquadExample], a
     return members
 
 
-def teacher_digest(teacher: str, path: Path) -> str:
-    """sha256 over a teacher's files: its weights and, for a transformers directory, config and tokenizer."""
+def transformers_digest(path: Path) -> str:
+    """sha256 over a transformers teacher directory's files: its weights, config and tokenizer."""
     digest = hashlib.sha256()
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt",
-                                                                               ".model")) if path.is_dir() else [path]
+                                                                               ".model"))
     for file in files:
         digest.update(f"{file.name}\0{sha256_of_file(file)}\0".encode())
     return digest.hexdigest()
+
+
+def targets_key(train_sha: str, teacher_digests: Sequence[str], settings: dict) -> str:
+    """What identifies a set of targets: the train file's contents, the teachers, the window rule and every
+    setting that shapes the targets (window lengths, analyzer, --target_mass); a change to any makes new ones."""
+    return hashlib.sha256(json.dumps({"format": TEACHER_TARGETS_FORMAT, "train_file_sha256": train_sha,
+                                      "teachers": list(teacher_digests), "windows": WINDOWS_RULE, **settings},
+                                     sort_keys=True).encode()).hexdigest()
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -311,37 +337,43 @@ def main(argv: Sequence[str] | None = None) -> None:
                                               Path(args.output_dir) / TEACHER_TARGETS_JSON],
                              [("--train_file", args.train_file), *(("--teacher", path) for path in args.teacher)])
     # Every teacher is resolved and checked before any model runs.
-    teachers = []  # (name, kind, path, tokenizer or None)
+    teachers = []  # (name, kind, path, tokenizer for transformers or our run's settings, digest)
     for teacher in args.teacher:
         # A transformers directory or hub id goes through transformers; anything else is a checkpoint or run of ours.
         directory = Path(fetch_hub_model(teacher))
         if is_transformers_dir(directory):
-            teachers.append((teacher, "transformers", directory, check_transformers_teacher(directory, teacher, args)))
+            teachers.append((teacher, "transformers", directory, check_transformers_teacher(directory, teacher, args),
+                             transformers_digest(directory)))
         else:
             checkpoint = resolve_checkpoints([teacher])[0]
-            teachers.append((teacher, "korquad", checkpoint, None))
+            ours = our_teacher_settings(checkpoint, args)
+            teachers.append((teacher, "korquad", checkpoint, ours, our_teacher_digest(ours)))
     output_dir = prepare_output_dir(args.output_dir)
-    device = pick_device(args.no_cuda)
-    amp_dtype = autocast_dtype(args, device)
+    # One distill.py per targets directory: a second one is refused at once rather than racing the first.
+    lock = RunLock(output_dir, program="distill.py")
+    lock.acquire()
+    try:
+        remove_dead_temp_files(output_dir)  # what a killed writer left (the targets themselves are whole)
+        write_targets(args, teachers, output_dir)
+    finally:
+        lock.release()
 
+
+def write_targets(args: argparse.Namespace, teachers: list[tuple], output_dir: Path) -> None:
+    """The targets of `teachers` into `output_dir`, unless the ones there are current."""
     train_sha = sha256_of_file(args.train_file)
-    described = [{"teacher": name, "kind": kind, "sha256": teacher_digest(name, path)}
-                 for name, kind, path, _ in teachers]
+    described = [{"teacher": name, "kind": kind, "sha256": digest} for name, kind, _, _, digest in teachers]
     settings = {"max_seq_length": args.max_seq_length, "doc_stride": args.doc_stride,
                 "max_query_length": args.max_query_length, "analyzer": args.analyzer,
                 "target_mass": args.target_mass}
-    key = hashlib.sha256(json.dumps({"format": TEACHER_TARGETS_FORMAT, "train_file_sha256": train_sha,
-                                     "teachers": [t["sha256"] for t in described], "windows": WINDOWS_RULE,
-                                     **settings}, sort_keys=True).encode()).hexdigest()
-    if (output_dir / TEACHER_TARGETS_NPZ).is_file():
-        try:
-            if read_teacher_targets(output_dir).key == key:
-                logger.info("%s is current for this train file, these teachers and settings: nothing to do",
-                            output_dir / TEACHER_TARGETS_NPZ)
-                print(output_dir / TEACHER_TARGETS_NPZ)
-                return
-        except KorquadFormatError:
-            pass  # unreadable: written anew
+    key = targets_key(train_sha, [t["sha256"] for t in described], settings)
+    if teacher_targets_are_current(output_dir, key):
+        logger.info("%s is current for this train file, these teachers and settings: nothing to do",
+                    output_dir / TEACHER_TARGETS_NPZ)
+        print(output_dir / TEACHER_TARGETS_NPZ)
+        return
+    device = pick_device(args.no_cuda)
+    amp_dtype = autocast_dtype(args, device)
 
     examples = read_squad_examples(args.train_file, is_training=False)
     if not examples:
@@ -356,10 +388,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         members.append([tuple(keep_top_mass(d, member_mass) for d in question_distributions(w, ex.context_text))
                         for w, ex in combining])
 
-    ours = [path for _, kind, path, _ in teachers if kind == "korquad"]
+    ours = [settings for _, kind, _, settings, _ in teachers if kind == "korquad"]
     for windows in our_windows(ours, examples, args, device, amp_dtype) if ours else []:
         add_member(windows)
-    for name, kind, path, tokenizer in teachers:
+    for name, kind, path, tokenizer, _ in teachers:
         if kind == "transformers":
             add_member(transformers_windows(path, name, tokenizer, examples, args, device, amp_dtype))
 
@@ -379,4 +411,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, USER_ERRORS)
+    run_cli(main, USER_ERRORS + (DirectoryLocked,))

@@ -690,6 +690,15 @@ def _read_cached_table(directory: Path, key: str, num_examples: int | None) -> F
     return table
 
 
+def _cache_key(directory: Path) -> str | None:
+    """The key a cache directory's index records, None if it has no readable index."""
+    try:
+        index = json.loads((directory / TABLE_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return index.get("key") if isinstance(index, dict) else None
+
+
 def _is_writable_dir(directory: Path) -> bool:
     """Whether `directory` (or, if missing, its nearest existing parent) may be written to.
 
@@ -727,6 +736,9 @@ def _write_cached_table(table: FeatureTable, directory: Path, key: str, metadata
             directory.rename(old)  # a reader that has it mapped keeps its files until it closes them
         temp.rename(directory)
     except OSError as error:
+        if _cache_key(directory) == key:  # another process (a second run on the same data) got there first
+            logger.info("feature cache %s was written by another process meanwhile; using it", directory)
+            return True
         logger.warning("cannot write the feature cache in %s (%s): features are not cached",
                        directory.parent, error.strerror or error)
         return False
@@ -1151,24 +1163,57 @@ def sha256_of_file(path: str | os.PathLike) -> str:
 
 
 def write_teacher_targets(targets: TeacherTargets, directory: str | os.PathLike, metadata: dict[str, Any]) -> Path:
-    """`teacher_targets.npz` (the arrays, key inside) and a `teacher_targets.json` sidecar, each atomically."""
+    """`teacher_targets.npz` (the arrays, key inside) and its `teacher_targets.json` sidecar, both or neither:
+    each is written to a temporary file, and only once both are on disk are they renamed into place."""
     directory = Path(directory)
     arrays = {field.name: getattr(targets, field.name) for field in fields(TeacherTargets)}
     arrays["key"], arrays["train_file_sha256"] = np.array(targets.key), np.array(targets.train_file_sha256)
-    npz_path = directory / TEACHER_TARGETS_NPZ
-    atomic_write(npz_path, lambda file: np.savez(file, format=np.array(TEACHER_TARGETS_FORMAT), **arrays))
     sidecar = {"format": TEACHER_TARGETS_FORMAT, "key": targets.key, "train_file_sha256": targets.train_file_sha256,
                "num_questions": len(targets.question_ids), **metadata}
-    atomic_write(directory / TEACHER_TARGETS_JSON,
-                 lambda file: file.write((json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n").encode("utf-8")))
+    sidecar_bytes = (json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    npz_path = directory / TEACHER_TARGETS_NPZ
+    atomic_write_files({npz_path: lambda file: np.savez(file, format=np.array(TEACHER_TARGETS_FORMAT), **arrays),
+                        directory / TEACHER_TARGETS_JSON: lambda file: file.write(sidecar_bytes)})
     return npz_path
 
 
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut short (zipfile quotes whole damaged headers)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _target_arrays_problem(values: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with the arrays of a teacher-targets file (types, shapes, bounds, probabilities), or None."""
+    if any(values[name].shape != () or values[name].dtype.kind != "U" for name in ("key", "train_file_sha256")):
+        return "key or train_file_sha256 is not one string"
+    ids = values["question_ids"]
+    if ids.ndim != 1 or ids.dtype.kind != "U":
+        return "question_ids is not a list of strings"
+    for side in ("start", "end"):
+        bounds, chars, probs = (values[f"{side}_{name}"] for name in ("bounds", "chars", "probs"))
+        if any(array.ndim != 1 for array in (bounds, chars, probs)):
+            return f"{side} arrays are not one-dimensional"
+        if bounds.dtype.kind not in "iu" or chars.dtype.kind not in "iu" or probs.dtype.kind != "f":
+            return f"{side} arrays have the wrong types ({bounds.dtype}, {chars.dtype}, {probs.dtype})"
+        if (len(bounds) != len(ids) + 1 or bounds[0] != 0 or (np.diff(bounds) < 0).any()
+                or bounds[-1] != len(chars) or len(chars) != len(probs)):
+            return f"inconsistent {side}_bounds"
+        if len(chars) and chars.min() < 0:
+            return f"negative {side}_chars"
+        if not np.isfinite(probs).all() or (probs < 0).any():
+            return f"{side}_probs that are not finite non-negative numbers"
+    return None
+
+
 def read_teacher_targets(directory: str | os.PathLike) -> TeacherTargets:
-    """The targets distill.py wrote into `directory`; `KorquadFormatError` naming the file if unusable."""
+    """The targets distill.py wrote into `directory`; `KorquadFormatError` naming the file if it is missing,
+    damaged (truncated, a flipped byte: the zip's CRC says so) or holds arrays that do not fit together."""
     path = Path(directory) / TEACHER_TARGETS_NPZ
-    if not path.is_file():
+    if not path.exists():
         raise KorquadFormatError(f"{path}: not found; write the targets with distill.py --output_dir {directory}")
+    if not path.is_file():
+        raise KorquadFormatError(f"{path}: not a file; write the targets with distill.py --output_dir {directory}")
     try:
         with np.load(path, allow_pickle=False) as arrays:
             if str(arrays["format"]) != TEACHER_TARGETS_FORMAT:
@@ -1177,16 +1222,25 @@ def read_teacher_targets(directory: str | os.PathLike) -> TeacherTargets:
     except KorquadFormatError:
         raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-        raise KorquadFormatError(f"{path}: not teacher targets written by distill.py ({error})") from None
-    targets = TeacherTargets(**{**values, "key": str(values["key"]),
-                                "train_file_sha256": str(values["train_file_sha256"])})
-    count = len(targets.question_ids)
-    for side in ("start", "end"):
-        bounds = getattr(targets, f"{side}_bounds")
-        if (len(bounds) != count + 1 or bounds[-1] != len(getattr(targets, f"{side}_chars"))
-                or bounds[-1] != len(getattr(targets, f"{side}_probs"))):
-            raise KorquadFormatError(f"{path}: inconsistent {side}_bounds; rerun distill.py")
-    return targets
+        raise KorquadFormatError(f"{path}: not teacher targets written by distill.py ({_one_line(error)}); "
+                                 f"rerun distill.py") from None
+    problem = _target_arrays_problem(values)
+    if problem:
+        raise KorquadFormatError(f"{path}: {problem}; rerun distill.py")
+    return TeacherTargets(**{**values, "key": str(values["key"]), "train_file_sha256": str(values["train_file_sha256"])})
+
+
+def teacher_targets_are_current(directory: str | os.PathLike, key: str) -> bool:
+    """Whether `directory` holds whole targets made under `key`: the npz readable and carrying it, and its
+    sidecar readable JSON naming the same key (a damaged or foreign sidecar is written anew with the targets)."""
+    directory = Path(directory)
+    try:
+        if read_teacher_targets(directory).key != key:
+            return False
+        sidecar = json.loads((directory / TEACHER_TARGETS_JSON).read_text(encoding="utf-8"))
+    except (KorquadFormatError, OSError, ValueError):
+        return False
+    return isinstance(sidecar, dict) and sidecar.get("key") == key
 
 
 def project_char_targets(token_offsets: np.ndarray, char_positions: np.ndarray, char_probs: np.ndarray,

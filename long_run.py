@@ -44,7 +44,7 @@ TEMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]+\.tmp$")
 
 
 class DirectoryLocked(RuntimeError):
-    """Another live process is training into the same output directory."""
+    """Another live process is writing into the same output directory (a training run, distill.py)."""
 
 
 def pid_is_alive(pid: int) -> bool:
@@ -59,14 +59,15 @@ def pid_is_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """`.train.lock` in the output directory: pid, host and a heartbeat of the one process writing there.
+    """`.train.lock` in the output directory: program, pid, host and a heartbeat of the one process writing there.
 
     A second run is refused while the holder lives; a lock whose process is dead (same host) or whose
     heartbeat stopped (any host) is taken over, so a killed run needs no manual cleanup.
     """
 
-    def __init__(self, output_dir: Path):
+    def __init__(self, output_dir: Path, program: str = "train.py"):
         self.path = output_dir / LOCK_NAME
+        self.program = program
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self._started: str | None = None
@@ -77,15 +78,16 @@ class RunLock:
         holder = self._read_lock()
         if holder is not None and self._holder_is_alive(holder):
             raise DirectoryLocked(
-                f"{self.path.parent} is in use by train.py pid {holder.get('pid')} on {holder.get('host')} "
-                f"(started {holder.get('started')}); wait for it, stop it, or choose another --output_dir")
+                f"{self.path.parent} is in use by {holder.get('program', 'train.py')} pid {holder.get('pid')} on "
+                f"{holder.get('host')} (started {holder.get('started')}); wait for it, stop it, or choose another "
+                f"--output_dir")
         if holder is not None:
             logger.warning("taking over the lock of a dead run (pid %s on %s) in %s",
                            holder.get("pid"), holder.get("host"), self.path.parent)
         self._started = time.strftime("%Y-%m-%d %H:%M:%S")
         self._write()
         if not self._is_mine(self._read_lock()):  # another run took it over in the same instant
-            raise DirectoryLocked(f"{self.path.parent}: another train.py took the lock at the same moment")
+            raise DirectoryLocked(f"{self.path.parent}: another {self.program} took the lock at the same moment")
         self._thread = threading.Thread(target=self._beat, name="train-lock-heartbeat", daemon=True)
         self._thread.start()
 
@@ -97,7 +99,8 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
     def _write(self) -> None:
-        record = {"pid": self.pid, "host": self.host, "started": self._started, "heartbeat": time.time()}
+        record = {"program": self.program, "pid": self.pid, "host": self.host, "started": self._started,
+                  "heartbeat": time.time()}
         atomic_write(self.path, lambda file: file.write(json.dumps(record).encode("utf-8")))
 
     def _beat(self) -> None:
