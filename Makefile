@@ -1,18 +1,25 @@
 # Two commands from a fresh clone: `make demo` (train + evaluate on the bundled sample, CPU)
-# and `make test` (the test suite). Each sets up .venv first; it reuses a torch that is
-# already installed (Colab, a GPU box) instead of downloading another one.
+# and `make test` (the test suite). `make demo` sets up .venv with requirements.txt only;
+# `make test` adds the test dependencies (requirements-dev.txt). The venv sees the system's
+# packages, so a torch already installed (Colab, a GPU box, a CPU-only build) is reused.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_output
 
-.PHONY: install demo test clean
+.PHONY: install install-dev demo test clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-onnx.txt requirements-serve.txt
+install-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt requirements-onnx.txt requirements-serve.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
 # A tiny model from random initialisation learns the sample by heart: this shows the whole
@@ -26,7 +33,7 @@ demo: install
 	  --predict_file=data/korquad_sample.json --max_seq_length=256 --max_query_length=32 --doc_stride=128 \
 	  --train_batch_size=64 --no_cuda --quiet
 
-test: install
+test: install-dev
 	$(PY) -m pytest -q tests
 
 clean:

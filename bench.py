@@ -1313,6 +1313,43 @@ def bench_distill(args: argparse.Namespace) -> None:
 WITHOUT_DEV = {"max_context"}
 
 
+def print_provenance() -> None:
+    """What every figure depends on, printed once before the benchmarks (docs/measurements.md records it per row)."""
+    import datetime
+    import importlib.metadata
+    import os
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").is_file() else ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():  # the first core's lines are enough: every core has the same model
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or platform.processor() or "unknown"
+    cpu_flags = set(fields.get("flags", "").split())
+    # The instruction sets that decide matmul speed: AVX2, AVX-512, VNNI (int8), AMX (bf16/int8 tiles).
+    speed_flags = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                   if flag in cpu_flags]
+    versions = []
+    for package in ("torch", "onnxruntime", "transformers", "numpy"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{package} not installed")
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(f"provenance.date: {datetime.date.today().isoformat()}")
+    print(f"provenance.cpu: {model}, {os.cpu_count()} logical cores, "
+          f"flags: {' '.join(speed_flags) or 'none of avx2/avx512/amx'}")
+    print(f"provenance.versions: {', '.join(versions)}, python {platform.python_version()}")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        import torch
+        torch_threads = str(torch.get_num_threads())
+    except ImportError:
+        torch_threads = "no torch"
+    print(f"provenance.threads: torch {torch_threads}, OMP_NUM_THREADS={threads}, usable cores {usable}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dev", type=Path, default=None,
@@ -1332,6 +1369,7 @@ def main() -> None:
         args.dev = next((p for p in DEV_CANDIDATES if p.is_file()), None)
     if (args.dev is None or not args.dev.is_file()) and not set(names) <= WITHOUT_DEV:
         sys.exit("bench.py: KorQuAD_v1.0_dev.json not found; pass --dev PATH (or run `python3 download.py`)")
+    print_provenance()
     for name in names:
         BENCHMARKS[name](args)
 
