@@ -326,6 +326,16 @@ def is_korquad2(dataset: Any) -> bool:
     return "paragraphs" not in data[0] and "context" in data[0] and "qas" in data[0]
 
 
+def is_dataset_path(path: str | os.PathLike) -> bool:
+    """Whether `path` is a KorQuAD 2.x directory, or a file of KorQuAD 2.x's shape (False if unreadable)."""
+    if Path(path).is_dir():
+        return True
+    try:
+        return is_korquad2(_load(Path(path)))
+    except KorquadFormatError:
+        return False
+
+
 def dataset_digest(path: str | os.PathLike) -> str:
     """sha256 over a KorQuAD 2.x dataset's files (names and contents) and this reader's version."""
     digest = hashlib.sha256(f"korquad2-reader-v{READER_VERSION}\0".encode())
