@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import korquad2
 import onnx_reader
 from cli_common import (TUNED_THRESHOLDS, ArgumentParser, UsageError, add_compile_args, add_data_args, add_no_answer_args,
                         autocast_dtype, average_logits, build_tokenizer, check_compile_args, check_data_args,
@@ -64,11 +65,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--n_best_size", type=positive_int, default=20,
                         help="Candidate answers kept per question in nbest_predictions.json.")
     parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
-    parser.add_argument("--metric", choices=("korquad", "squad2", "klue"), default=None,
+    parser.add_argument("--metric", choices=("korquad", "squad2", "klue", "korquad2"), default=None,
                         help="korquad: the official v1.0 EM/F1; squad2: SQuAD 2.0's rules and keys with KorQuAD's "
                              "character F1 (evaluate_v2_0.py); klue: KLUE-MRC's EM/ROUGE-W per question type "
-                             "(evaluate_klue_mrc.py) (if not given: squad2 with --version_2_with_negative, "
-                             "else korquad).")
+                             "(evaluate_klue_mrc.py); korquad2: KorQuAD 2.x's EM/F1 over HTML answers "
+                             "(evaluate_korquad_v2.py) (if not given: korquad2 for a KorQuAD 2.x file or directory, "
+                             "squad2 with --version_2_with_negative, else korquad).")
     add_no_answer_args(parser, remembered=True, tunable=True)
     add_data_args(parser)
     add_compile_args(parser)
@@ -90,8 +92,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_version_2(args)
     metric = args.metric or ("squad2" if args.version_2_with_negative else "korquad")
     check_metric_dataset(args.predict_file, metric)
+    if metric == "korquad2" and not korquad2.is_dataset_path(args.predict_file):
+        raise UsageError(f"--metric korquad2: {args.predict_file} is not a KorQuAD 2.x file or directory")
     output_dir = prepare_output_dir(args.output_dir)
     examples, predictions, nbest, odds = predict_questions(args, config)
+    if korquad2.has_html_examples(examples):  # the answers are HTML: only the 2.x metric reads them
+        if args.metric not in (None, "korquad2"):
+            raise UsageError(f"--metric {args.metric} cannot score the KorQuAD 2.x dataset {args.predict_file}; "
+                             f"use --metric korquad2")
+        metric = "korquad2"
     unwritable = drop_unwritable_questions(predictions, nbest, odds)
     if odds is None:
         write_predictions(predictions, nbest, output_dir)
@@ -99,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         scores = None
         if has_answers(examples):
             scores = score(args.predict_file, predictions) if metric == "korquad" else \
+                korquad2.score(args.predict_file, predictions) if metric == "korquad2" else \
                 score_no_answer(args.predict_file, metric, predictions, None)
     else:
         threshold = args.null_score_diff_threshold
@@ -152,6 +162,7 @@ def predict_questions(args: argparse.Namespace, config
         mean_starts, mean_ends = ensemble_logits(args, config, features, device, amp_dtype)
     predictions, nbest = decode_predictions(examples, features, mean_starts, mean_ends,
                                             n_best_size=args.n_best_size, max_answer_length=args.max_answer_length)
+    predictions = korquad2.html_predictions(examples, predictions, nbest)  # KorQuAD 2.x: cut from the HTML
     odds = null_odds(examples, features.feature_example, mean_starts, mean_ends, nbest) if version_2 else None
     return examples, predictions, nbest, odds
 

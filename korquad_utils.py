@@ -173,6 +173,9 @@ def read_squad_examples(input_file: str | os.PathLike, is_training: bool,
                         version_2_with_negative: bool = False) -> list[SquadExample]:
     """Read a SQuAD/KorQuAD-format JSON file into examples, validating its structure.
 
+    A KorQuAD 2.x file or directory (documents with an HTML "context" and "qas", no "paragraphs") is
+    read by `korquad2.read_examples` into examples on each page's text.
+
     Structural problems raise `KorquadFormatError`. For training, a question whose first answer does
     not match its context (or has none) is skipped with a warning; a file without answers reads
     fine for prediction.
@@ -182,7 +185,14 @@ def read_squad_examples(input_file: str | os.PathLike, is_training: bool,
     there is no `id`; `is_impossible` must be a boolean and false wherever there are answers.
     """
     path = Path(input_file)
-    return squad_examples_from_json(_load_json_file(path), str(path), is_training, version_2_with_negative)
+    import korquad2  # KorQuAD 2.x (HTML pages) is recognised by its structure; it imports this module
+
+    if path.is_dir():
+        return korquad2.read_examples(path, is_training)
+    dataset = _load_json_file(path)
+    if korquad2.is_korquad2(dataset):
+        return korquad2.examples_from_dataset(dataset, str(path), is_training)
+    return squad_examples_from_json(dataset, str(path), is_training, version_2_with_negative)
 
 
 def squad_examples_from_json(dataset: Any, name: str, is_training: bool,
@@ -595,7 +605,12 @@ def feature_cache_key(input_file: str | os.PathLike, tokenizer: Any, max_seq_len
     """sha256 over everything the features depend on: the data and vocab contents, and the settings."""
     settings = _tokenizer_settings(tokenizer)
     digest = hashlib.sha256(f"korquad-features-v{CACHE_VERSION}\0".encode())
-    _hash_file(digest, input_file)
+    if os.path.isdir(input_file):  # a KorQuAD 2.x directory: its files, and the HTML reader's version
+        import korquad2
+
+        digest.update(korquad2.dataset_digest(input_file).encode())
+    else:
+        _hash_file(digest, input_file)
     _hash_file(digest, settings["vocab_file"])
     key_settings = {"analyzer": settings["analyzer"], "do_lower_case": settings["do_lower_case"],
                     "max_seq_length": max_seq_length, "doc_stride": doc_stride,

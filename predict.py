@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+import korquad2
 import onnx_reader
 from cli_common import (ArgumentParser, UsageError, add_compile_args, add_device_args, add_no_answer_args,
                         add_window_args, autocast_dtype, average_logits, build_tokenizer, check_compile_args,
@@ -394,6 +395,35 @@ def read_context(args: argparse.Namespace) -> str | None:
         raise UsageError(f"--context_file {args.context_file}: cannot read it ({err.strerror or err})") from None
 
 
+def read_html_page(args: argparse.Namespace) -> korquad2.HtmlPage:
+    """The --html page, parsed now so that HTML the reader cannot map fails before the model loads."""
+    flag = "--context" if args.context_file is None else f"--context_file {args.context_file}"
+    try:
+        page = korquad2.parse_page(read_context(args))
+    except korquad2.HtmlPageError as err:
+        raise UsageError(f"{flag}: HTML does not parse: {err}") from None
+    if not page.text.strip():
+        raise UsageError(f"{flag}: the HTML page holds no text")
+    return page
+
+
+@dataclass
+class HtmlPageReader:
+    """A Reader answering about one HTML page's text, each answer cut back out of the HTML."""
+    reader: Reader
+    page: korquad2.HtmlPage
+
+    def answer_all(self, questions: Iterable[Mapping[str, Any]], top_k: int | None = None,
+                   progress: bool = False) -> list[dict[str, Any]]:
+        answers = self.reader.answer_all(questions, top_k, progress)
+        for answer in answers:
+            for entry in [answer, *answer.get("answers", [])]:
+                span = None if entry["start"] is None else self.page.html_span(entry["start"], entry["end"])
+                entry["start"], entry["end"] = span or (None, None)
+                entry["answer"] = "" if span is None else self.page.html[span[0]:span[1]]
+        return answers
+
+
 def check_question_flag(question: str, context: str | None, context_flag: str = "--context") -> dict[str, Any]:
     if context is None:
         raise UsageError("--question needs --context or --context_file")
@@ -441,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     text = parser.add_mutually_exclusive_group()
     text.add_argument("--context", help="The text to answer from.")
     text.add_argument("--context_file", metavar="FILE", help="A UTF-8 text file to answer from.")
+    parser.add_argument("--html", action="store_true",
+                        help="--context/--context_file is an HTML page (KorQuAD 2.x): the model reads its text, "
+                             "and each answer is cut from the HTML (a whole table or list as its HTML), with "
+                             "start/end offsets into the HTML.")
     parser.add_argument("--output", metavar="FILE", help="Write the JSON lines here (if not given: stdout).")
     parser.add_argument("--top_k", type=positive_int, default=None,
                         help="Also list the K best answers as `answers` (if not given: the best one only).")
@@ -463,6 +497,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("give --question (with --context or --context_file), --input FILE or --interactive")
     if args.input is not None and (args.context is not None or args.context_file is not None):
         parser.error("--input brings its own contexts; drop --context/--context_file")
+    if args.html and args.context is None and args.context_file is None:
+        parser.error("--html needs the page as --context or --context_file")
     # The threshold too: an ONNX export records one, which only a threshold given here replaces.
     args.explicit_flags = explicit_flags(parser, argv, (*WINDOW_FLAGS, "null_score_diff_threshold"))
     return args
@@ -493,8 +529,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     refuse_output_over_input("--output", [output] if output else [], [
         ("--input", None if args.input == "-" else args.input), ("--context_file", args.context_file),
         *model_inputs(args)])
+    page = read_html_page(args) if args.html else None
+    if page is not None:  # the model reads the page's text; answers go back to the HTML
+        args.context, args.context_file = page.text, None
     items = question_items(args)
     reader = Reader.from_args(args)
+    if page is not None:
+        reader = HtmlPageReader(reader, page)
     # Interactive answers go out one by one, as they are typed.
     chunk_questions = 1 if args.interactive else CHUNK_QUESTIONS
     progress = not args.quiet and args.input is not None

@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from collections.abc import Callable, Sequence
 
+import korquad2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -76,7 +77,8 @@ class StopBetweenBatches(torch.nn.Module):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description="Fine-tune BERT-small on KorQuAD v1.0.")
-    parser.add_argument("--train_file", default="data/KorQuAD_v1.0_train.json", help="KorQuAD-format training JSON.")
+    parser.add_argument("--train_file", default="data/KorQuAD_v1.0_train.json",
+                        help="KorQuAD-format training JSON, or a KorQuAD 2.x file or directory (HTML pages).")
     parser.add_argument("--output_dir", default="output", help="Where checkpoints and run files go.")
     parser.add_argument("--checkpoint", default="pretrain_ckpt/bert_small_ckpt.bin",
                         help="Pretrained encoder, fine-tuned checkpoint, transformers BERT/ELECTRA model directory "
@@ -125,6 +127,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="Also log loss, learning rate and EM/F1 for TensorBoard in output_dir/tensorboard.")
     parser.add_argument("--quiet", action="store_true", help="Warnings only, no progress bars.")
     add_no_answer_args(parser)
+    parser.add_argument("--negative_window_ratio", type=finite_float(0.0, 1.0), default=1.0,
+                        help="Share of the windows without their question's answer trained on, drawn afresh each "
+                             "epoch (windows with the answer are all kept); 1 keeps every window. A KorQuAD 2.x "
+                             "page gives hundreds of windows, nearly all without the answer: 0.1 is a usual choice.")
     parser.add_argument("--teacher_targets", default=None,
                         help="Distil from the teacher targets distill.py wrote into this directory.")
     parser.add_argument("--distill_alpha", type=finite_float(0.0, 1.0), default=0.5,
@@ -140,6 +146,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if Path(args.checkpoint).is_dir():
         check_checkpoint_file(args.checkpoint)  # says what to pass instead of a directory
     return args
+
+
+def epoch_batches(features: FeatureTable, args: argparse.Namespace, ctx: Distributed,
+                  epoch: int) -> tuple[list[np.ndarray], list[float]]:
+    """`rank_batches` over the windows `epoch` trains on: all of them, or with --negative_window_ratio
+    below 1 those with their answer plus that share of the others (the same draw on every rank)."""
+    if args.negative_window_ratio >= 1:
+        return rank_batches(features.lengths, args, ctx, epoch)
+    has_answer = features.feature_positions[:, 0] > 0
+    draw = np.random.default_rng([args.seed, epoch]).random(len(has_answer))
+    kept = np.flatnonzero(has_answer | (draw < args.negative_window_ratio))
+    batches, weights = rank_batches(features.lengths[kept], args, ctx, epoch)
+    return [kept[batch] for batch in batches], weights
 
 
 def rank_batches(lengths: Sequence[int], args: argparse.Namespace, ctx: Distributed,
@@ -174,7 +193,8 @@ def run_settings(args: argparse.Namespace, config: Config, do_lower_case: bool, 
     The global batch counts, not its split over ranks and accumulation steps (`rank_batches` trains alike).
     """
     settings = {
-        "--train_file": file_digest("--train_file", args.train_file),
+        "--train_file": korquad2.dataset_digest(args.train_file) if Path(args.train_file).is_dir()
+        else file_digest("--train_file", args.train_file),
         "--vocab_file": file_digest("--vocab_file", args.vocab_file),
         "--analyzer": args.analyzer, "lower-casing": do_lower_case,
         "--max_seq_length": args.max_seq_length, "--max_query_length": args.max_query_length,
@@ -188,6 +208,8 @@ def run_settings(args: argparse.Namespace, config: Config, do_lower_case: bool, 
     }
     if args.version_2_with_negative:  # only then: runs from before the flag resume as they were
         settings["--version_2_with_negative"] = True
+    if args.negative_window_ratio < 1:  # likewise
+        settings["--negative_window_ratio"] = args.negative_window_ratio
     if args.teacher_targets is not None:  # likewise absent without a teacher: older states still resume
         settings |= {"--teacher_targets": args.teacher_targets_key, "--distill_alpha": args.distill_alpha,
                      "--distill_temperature": args.distill_temperature}
@@ -446,9 +468,10 @@ def evaluate_epoch(run: TrainingRun, epoch: int, global_step: int, eval_data) ->
                 record = {"epoch": epoch, "step": global_step,
                           **evaluate_no_answer(run, eval_model, eval_examples, eval_features)}
             else:
-                predictions, _ = evaluate_model(eval_model, eval_examples, eval_features, args, run.device,
-                                                run.amp_dtype, args.eval_batch_size)
-                result = score(args.eval_file, predictions)
+                predictions, nbest = evaluate_model(eval_model, eval_examples, eval_features, args, run.device,
+                                                    run.amp_dtype, args.eval_batch_size)
+                result = korquad2.score(args.eval_file, korquad2.html_predictions(eval_examples, predictions, nbest)) \
+                    if korquad2.has_html_examples(eval_examples) else score(args.eval_file, predictions)
                 logger.info("epoch %d on %s: exact_match %.2f, f1 %.2f", epoch, args.eval_file,
                             result["exact_match"], result["f1"])
                 record = {"epoch": epoch, "step": global_step, "exact_match": result["exact_match"],
@@ -642,8 +665,7 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
     # The span head never reads the pooler; frozen, it keeps its pretrained weights and DDP
     # does not wait for gradients that never come.
     model.bert.pooler.requires_grad_(False)
-    lengths = features.lengths
-    optimizer_steps_per_epoch = len(rank_batches(lengths, args, ctx, 0)[0]) // args.gradient_accumulation_steps
+    optimizer_steps_per_epoch = len(epoch_batches(features, args, ctx, 0)[0]) // args.gradient_accumulation_steps
     if args.max_steps:
         total_steps = args.max_steps
         num_epochs = math.ceil(total_steps / max(1, optimizer_steps_per_epoch))
@@ -711,7 +733,7 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
             for epoch in range(start_epoch, num_epochs):
                 if global_step >= total_steps:
                     break
-                batches, weights = rank_batches(lengths, args, ctx, epoch)
+                batches, weights = epoch_batches(features, args, ctx, epoch)
                 global_step, stopped = train_one_epoch(run, features, batches, weights, epoch=epoch,
                                                        first_step=first_step, global_step=global_step,
                                                        pending_loss=pending_loss)
