@@ -417,11 +417,17 @@ class HtmlPageReader:
                    progress: bool = False) -> list[dict[str, Any]]:
         answers = self.reader.answer_all(questions, top_k, progress)
         for answer in answers:
-            for entry in [answer, *answer.get("answers", [])]:
-                span = None if entry["start"] is None else self.page.html_span(entry["start"], entry["end"])
-                entry["start"], entry["end"] = span or (None, None)
-                entry["answer"] = "" if span is None else self.page.html[span[0]:span[1]]
+            cut_answer_from_html(answer, self.page)
         return answers
+
+
+def cut_answer_from_html(answer: dict[str, Any], page: korquad2.HtmlPage) -> None:
+    """Turn an answer about `page`'s text (and its n-best list) into the HTML it stands for: `answer`
+    cut from the page, `start`/`end` offsets into the HTML as sent."""
+    for entry in [answer, *answer.get("answers", [])]:
+        span = None if entry["start"] is None else page.html_span(entry["start"], entry["end"])
+        entry["start"], entry["end"] = span or (None, None)
+        entry["answer"] = "" if span is None else page.html[span[0]:span[1]]
 
 
 def check_question_flag(question: str, context: str | None, context_flag: str = "--context") -> dict[str, Any]:

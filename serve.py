@@ -4,9 +4,10 @@
     curl -s localhost:8000/answer -H 'Content-Type: application/json' \\
          -d '{"question": "수도는?", "context": "서울은 대한민국의 수도이다."}'
 
-POST /answer takes {"question", "context", "id"?, "top_k"?} or a list of such objects, and answers each as
-predict.py does: answer, start, end (character offsets into the context as sent), probability, and with
-top_k the `answers` list. GET /health says whether it is serving; GET / is a page to paste a text and ask.
+POST /answer takes {"question", "context", "id"?, "top_k"?, "html"?} or a list of such objects, and answers
+each as predict.py does: answer, start, end (character offsets into the context as sent), probability, and
+with top_k the `answers` list. With "html": true the context is an HTML page (KorQuAD 2.x): the model reads
+its text, and each answer is cut back out of the HTML (a whole table or list as its HTML), as predict.py --html. GET /health says whether it is serving; GET / is a page to paste a text and ask.
 
 Requests wait in one bounded queue; a single worker thread takes up to --max_batch questions at a time
 (waiting up to --max_wait_ms for more to come) and answers them together with predict.Reader, so the model
@@ -36,7 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cli_common import ArgumentParser, UsageError, int_at_least, positive_float, positive_int, run_cli, setup_logging
-from predict import InputError, Reader, add_reader_args, check_numbers, check_question
+import korquad2
+from predict import InputError, Reader, add_reader_args, check_numbers, check_question, cut_answer_from_html
 
 try:
     import uvicorn
@@ -53,7 +55,7 @@ else:
 logger = logging.getLogger("korquad")
 
 PROG = "serve.py"
-FIELDS = ("question", "context", "id", "top_k")
+FIELDS = ("question", "context", "id", "top_k", "html")
 MAX_TOP_K = 100   # top_k above n_best_size widens the n-best search; this keeps one request's decoding bounded
 
 
@@ -353,10 +355,16 @@ def check_item(item: Any, where: str, limits: Limits) -> tuple[dict[str, Any], i
     for name in ("question", "context"):   # named in JSON's terms here; predict's check says the rest
         if name in item and not isinstance(item[name], str):
             raise RequestError(400, f"{where}\"{name}\" must be a string, got {json_type(item[name])}")
+    html = item.get("html", False)
+    if not isinstance(html, bool):
+        raise RequestError(400, f"{where}\"html\" must be true or false, got {json_type(html)}")
+    page = html_page(item, where, limits) if html else None
     try:
-        record = check_question(item)
+        record = check_question({**item, "context": page.text} if page is not None else item)
     except InputError as error:
         raise RequestError(400, f"{where}{error}") from None
+    if page is not None:   # answers are cut back out of this page before they are sent
+        record[HTML_PAGE] = page
     for name in ("question", "context"):   # check_question has refused lone surrogates (\ud800) already
         if len(record[name]) > limits.max_context_chars:
             raise RequestError(413, f"{where}\"{name}\" is {len(record[name])} characters; this server takes at "
@@ -366,6 +374,26 @@ def check_item(item: Any, where: str, limits: Limits) -> tuple[dict[str, Any], i
         raise RequestError(400, f"{where}\"top_k\" must be a whole number from 1 to {MAX_TOP_K}, got "
                                 f"{json.dumps(top_k)}")
     return record, top_k
+
+
+HTML_PAGE = "html_page"   # a record's parsed page, when its context was sent as HTML
+
+
+def html_page(item: dict[str, Any], where: str, limits: Limits) -> korquad2.HtmlPage:
+    """The page of an item whose "context" is HTML (a KorQuAD 2.x page), or RequestError naming it."""
+    markup = item.get("context")
+    if not isinstance(markup, str):
+        raise RequestError(400, f"{where}\"context\" is missing; \"html\": true needs the page there")
+    if len(markup) > limits.max_context_chars:
+        raise RequestError(413, f"{where}\"context\" is {len(markup)} characters; this server takes at "
+                                f"most {limits.max_context_chars} (--max_context_chars)")
+    try:
+        page = korquad2.parse_page(markup)
+    except korquad2.HtmlPageError as error:
+        raise RequestError(400, f"{where}\"context\": HTML does not parse: {error}") from None
+    if not page.text.strip():
+        raise RequestError(400, f"{where}\"context\": the HTML page holds no text")
+    return page
 
 
 def json_type(value: Any) -> str:
@@ -412,6 +440,9 @@ def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout:
             counts["failed"] += 1
             return error_response(500, "answering this request failed (the server's log says why)")
         counts["answered"] += 1
+        for record, answer in zip(records, answers):
+            if HTML_PAGE in record:
+                cut_answer_from_html(answer, record[HTML_PAGE])
         return JSONResponse(answers[0] if single else answers)
 
     async def health(request: Request) -> JSONResponse:

@@ -784,3 +784,37 @@ def test_the_page_highlights_the_answer_in_a_real_browser(server, reader, browse
 
     shown = ask(" ")
     assert '"question" is empty' in shown["error"]
+
+
+# --- KorQuAD 2.x pages -----------------------------------------------------------------------
+
+HTML_PAGE = ("<div><h2>역사</h2><p>훈민정음은 1443년에 <b>세종</b>이 창제하였다.</p>"
+             "<table><tr><th>연도</th><th>사건</th></tr><tr><td>1446</td><td>반포</td></tr></table></div>")
+
+
+def test_an_html_page_is_answered_from_its_text_and_cut_back_out_of_the_html(server, reader):
+    """"html": true reads the page's text as predict.py --html does, and every answer (and n-best entry)
+    comes back as the HTML it stands for, with offsets into the HTML as sent."""
+    import korquad2
+    from predict import HtmlPageReader
+
+    page = korquad2.parse_page(HTML_PAGE)
+    record = {"id": "h1", "question": "훈민정음은 누가 창제하였나?", "context": HTML_PAGE}
+    expected = HtmlPageReader(reader, page).answer_all([{**record, "context": page.text}], top_k=3)[0]
+    status, answer = post(server.connect(), {**record, "html": True, "top_k": 3})
+    assert status == 200 and same_answer(answer, expected), (answer, expected)
+    for entry in [answer, *answer["answers"]]:
+        if entry["start"] is not None:
+            assert HTML_PAGE[entry["start"]:entry["end"]] == entry["answer"]
+    status, plain = post(server.connect(), record)  # without the flag, the markup is plain text
+    assert status == 200 and plain["answer"] in HTML_PAGE
+
+
+@pytest.mark.parametrize("item, expected", [
+    ({"html": "yes"}, '"html" must be true or false, got a string'),
+    ({"html": True, "context": "<div><p>열린 채 끝나는 문단"}, '"context": HTML does not parse'),
+    ({"html": True, "context": "<script>var a = 1;</script>"}, '"context": the HTML page holds no text'),
+])
+def test_bad_html_items_get_400_naming_the_field(server, item, expected):
+    status, body = post(server.connect(), {"question": "누가?", "context": HTML_PAGE, **item})
+    assert status == 400 and expected in body["error"], body
