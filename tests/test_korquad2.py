@@ -244,4 +244,25 @@ def test_tiny_model_learns_generated_pages_through_train_and_eval(tiny_setup, tm
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode != 0 and len(lines) == 1, refused.stderr
     assert "--metric korquad cannot score the KorQuAD 2.x dataset" in lines[0]
+
+    # predict.py --html answers about one page as eval.py does, its answer cut out of the page's HTML.
+    qa = documents[0]["qas"][0]
+    page_file = tmp_path / "page.html"
+    page_file.write_text(documents[0]["context"], encoding="utf-8")
+    asked = run_script("predict.py", f"--checkpoint={out}", "--html", f"--context_file={page_file}",
+                       f"--question={qa['question']}", *WINDOW_FLAGS, "--quiet")
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)
+    assert answer["answer"] == predictions[qa["id"]]
+    assert documents[0]["context"][answer["start"]:answer["end"]] == answer["answer"]
     shutil.rmtree(out)
+
+
+def test_predict_html_refuses_a_page_it_cannot_read_before_loading_a_model(tmp_path):
+    page_file = tmp_path / "page.html"
+    page_file.write_text("<div><p>닫히지 않은 문단", encoding="utf-8")
+    refused = run_script("predict.py", f"--checkpoint={tmp_path / 'none'}", "--html", f"--context_file={page_file}",
+                         "--question=무엇?")
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode != 0 and len(lines) == 1, refused.stderr
+    assert f"--context_file {page_file}: HTML does not parse" in lines[0]
