@@ -221,7 +221,7 @@ def test_tiny_model_learns_generated_pages_through_train_and_eval(tiny_setup, tm
     out = tmp_path / "out"
     trained = run_script("train.py", f"--train_file={pages}", f"--output_dir={out}",
                          f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
-                         *WINDOW_FLAGS, "--train_batch_size=16", "--learning_rate=2e-3", "--num_train_epochs=30",
+                         *WINDOW_FLAGS, "--train_batch_size=16", "--learning_rate=4e-3", "--num_train_epochs=15",
                          "--negative_window_ratio=0.2", "--save_total_limit=1", "--seed=42", "--no_cuda", "--quiet",
                          f"--cache_dir={tmp_path / 'cache'}", timeout=600)
     assert trained.returncode == 0, trained.stderr
@@ -233,8 +233,10 @@ def test_tiny_model_learns_generated_pages_through_train_and_eval(tiny_setup, tm
     predictions = json.loads((debug / "predictions.json").read_text(encoding="utf-8"))
     # The 2.x metric was picked for the directory, and it scored the written predictions.
     assert scores == evaluate_korquad_v2.evaluate(evaluate_korquad_v2.load_documents(str(pages)), predictions)
-    # Chance is near 0 on pages of over a thousand characters: the model learnt its questions.
-    assert scores["exact_match"] >= 25, scores
+    # Chance is near 0 on pages of over a thousand characters: the model learnt its questions. Calibrated on
+    # seeds 1, 2, 3, 42 x OMP_NUM_THREADS 1, 2 x torch 2.13.0, 2.14.1: EM 37.1 to 45.7 (13 to 16 of 35), so 20
+    # (7 questions) keeps a margin of 6 questions.
+    assert scores["exact_match"] >= 20, scores
     contexts = {qa["id"]: document["context"] for document in documents for qa in document["qas"]}
     assert set(predictions) == set(contexts)
     assert all(answer in contexts[qas_id] for qas_id, answer in predictions.items())  # cut from the HTML
