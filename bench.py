@@ -1370,7 +1370,8 @@ def bench_korquad2(args: argparse.Namespace) -> None:
             pages = {id(example.page): len(example.page.text) for example in examples}
             print(f"korquad2_pages[{num_pages}]: {len(pages)} pages, {len(examples)} questions, "
                   f"{sum(pages.values()) / len(pages):.0f} text chars per page")
-            print(f"korquad2_windows_per_page[{num_pages}]: {len(features) / len(pages):.1f}")
+            print(f"korquad2_features_per_page[{num_pages}]: {len(features) / len(pages):.1f} (each question "
+                  f"on the page has its own windows)")
             print(f"korquad2_windows_per_question[{num_pages}]: {len(features) / len(examples):.1f}")
             print(f"korquad2_peak_mib[{num_pages}]: {memory[num_pages] / 2**20:.1f}")
             if num_pages == 10:
@@ -1418,7 +1419,7 @@ def bench_korquad2(args: argparse.Namespace) -> None:
               f"fresh tokenizer)")
         estimate = KORQUAD2_TRAIN["questions"] * page_windows * per_window
         print(f"korquad2_train_features_gib_estimate: {estimate / 2**30:.1f} ({KORQUAD2_TRAIN['questions']} "
-              f"questions, each on a page like this one)")
+              f"questions, each on a page like this one; the feature cache memory-maps it)")
 
 
 # Benchmarks on made-up inputs, which run without the dev set.
