@@ -154,6 +154,9 @@ def test_training_logs_the_tuned_threshold_each_epoch(abstaining_run):
     evaluations = [record for record in records if "f1" in record]
     assert [record["epoch"] for record in evaluations] == list(range(20))
     assert all(math.isfinite(record["best_f1_thresh"]) and record["best_f1"] >= record["f1"] for record in evaluations)
+    # Measured (encoder and --seed both 42: torch 2.13.0 at 1 thread, 2.14.1 at 1 and 2; both 1, 2 and 3: 2.13.0 at
+    # 1 thread, and 1: 2.14.1 at 2): NoAns F1 100 and HasAns F1 91.7 to 100 at the last epoch in each (HasAns 0 to 8
+    # at the first).
     assert evaluations[-1]["NoAns_f1"] >= 80 and evaluations[-1]["HasAns_f1"] >= 70
 
 
@@ -170,6 +173,7 @@ def test_trained_model_abstains_and_remembers_the_flag(abstaining_run):
     impossible = [a for (qa, _), a in zip(questions, answers) if qa.get("is_impossible")]
     answerable = [(qa, a) for (qa, _), a in zip(questions, answers) if not qa.get("is_impossible")]
     assert len(impossible) == len(answerable) == 12
+    # Measured as in the training log's test: 12 of 12 abstain and 11 to 12 of 12 exact in each.
     assert sum(a["answer"] == "" for a in impossible) >= 10, impossible
     assert sum(a["answer"] == qa["answers"][0]["text"] for qa, a in answerable) >= 9, answerable
     assert all(0.0 <= a["no_answer_probability"] <= 1.0 for a in answers)
@@ -186,7 +190,7 @@ def test_eval_scores_squad2_with_a_tuned_threshold(abstaining_run, tmp_path, cap
     fixed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert list(fixed) == ["exact", "f1", "total", "HasAns_exact", "HasAns_f1", "HasAns_total", "NoAns_exact",
                            "NoAns_f1", "NoAns_total", "best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"]
-    assert fixed["total"] == 24 and fixed["NoAns_exact"] >= 80
+    assert fixed["total"] == 24 and fixed["NoAns_exact"] >= 80  # 100 in each run measured for the log's test
     odds = json.loads((tmp_path / "fixed" / "null_odds.json").read_text())
     na_probs = json.loads((tmp_path / "fixed" / "na_probs.json").read_text())
     predictions = json.loads((tmp_path / "fixed" / "predictions.json").read_text(encoding="utf-8"))

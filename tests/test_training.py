@@ -51,6 +51,8 @@ def test_train_then_eval_fits_the_questions_it_saw(tiny_setup, tmp_path):
         p.name for p in out.iterdir()}
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     losses = [record["loss"] for record in log if "loss" in record]
+    # Measured (encoder and --seed both 42: torch 2.13.0 at 1 thread, 2.14.1 at 1 and 2; both 1, 2 and 3: 2.13.0 at
+    # 1 thread, and 1: 2.14.1 at 2): 18.6 to 642 times lower.
     assert losses[-1] < losses[0] / 5
     assert [record["epoch"] for record in log if "f1" in record] == list(range(30))
 
@@ -61,7 +63,8 @@ def test_train_then_eval_fits_the_questions_it_saw(tiny_setup, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert set(result) == {"exact_match", "f1"}
-    assert result["exact_match"] >= 80, result
+    # Measured as above: EM 75.0 to 87.5 (18 to 21 of 24; 0 to 8.3 after the first epoch). 60 = 15 of 24.
+    assert result["exact_match"] >= 60, result
     predictions = json.loads((debug / "predictions.json").read_text(encoding="utf-8"))
     nbest = json.loads((debug / "nbest_predictions.json").read_text(encoding="utf-8"))
     assert len(predictions) == 24 and set(nbest) == set(predictions)
