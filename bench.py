@@ -608,7 +608,7 @@ def bench_onnx_agreement(args: argparse.Namespace) -> None:
     import evaluate_v1_0
     import export
     import onnx_reader
-    from cli_common import resolve_checkpoints
+    from checkpoints import resolve_checkpoints
     from predict import Reader
 
     if args.checkpoint is None:
@@ -743,7 +743,7 @@ def _gpu_training_rate(model, batches, device, amp_dtype, warm_up: int) -> tuple
     import time
 
     import torch
-    from cli_common import autocast_context
+    from devices import autocast_context
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -783,7 +783,8 @@ def bench_gpu(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         print("gpu: skipped (torch sees no CUDA GPU; run this on a GPU machine)")
         return
-    from cli_common import compile_model, has_native_bf16, pick_device, predict_logits
+    from devices import compile_model, has_native_bf16, pick_device
+    from scoring import predict_logits
     from korquad_utils import bucket_width, make_length_grouped_batches
     from modeling import Config, QuestionAnswering
     from train import collate_tensors
@@ -1238,7 +1239,7 @@ def bench_distill(args: argparse.Namespace) -> None:
 
     import numpy as np
     import torch
-    from cli_common import autocast_context, has_native_bf16
+    from devices import autocast_context, has_native_bf16
     from korquad_utils import decode_predictions, make_length_grouped_batches
     from modeling import Config, QuestionAnswering
     from train import TeacherBatches, collate_tensors

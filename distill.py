@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli_common import (USER_ERRORS, ArgumentParser, UsageError, add_data_args, autocast_context, autocast_dtype,
-                        build_tokenizer, check_data_args, fetch_hub_model, finite_float, load_finetuned,
-                        pick_device, predict_logits, prepare_output_dir, resolve_checkpoints, resolve_from_training_run, run_cli,
-                        setup_logging)
-from cli_common import refuse_output_over_input
+from cli import (ArgumentParser, USER_ERRORS, UsageError, add_data_args, check_data_args, finite_float,
+                 prepare_output_dir, run_cli, setup_logging)
+from devices import autocast_context, autocast_dtype, pick_device
+from checkpoints import build_tokenizer, fetch_hub_model, load_finetuned, resolve_checkpoints, resolve_from_training_run
+from scoring import predict_logits
+from cli import refuse_output_over_input
 from korquad_utils import (TEACHER_TARGETS_FORMAT, TEACHER_TARGETS_NPZ, SquadExample, TeacherTargets,
                            load_or_build_features, make_length_grouped_batches, read_squad_examples, sha256_of_file,
                            teacher_targets_are_current, write_teacher_targets)

@@ -29,12 +29,14 @@ from pathlib import Path
 
 import korquad2
 import onnx_reader
-from cli_common import (TUNED_THRESHOLDS, ArgumentParser, UsageError, add_compile_args, add_data_args, add_no_answer_args,
-                        autocast_dtype, average_logits, build_tokenizer, check_compile_args, check_data_args,
-                        check_metric_dataset, check_version_2, ensemble_logits, explicit_flags, has_answers,
-                        model_inputs, pick_device, positive_int, prepare_output_dir, refuse_output_over_input,
-                        resolve_finetuned_settings, run_cli, score, score_no_answer, setup_logging, tuned_threshold)
-from cli_common import WINDOW_FLAGS
+from cli import (ArgumentParser, TUNED_THRESHOLDS, UsageError, add_data_args, add_no_answer_args, check_data_args,
+                 check_version_2, model_inputs, positive_int, prepare_output_dir, refuse_output_over_input, run_cli,
+                 setup_logging)
+from devices import add_compile_args, autocast_dtype, check_compile_args, pick_device
+from checkpoints import build_tokenizer, explicit_flags, resolve_finetuned_settings
+from scoring import (average_logits, check_metric_dataset, ensemble_logits, has_answers, score, score_no_answer,
+                     tuned_threshold)
+from checkpoints import WINDOW_FLAGS
 from korquad_utils import (SquadExample, abstain, decode_predictions, load_or_build_features, null_odds,
                            write_null_files, write_predictions)
 

@@ -38,10 +38,11 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 import onnx_reader
-from cli_common import (ANALYZER_CONFIG_KEY, CHECKPOINT_NAME, ROOT, SAVED_ARGS_NAME, SAVED_VOCAB_NAME, ArgumentParser,
-                        UsageError, add_no_answer_args, build_tokenizer, check_version_2, json_bytes, load_finetuned,
-                        prepare_output_dir, resolve_finetuned_settings, run_cli, setup_logging)
-from cli_common import model_inputs, refuse_output_over_input
+from cli import (ArgumentParser, ROOT, UsageError, add_no_answer_args, check_version_2, prepare_output_dir, run_cli,
+                 setup_logging)
+from checkpoints import (ANALYZER_CONFIG_KEY, CHECKPOINT_NAME, SAVED_ARGS_NAME, SAVED_VOCAB_NAME, build_tokenizer,
+                         json_bytes, load_finetuned, resolve_finetuned_settings)
+from cli import model_inputs, refuse_output_over_input
 from korquad_utils import (atomic_write, atomic_write_files, collate_features, convert_examples_to_features,
                            read_squad_examples)
 from long_run import pid_is_alive, remove_dead_temp_files

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli_common import UsageError, pick_device, save_torch_atomic
+from cli import UsageError
+from devices import pick_device
+from checkpoints import save_torch_atomic
 from korquad_utils import atomic_write
 
 logger = logging.getLogger("korquad")

@@ -9,7 +9,7 @@ write). The model's inputs are int64
 `start_logits` and `end_logits` (batch, sequence): the names transformers and optimum use.
 
 `find_export` recognises a directory or one of its .onnx files, `read_settings` reads the JSON,
-`OnnxReaderModel` answers the same `predict_logits` call as a PyTorch model through cli_common.
+`OnnxReaderModel` answers the same `predict_logits` call as a PyTorch model through scoring.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class ExportSettings:
     """What `onnx_reader.json` records besides the model: enough to tokenize and window text as in training.
 
     It carries `vocab_size` and `max_position_embeddings` under the model config's names, so the
-    checks that take a model config (cli_common.check_data_args, build_tokenizer) take it too, and
+    checks that take a model config (cli.check_data_args, checkpoints.build_tokenizer) take it too, and
     the no-answer decision eval.py and predict.py make for the training run (--version_2_with_negative,
     --null_score_diff_threshold), which they make for the export where their flags do not say otherwise."""
     vocab_size: int
@@ -161,7 +161,7 @@ def check_model_bytes(path: Path, data: bytes, settings: ExportSettings) -> None
 
 
 def apply_no_answer_settings(args: argparse.Namespace, settings: ExportSettings) -> None:
-    """The export's no-answer decision into `args` where the flags leave it open, as cli_common does for a
+    """The export's no-answer decision into `args` where the flags leave it open, as checkpoints does for a
     training run: --version_2_with_negative not given (None) takes the export's, and so does
     --null_score_diff_threshold (given: named in `args.explicit_flags`; a caller that records none
     counts any value but the default 0 as given)."""
@@ -251,7 +251,7 @@ class OnnxReaderModel:
 
     def predict_logits(self, features: FeatureTable, batch_size: int,
                        show_progress: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Start and end logits of every window, in order, as cli_common.predict_logits gives them:
+        """Start and end logits of every window, in order, as scoring.predict_logits gives them:
         length-grouped batches, each padded to its own longest window."""
         lengths = features.lengths
         starts: list[np.ndarray] = [np.empty(0, np.float32)] * len(features)

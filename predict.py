@@ -36,11 +36,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import korquad2
 import onnx_reader
-from cli_common import (ArgumentParser, UsageError, add_compile_args, add_device_args, add_no_answer_args,
-                        add_window_args, autocast_dtype, average_logits, build_tokenizer, check_compile_args,
-                        check_data_args, check_version_2, compile_model, explicit_flags, load_finetuned, pick_device,
-                        positive_int, predict_logits, resolve_finetuned_settings, run_cli, setup_logging)
-from cli_common import WINDOW_FLAGS, model_inputs, refuse_output_over_input
+from cli import (ArgumentParser, UsageError, add_device_args, add_no_answer_args, add_window_args, check_data_args,
+                 check_version_2, positive_int, run_cli, setup_logging)
+from devices import add_compile_args, autocast_dtype, check_compile_args, compile_model, pick_device
+from checkpoints import build_tokenizer, explicit_flags, load_finetuned, resolve_finetuned_settings
+from scoring import average_logits, predict_logits
+from cli import model_inputs, refuse_output_over_input
+from checkpoints import WINDOW_FLAGS
 from korquad_utils import (SquadExample, atomic_write, convert_examples_to_features, decode_predictions,
                            no_answer_probability, null_odds, squad_examples_from_json)
 from tokenization import BertTokenizer

@@ -44,12 +44,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cli_common import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, ArgumentParser, UsageError, add_compile_args,
-                        add_device_args, autocast_context, autocast_dtype, build_tokenizer, check_checkpoint_file,
-                        check_compile_args, compile_model, copy_vocab_into, fetch_hub_model, finite_float,
-                        positive_float, positive_int, prepare_output_dir, resolve_model_settings, run_cli,
-                        setup_logging, write_json_atomic)
-from cli_common import refuse_output_over_input
+from cli import (ArgumentParser, USER_ERRORS, UsageError, add_device_args, finite_float, positive_float, positive_int,
+                 prepare_output_dir, run_cli, setup_logging)
+from devices import add_compile_args, autocast_context, autocast_dtype, check_compile_args, compile_model
+from checkpoints import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, build_tokenizer, check_checkpoint_file, copy_vocab_into,
+                         fetch_hub_model, resolve_model_settings, write_json_atomic)
+from cli import refuse_output_over_input
 from korquad_utils import atomic_write, bucket_width, make_length_grouped_batches
 from long_run import (CheckpointWriteError, DirectoryLocked, Distributed, RunLock, StopSignals, TrainingDiverged,
                       TrainingStopped, build_optimizer, check_same_settings, file_digest, keep_log_until,
@@ -63,7 +63,7 @@ logger = logging.getLogger("korquad")
 STATE_NAME = "training_state.pt"
 LOG_NAME = "training_log.jsonl"
 CURVES_NAME = "training_curves.png"
-CHECKPOINT_PREFIX = "pretrain_"      # pretrain_{epoch}.bin; cli_common.PRETRAIN_CHECKPOINT_NAME finds them
+CHECKPOINT_PREFIX = "pretrain_"      # pretrain_{epoch}.bin; checkpoints.PRETRAIN_CHECKPOINT_NAME finds them
 STATE_KEYS = ("epoch", "steps_in_epoch", "epoch_finished", "global_step", "model", "optimizer", "scheduler",
               "scaler", "settings", "paths", "loss_sum", "loss_count")
 TOKEN_CACHE_VERSION = 1

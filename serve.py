@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cli_common import ArgumentParser, UsageError, int_at_least, positive_float, positive_int, run_cli, setup_logging
+from cli import ArgumentParser, UsageError, int_at_least, positive_float, positive_int, run_cli, setup_logging
 import korquad2
 from predict import InputError, Reader, add_reader_args, check_numbers, check_question, cut_answer_from_html
 

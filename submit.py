@@ -21,8 +21,9 @@ from pathlib import Path
 
 import eval as evaluate_script
 import onnx_reader
-from cli_common import (ROOT, ArgumentParser, UsageError, add_no_answer_args, check_data_args, check_version_2,
-                        explicit_flags, json_bytes, refuse_output_over_input, resolve_finetuned_settings, run_cli, setup_logging)
+from cli import (ArgumentParser, ROOT, UsageError, add_no_answer_args, check_data_args, check_version_2,
+                 refuse_output_over_input, run_cli, setup_logging)
+from checkpoints import explicit_flags, json_bytes, resolve_finetuned_settings
 from korquad_utils import abstain, atomic_write
 
 logger = logging.getLogger("korquad")

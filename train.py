@@ -32,13 +32,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cli_common import (CHECKPOINT_NAME, SAVED_ARGS_NAME, SAVED_CONFIG_NAME, USER_ERRORS, ArgumentParser, UsageError, add_compile_args,
-                        add_data_args, add_no_answer_args, autocast_context, autocast_dtype, build_tokenizer,
-                        check_checkpoint_file, check_compile_args, check_data_args, check_version_2, compile_model,
-                        compile_padding, copy_vocab_into, evaluate_model, evaluate_model_with_odds, fetch_hub_model,
-                        finite_float, has_answers, positive_float, positive_int, prepare_output_dir,
-                        resolve_model_settings, run_cli, score, score_no_answer, setup_logging,
-                        write_json_atomic)
+from cli import (ArgumentParser, USER_ERRORS, UsageError, add_data_args, add_no_answer_args, check_data_args,
+                 check_version_2, finite_float, positive_float, positive_int, prepare_output_dir, run_cli,
+                 setup_logging)
+from devices import (add_compile_args, autocast_context, autocast_dtype, check_compile_args, compile_model,
+                     compile_padding)
+from checkpoints import (CHECKPOINT_NAME, SAVED_ARGS_NAME, SAVED_CONFIG_NAME, build_tokenizer, check_checkpoint_file,
+                         copy_vocab_into, fetch_hub_model, resolve_model_settings, write_json_atomic)
+from scoring import evaluate_model, evaluate_model_with_odds, has_answers, score, score_no_answer
 from korquad_utils import (FeatureTable, TeacherTargets, collate_features, load_or_build_features,
                            load_or_build_table, make_length_grouped_batches, read_teacher_targets,
                            teacher_batch_targets)

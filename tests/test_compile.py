@@ -123,15 +123,15 @@ class ShapeRecorder(torch.nn.Module):
 
 def test_compiled_eval_predicts_what_eager_eval_predicts_in_one_shape_per_bucket(eager_and_compiled_runs, tiny_setup,
                                                                                  tmp_path, monkeypatch):
-    import cli_common
+    import scoring
     import eval as eval_script
 
     root, _, _ = eager_and_compiled_runs
     predictions, shapes = {}, {}
-    real_compile_model = cli_common.compile_model
+    real_compile_model = scoring.compile_model
     for run, extra in (("eager", []), ("compiled", ["--compile", f"--compile_bucket={BUCKET}"])):
         seen = shapes[run] = []
-        monkeypatch.setattr(cli_common, "compile_model",
+        monkeypatch.setattr(scoring, "compile_model",
                             lambda *args, _seen=seen, **kwargs: ShapeRecorder(real_compile_model(*args, **kwargs), _seen))
         eval_script.main([f"--checkpoint={root / 'compiled' / 'korquad_0.bin'}", f"--output_dir={tmp_path / run}",
                           f"--predict_file={SAMPLE_FILE}", *NARROW_FLAGS, "--max_query_length=32",

@@ -163,7 +163,8 @@ def dense(targets: TeacherTargets, row: int, side: str) -> dict[int, float]:
 
 
 def none_features(run: Path, train_file: Path):
-    from cli_common import load_finetuned, predict_logits
+    from checkpoints import load_finetuned
+    from scoring import predict_logits
     tokenizer = BertTokenizer(str(run / "vocab.txt"), analyzer="none")
     examples = read_squad_examples(train_file, is_training=False)
     features = convert_examples_to_features(examples, tokenizer, is_training=False, progress=False, **LONG_WINDOWS)
@@ -261,7 +262,7 @@ def test_mecab_student_learns_the_teachers_answers_without_gold(teacher_run, tmp
     plain = run_script("train.py", f"--output_dir={tmp_path / 'plain'}", *student_flags)
     assert plain.returncode == 1 and "no usable training questions" in plain.stderr
     # ...and the student's starting point answers unlike the teacher.
-    from cli_common import predict_logits
+    from scoring import predict_logits
     tokenizer = BertTokenizer(str(VOCAB_FILE), analyzer="mecab")
     examples = read_squad_examples(train_file, is_training=False)
     features = convert_examples_to_features(examples, tokenizer, is_training=False, progress=False, **SMALL_WINDOWS)
@@ -362,7 +363,7 @@ def test_transformers_dir_without_a_qa_head_is_one_line(tmp_path):
 def test_slow_tokenizer_without_offsets_is_refused(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     import distill as distill_script
-    from cli_common import UsageError
+    from cli import UsageError
     tiny_transformers_model(tmp_path / "qa")
 
     class SlowTokenizer:  # what a tokenizer without a tokenizer.json (no Rust backend) reports
@@ -376,7 +377,7 @@ def test_slow_tokenizer_without_offsets_is_refused(tmp_path, monkeypatch):
 
 def test_transformers_teacher_whose_windows_leave_no_context_is_refused_before_any_work(tmp_path):
     import distill as distill_script
-    from cli_common import UsageError
+    from cli import UsageError
     tiny_transformers_model(tmp_path / "qa")
     # The model's 128 positions cap --max_seq_length 512: 126 question tokens and [CLS]/[SEP]/[SEP] fill them.
     with pytest.raises(UsageError, match="windows of 128 tokens leave no room for the context after "

@@ -19,7 +19,8 @@ import torch
 
 import distill
 import korquad_utils as ku
-from cli_common import build_tokenizer, load_finetuned, predict_logits
+from checkpoints import build_tokenizer, load_finetuned
+from scoring import predict_logits
 from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
 from modeling import Config, QuestionAnswering
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli_common
+import cli
+import scoring
 import download
 import evaluate_v1_0
 import korquad_utils as ku
@@ -209,12 +210,12 @@ def test_eval_refuses_bad_numbers_while_reading_its_flags(flag, value, capsys):
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc for a directory nobody can write")
 def test_an_output_dir_that_cannot_be_written_is_found_before_any_work():
     # /proc/self refuses new files even to root, who passes every permission check elsewhere.
-    with pytest.raises(cli_common.UsageError, match=r"--output_dir /proc/self: cannot write there"):
-        cli_common.prepare_output_dir("/proc/self")
+    with pytest.raises(cli.UsageError, match=r"--output_dir /proc/self: cannot write there"):
+        cli.prepare_output_dir("/proc/self")
 
 
 def test_prepare_output_dir_leaves_nothing_behind(tmp_path):
-    assert cli_common.prepare_output_dir(str(tmp_path / "new" / "dir")) == tmp_path / "new" / "dir"
+    assert cli.prepare_output_dir(str(tmp_path / "new" / "dir")) == tmp_path / "new" / "dir"
     assert list((tmp_path / "new" / "dir").iterdir()) == []
 
 
@@ -269,7 +270,7 @@ def test_eval_checkpoint_directory_without_a_model_says_what_to_pass(tmp_path):
     import eval as eval_cli
 
     (tmp_path / "notes.txt").write_text("not a model")
-    with pytest.raises(cli_common.UsageError) as error:
+    with pytest.raises(cli.UsageError) as error:
         eval_cli.main([f"--checkpoint={tmp_path}", f"--output_dir={tmp_path / 'out'}", "--no_cuda", "--quiet"])
     assert "without any korquad_N.bin" in str(error.value)
     assert "transformers model directory" in str(error.value)
@@ -279,7 +280,7 @@ def test_eval_checkpoint_directory_without_a_model_says_what_to_pass(tmp_path):
 def test_train_checkpoint_that_is_a_directory_says_so(tmp_path):
     import train
 
-    with pytest.raises(cli_common.UsageError, match="is a directory, not a checkpoint file"):
+    with pytest.raises(cli.UsageError, match="is a directory, not a checkpoint file"):
         train.parse_args([f"--checkpoint={tmp_path}"])
 
 
@@ -312,7 +313,7 @@ def test_a_byte_order_mark_is_accepted_on_every_input(tmp_path, capsys):
     config = tmp_path / "config.json"
     config.write_bytes(b"\xef\xbb\xbf" + json.dumps(TINY_CONFIG).encode())
     assert Config.from_json_file(config) == Config(**TINY_CONFIG)
-    assert cli_common.score(dataset, {})["exact_match"] == 0.0
+    assert scoring.score(dataset, {})["exact_match"] == 0.0
 
 
 # --- 14. --help of every entry point --------------------------------------------------------------
@@ -367,7 +368,7 @@ def test_a_bad_flag_is_one_line_naming_it(script, flags, says):
 
 
 def test_help_formatter_shows_a_default_once():
-    parser = __import__("argparse").ArgumentParser(formatter_class=cli_common.HelpFormatter)
+    parser = __import__("argparse").ArgumentParser(formatter_class=cli.HelpFormatter)
     parser.add_argument("--plain", type=int, default=3, help="A number.")
     parser.add_argument("--told", default=None, help="A path (if not given: beside the data).")
     parser.add_argument("--switch", action="store_true", help="A switch.")

@@ -99,7 +99,7 @@ def _export(run_dir, output_dir, *flags: str):
 
 
 def test_export_refuses_the_runs_own_directory_and_its_source_model(run_dir, tmp_path):
-    from cli_common import UsageError
+    from cli import UsageError
 
     before = {path.name: path.read_bytes() for path in run_dir.iterdir()}
     with pytest.raises(UsageError, match=r"--output_dir .* is the directory of --checkpoint"):
@@ -117,7 +117,7 @@ def test_export_refuses_the_runs_own_directory_and_its_source_model(run_dir, tmp
 
 
 def test_export_refuses_an_unknown_analyzer(run_dir, tmp_path):
-    from cli_common import UsageError
+    from cli import UsageError
 
     with pytest.raises(UsageError, match=r"--analyzer 'bogus' .* is not one of mecab, "):
         _export(run_dir, tmp_path / "hf", "--analyzer=bogus")
@@ -244,7 +244,7 @@ def test_a_malformed_korquad_document_on_stdin_is_named_stdin(run_dir, monkeypat
 
 
 def test_invalid_utf8_is_refused_on_stdin_as_from_a_file(run_dir, monkeypatch, capsys, tmp_path):
-    from cli_common import UsageError
+    from cli import UsageError
 
     data = _line(question="누가?", context=CONTEXT).encode()[:-5] + b"\xff\xfe" + b'"}\n'
     (tmp_path / "in.jsonl").write_bytes(data)
@@ -274,7 +274,7 @@ def test_interactive_skips_a_question_line_that_is_not_utf8_and_answers_the_rest
 
 
 def test_interactive_refuses_a_context_line_that_is_not_utf8(run_dir, monkeypatch, capsys):
-    from cli_common import UsageError
+    from cli import UsageError
 
     stdin = "\n".encode() + CONTEXT.encode()[:6] + b"\xc0\xaf" + "\n누가?\n".encode()
     with pytest.raises(UsageError, match=r"^--interactive: stdin line 2 \(the context\): not UTF-8 text "
@@ -393,9 +393,9 @@ def test_a_hub_endpoint_that_never_answers_fails_in_bounded_time(tmp_path):
         server.bind(("127.0.0.1", 0))
         server.listen(16)   # accepted by the kernel; never read, never answered
         port = server.getsockname()[1]
-        script = ("import cli_common, sys; cli_common.HUB_STALL_SECONDS = 1\n"
-                  "try:\n    cli_common.fetch_hub_model('someone/silent-model')\n"
-                  "except cli_common.UsageError as error:\n    sys.exit(str(error))\n")
+        script = ("import checkpoints, sys; checkpoints.HUB_STALL_SECONDS = 1\n"
+                  "try:\n    checkpoints.fetch_hub_model('someone/silent-model')\n"
+                  "except checkpoints.UsageError as error:\n    sys.exit(str(error))\n")
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
                                 env={**__import__("os").environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}",
@@ -433,16 +433,17 @@ def _copy_run(run_dir, path, seed: int, config: dict | None = None, **training_a
 ])
 def test_ensemble_members_that_do_not_match_are_refused_before_any_work(run_dir, tmp_path, change, message,
                                                                         monkeypatch):
-    import cli_common
+    import cli
+    import scoring
     import eval as evaluate_script
 
     other = _copy_run(run_dir, tmp_path / "other", 1, **change)
-    monkeypatch.setattr(cli_common, "predict_logits", lambda *a, **k: pytest.fail("inference ran"))
+    monkeypatch.setattr(scoring, "predict_logits", lambda *a, **k: pytest.fail("inference ran"))
     _korquad_file(tmp_path / "dev.json", [("q", "언제?")])
     flags = [f"--predict_file={tmp_path / 'dev.json'}", f"--output_dir={tmp_path / 'out'}",
              f"--cache_dir={tmp_path / 'cache'}", *WINDOW_FLAGS]
     for members in ([run_dir, other], [other, run_dir]):  # refused in either order
-        with pytest.raises(cli_common.UsageError, match=r"cannot join an ensemble with .*" + __import__("re").escape(
+        with pytest.raises(cli.UsageError, match=r"cannot join an ensemble with .*" + __import__("re").escape(
                 message if members[0] == run_dir else message.split(" (vs")[0].split(" ")[0])):
             evaluate_script.main(["--checkpoint", *map(str, members), *flags])
 
@@ -450,13 +451,14 @@ def test_ensemble_members_that_do_not_match_are_refused_before_any_work(run_dir,
 def test_an_ensemble_member_of_other_shapes_is_refused_before_any_work(run_dir, tmp_path, monkeypatch):
     import torch
 
-    import cli_common
+    import cli
+    import scoring
     import eval as evaluate_script
     from modeling import CheckpointError, QuestionAnswering
 
     other = _copy_run(run_dir, tmp_path / "other", 1)
     torch.save(QuestionAnswering(Config(**{**TINY_CONFIG, "hidden_size": 32})).state_dict(), other / "korquad_0.bin")
-    monkeypatch.setattr(cli_common, "predict_logits", lambda *a, **k: pytest.fail("inference ran"))
+    monkeypatch.setattr(scoring, "predict_logits", lambda *a, **k: pytest.fail("inference ran"))
     _korquad_file(tmp_path / "dev.json", [("q", "언제?")])
     with pytest.raises(CheckpointError, match=r"korquad_0.bin: shape mismatch"):
         evaluate_script.main(["--checkpoint", str(run_dir), str(other), f"--predict_file={tmp_path / 'dev.json'}",
@@ -468,7 +470,8 @@ def test_ensemble_nbest_logits_and_probabilities_are_the_members_mean(run_dir, t
     import torch
 
     import eval as evaluate_script
-    from cli_common import build_tokenizer, load_finetuned, predict_logits
+    from checkpoints import build_tokenizer, load_finetuned
+    from scoring import predict_logits
     from korquad_utils import decode_predictions, load_or_build_features
 
     other = _copy_run(run_dir, tmp_path / "other", 1)
@@ -512,7 +515,7 @@ def test_submit_writes_eval_predictions_in_the_leaderboard_form(run_dir, tmp_pat
     assert set(submitted) == {"q1", "q2"}
 
     monkeypatch.setattr(submit, "DEFAULT_CHECKPOINT", tmp_path / "korquad_3.bin")   # the baseline's default
-    from cli_common import UsageError
+    from cli import UsageError
     with pytest.raises(UsageError, match=r"korquad_3.bin: file not found"):
         submit.main([str(tmp_path / "dev.json"), str(tmp_path / "other.json")])
 

@@ -19,7 +19,8 @@ from conftest import DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, find_dev_
 transformers = pytest.importorskip("transformers", reason="transformers is a test-only dependency "
                                                           "(pip install -r requirements-dev.txt)")
 
-from cli_common import UsageError, fetch_hub_model  # noqa: E402
+from cli import UsageError
+from checkpoints import fetch_hub_model
 from modeling import (Config, ConfigError, QuestionAnswering, load_checkpoint, read_transformers_dir,  # noqa: E402
                       to_transformers_state)
 from tokenization import BertTokenizer  # noqa: E402
@@ -99,7 +100,7 @@ def assert_same_logits(ours: QuestionAnswering, theirs, tokenizer: BertTokenizer
 def test_transformers_qa_model_gives_the_same_logits(tmp_path, family, weights, old_names):
     import argparse
 
-    from cli_common import settings_from_model_dir
+    from checkpoints import settings_from_model_dir
 
     theirs = bert_qa() if family == "bert" else electra_qa()
     do_lower_case = family == "bert"  # BERT uncased, ELECTRA cased (as KoELECTRA)

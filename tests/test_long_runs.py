@@ -284,7 +284,7 @@ def test_dead_runs_lock_and_temp_files_are_taken_over_and_changed_resumes_refuse
 def test_a_setting_only_the_interrupted_run_had_is_a_difference():
     """A flag recorded only when used (--version_2_with_negative, a teacher) must not vanish unnoticed."""
     from long_run import check_same_settings
-    from cli_common import UsageError
+    from cli import UsageError
 
     common = {"--seed": 42}
     with pytest.raises(UsageError, match="the interrupted run had --version_2_with_negative True, this one has "

@@ -192,7 +192,7 @@ def test_bad_exports_and_flags_are_one_line(export_dir, run_dir, tmp_path):
 
 def test_export_refuses_a_model_whose_logits_drift(eager):
     import export
-    from cli_common import UsageError
+    from cli import UsageError
 
     batch = sample_batch(2, 32, 9)
     graph = export.onnx_graph(eager)

@@ -202,7 +202,7 @@ def tiny_model(seed: int):
 @pytest.mark.parametrize("output", [0, 1], ids=["start_logits", "end_logits"])
 def test_verification_refuses_a_graph_with_nan_logits(output):
     import export
-    from cli_common import UsageError
+    from cli import UsageError
 
     model = tiny_model(3)
     batch = {"input_ids": np.array([[2, 10, 11, 3, 12, 13, 3]]), "token_type_ids": np.array([[0, 0, 0, 0, 1, 1, 1]]),
@@ -249,7 +249,7 @@ def replace(*args, **kwargs):  # SIGKILL this process at the Nth rename into pla
     return real_replace(*args, **kwargs)
 os.replace = replace
 import export
-from cli_common import run_cli
+from cli import run_cli
 sys.argv = ["export.py", *{flags!r}]
 run_cli(export.main)
 """
@@ -378,7 +378,7 @@ def test_version_1_settings_still_read_and_never_abstain(exports, tmp_path):
 
 def test_export_refuses_to_write_over_its_checkpoint_before_any_work(v2_run, exports, tmp_path, monkeypatch):
     import export
-    from cli_common import UsageError
+    from cli import UsageError
 
     _, run = v2_run
     checkpoint = run / "korquad_1.bin"

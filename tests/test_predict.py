@@ -50,7 +50,8 @@ def assert_offsets_slice_the_context(answer: dict, context: str) -> None:
 
 
 def test_a_run_directory_means_its_newest_checkpoint(run_dir, tmp_path):
-    from cli_common import UsageError, resolve_checkpoints
+    from cli import UsageError
+    from checkpoints import resolve_checkpoints
 
     assert resolve_checkpoints([run_dir, run_dir / "korquad_2.bin"]) == [run_dir / "korquad_10.bin",
                                                                           run_dir / "korquad_2.bin"]

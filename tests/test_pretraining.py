@@ -230,7 +230,7 @@ BAD_CORPORA = [(b"", "no text to pre-train on"), (b"\n\n   \n", "no text to pre-
 
 @pytest.mark.parametrize("content, expected", BAD_CORPORA)
 def test_bad_corpus_is_one_line_naming_the_file(tmp_path, content, expected):
-    from cli_common import UsageError
+    from cli import UsageError
 
     corpus = tmp_path / ("corpus.json" if content.startswith(b"{") else "corpus.txt")
     corpus.write_bytes(content)

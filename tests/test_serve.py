@@ -685,7 +685,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(run_dir, 
 
 def test_a_taken_port_and_impossible_limits_are_refused_before_the_model_loads(tmp_path):
     import serve
-    from cli_common import UsageError
+    from cli import UsageError
 
     missing = str(tmp_path / "no_such_run")   # never read: the flags fail first
     taken = socket.socket()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_common import UsageError
+from cli import UsageError
 from conftest import ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
 
 QUESTIONS = '{"version": "KorQuAD_v1.0", "data": []}\n'
@@ -219,7 +219,7 @@ def test_submit_writes_eval_predictions_with_their_empty_answers(no_answer_run, 
 
 def test_submit_defaults_are_the_documented_contest_baseline(tmp_path, monkeypatch):
     import submit
-    from cli_common import resolve_finetuned_settings
+    from checkpoints import resolve_finetuned_settings
 
     # README.md, "리더보드 제출 형식 (submit.py)" / "Leaderboard submission (submit.py)": on the CPU, korquad_3.bin
     # beside submit.py, data/bert_small.json and data/ko_vocab_32k.txt, 512-piece windows, stride 64, questions of

@@ -154,18 +154,19 @@ def test_default_precision_on_gpus(monkeypatch):
     """bf16 only where the GPU has it natively (an A100), fp16 with a scaler on a T4; --fp32 turns autocast off."""
     import argparse
 
-    import cli_common
+    import cli
+    import devices
 
     gpu = torch.device("cuda", 0)
     flags = dict(fp16=False, bf16=False, fp32=False)
     for capability, expected in (((8, 0), torch.bfloat16), ((7, 5), torch.float16)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert cli_common.autocast_dtype(argparse.Namespace(**flags), gpu) == expected
-    assert cli_common.autocast_dtype(argparse.Namespace(**{**flags, "fp32": True}), gpu) is None
-    with pytest.raises(cli_common.UsageError, match="no native bfloat16"):
-        cli_common.autocast_dtype(argparse.Namespace(**{**flags, "bf16": True}), gpu)
-    assert cli_common.autocast_dtype(argparse.Namespace(**flags), torch.device("cpu")) is None
-    assert cli_common.autocast_dtype(argparse.Namespace(**{**flags, "bf16": True}), torch.device("cpu")) == torch.bfloat16
+        assert devices.autocast_dtype(argparse.Namespace(**flags), gpu) == expected
+    assert devices.autocast_dtype(argparse.Namespace(**{**flags, "fp32": True}), gpu) is None
+    with pytest.raises(cli.UsageError, match="no native bfloat16"):
+        devices.autocast_dtype(argparse.Namespace(**{**flags, "bf16": True}), gpu)
+    assert devices.autocast_dtype(argparse.Namespace(**flags), torch.device("cpu")) is None
+    assert devices.autocast_dtype(argparse.Namespace(**{**flags, "bf16": True}), torch.device("cpu")) == torch.bfloat16
 
 
 def test_torchrun_two_ranks_match_one_process_with_the_same_global_batch(tiny_setup, tmp_path):

@@ -1,0 +1,192 @@
+"""The evaluation loop: logits over a feature table, decoding, and the official metrics
+(KorQuAD v1.0, SQuAD 2.0, KLUE-MRC) of the predictions."""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+import evaluate_klue_mrc
+import evaluate_v1_0
+import evaluate_v2_0
+from korquad_utils import (FeatureTable, SquadExample, abstain, collate_features, decode_predictions,
+                           make_length_grouped_batches, null_odds)
+from cli import UsageError
+from devices import autocast_context, compile_model
+from checkpoints import load_finetuned
+
+if TYPE_CHECKING:
+    import torch
+    from modeling import Config
+
+
+def average_logits(member_logits: Iterable[tuple[list[np.ndarray], list[np.ndarray]]]
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The mean of several models' per-feature (start, end) logits: how an ensemble decodes.
+
+    Taking an iterable lets a caller load one member at a time and drop it once its logits are in.
+    """
+    summed_starts: list[np.ndarray] | None = None
+    summed_ends: list[np.ndarray] = []
+    count = 0
+    for starts, ends in member_logits:
+        if summed_starts is None:
+            summed_starts, summed_ends = list(starts), list(ends)
+        else:
+            summed_starts = [a + b for a, b in zip(summed_starts, starts)]
+            summed_ends = [a + b for a, b in zip(summed_ends, ends)]
+        count += 1
+    if summed_starts is None:
+        raise ValueError("average_logits needs at least one model's logits")
+    if count == 1:
+        return summed_starts, summed_ends
+    return [s / count for s in summed_starts], [e / count for e in summed_ends]
+
+
+def ensemble_logits(args: argparse.Namespace, config: Config, features: FeatureTable,
+                    device: torch.device, amp_dtype: torch.dtype | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The mean start/end logits of every checkpoint in `args.checkpoint` over `features`.
+
+    One model is built (and compiled, with --compile) and each member's weights loaded into it in
+    turn: one member in memory at a time, one compilation for the whole ensemble.
+    """
+    from modeling import QuestionAnswering
+
+    model = QuestionAnswering(config).to(device)
+    compiled = compile_model(model, args, device, max_width=args.max_seq_length)
+    padding = args.compile_bucket if args.compile else None
+
+    def member_logits() -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
+        for path in args.checkpoint:
+            load_finetuned(path, config, device, into=model)
+            yield predict_logits(compiled, features, args.batch_size, device, amp_dtype, not args.quiet, padding)
+
+    return average_logits(member_logits())
+
+
+def without_grad(function: Callable) -> Callable:
+    """`torch.no_grad()` around `function`, with torch imported only once it runs."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        import torch
+        with torch.no_grad():
+            return function(*args, **kwargs)
+    return run
+
+
+@without_grad
+def predict_logits(model: torch.nn.Module, features: FeatureTable, batch_size: int,
+                   device: torch.device, amp_dtype: torch.dtype | None = None,
+                   show_progress: bool = True,
+                   pad_to_multiple: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Start and end logits for every window of `features` (float32 arrays as long as its input ids), in order.
+
+    Batches are length-sorted and padded to their own longest feature, so little compute goes to padding;
+    with `pad_to_multiple` (for a compiled model) to that multiple and to `batch_size` rows.
+    Logits come back to the host without a wait per batch: one synchronisation at the end.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    starts: list[np.ndarray | None] = [None] * len(features)
+    ends: list[np.ndarray | None] = [None] * len(features)
+    lengths = features.lengths
+    padding = {} if pad_to_multiple is None else {
+        "pad_to_multiple": pad_to_multiple, "max_width": int(lengths.max(initial=0)), "pad_rows_to": batch_size}
+    batches = make_length_grouped_batches(lengths, batch_size, shuffle=False)
+    on_gpu = device.type == "cuda"
+    pending = []
+    for batch in tqdm(batches, desc="predict", unit="batch", disable=not show_progress):
+        arrays = collate_features(features, batch, is_training=False, **padding)
+        inputs = {k: (torch.from_numpy(v).pin_memory() if on_gpu else torch.from_numpy(v)).to(device, non_blocking=True)
+                  for k, v in arrays.items()}
+        with autocast_context(device, amp_dtype):
+            start_logits, end_logits = model(inputs["input_ids"], inputs["token_type_ids"], inputs["attention_mask"])
+        # stack copies: a CUDA-graph replay overwrites its outputs on the next call.
+        logits = torch.stack([start_logits, end_logits]).float()
+        pending.append((batch, logits.to("cpu", non_blocking=True)))
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    for batch, logits in pending:
+        batch_logits = logits.numpy()
+        for row, index in enumerate(batch):
+            starts[index], ends[index] = batch_logits[0, row, :lengths[index]], batch_logits[1, row, :lengths[index]]
+    model.train(was_training)
+    return starts, ends
+
+
+def has_answers(examples: Sequence[SquadExample]) -> bool:
+    return any(example.answers for example in examples)
+
+
+def score(predict_file: str | os.PathLike, predictions: dict[str, str]) -> dict[str, float]:
+    """EM/F1 from the official KorQuAD v1.0 metric."""
+    return evaluate_v1_0.evaluate(read_dataset(predict_file)["data"], predictions)
+
+
+def read_dataset(predict_file: str | os.PathLike) -> dict:
+    with open(predict_file, encoding="utf-8-sig") as f:
+        return json.load(f)
+
+
+def check_metric_dataset(predict_file: str | os.PathLike, metric: str) -> None:
+    """Refuse, before any work, a file the chosen metric cannot score (KLUE needs `question_type`)."""
+    checker = {"squad2": evaluate_v2_0.check_dataset, "klue": evaluate_klue_mrc.check_dataset}.get(metric)
+    if checker is not None:
+        try:
+            dataset = read_dataset(predict_file)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UsageError(f"--predict_file {predict_file}: not valid UTF-8 JSON ({err})") from None
+        try:
+            checker(dataset, str(predict_file))
+        except ValueError as err:
+            raise UsageError(f"--metric {metric}: {err}") from None
+
+
+def score_no_answer(predict_file: str | os.PathLike, metric: str, span_predictions: dict[str, str],
+                    odds: dict[str, float] | None, threshold: float = 0.0) -> dict:
+    """Scores of the predictions that abstain where `odds` > `threshold` (never without `odds`), by `metric`.
+
+    squad2: evaluate_v2_0's dict, its best_* keys tuned over `odds` on the span predictions (so the
+    best threshold is in --null_score_diff_threshold's units); klue: evaluate_klue_mrc's; korquad:
+    v1.0's EM/F1 (questions without answers left out)."""
+    dataset = read_dataset(predict_file)["data"]
+    if metric == "squad2":
+        return evaluate_v2_0.evaluate(dataset, span_predictions, odds, threshold)
+    predictions = span_predictions if odds is None else abstain(span_predictions, odds, threshold)
+    if metric == "klue":
+        return evaluate_klue_mrc.evaluate(dataset, predictions)
+    return evaluate_v1_0.evaluate(dataset, predictions)
+
+
+def tuned_threshold(predict_file: str | os.PathLike, span_predictions: dict[str, str], odds: dict[str, float],
+                    which: str = "best_f1") -> float:
+    """The --null_score_diff_threshold that maximises F1 (or EM) on `predict_file`, as SQuAD 2.0 defines it."""
+    scores = evaluate_v2_0.evaluate(read_dataset(predict_file)["data"], span_predictions, odds)
+    return scores[f"{which}_thresh"]
+
+
+def evaluate_model(model: torch.nn.Module, examples: Sequence[SquadExample], features: FeatureTable,
+                   args: argparse.Namespace, device: torch.device, amp_dtype: torch.dtype | None,
+                   batch_size: int) -> tuple[dict[str, str], dict[str, list[dict]]]:
+    """Predictions and n-best lists of one model (train.py calls this after each epoch)."""
+    return evaluate_model_with_odds(model, examples, features, args, device, amp_dtype, batch_size)[:2]
+
+
+def evaluate_model_with_odds(model: torch.nn.Module, examples: Sequence[SquadExample],
+                             features: FeatureTable, args: argparse.Namespace, device: torch.device,
+                             amp_dtype: torch.dtype | None, batch_size: int
+                             ) -> tuple[dict[str, str], dict[str, list[dict]], dict[str, float]]:
+    """`evaluate_model`'s span predictions and n-best lists, and each question's `null_odds`."""
+    starts, ends = predict_logits(model, features, batch_size, device, amp_dtype,
+                                  pad_to_multiple=args.compile_bucket if args.compile else None)
+    predictions, nbest = decode_predictions(examples, features, starts, ends, n_best_size=args.n_best_size,
+                                            max_answer_length=args.max_answer_length)
+    return predictions, nbest, null_odds(examples, features.feature_example, starts, ends, nbest)
