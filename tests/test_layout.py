@@ -1,0 +1,42 @@
+"""The code's layout: one file per command at the top level, library modules that hold one concept each and
+stay small, and imports that never run from a library module back up to a command."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = {"train", "eval", "predict", "export", "distill", "pretrain", "serve", "submit", "bench", "download"}
+# The baseline's modules keep their names and their size: the model, the tokenizer, and the data pipeline the
+# baseline's users import (reading, the feature table, decoding) in one place.
+LARGE_BY_NAME = {"modeling", "tokenization", "korquad_utils"}
+MAX_LIBRARY_LINES = 520
+
+
+def library_modules() -> list[Path]:
+    return sorted(path for path in ROOT.glob("*.py") if path.stem not in COMMANDS)
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_every_command_is_a_file_at_the_top_level():
+    assert {path.stem for path in ROOT.glob("*.py")} >= COMMANDS
+
+
+def test_no_library_module_imports_a_command():
+    offenders = {path.name: sorted(imported_modules(path) & COMMANDS) for path in library_modules()}
+    assert not {name: found for name, found in offenders.items() if found}
+
+
+def test_library_modules_stay_small():
+    sizes = {path.name: len(path.read_text(encoding="utf-8").splitlines()) for path in library_modules()
+             if path.stem not in LARGE_BY_NAME}
+    assert max(sizes.values()) <= MAX_LIBRARY_LINES, sorted(sizes.items(), key=lambda item: -item[1])[:3]
