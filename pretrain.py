@@ -7,8 +7,9 @@
 The corpus: UTF-8 text, one sentence or paragraph a line, a blank line between documents (BERT's
 format), and KorQuAD/SQuAD JSON, whose contexts are documents (split into sentences after . ? !).
 It is tokenized once with the fine-tuning analyzer and vocab into a memory-mapped token file
-(`cache/` beside the first file, keyed by the files' contents and the settings) and cut into pairs
-of consecutive segments of one document, up to --max_seq_length pieces.
+(`cache/` beside the first file, keyed by the files' contents and the settings; a damaged one is
+tokenized again, with a warning) and cut into pairs of consecutive segments of one document, up to
+--max_seq_length pieces. A compressed file, binary data or a corpus of one line is refused.
 
 Objectives as ALBERT pre-trained: 15% of the pieces masked by whole words, in n-grams of 1-3 words
 drawn 6:3:2 (probability 1/n), each masked piece [MASK] 80% / a random piece 10% / kept 10%, at most
