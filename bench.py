@@ -1001,6 +1001,196 @@ def bench_pretrain_tiny(args: argparse.Namespace) -> None:
               f"eval.py on the same: exact_match {scores['exact_match']:.2f}, f1 {scores['f1']:.2f} (a pipeline check: "
               f"a model this small is not expected to answer)")
 
+# --- pre-training against transformers (issue 29) ----------------------------------------
+# The issue's setting: a published-format tiny encoder, the dev set's first 800 contexts as the corpus.
+_REFERENCE_TINY = dict(act_fn="gelu", dropout_prob=0.1, ff_dim=512, hidden_size=128, initializer_range=0.02,
+                       max_position_embeddings=512, num_heads=4, num_hidden_layers=2, type_vocab_size=2,
+                       vocab_size=32000)
+_REFERENCE_CONTEXTS = 800
+_REFERENCE_FLAGS = ["--max_seq_length=128", "--learning_rate=1e-3", "--held_out_share=0.03"]
+
+
+def _reference_corpus(dev: Path, path: Path, contexts: int) -> None:
+    """The first `contexts` distinct contexts of the dev set, as a KorQuAD JSON corpus."""
+    import json
+
+    paragraphs = [{"context": context, "qas": []} for context in _dev_contexts(dev)[:contexts]]
+    path.write_text(json.dumps({"version": "subset", "data": [{"title": "corpus", "paragraphs": paragraphs}]},
+                               ensure_ascii=False), encoding="utf-8")
+
+
+def _transformers_pretraining(config, encoder_state: dict):
+    """transformers' BertForPreTraining with our encoder's weights; its heads keep transformers' own init."""
+    import transformers
+
+    from modeling import config_to_transformers
+
+    theirs = transformers.BertForPreTraining(transformers.BertConfig(
+        **{**config_to_transformers(config), "architectures": ["BertForPreTraining"]}, attn_implementation="sdpa"))
+    missing, unexpected = theirs.load_state_dict(encoder_state, strict=False)
+    if unexpected or any(name.startswith("bert.") for name in missing):
+        sys.exit(f"bench.py pretrain_reference: encoder names do not map: {unexpected or missing}")
+    return theirs
+
+
+def _their_outputs(theirs, batch: dict):
+    """BertForPreTraining's own modules, with the vocabulary projection at the masked positions only
+    (what its loss reads; the full projection would be 6x this tiny model's compute)."""
+    sequence_output, pooled_output = theirs.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                 token_type_ids=batch["token_type_ids"], return_dict=False)[:2]
+    index = batch["masked_positions"].unsqueeze(-1).expand(-1, -1, sequence_output.size(-1))
+    return theirs.cls(sequence_output.gather(1, index), pooled_output)
+
+
+def _their_loss(mlm_logits, sop_logits, batch: dict):
+    """BertForPreTraining's loss as it computes it: cross-entropy over the labelled pieces plus over the pairs."""
+    import torch
+
+    loss = torch.nn.CrossEntropyLoss()
+    return (loss(mlm_logits.reshape(-1, mlm_logits.size(-1)), batch["mlm_labels"].reshape(-1))
+            + loss(sop_logits.reshape(-1, 2), batch["sop_labels"].reshape(-1)))
+
+
+def _check_shortcut(theirs, batch: dict) -> None:
+    """Exit unless the masked-positions shortcut gives BertForPreTraining's own loss (full logits, `labels`)."""
+    import torch
+
+    labels = torch.full_like(batch["input_ids"], -100)
+    kept = batch["mlm_labels"] != -100
+    rows = torch.arange(len(labels))[:, None].expand_as(kept)
+    labels[rows[kept], batch["masked_positions"][kept]] = batch["mlm_labels"][kept]
+    theirs.eval()
+    with torch.no_grad():
+        full = theirs(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                      attention_mask=batch["attention_mask"], labels=labels,
+                      next_sentence_label=batch["sop_labels"]).loss
+        shortcut = _their_loss(*_their_outputs(theirs, batch), batch)
+    if abs(float(full - shortcut)) > 1e-4:
+        sys.exit(f"bench.py pretrain_reference: masked-positions loss {float(shortcut)} != BertForPreTraining's "
+                 f"{float(full)}")
+
+
+def _held_out_scores(forward, batches: list[dict]) -> tuple[float, float]:
+    """(masked-piece accuracy, MLM loss per masked piece) over fixed held-out batches, dropout off."""
+    import torch
+
+    correct = loss = count = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            mlm_logits, _ = forward(batch)
+            kept = batch["mlm_labels"] != -100
+            logits, labels = mlm_logits[kept].float(), batch["mlm_labels"][kept]
+            correct += float((logits.argmax(-1) == labels).sum())
+            loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            count += float(kept.sum())
+    return correct / count, loss / count
+
+
+@benchmark("pretrain_reference")
+def bench_pretrain_reference(args: argparse.Namespace) -> None:
+    """Ours against transformers' BertForPreTraining on the same masked batches, from the same encoder weights,
+    with the same AdamW, schedule and clipping: held-out masked-piece accuracy and MLM loss along the way."""
+    import statistics
+    import tempfile
+
+    import torch
+
+    import pretrain
+    from korquad_utils import make_length_grouped_batches
+    from long_run import build_optimizer, linear_warmup_decay, step_seed
+    from modeling import Config, QuestionAnswering, to_transformers_pretraining_state
+    from tokenization import BertTokenizer
+
+    if args.steps < 3 or args.seeds < 1 or min(args.batch_sizes) < 1:
+        sys.exit("bench.py pretrain_reference: --steps must be at least 3 (held-out scores at a third, two thirds "
+                 "and the end), --seeds and --batch_sizes at least 1")
+    steps, checkpoints = args.steps, sorted({args.steps * k // 3 for k in (1, 2, 3)})
+    config = Config(**_REFERENCE_TINY)
+    results: dict[tuple, list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        corpus = work / "corpus.json"
+        _reference_corpus(args.dev, corpus, _REFERENCE_CONTEXTS)
+        tokenizer = BertTokenizer(VOCAB_FILE)
+        tokens = pretrain.tokenize_corpus([corpus], tokenizer, 128 - 3, progress=False)
+        for batch_size in args.batch_sizes:
+            for seed in range(args.seeds):
+                flags = pretrain.parse_args(["--train_files", str(corpus), "--output_dir", "unused",
+                                             "--checkpoint", str(work / f"encoder{seed}.bin"), *_REFERENCE_FLAGS,
+                                             f"--train_batch_size={batch_size}", f"--max_steps={steps}",
+                                             f"--seed={seed}"])
+                torch.manual_seed(1000 + seed)  # the published-format encoder: bare names, no heads
+                torch.save(QuestionAnswering(config).bert.state_dict(), flags.checkpoint)
+                train, held_out = pretrain.build_pair_makers(flags, tokenizer, tokens)
+                held_out_batches = [pretrain.collate([held_out.example(i, pretrain.EVAL_EPOCH) for i in b])
+                                    for b in make_length_grouped_batches(held_out.lengths(), 64, shuffle=False)]
+                if seed == 0 and batch_size == args.batch_sizes[0]:
+                    piece, baseline = pretrain.most_frequent_piece_accuracy(train, held_out, 10 ** 9)
+                    print(f"pretrain_reference.baseline: {len(train.pairs)} training and {len(held_out.pairs)} "
+                          f"held-out pairs; always {tokenizer.ids_to_tokens[piece]!r}: {baseline:.4f}", flush=True)
+                ours = pretrain.build_model(flags, config)  # heads fresh, by our initialisation
+                torch.manual_seed(2000 + seed)
+                encoder = {k: v for k, v in to_transformers_pretraining_state(ours).items() if k.startswith("bert.")}
+                theirs = _transformers_pretraining(config, encoder)
+                models = {"ours": (ours, lambda b: ours(b["input_ids"], b["token_type_ids"], b["attention_mask"],
+                                                        b["masked_positions"]), pretraining_loss_of_batch),
+                          "transformers": (theirs, lambda b: _their_outputs(theirs, b), _their_loss)}
+                optimizers = {name: build_optimizer(model, flags, torch.device("cpu"))
+                              for name, (model, _, _) in models.items()}
+                schedules = {name: linear_warmup_decay(optimizer, int(steps * flags.warmup_proportion), steps)
+                             for name, optimizer in optimizers.items()}
+                _check_shortcut(theirs, held_out_batches[0])
+                order = []
+                for epoch in range(steps):
+                    order += [(epoch, b) for b in make_length_grouped_batches(
+                        train.lengths(), batch_size, shuffle=True, seed=seed + epoch) if len(b) == batch_size]
+                    if len(order) >= steps:
+                        break
+                for step, (epoch, indices) in enumerate(order[:steps], 1):
+                    batch = pretrain.collate([train.example(i, epoch) for i in indices])
+                    for name, (model, forward, loss_of) in models.items():
+                        model.train()
+                        torch.manual_seed(step_seed(seed, epoch, step, 0))
+                        loss = loss_of(*forward(batch), batch)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), flags.max_grad_norm)
+                        optimizers[name].step()
+                        optimizers[name].zero_grad(set_to_none=True)
+                        schedules[name].step()
+                        if step in checkpoints:
+                            model.eval()
+                            results.setdefault((batch_size, step, name), []).append(
+                                _held_out_scores(forward, held_out_batches))
+                    if step in checkpoints:
+                        scores = {name: results[(batch_size, step, name)][-1] for name in models}
+                        print(f"pretrain_reference.seed: batch {batch_size} seed {seed} step {step}: " + ", ".join(
+                            f"{name} accuracy {a:.4f} loss {l:.3f}" for name, (a, l) in scores.items()), flush=True)
+
+    def spread(values: list[float], digits: int) -> str:
+        return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    for batch_size in args.batch_sizes:
+        for step in checkpoints:
+            ours_runs, their_runs = results[(batch_size, step, "ours")], results[(batch_size, step, "transformers")]
+            cells, inside = [], []
+            for column, digits in ((0, 4), (1, 3)):
+                mine, theirs_ = [r[column] for r in ours_runs], [r[column] for r in their_runs]
+                cells.append(f"{('accuracy', 'MLM loss')[column]} ours {spread(mine, digits)} transformers "
+                             f"{spread(theirs_, digits)}")
+                inside.append(min(theirs_) <= statistics.mean(mine) <= max(theirs_)
+                              or min(mine) <= statistics.mean(theirs_) <= max(mine))
+            print(f"pretrain_reference: batch {batch_size} x 128, lr 1e-3, step {step}/{steps}, {len(ours_runs)} "
+                  f"seeds, mean (min-max): {'; '.join(cells)}; a mean inside the other's range: "
+                  f"{'yes' if all(inside) else 'NO'}", flush=True)
+
+
+def pretraining_loss_of_batch(mlm_logits, sop_logits, batch: dict):
+    """Our pretraining_loss on a collated batch."""
+    from modeling import pretraining_loss
+
+    return pretraining_loss(mlm_logits, sop_logits, batch["mlm_labels"], batch["sop_labels"])
+
+
 # --- training data at scale (issue 18) ---------------------------------------------------
 # The dev set repeated 11 times, each copy's contexts made distinct: about KorQuAD's 60,407 training
 # questions. train.py runs a tiny model for a few steps, so that the data path is what is measured.
@@ -1472,6 +1662,10 @@ def main() -> None:
                         help="A trained run or checkpoint for onnx_agreement (if not given: it is skipped).")
     parser.add_argument("--compare_rev", default=None,
                         help="train_scale: also measure the train.py of this git revision (e.g. HEAD~1), side by side.")
+    parser.add_argument("--steps", type=int, default=600, help="pretrain_reference: optimizer steps per run.")
+    parser.add_argument("--seeds", type=int, default=3, help="pretrain_reference: seeds per batch size.")
+    parser.add_argument("--batch_sizes", type=lambda text: [int(v) for v in text.split(",")], default=[16, 128],
+                        help="pretrain_reference: comma-separated batch sizes (pairs per step).")
     parser.add_argument("--only", default="",
                         help="Comma-separated benchmark names (if not given: all): " + ", ".join(BENCHMARKS) + ".")
     args = parser.parse_args()

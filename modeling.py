@@ -175,6 +175,8 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        # BERT drops out the projected output too (transformers' BertSelfOutput), before the residual sum.
+        self.dropout = nn.Dropout(config.dropout_prob)
 
     def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None) -> torch.Tensor:
         """`keep_mask`: bool (batch, 1, 1, seq), True where a key may be attended to."""
@@ -186,7 +188,7 @@ class SelfAttention(nn.Module):
         context = F.scaled_dot_product_attention(
             heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
             attn_mask=keep_mask, dropout_p=self.dropout_prob if self.training else 0.0)
-        return self.o_proj(context.transpose(1, 2).reshape(batch, seq, hidden))
+        return self.dropout(self.o_proj(context.transpose(1, 2).reshape(batch, seq, hidden)))
 
 
 class FeedForward(nn.Module):
@@ -348,6 +350,8 @@ def distill_loss(logits: torch.Tensor, targets: torch.Tensor, attention_mask: to
                                                - log_student), 0.0).sum(dim=-1)
     has_target = (row_mass.squeeze(-1) > 0).float()
     return temperature ** 2 * (kl * has_target).sum() / has_target.sum().clamp(min=1)
+
+
 class PredictionTransform(nn.Module):
     """transformers' `cls.predictions.transform`: Linear, the encoder's activation, LayerNorm."""
 

@@ -7,8 +7,9 @@
 The corpus: UTF-8 text, one sentence or paragraph a line, a blank line between documents (BERT's
 format), and KorQuAD/SQuAD JSON, whose contexts are documents (split into sentences after . ? !).
 It is tokenized once with the fine-tuning analyzer and vocab into a memory-mapped token file
-(`cache/` beside the first file, keyed by the files' contents and the settings) and cut into pairs
-of consecutive segments of one document, up to --max_seq_length pieces.
+(`cache/` beside the first file, keyed by the files' contents and the settings; a damaged one is
+tokenized again, with a warning) and cut into pairs of consecutive segments of one document, up to
+--max_seq_length pieces. A compressed file, binary data or a corpus of one line is refused.
 
 Objectives as ALBERT pre-trained: 15% of the pieces masked by whole words, in n-grams of 1-3 words
 drawn 6:3:2 (probability 1/n), each masked piece [MASK] 80% / a random piece 10% / kept 10%, at most
@@ -34,6 +35,7 @@ import math
 import re
 import signal
 import sys
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,9 @@ MAX_NGRAM = 3
 NGRAM_PROBABILITIES = np.array([1 / n for n in range(1, MAX_NGRAM + 1)]) / sum(1 / n for n in range(1, MAX_NGRAM + 1))
 EVAL_EPOCH = 2 ** 32 - 1   # the held-out pairs' masks: drawn once, the same at every evaluation
 SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
+# The first bytes of compressed files a corpus is often shipped in: named, so that the user knows to unpack it.
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip-compressed file", b"PK\x03\x04": "zip archive", b"BZh": "bzip2-compressed file",
+                    b"\xfd7zXZ\x00": "xz-compressed file", b"(\xb5/\xfd": "zstd-compressed file"}
 
 
 # --- the corpus ------------------------------------------------------------------------------
@@ -99,6 +104,11 @@ def read_documents(path: Path) -> Iterator[list[str]]:
         return
     document: list[str] = []
     with open(path, "rb") as file:
+        head = file.read(8)
+        kind = next((name for magic, name in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+        if kind:
+            raise UsageError(f"--train_files {path}: a {kind}, not UTF-8 text; unpack it first")
+        file.seek(0)
         for number, raw in enumerate(file, 1):
             if b"\0" in raw:
                 raise UsageError(f"--train_files {path}: line {number} holds a NUL byte: a binary file, not UTF-8 text")
@@ -171,11 +181,14 @@ def load_or_build_token_file(files: Sequence[Path], tokenizer, max_seq_length: i
         try:
             with np.load(index_path, allow_pickle=False) as index:
                 cached = TokenFile(np.load(ids_path, mmap_mode="r"), index["line_bounds"], index["doc_bounds"])
-                if str(index["key"]) == key and cached.line_bounds[-1] == len(cached.ids):
+                if str(index["key"]) == key:
+                    check_token_file(cached, len(tokenizer.vocab))
                     logger.info("token file loaded from cache %s (%d pieces)", ids_path, len(cached.ids))
                     return cached
-        except (OSError, ValueError, KeyError) as err:
-            logger.warning("token file cache %s is unreadable (%s); tokenizing again", index_path, err)
+        # A damaged cache (a truncated copy, a full disk, bytes flipped) is only a slower start: tokenize again.
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            logger.warning("token file cache %s is damaged (%s); tokenizing again", ids_path.parent,
+                           " ".join(str(err).split()))
     tokens = tokenize_corpus(files, tokenizer, max_seq_length - 3, progress)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +202,18 @@ def load_or_build_token_file(files: Sequence[Path], tokenizer, max_seq_length: i
     logger.info("token file written: %s (%d pieces, %d lines, %d documents)", ids_path, len(tokens.ids),
                 len(tokens.line_bounds) - 1, len(tokens.doc_bounds) - 1)
     return TokenFile(np.load(ids_path, mmap_mode="r"), tokens.line_bounds, tokens.doc_bounds)
+
+
+def check_token_file(tokens: TokenFile, vocab_size: int) -> None:
+    """ValueError unless the arrays are a token file: ids in the vocabulary, bounds ascending and in range."""
+    ids, lines, docs = tokens.ids, tokens.line_bounds, tokens.doc_bounds
+    if ids.ndim != 1 or ids.dtype != np.int32 or lines.ndim != 1 or docs.ndim != 1 or len(lines) < 2 or len(docs) < 2:
+        raise ValueError("arrays of the wrong shape or type")
+    if lines[0] != 0 or lines[-1] != len(ids) or docs[0] != 0 or docs[-1] != len(lines) - 1 or (
+            np.diff(lines) < 0).any() or (np.diff(docs) <= 0).any():
+        raise ValueError(f"line or document bounds do not fit {len(ids)} pieces")
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"piece ids outside the {vocab_size}-piece vocabulary")
 
 
 def tokenize_corpus(files: Sequence[Path], tokenizer, window: int, progress: bool = True) -> TokenFile:
@@ -226,6 +251,9 @@ def tokenize_corpus(files: Sequence[Path], tokenizer, window: int, progress: boo
     if line_bounds[-1] == 0:
         raise UsageError(f"--train_files {', '.join(map(str, files))}: no text to pre-train on (empty, blank lines "
                          f"only, or JSON without contexts)")
+    if len(line_bounds) < 3:
+        raise UsageError(f"--train_files {', '.join(map(str, files))}: one line of text only; pre-training pairs "
+                         f"consecutive sentences: give a sentence or paragraph a line, a blank line between documents")
     return TokenFile(np.concatenate(ids), np.asarray(line_bounds, np.int64), np.asarray(doc_bounds, np.int64))
 
 

@@ -3,8 +3,10 @@ statistics, starting from an encoder-only checkpoint, kill -9 and resume, bad co
 directory as train.py's / eval.py's / export.py's --checkpoint. Tiny models, the bundled sample."""
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +20,7 @@ import torch
 from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script
 
 import pretrain
-from modeling import (BertForPreTraining, BertModel, Config, load_checkpoint, read_state_dict,
+from modeling import (BertForPreTraining, BertModel, Config, load_checkpoint, pretraining_loss, read_state_dict,
                       read_transformers_dir)
 
 transformers = pytest.importorskip("transformers")
@@ -224,7 +226,11 @@ def test_resume_after_kill_9_mid_epoch_is_bit_identical(tmp_path):
 
 
 BAD_CORPORA = [(b"", "no text to pre-train on"), (b"\n\n   \n", "no text to pre-train on"),
-               (b"PK\x03\x04\x00\x00binary", "NUL byte: a binary file"),
+               ("한국어 문장 하나뿐입니다.\n".encode(), "one line of text only"),
+               (b"PK\x03\x04\x00\x00binary", "a zip archive, not UTF-8 text; unpack it first"),
+               (gzip.compress("한국어 문장.\n".encode() * 9), "a gzip-compressed file"),
+               (b"text\n" + bytes(range(11, 256)), "line 2 is not UTF-8 text"),
+               (b"binary\x00\x01\n", "NUL byte: a binary file"),
                ("한국어 문장\n".encode("utf-16"), "not UTF-8 text"), (b'{"version": 1}', "not KorQuAD/SQuAD JSON")]
 
 
@@ -354,3 +360,151 @@ def test_compiled_pretraining_trains_as_eager_in_one_shape_per_bucket(tmp_path, 
     assert len(shapes["eager"]) > len(shapes["compiled"]), shapes  # eager pads each batch to its own longest pair
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(widths)
     np.testing.assert_allclose(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-5)
+
+
+def _known_pair_maker() -> pretrain.PairMaker:
+    """One document of two lines, A = 10 11 12 and B = 20 21 (a 30-id vocabulary, no `##` pieces)."""
+    tokens = pretrain.TokenFile(np.array([10, 11, 12, 20, 21], np.int32), np.array([0, 3, 5]), np.array([0, 2]))
+    continuation = np.zeros(30, dtype=bool)
+    pairs = pretrain.make_pairs(tokens, continuation, max_seq_length=16, seed=0)
+    assert pairs.tolist() == [[0, 3, 5]]
+    return pretrain.PairMaker(tokens.ids, pairs, continuation, cls_id=2, sep_id=3, mask_id=4,
+                              random_ids=np.arange(5, 30), seed=0, masked_lm_prob=0.15, max_predictions=2)
+
+
+def test_sop_label_is_one_exactly_for_a_swapped_pair_and_token_types_mark_the_second_segment():
+    """transformers' convention (next_sentence_label 0 = B continues A, 1 = not): [CLS] B [SEP] A [SEP] has
+    label 1. Token type 1 for every piece after the first [SEP] through the second, 0 up to the first [SEP]."""
+    maker = _known_pair_maker()
+    orders = set()
+    for epoch in range(20):
+        example = maker.example(0, epoch)
+        original = example["input_ids"].copy()
+        original[example["masked_positions"]] = example["mlm_labels"]
+        swapped = original.tolist() == [2, 20, 21, 3, 10, 11, 12, 3]
+        assert swapped or original.tolist() == [2, 10, 11, 12, 3, 20, 21, 3]
+        assert example["sop_label"] == int(swapped)
+        first_length = 2 if swapped else 3
+        assert example["token_type_ids"].tolist() == [0] * (first_length + 2) + [1] * (6 - first_length)
+        orders.add(swapped)
+    assert orders == {False, True}
+    batch = pretrain.collate([maker.example(0, 0), {**maker.example(0, 0), "input_ids": np.array([2, 10, 3]),
+                                                    "token_type_ids": np.array([0, 0, 1])}])
+    assert batch["token_type_ids"][1].tolist() == [0, 0, 1, 0, 0, 0, 0, 0]  # padding is type 0
+
+
+def _document_of(tokens: pretrain.TokenFile, piece_index: int) -> int:
+    line = np.searchsorted(tokens.line_bounds, piece_index, side="right") - 1
+    return int(np.searchsorted(tokens.doc_bounds, line, side="right") - 1)
+
+
+def _sample_tokens():
+    from tokenization import BertTokenizer
+
+    tokenizer = BertTokenizer(VOCAB_FILE)
+    return tokenizer, pretrain.tokenize_corpus([SAMPLE_FILE], tokenizer, 61, progress=False)
+
+
+def test_held_out_documents_never_reach_training_and_share_0_holds_none_out():
+    tokenizer, tokens = _sample_tokens()
+    num_docs = len(tokens.doc_bounds) - 1
+    for share, expected_held_out in (("0.2", math.ceil(num_docs * 0.2)), ("0", 0)):
+        args = pretrain.parse_args(["--train_files", str(SAMPLE_FILE), "--output_dir", "unused",
+                                    f"--held_out_share={share}", "--max_seq_length=64"])
+        train, held_out = pretrain.build_pair_makers(args, tokenizer, tokens)
+        # Every piece of a pair (A and B alike) lies in one document; the two sides share none.
+        train_docs = {_document_of(tokens, i) for start, _, end in train.pairs for i in (start, end - 1)}
+        held_docs = {_document_of(tokens, i) for start, _, end in held_out.pairs for i in (start, end - 1)}
+        assert not train_docs & held_docs
+        assert len(train_docs) == num_docs - expected_held_out and len(held_docs) == expected_held_out
+
+
+def test_held_out_share_0_runs_no_held_out_evaluation(tmp_path):
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    pretrain.main(["--train_files", str(SAMPLE_FILE), f"--output_dir={tmp_path / 'run'}", "--checkpoint=none",
+                   f"--model_config={tmp_path / 'tiny.json'}", f"--cache_dir={tmp_path / 'cache'}", *FLAGS,
+                   "--held_out_share=0", "--max_steps=2", "--eval_steps=1"])
+    log = [json.loads(line) for line in (tmp_path / "run" / "training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]  # the losses only: no baseline, no evaluation record
+    assert not any(key.startswith(("eval_", "baseline")) for r in log for key in r)
+
+
+def test_mlm_decoder_is_the_word_embeddings_and_one_step_moves_it():
+    """No decoder of its own: the embedding Parameter is the decoder, and the gradient through it moves the
+    row of a piece that is only a label (never in the input)."""
+    model = BertForPreTraining(Config(**TINY_CONFIG))
+    embeddings = model.bert.embeddings.word_embeddings.weight
+    assert sum(p is embeddings for p in model.parameters()) == 1
+    assert not any(p.shape == embeddings.shape for name, p in model.named_parameters() if "word_embeddings" not in name)
+    before = embeddings[777].detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    mlm, sop = model(torch.tensor([[2, 10, 11, 3, 12, 3]]), masked_positions=torch.tensor([[1]]))
+    pretraining_loss(mlm, sop, torch.tensor([[777]]), torch.tensor([0])).backward()
+    optimizer.step()
+    assert not torch.equal(embeddings[777], before)
+
+
+DAMAGES = {"truncated ids": lambda ids, index: ids.write_bytes(ids.read_bytes()[:200]),
+           "index not a zip": lambda ids, index: index.write_bytes(b"\x93NUMPY garbage" * 20),
+           "truncated index": lambda ids, index: index.write_bytes(index.read_bytes()[:300]),
+           "ids outside the vocabulary": lambda ids, index: np.save(ids, np.load(ids) + 40_000)}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_token_cache_is_tokenized_again_with_one_warning(tmp_path, caplog, damage):
+    tokenizer, fresh = _sample_tokens()
+    pretrain.load_or_build_token_file([SAMPLE_FILE], tokenizer, 64, tmp_path, progress=False)
+    (ids_path,), (index_path,) = tmp_path.glob("*.ids.npy"), tmp_path.glob("*.index.npz")
+    DAMAGES[damage](ids_path, index_path)
+    with caplog.at_level(logging.WARNING):
+        tokens = pretrain.load_or_build_token_file([SAMPLE_FILE], tokenizer, 64, tmp_path, progress=False)
+    assert np.array_equal(tokens.ids, fresh.ids) and np.array_equal(tokens.doc_bounds, fresh.doc_bounds)
+    assert [r.message.count("\n") for r in caplog.records if "damaged" in r.message] == [0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # rewritten whole: the next run reads it
+        again = pretrain.load_or_build_token_file([SAMPLE_FILE], tokenizer, 64, tmp_path, progress=False)
+    assert "loaded from cache" in caplog.text and np.array_equal(again.ids, fresh.ids)
+
+
+SAVE_KILLER = '''
+import os, signal, sys
+sys.path.insert(0, {root!r})
+sys.argv[0] = "pretrain.py"
+import torch
+import pretrain
+saves, real_save = 0, torch.save
+
+
+def save_half_then_die(obj, file, *args, **kwargs):
+    """The second training-state write dies half-way through (kill -9 while the disk is busy)."""
+    global saves
+    if isinstance(obj, dict) and "optimizer" in obj:
+        saves += 1
+        if saves == 2:
+            file.write(b"PK\\x03\\x04 half a state")
+            file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, file, *args, **kwargs)
+
+
+torch.save = save_half_then_die
+pretrain.run_cli(pretrain.cli)
+'''
+
+
+def test_kill_9_during_a_state_save_leaves_the_previous_state_to_resume_from(tmp_path):
+    (tmp_path / "killer.py").write_text(SAVE_KILLER.format(root=str(ROOT)))
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    flags = ["--train_files", str(SAMPLE_FILE), f"--output_dir={tmp_path / 'run'}", "--checkpoint=none",
+             f"--model_config={tmp_path / 'tiny.json'}", f"--cache_dir={tmp_path / 'cache'}", *FLAGS,
+             "--max_steps=3", "--save_steps=1"]
+    killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"), *flags], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state = torch.load(tmp_path / "run" / "training_state.pt", weights_only=True)
+    assert state["global_step"] == 1  # the first save, whole; the half-written second one never took its name
+    assert [p.name for p in (tmp_path / "run").glob(".training_state.pt.*.tmp")]
+    resumed = run_script("pretrain.py", *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(tmp_path / "run" / "training_state.pt", weights_only=True)["global_step"] == 3
+    assert not list((tmp_path / "run").glob(".*.tmp"))  # the dead writer's temporary file is gone
