@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from korquad_utils import KorquadFormatError, SquadExample
+from korquad_utils import KorquadFormatError, SquadExample, load_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -331,7 +330,7 @@ def is_dataset_path(path: str | os.PathLike) -> bool:
     if Path(path).is_dir():
         return True
     try:
-        return is_korquad2(_load(Path(path)))
+        return is_korquad2(load_json_file(Path(path)))
     except KorquadFormatError:
         return False
 
@@ -345,19 +344,6 @@ def dataset_digest(path: str | os.PathLike) -> str:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
-
-
-def _load(file: Path) -> Any:
-    try:
-        with open(file, encoding="utf-8-sig") as stream:
-            return json.load(stream)
-    except OSError as error:
-        raise KorquadFormatError(f"{file}: cannot read: {error.strerror or error}") from None
-    except UnicodeDecodeError:
-        raise KorquadFormatError(f"{file}: not UTF-8 text") from None
-    except json.JSONDecodeError as error:
-        raise KorquadFormatError(f"{file}: not valid JSON ({error.msg} at line {error.lineno} "
-                                 f"column {error.colno})") from None
 
 
 def _string(record: Any, key: str, where: str) -> str:
@@ -376,7 +362,7 @@ def read_examples(path: str | os.PathLike, is_training: bool,
     examples: list[HtmlExample] = []
     seen_ids: set[str] = set()
     for file in dataset_files(path):
-        examples += examples_from_dataset(_load(file), str(file), is_training, options, seen_ids)
+        examples += examples_from_dataset(load_json_file(file), str(file), is_training, options, seen_ids)
     return examples
 
 

@@ -88,7 +88,8 @@ def _gc_paused() -> Iterator[None]:
 # ----------------------------------------------------------------------------- reading
 
 
-def _load_json_file(path: Path) -> Any:
+def load_json_file(path: Path) -> Any:
+    """A JSON file's content (a BOM allowed), or KorquadFormatError naming the file and what is wrong."""
     try:
         with open(path, encoding="utf-8-sig") as file:  # -sig: a BOM (Windows Notepad) is fine too
             return json.load(file)
@@ -189,7 +190,7 @@ def read_squad_examples(input_file: str | os.PathLike, is_training: bool,
 
     if path.is_dir():
         return korquad2.read_examples(path, is_training)
-    dataset = _load_json_file(path)
+    dataset = load_json_file(path)
     if korquad2.is_korquad2(dataset):
         return korquad2.examples_from_dataset(dataset, str(path), is_training)
     return squad_examples_from_json(dataset, str(path), is_training, version_2_with_negative)
