@@ -366,14 +366,19 @@ def check_item(item: Any, where: str, limits: Limits) -> tuple[dict[str, Any], i
     if page is not None:   # answers are cut back out of this page before they are sent
         record[HTML_PAGE] = page
     for name in ("question", "context"):   # check_question has refused lone surrogates (\ud800) already
-        if len(record[name]) > limits.max_context_chars:
-            raise RequestError(413, f"{where}\"{name}\" is {len(record[name])} characters; this server takes at "
-                                    f"most {limits.max_context_chars} (--max_context_chars)")
+        check_length(record[name], name, where, limits)
     top_k = item.get("top_k")
     if top_k is not None and (type(top_k) is not int or not 1 <= top_k <= MAX_TOP_K):
         raise RequestError(400, f"{where}\"top_k\" must be a whole number from 1 to {MAX_TOP_K}, got "
                                 f"{json.dumps(top_k)}")
     return record, top_k
+
+
+def check_length(text: str, name: str, where: str, limits: Limits) -> None:
+    """413 naming the field when `text` is longer than --max_context_chars."""
+    if len(text) > limits.max_context_chars:
+        raise RequestError(413, f"{where}\"{name}\" is {len(text)} characters; this server takes at most "
+                                f"{limits.max_context_chars} (--max_context_chars)")
 
 
 HTML_PAGE = "html_page"   # a record's parsed page, when its context was sent as HTML
@@ -384,9 +389,7 @@ def html_page(item: dict[str, Any], where: str, limits: Limits) -> korquad2.Html
     markup = item.get("context")
     if not isinstance(markup, str):
         raise RequestError(400, f"{where}\"context\" is missing; \"html\": true needs the page there")
-    if len(markup) > limits.max_context_chars:
-        raise RequestError(413, f"{where}\"context\" is {len(markup)} characters; this server takes at "
-                                f"most {limits.max_context_chars} (--max_context_chars)")
+    check_length(markup, "context", where, limits)   # the page as sent, before parsing it
     try:
         page = korquad2.parse_page(markup)
     except korquad2.HtmlPageError as error:
