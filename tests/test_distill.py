@@ -279,10 +279,10 @@ def test_oracle_teacher_across_tokenizers_scores_as_the_students_own_oracle(dev_
     tokenizer = BertTokenizer(str(VOCAB_FILE), analyzer="mecab")
     features = convert_examples_to_features(examples, tokenizer, is_training=True, progress=False,
                                             max_seq_length=512, doc_stride=128, max_query_length=96)
-    import bench
-    projected = bench.oracle_targets_logits(examples, features)
+    from benchmarks.distillation import exact_match_f1, oracle_targets_logits
+    projected = oracle_targets_logits(examples, features)
     gold = gold_logits(features)
-    scores = [bench.exact_match_f1(examples, decode_predictions(examples, features, *logits)[0])
+    scores = [exact_match_f1(examples, decode_predictions(examples, features, *logits)[0])
               for logits in (projected, gold)]
     assert scores[0]["exact_match"] == pytest.approx(scores[1]["exact_match"], abs=0.1)
     assert scores[0]["f1"] == pytest.approx(scores[1]["f1"], abs=0.1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import korquad_utils as ku
-from bench import add_unanswerable, oracle_v2_scores
+from benchmarks.oracles import add_unanswerable, oracle_v2_scores
 from conftest import DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, run_script
 
 

@@ -1,0 +1,391 @@
+"""Rows on answering: predict.py's rates (PyTorch, ONNX fp32 and int8, next to transformers' pipeline), its
+start-up time and memory, ONNX answers against PyTorch's, and serve.py under concurrent clients."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from collections.abc import Callable
+
+from benchmarks.harness import ROOT, VOCAB_FILE, benchmark
+
+
+# --- predict.py (issue 10) ---------------------------------------------------------------
+_PREDICT_QUESTIONS = 64   # the first dev questions, with their real (shared) contexts
+
+
+def _dev_questions(dev_file: Path, count: int) -> list[dict]:
+    """The first `count` questions of a KorQuAD file as predict.py's input records."""
+    from korquad_utils import read_squad_examples
+
+    examples = read_squad_examples(dev_file, is_training=False)[:count]
+    return [{"id": e.qas_id, "question": e.question_text, "context": e.context_text} for e in examples]
+
+
+def _question_answering_pipeline(config):
+    """transformers' `pipeline("question-answering")` on a randomly initialised BertForQuestionAnswering
+    of the same size and our vocab: `answer(question, context)` and its tokenizer; None where the
+    installed transformers has no such pipeline (5.x dropped it) or none is installed."""
+    import torch
+
+    try:
+        import transformers
+        from transformers.pipelines import SUPPORTED_TASKS
+    except ImportError:
+        return None
+    if "question-answering" not in SUPPORTED_TASKS:
+        return None
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        shutil.copy(VOCAB_FILE, Path(vocab_dir) / "vocab.txt")
+        # No accent stripping: with lower-casing it would decompose Hangul into jamo, all [UNK].
+        tokenizer = transformers.BertTokenizerFast.from_pretrained(vocab_dir, do_lower_case=True,
+                                                                   strip_accents=False)
+    torch.manual_seed(0)
+    model = transformers.BertForQuestionAnswering(transformers.BertConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_heads, intermediate_size=config.ff_dim, hidden_act="gelu_new",
+        max_position_embeddings=config.max_position_embeddings, type_vocab_size=config.type_vocab_size)).eval()
+    pipeline = transformers.pipeline("question-answering", model=model, tokenizer=tokenizer, device=-1)
+
+    def answer(question: str, context: str) -> dict:
+        # Our windows: 512 pieces, 128-piece stride, 96 question pieces, answers up to 30 pieces.
+        return pipeline(question=question, context=context, max_seq_len=512, doc_stride=128,
+                        max_question_len=96, max_answer_len=30)
+    return answer, tokenizer
+
+
+def _write_random_run(run: Path, config) -> None:
+    """A training run directory holding `config` and one randomly initialised fine-tuned checkpoint."""
+    import json
+
+    import torch
+
+    from modeling import QuestionAnswering
+
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    torch.manual_seed(0)
+    torch.save(QuestionAnswering(config).state_dict(), run / "korquad_1.bin")
+
+
+@benchmark("predict")
+def bench_predict(args: argparse.Namespace) -> None:
+    """predict.py on CPU with BERT-small (random weights: speed only): load time, answers per second
+    one at a time and batched next to transformers' question-answering pipeline; PyTorch and the ONNX
+    exports (fp32, int8) batched, each in a process of its own (goals: batched >= 2x, int8 ONNX >= 2x
+    the pipeline, fp32 ONNX no slower than PyTorch); then process start to first answer and peak
+    memory, ONNX vs PyTorch."""
+    import tempfile
+    import time
+
+    import torch
+
+    import export
+    import onnx_reader
+    from korquad_utils import SquadExample, convert_examples_to_features
+    from modeling import Config
+    from predict import Reader
+
+    config = Config.from_json_file(ROOT / "data" / "bert_small.json")
+    questions = _dev_questions(args.dev, _PREDICT_QUESTIONS)
+    with tempfile.TemporaryDirectory() as run:
+        _write_random_run(Path(run), config)
+        started = time.perf_counter()
+        reader = Reader.load(run, no_cuda=True, analyzer="mecab")
+        load_seconds = time.perf_counter() - started
+        readers = {"batched": reader, "batched_bf16": Reader.load(run, no_cuda=True, analyzer="mecab", bf16=True),
+                   "batched_32": Reader.load(run, no_cuda=True, analyzer="mecab", batch_size=32)}
+        onnx_dir = Path(run) / "onnx"
+        onnx_dir.mkdir()
+        windows = {name: getattr(reader, name) for name in export.DEFAULT_WINDOWS}
+        export.export_onnx(reader.models[0], VOCAB_FILE, onnx_reader.ExportSettings(
+            vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings, do_lower_case=True,
+            analyzer="mecab", **windows), onnx_dir, quantize=True)
+        threads = onnx_reader.physical_cores()
+        own_process = _rates_in_own_processes({
+            "PyTorch": ([run], {"no_cuda": True, "analyzer": "mecab"}),
+            "ONNX fp32": ([str(onnx_dir)], {}), "ONNX int8": ([str(onnx_dir / onnx_reader.INT8_MODEL_NAME)], {})},
+            questions)
+        startup = _startup_and_memory(run, onnx_dir, questions[0])
+    reader("워밍업?", questions[0]["context"])   # first-call costs (allocator, Mecab dictionary) not timed
+    pipeline, pipeline_tokenizer = _question_answering_pipeline(config) or (None, None)
+    runs: dict[str, Callable[[], object]] = {
+        "one_at_a_time": lambda: [reader(q["question"], q["context"]) for q in questions],
+        **{name: (lambda r=r: r.answer_all(questions)) for name, r in readers.items()}}
+    if pipeline is not None:
+        pipeline("워밍업?", questions[0]["context"])
+        runs["transformers_pipeline"] = lambda: [pipeline(q["question"], q["context"]) for q in questions]
+
+    # Interleaved, so drifting machine load hurts all alike; the best of three runs each.
+    rates: dict[str, float] = dict.fromkeys(runs, 0.0)
+    for _ in range(3):
+        for name, answer_questions in runs.items():
+            started = time.perf_counter()
+            answer_questions()
+            rates[name] = max(rates[name], len(questions) / (time.perf_counter() - started))
+    examples = [SquadExample(str(n), q["question"], q["context"], []) for n, q in enumerate(questions)]
+    features = convert_examples_to_features(examples, reader.tokenizer, reader.max_seq_length, reader.doc_stride,
+                                            reader.max_query_length, is_training=False, progress=False)
+    print(f"predict: {len(questions)} dev questions with their real contexts, BERT-small, "
+          f"CPU x{torch.get_num_threads()} threads; {len(features)} windows, "
+          f"{features.lengths.mean():.0f} pieces each (Mecab + WordPiece)")
+    print(f"predict.load_seconds: {load_seconds:.2f}")
+    labels = {"one_at_a_time": "one_at_a_time", "batched": f"batched, batch {reader.batch_size}",
+              "batched_32": "batched, batch 32", "batched_bf16": f"batched, batch {reader.batch_size}, --bf16"}
+    theirs = rates.get("transformers_pipeline")
+    for name, label in labels.items():
+        versus = f" ({rates[name] / theirs:.2f}x the pipeline)" if theirs else ""
+        print(f"predict.answers_per_second[{label}]: {rates[name]:.2f}{versus}")
+    for name, rate in own_process.items():
+        versus = f" ({rate / theirs:.2f}x the pipeline)" if theirs else ""
+        if name != "PyTorch":
+            versus += f" ({rate / own_process['PyTorch']:.2f}x PyTorch in its own process)"
+        detail = f"{threads} threads, without torch" if name.startswith("ONNX") else "fp32"
+        print(f"predict.answers_per_second[own process: {name} batched, batch {reader.batch_size}, {detail}]: "
+              f"{rate:.2f}{versus}")
+    if theirs is None:
+        print("predict.answers_per_second[transformers_pipeline]: skipped (needs transformers 4.x, which has "
+              "pipeline(\"question-answering\"))")
+    else:
+        import transformers
+
+        their_pieces = [len(pipeline_tokenizer(q["question"], q["context"], truncation="only_second",
+                                               max_length=reader.max_seq_length)["input_ids"]) for q in questions]
+        print(f"predict.answers_per_second[transformers {transformers.__version__} pipeline, fp32, one at a time]: "
+              f"{theirs:.2f} (its first windows: {sum(their_pieces) / len(their_pieces):.0f} pieces each)")
+    for name, (seconds, megabytes) in startup.items():
+        print(f"predict.start_to_first_answer[{name}]: {seconds:.2f} s, peak RSS {megabytes:.0f} MB")
+    onnx_seconds, onnx_megabytes = startup["ONNX int8, without torch"]
+    torch_seconds, torch_megabytes = startup["PyTorch"]
+    print(f"predict.start_to_first_answer[ONNX int8 vs PyTorch]: {torch_seconds / onnx_seconds:.2f}x sooner, "
+          f"{onnx_megabytes / torch_megabytes:.2f}x the peak memory")
+
+
+def _without_torch_env(directory: Path) -> dict[str, str]:
+    """This process's environment with `directory` first on PYTHONPATH, holding a `torch` that cannot be
+    imported: a deployment that installed only the ONNX requirements."""
+    import os
+
+    (directory / "torch.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
+    return {**os.environ, "PYTHONPATH": str(directory)}
+
+
+# Loads a Reader (argv: questions JSON, checkpoint, Reader.load keywords as JSON) and prints its best
+# answers/s over three passes.
+_RATE_PROBE = """
+import json, sys, time
+from predict import Reader
+questions = json.loads(open(sys.argv[1], encoding="utf-8").read())
+reader = Reader.load(sys.argv[2], **json.loads(sys.argv[3]))
+reader.answer_all(questions[:8])
+best = 0.0
+for _ in range(3):
+    started = time.perf_counter()
+    reader.answer_all(questions)
+    best = max(best, len(questions) / (time.perf_counter() - started))
+print(best)
+"""
+
+
+def _rates_in_own_processes(cases: dict[str, tuple[list[str], dict]], questions: list[dict]) -> dict[str, float]:
+    """Batched answers/s of each case (checkpoint, Reader.load keywords) in a process of its own, as it is
+    deployed: ONNX Runtime's and torch's thread pools each spin-wait after their work, so two runtimes
+    timed in one process slow each other down. ONNX runs where torch cannot be imported. Interleaved
+    processes, the best of two rounds."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as work:
+        without_torch = _without_torch_env(Path(work))
+        (Path(work) / "questions.json").write_text(json.dumps(questions, ensure_ascii=False), encoding="utf-8")
+        rates = dict.fromkeys(cases, 0.0)
+        for _ in range(2):
+            for name, ([checkpoint], keywords) in cases.items():
+                env = without_torch if name.startswith("ONNX") else os.environ
+                result = subprocess.run([sys.executable, "-c", _RATE_PROBE, str(Path(work) / "questions.json"),
+                                         checkpoint, json.dumps(keywords)], capture_output=True, text=True, env=env,
+                                        cwd=ROOT)
+                if result.returncode:
+                    raise RuntimeError(f"predict rate ({name}) failed: {result.stderr.strip()[-300:]}")
+                rates[name] = max(rates[name], float(result.stdout.split()[-1]))
+    return rates
+
+
+# Runs one command and prints, as JSON, the seconds to its first stdout line and its peak RSS. A child's
+# ru_maxrss keeps the high-water mark of the process it was spawned from (Linux carries it across exec),
+# so the command is spawned from this small process, not from bench.py with its models loaded.
+_STARTUP_PROBE = """
+import json, resource, subprocess, sys, time
+started = time.perf_counter()
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+line = process.stdout.readline()
+seconds = time.perf_counter() - started
+process.stdout.read()
+status = process.wait()
+peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"seconds": seconds, "status": status, "answered": bool(line.strip()), "peak_kib": peak_kib}))
+"""
+
+
+def _startup_and_memory(run: str, onnx_dir: Path, question: dict) -> dict[str, tuple[float, float]]:
+    """predict.py --question as a fresh process: seconds from its start to the answer line, and its peak
+    RSS, for the PyTorch checkpoint and the int8 ONNX export (in an environment where torch cannot be
+    imported, as in a deployment without it). The best of three, interleaved."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as shim:
+        cases = {"PyTorch": ([run, "--no_cuda"], os.environ),
+                 "ONNX int8, without torch": ([str(onnx_dir / "model_int8.onnx")], _without_torch_env(Path(shim)))}
+        best: dict[str, tuple[float, float]] = {}
+        for _ in range(3):
+            for name, (checkpoint, env) in cases.items():
+                probe = subprocess.run(
+                    [sys.executable, "-c", _STARTUP_PROBE, sys.executable, str(ROOT / "predict.py"), "--checkpoint",
+                     *checkpoint, "--quiet", "--question", question["question"], "--context", question["context"]],
+                    capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+                result = json.loads(probe.stdout)
+                if result["status"] != 0 or not result["answered"]:
+                    raise RuntimeError(f"predict.py ({name}) failed with status {result['status']}")
+                previous = best.get(name, (float("inf"), float("inf")))
+                best[name] = (min(previous[0], result["seconds"]), min(previous[1], result["peak_kib"] / 1024))
+    return best
+
+
+@benchmark("onnx_agreement")
+def bench_onnx_agreement(args: argparse.Namespace) -> None:
+    """A trained --checkpoint (run directory or file) on the dev questions, in PyTorch fp32 and exported to
+    ONNX fp32 and int8: how often each ONNX answer equals PyTorch's, and EM/F1 of each (goals: fp32
+    identical on nearly every question; int8 identical on >= 97%, EM within 1 point)."""
+    import json
+    import tempfile
+
+    import evaluate_v1_0
+    import export
+    import onnx_reader
+    from checkpoints import resolve_checkpoints
+    from predict import Reader
+
+    if args.checkpoint is None:
+        print("onnx_agreement: skipped (pass --checkpoint with a trained run)")
+        return
+    questions = _dev_questions(args.dev, 10 ** 9)
+    # All three read text in the training run's windows.
+    windows = export.training_windows(resolve_checkpoints([args.checkpoint])[0])
+    reader = Reader.load(args.checkpoint, no_cuda=True, **windows)
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        export.main(["--checkpoint", str(args.checkpoint), "--output_dir", onnx_dir, "--format", "onnx",
+                     "--quantize", "int8", "--quiet"])
+        readers = {"PyTorch fp32": reader, "ONNX fp32": Reader.load(onnx_dir, **windows),
+                   "ONNX int8": Reader.load(Path(onnx_dir) / onnx_reader.INT8_MODEL_NAME, **windows)}
+        answers = {name: {q["id"]: a["answer"] for q, a in zip(questions, r.answer_all(questions, progress=True))}
+                   for name, r in readers.items()}
+    with open(args.dev, encoding="utf-8-sig") as handle:
+        dataset = json.load(handle)["data"]
+    reference = answers["PyTorch fp32"]
+    print(f"onnx_agreement: {len(questions)} questions of {args.dev.name}, checkpoint {args.checkpoint}, "
+          f"windows {windows}")
+    for name, predicted in answers.items():
+        scores = evaluate_v1_0.evaluate(dataset, predicted)
+        same = sum(predicted[key] == reference[key] for key in reference) / len(reference)
+        print(f"onnx_agreement[{name}]: identical to PyTorch fp32 on {100 * same:.2f}% of questions; "
+              f"EM {scores['exact_match']:.2f} / F1 {scores['f1']:.2f}")
+
+
+# --- serve.py (issue 20) -----------------------------------------------------------------
+_SERVE_QUESTIONS = 64   # the first dev questions, with their real contexts
+_SERVE_CLIENTS = 16
+
+
+def _on_a_thread(work: Callable[[], object]) -> None:
+    import threading
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+
+
+def _serve_rate(port: int, questions: list[dict]) -> float:
+    """Answers/s of serve.py on 127.0.0.1:`port` with _SERVE_CLIENTS clients, each on one keep-alive
+    connection, sending its share of `questions` one request at a time."""
+    import http.client
+    import json
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(number: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        for question in questions[number::_SERVE_CLIENTS]:
+            connection.request("POST", "/answer", json.dumps(question, ensure_ascii=False).encode("utf-8"),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status != 200:
+                raise RuntimeError(f"serve.py answered {response.status}: {response.read()[:200]!r}")
+            response.read()
+        connection.close()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(_SERVE_CLIENTS) as pool:
+        list(pool.map(client, range(_SERVE_CLIENTS)))
+    return len(questions) / (time.perf_counter() - started)
+
+
+@benchmark("serve")
+def bench_serve(args: argparse.Namespace) -> None:
+    """serve.py under 16 concurrent loopback clients next to predict.py's offline batched rate, same model
+    (BERT-small, random weights: speed only), same dev questions, same run (goal: serve >= 0.8x offline)."""
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    import torch
+
+    from modeling import Config
+    from predict import Reader
+
+    config = Config.from_json_file(ROOT / "data" / "bert_small.json")
+    questions = _dev_questions(args.dev, _SERVE_QUESTIONS)
+    with tempfile.TemporaryDirectory() as run:
+        _write_random_run(Path(run), config)
+        reader = Reader.load(run, no_cuda=True, analyzer="mecab")
+        server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"--checkpoint={run}", "--port=0",
+                                   "--no_cuda", "--analyzer=mecab", "--quiet"], cwd=ROOT, text=True,
+                                  stdout=subprocess.PIPE)
+        try:
+            line = server.stdout.readline()
+            if "serving on" not in line:
+                print(f"serve: skipped (serve.py did not start: {line.strip() or 'see its messages above'})")
+                return
+            port = int(line.rsplit(":", 1)[1])
+            reader("워밍업?", questions[0]["context"])   # first-call costs not timed, here or there
+            _serve_rate(port, questions[:_SERVE_CLIENTS])
+            # Interleaved, so drifting machine load hurts all alike; the best of two runs each. The offline
+            # rate is taken on the main thread (as predict.py runs) and on a worker thread (as serve.py runs
+            # the model): on a CPU shared with other work, OpenMP runs slower from the main thread.
+            rates = {"offline": 0.0, "offline_thread": 0.0, "served": 0.0}
+            runs = {"offline": lambda: reader.answer_all(questions),
+                    "offline_thread": lambda: _on_a_thread(lambda: reader.answer_all(questions)),
+                    "served": lambda: _serve_rate(port, questions)}
+            for _ in range(2):
+                for name, run_once in runs.items():
+                    started = time.perf_counter()
+                    run_once()
+                    rates[name] = max(rates[name], len(questions) / (time.perf_counter() - started))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=120)
+    print(f"serve: {len(questions)} dev questions with their real contexts, BERT-small, CPU "
+          f"x{torch.get_num_threads()} threads, serve.py defaults (--max_batch 32, --max_wait_ms 5)")
+    offline, served = rates["offline"], rates["served"]
+    print(f"serve.answers_per_second[predict.py offline, batched, batch {reader.batch_size}]: {offline:.2f}")
+    print(f"serve.answers_per_second[predict.py offline, batched, on a worker thread]: {rates['offline_thread']:.2f}")
+    print(f"serve.answers_per_second[serve.py, {_SERVE_CLIENTS} concurrent loopback clients, one question per "
+          f"request]: {served:.2f} ({served / offline:.2f}x offline, {served / rates['offline_thread']:.2f}x "
+          f"offline on a worker thread; goal >= 0.8x)")

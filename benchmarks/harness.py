@@ -1,0 +1,105 @@
+"""What every row of bench.py shares: the registry of rows, the paths of the data they read, the dev-set
+features built once per process, the median timer, and the provenance lines printed before the figures."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from collections.abc import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV_CANDIDATES = (ROOT / "data" / "KorQuAD_v1.0_dev.json",
+                  ROOT.parent / "shared" / "data" / "KorQuAD_v1.0_dev.json")
+VOCAB_FILE = ROOT / "data" / "ko_vocab_32k.txt"
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], None]] = {}
+
+
+def benchmark(name: str):
+    """Register a benchmark under `name` (bench.py runs them in its own ORDER)."""
+    def register(fn):
+        BENCHMARKS[name] = fn
+        return fn
+    return register
+
+
+def dev_contexts(dev_file: Path) -> list[str]:
+    """The distinct paragraph contexts of a KorQuAD file, in file order."""
+    import json
+
+    with open(dev_file, encoding="utf-8") as handle:
+        articles = json.load(handle)["data"]
+    contexts = (paragraph["context"] for article in articles for paragraph in article["paragraphs"])
+    return list(dict.fromkeys(contexts))
+
+
+# --- features, decoding, oracle (issue 4) ------------------------------------------------
+# Dev set at 512 / 128 / 96 with Mecab; times are the median of 3 runs, each with a fresh tokenizer.
+KQ_SETTINGS = {"max_seq_length": 512, "doc_stride": 128, "max_query_length": 96}
+_KQ_RUNS = 3
+_kq_built: dict = {}
+
+
+def kq_tokenizer():
+    from tokenization import BertTokenizer
+    return BertTokenizer(str(VOCAB_FILE), analyzer="mecab", do_lower_case=True)
+
+
+def kq_median_seconds(run: Callable[[], object], prepare: Callable[[], object] = lambda: None) -> float:
+    """Median wall time of `run(prepare())` over _KQ_RUNS runs; `prepare` is not timed."""
+    import statistics
+    import time
+    seconds = []
+    for _ in range(_KQ_RUNS):
+        prepared = prepare()
+        began = time.perf_counter()
+        run(prepared)
+        seconds.append(time.perf_counter() - began)
+    return statistics.median(seconds)
+
+
+def kq_dev_features(dev: Path):
+    """Training-mode dev examples and features (gold positions for the oracle), built once."""
+    if dev not in _kq_built:
+        from korquad_utils import convert_examples_to_features, read_squad_examples
+        examples = read_squad_examples(dev, is_training=True)
+        features = convert_examples_to_features(examples, kq_tokenizer(), is_training=True, progress=False,
+                                                **KQ_SETTINGS)
+        _kq_built[dev] = examples, features
+    return _kq_built[dev]
+
+
+def print_provenance() -> None:
+    """What every figure depends on, printed once before the benchmarks (docs/measurements.md records it per row)."""
+    import datetime
+    import importlib.metadata
+    import os
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").is_file() else ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():  # the first core's lines are enough: every core has the same model
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or platform.processor() or "unknown"
+    cpu_flags = set(fields.get("flags", "").split())
+    # The instruction sets that decide matmul speed: AVX2, AVX-512, VNNI (int8), AMX (bf16/int8 tiles).
+    speed_flags = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                   if flag in cpu_flags]
+    versions = []
+    for package in ("torch", "onnxruntime", "transformers", "numpy"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{package} not installed")
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(f"provenance.date: {datetime.date.today().isoformat()}")
+    print(f"provenance.cpu: {model}, {os.cpu_count()} logical cores, "
+          f"flags: {' '.join(speed_flags) or 'none of avx2/avx512/amx'}")
+    print(f"provenance.versions: {', '.join(versions)}, python {platform.python_version()}")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        import torch
+        torch_threads = str(torch.get_num_threads())
+    except ImportError:
+        torch_threads = "no torch"
+    print(f"provenance.threads: torch {torch_threads}, OMP_NUM_THREADS={threads}, usable cores {usable}")
