@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pretrain
+import pretraining_data
 from long_run import build_optimizer
 from modeling import BertForPreTraining, Config, QuestionAnswering, config_from_transformers, load_checkpoint, \
     pretraining_loss, to_transformers_pretraining_state
@@ -24,25 +25,25 @@ OPTIMIZER = argparse.Namespace(learning_rate=1e-3, weight_decay=0.01, adam_epsil
 MAX_SEQ_LENGTH = 24
 
 
-def _tiny_corpus() -> pretrain.PairMaker:
+def _tiny_corpus() -> pretraining_data.PairMaker:
     """Three documents of 3-4 lines, every piece id distinct across the corpus (so a segment names its place)."""
     rng = np.random.default_rng(0)
     lengths = [[3, 4, 5], [6, 2, 3, 4], [5, 5, 4]]
     ids = rng.permutation(np.arange(5, 100))[:sum(map(sum, lengths))].astype(np.int32)
     line_bounds = np.concatenate([[0], np.cumsum([n for doc in lengths for n in doc])])
     doc_bounds = np.concatenate([[0], np.cumsum([len(doc) for doc in lengths])])
-    tokens = pretrain.TokenFile(ids, line_bounds.astype(np.int64), doc_bounds.astype(np.int64))
+    tokens = pretraining_data.TokenFile(ids, line_bounds.astype(np.int64), doc_bounds.astype(np.int64))
     continuation = np.zeros(100, dtype=bool)
-    pairs = pretrain.make_pairs(tokens, continuation, MAX_SEQ_LENGTH, seed=1)
-    return pretrain.PairMaker(tokens.ids, pairs, continuation, CLS_ID, SEP_ID, MASK_ID, np.arange(5, 100), seed=1,
-                              masked_lm_prob=0.3, max_predictions=6)
+    pairs = pretraining_data.make_pairs(tokens, continuation, MAX_SEQ_LENGTH, seed=1)
+    return pretraining_data.PairMaker(tokens.ids, pairs, continuation, CLS_ID, SEP_ID, MASK_ID, np.arange(5, 100),
+                                      seed=1, masked_lm_prob=0.3, max_predictions=6)
 
 
-def _batches(maker: pretrain.PairMaker, epoch: int = 0) -> tuple[dict, dict]:
+def _batches(maker: pretraining_data.PairMaker, epoch: int = 0) -> tuple[dict, dict]:
     """Our collated batch, and transformers' inputs for the same pairs derived from the corpus alone: which
     segment came first (SOP label), the token types, and the original pieces at the masked positions."""
     examples = [maker.example(i, epoch) for i in range(len(maker.pairs))]
-    ours = pretrain.collate(examples)
+    ours = pretraining_data.collate(examples)
     rows, width = ours["input_ids"].shape
     types = torch.zeros(rows, width, dtype=torch.long)
     labels = torch.full((rows, width), -100)
@@ -62,7 +63,7 @@ def _batches(maker: pretrain.PairMaker, epoch: int = 0) -> tuple[dict, dict]:
     return ours, theirs
 
 
-def _step_both(ours: BertForPreTraining, theirs, maker: pretrain.PairMaker) -> None:
+def _step_both(ours: BertForPreTraining, theirs, maker: pretraining_data.PairMaker) -> None:
     """One AdamW step (pretrain.py's optimizer, weight-decay groups and clipping) of each model on the same
     pairs; the losses and every updated weight, under transformers' names, agree to 1e-5."""
     our_batch, their_batch = _batches(maker)

@@ -20,6 +20,7 @@ import torch
 from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script
 
 import pretrain
+import pretraining_data
 from modeling import (BertForPreTraining, BertModel, Config, load_checkpoint, pretraining_loss, read_state_dict,
                       read_transformers_dir)
 
@@ -117,14 +118,14 @@ def test_encoder_only_checkpoint_starts_with_fresh_tied_heads(tiny_setup, caplog
     assert not any("decoder" in name for name in model.state_dict())
 
 
-def _sample_pairs(max_seq_length: int = 128) -> pretrain.PairMaker:
+def _sample_pairs(max_seq_length: int = 128) -> pretraining_data.PairMaker:
     from tokenization import BertTokenizer
 
     tokenizer = BertTokenizer(VOCAB_FILE)
-    tokens = pretrain.tokenize_corpus([SAMPLE_FILE], tokenizer, max_seq_length - 3, progress=False)
+    tokens = pretraining_data.tokenize_corpus([SAMPLE_FILE], tokenizer, max_seq_length - 3, progress=False)
     args = pretrain.parse_args(["--train_files", str(SAMPLE_FILE), "--output_dir", "unused", "--held_out_share=0",
                                 f"--max_seq_length={max_seq_length}"])
-    return pretrain.build_pair_makers(args, tokenizer, tokens)[0]
+    return pretraining_data.build_pair_makers(args, tokenizer, tokens)[0]
 
 
 def test_masking_statistics_over_a_corpus():
@@ -137,7 +138,7 @@ def test_masking_statistics_over_a_corpus():
         for index in range(len(maker.pairs)):
             rng = np.random.default_rng([epoch, index])
             ids, _, candidate, swapped = maker.pair(index, rng)
-            output, positions, labels, lengths = pretrain.mask_pieces(
+            output, positions, labels, lengths = pretraining_data.mask_pieces(
                 ids, candidate, maker.continuation, rng, mask_id=maker.mask_id, random_ids=maker.random_ids,
                 max_predictions=maker.max_predictions)
             assert len(positions) <= maker.max_predictions and np.array_equal(labels, ids[positions])
@@ -348,7 +349,7 @@ def test_compiled_pretraining_trains_as_eager_in_one_shape_per_bucket(tmp_path, 
             if kwargs or not _compiled:  # training batches; the held-out evaluation runs the eager model
                 _seen.add((tuple(batch["input_ids"].shape), tuple(batch["masked_positions"].shape)))
             return batch
-        real_collate = pretrain.collate
+        real_collate = pretraining_data.collate
         with monkeypatch.context() as patch:
             patch.setattr(pretrain, "collate", recording_collate)
             pretrain.main(["--train_files", str(SAMPLE_FILE), f"--output_dir={tmp_path / run}", "--checkpoint=none",
@@ -362,14 +363,14 @@ def test_compiled_pretraining_trains_as_eager_in_one_shape_per_bucket(tmp_path, 
     np.testing.assert_allclose(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-5)
 
 
-def _known_pair_maker() -> pretrain.PairMaker:
+def _known_pair_maker() -> pretraining_data.PairMaker:
     """One document of two lines, A = 10 11 12 and B = 20 21 (a 30-id vocabulary, no `##` pieces)."""
-    tokens = pretrain.TokenFile(np.array([10, 11, 12, 20, 21], np.int32), np.array([0, 3, 5]), np.array([0, 2]))
+    tokens = pretraining_data.TokenFile(np.array([10, 11, 12, 20, 21], np.int32), np.array([0, 3, 5]), np.array([0, 2]))
     continuation = np.zeros(30, dtype=bool)
-    pairs = pretrain.make_pairs(tokens, continuation, max_seq_length=16, seed=0)
+    pairs = pretraining_data.make_pairs(tokens, continuation, max_seq_length=16, seed=0)
     assert pairs.tolist() == [[0, 3, 5]]
-    return pretrain.PairMaker(tokens.ids, pairs, continuation, cls_id=2, sep_id=3, mask_id=4,
-                              random_ids=np.arange(5, 30), seed=0, masked_lm_prob=0.15, max_predictions=2)
+    return pretraining_data.PairMaker(tokens.ids, pairs, continuation, cls_id=2, sep_id=3, mask_id=4,
+                                      random_ids=np.arange(5, 30), seed=0, masked_lm_prob=0.15, max_predictions=2)
 
 
 def test_sop_label_is_one_exactly_for_a_swapped_pair_and_token_types_mark_the_second_segment():
@@ -388,12 +389,12 @@ def test_sop_label_is_one_exactly_for_a_swapped_pair_and_token_types_mark_the_se
         assert example["token_type_ids"].tolist() == [0] * (first_length + 2) + [1] * (6 - first_length)
         orders.add(swapped)
     assert orders == {False, True}
-    batch = pretrain.collate([maker.example(0, 0), {**maker.example(0, 0), "input_ids": np.array([2, 10, 3]),
-                                                    "token_type_ids": np.array([0, 0, 1])}])
+    batch = pretraining_data.collate([maker.example(0, 0), {**maker.example(0, 0), "input_ids": np.array([2, 10, 3]),
+                                                            "token_type_ids": np.array([0, 0, 1])}])
     assert batch["token_type_ids"][1].tolist() == [0, 0, 1, 0, 0, 0, 0, 0]  # padding is type 0
 
 
-def _document_of(tokens: pretrain.TokenFile, piece_index: int) -> int:
+def _document_of(tokens: pretraining_data.TokenFile, piece_index: int) -> int:
     line = np.searchsorted(tokens.line_bounds, piece_index, side="right") - 1
     return int(np.searchsorted(tokens.doc_bounds, line, side="right") - 1)
 
@@ -402,7 +403,7 @@ def _sample_tokens():
     from tokenization import BertTokenizer
 
     tokenizer = BertTokenizer(VOCAB_FILE)
-    return tokenizer, pretrain.tokenize_corpus([SAMPLE_FILE], tokenizer, 61, progress=False)
+    return tokenizer, pretraining_data.tokenize_corpus([SAMPLE_FILE], tokenizer, 61, progress=False)
 
 
 def test_held_out_documents_never_reach_training_and_share_0_holds_none_out():
@@ -411,7 +412,7 @@ def test_held_out_documents_never_reach_training_and_share_0_holds_none_out():
     for share, expected_held_out in (("0.2", math.ceil(num_docs * 0.2)), ("0", 0)):
         args = pretrain.parse_args(["--train_files", str(SAMPLE_FILE), "--output_dir", "unused",
                                     f"--held_out_share={share}", "--max_seq_length=64"])
-        train, held_out = pretrain.build_pair_makers(args, tokenizer, tokens)
+        train, held_out = pretraining_data.build_pair_makers(args, tokenizer, tokens)
         # Every piece of a pair (A and B alike) lies in one document; the two sides share none.
         train_docs = {_document_of(tokens, i) for start, _, end in train.pairs for i in (start, end - 1)}
         held_docs = {_document_of(tokens, i) for start, _, end in held_out.pairs for i in (start, end - 1)}
@@ -453,16 +454,16 @@ DAMAGES = {"truncated ids": lambda ids, index: ids.write_bytes(ids.read_bytes()[
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_damaged_token_cache_is_tokenized_again_with_one_warning(tmp_path, caplog, damage):
     tokenizer, fresh = _sample_tokens()
-    pretrain.load_or_build_token_file([SAMPLE_FILE], tokenizer, 64, tmp_path, progress=False)
+    pretraining_data.load_or_build_token_file([SAMPLE_FILE], tokenizer, 64, tmp_path, progress=False)
     (ids_path,), (index_path,) = tmp_path.glob("*.ids.npy"), tmp_path.glob("*.index.npz")
     DAMAGES[damage](ids_path, index_path)
     with caplog.at_level(logging.WARNING):
-        tokens = pretrain.load_or_build_token_file([SAMPLE_FILE], tokenizer, 64, tmp_path, progress=False)
+        tokens = pretraining_data.load_or_build_token_file([SAMPLE_FILE], tokenizer, 64, tmp_path, progress=False)
     assert np.array_equal(tokens.ids, fresh.ids) and np.array_equal(tokens.doc_bounds, fresh.doc_bounds)
     assert [r.message.count("\n") for r in caplog.records if "damaged" in r.message] == [0]
     caplog.clear()
     with caplog.at_level(logging.INFO):  # rewritten whole: the next run reads it
-        again = pretrain.load_or_build_token_file([SAMPLE_FILE], tokenizer, 64, tmp_path, progress=False)
+        again = pretraining_data.load_or_build_token_file([SAMPLE_FILE], tokenizer, 64, tmp_path, progress=False)
     assert "loaded from cache" in caplog.text and np.array_equal(again.ids, fresh.ids)
 
 
