@@ -16,13 +16,14 @@ _PRETRAIN_SHAPE = {"batch": 16, "max_seq_length": 128, "steps": 2}
 def _dev_pair_maker(dev: Path, max_seq_length: int):
     """pretrain.py's training pairs over the dev contexts (Mecab + the real vocab), nothing held out."""
     import pretrain
+    import pretraining_data
     from tokenization import BertTokenizer
 
     tokenizer = BertTokenizer(VOCAB_FILE)
-    tokens = pretrain.tokenize_corpus([dev], tokenizer, max_seq_length - 3, progress=False)
+    tokens = pretraining_data.tokenize_corpus([dev], tokenizer, max_seq_length - 3, progress=False)
     args = pretrain.parse_args(["--train_files", str(dev), "--output_dir", "unused", "--held_out_share=0",
                                 f"--max_seq_length={max_seq_length}"])
-    return pretrain.build_pair_makers(args, tokenizer, tokens)[0]
+    return pretraining_data.build_pair_makers(args, tokenizer, tokens)[0]
 
 
 @benchmark("pretrain")
@@ -32,7 +33,7 @@ def bench_pretrain(args: argparse.Namespace) -> None:
 
     import numpy as np
     import torch
-    import pretrain
+    import pretraining_data
     from modeling import BertForPreTraining, Config, pretraining_loss
     try:
         import transformers
@@ -42,11 +43,11 @@ def bench_pretrain(args: argparse.Namespace) -> None:
     shape = _PRETRAIN_SHAPE
     maker = _dev_pair_maker(args.dev, shape["max_seq_length"])
     candidates = masked = replaced_by_mask = swaps = 0
-    spans = np.zeros(pretrain.MAX_NGRAM + 1)
+    spans = np.zeros(pretraining_data.MAX_NGRAM + 1)
     for index in range(len(maker.pairs)):
         rng = np.random.default_rng([0, index])
         ids, _, candidate, swapped = maker.pair(index, rng)
-        output, positions, _, lengths = pretrain.mask_pieces(
+        output, positions, _, lengths = pretraining_data.mask_pieces(
             ids, candidate, maker.continuation, rng, mask_id=maker.mask_id, random_ids=maker.random_ids,
             max_predictions=maker.max_predictions)
         candidates += candidate.sum()
@@ -62,7 +63,7 @@ def bench_pretrain(args: argparse.Namespace) -> None:
 
     config = Config.from_json_file(ROOT / "data" / "bert_small.json")
     torch.manual_seed(0)
-    batches = [pretrain.collate([maker.example(i, 0) for i in range(start, start + shape["batch"])])
+    batches = [pretraining_data.collate([maker.example(i, 0) for i in range(start, start + shape["batch"])])
                for start in range(0, shape["batch"] * (shape["steps"] + 1), shape["batch"])]
     ours = BertForPreTraining(config).train()
     ours_optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-5)
@@ -259,6 +260,7 @@ def bench_pretrain_reference(args: argparse.Namespace) -> None:
     import torch
 
     import pretrain
+    import pretraining_data
     from korquad_utils import make_length_grouped_batches
     from long_run import build_optimizer, linear_warmup_decay, step_seed
     from modeling import Config, QuestionAnswering, to_transformers_pretraining_state
@@ -275,7 +277,7 @@ def bench_pretrain_reference(args: argparse.Namespace) -> None:
         corpus = work / "corpus.json"
         _reference_corpus(args.dev, corpus, _REFERENCE_CONTEXTS)
         tokenizer = BertTokenizer(VOCAB_FILE)
-        tokens = pretrain.tokenize_corpus([corpus], tokenizer, 128 - 3, progress=False)
+        tokens = pretraining_data.tokenize_corpus([corpus], tokenizer, 128 - 3, progress=False)
         for batch_size in args.batch_sizes:
             for seed in range(args.seeds):
                 flags = pretrain.parse_args(["--train_files", str(corpus), "--output_dir", "unused",
@@ -284,11 +286,11 @@ def bench_pretrain_reference(args: argparse.Namespace) -> None:
                                              f"--seed={seed}"])
                 torch.manual_seed(1000 + seed)  # the published-format encoder: bare names, no heads
                 torch.save(QuestionAnswering(config).bert.state_dict(), flags.checkpoint)
-                train, held_out = pretrain.build_pair_makers(flags, tokenizer, tokens)
-                held_out_batches = [pretrain.collate([held_out.example(i, pretrain.EVAL_EPOCH) for i in b])
+                train, held_out = pretraining_data.build_pair_makers(flags, tokenizer, tokens)
+                held_out_batches = [pretraining_data.collate([held_out.example(i, pretraining_data.EVAL_EPOCH) for i in b])
                                     for b in make_length_grouped_batches(held_out.lengths(), 64, shuffle=False)]
                 if seed == 0 and batch_size == args.batch_sizes[0]:
-                    piece, baseline = pretrain.most_frequent_piece_accuracy(train, held_out, 10 ** 9)
+                    piece, baseline = pretraining_data.most_frequent_piece_accuracy(train, held_out, 10 ** 9)
                     print(f"pretrain_reference.baseline: {len(train.pairs)} training and {len(held_out.pairs)} "
                           f"held-out pairs; always {tokenizer.ids_to_tokens[piece]!r}: {baseline:.4f}", flush=True)
                 ours = pretrain.build_model(flags, config)  # heads fresh, by our initialisation
@@ -310,7 +312,7 @@ def bench_pretrain_reference(args: argparse.Namespace) -> None:
                     if len(order) >= steps:
                         break
                 for step, (epoch, indices) in enumerate(order[:steps], 1):
-                    batch = pretrain.collate([train.example(i, epoch) for i in indices])
+                    batch = pretraining_data.collate([train.example(i, epoch) for i in indices])
                     for name, (model, forward, loss_of) in models.items():
                         model.train()
                         torch.manual_seed(step_seed(seed, epoch, step, 0))
