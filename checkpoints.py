@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import onnx_reader
-from korquad_utils import atomic_write
+from atomic_files import atomic_write
 from tokenization import BertTokenizer, read_do_lower_case, read_vocab_tokens
 from cli import DEFAULT_CONFIG, DEFAULT_VOCAB, UsageError
 

@@ -13,7 +13,7 @@ from typing import NoReturn, TYPE_CHECKING
 from collections.abc import Callable, Iterable, Sequence
 
 import onnx_reader
-from korquad_utils import KorquadFormatError
+from squad_examples import KorquadFormatError
 from tokenization import TokenizerError
 
 if TYPE_CHECKING:

@@ -39,11 +39,11 @@ from devices import autocast_context, autocast_dtype, pick_device
 from checkpoints import build_tokenizer, fetch_hub_model, load_finetuned, resolve_checkpoints, resolve_from_training_run
 from scoring import predict_logits
 from cli import refuse_output_over_input
-from korquad_utils import (TEACHER_TARGETS_FORMAT, TEACHER_TARGETS_NPZ, SquadExample, TeacherTargets,
-                           load_or_build_features, make_length_grouped_batches, read_squad_examples, sha256_of_file,
-                           teacher_targets_are_current, write_teacher_targets)
+from korquad_utils import load_or_build_features, make_length_grouped_batches
+from squad_examples import SquadExample, read_squad_examples
+from teacher_targets import (TEACHER_TARGETS_FORMAT, TEACHER_TARGETS_JSON, TEACHER_TARGETS_NPZ, TeacherTargets,
+                             sha256_of_file, teacher_targets_are_current, write_teacher_targets)
 from long_run import DirectoryLocked, RunLock, file_digest, remove_dead_temp_files
-from korquad_utils import TEACHER_TARGETS_JSON
 from modeling import Config, is_transformers_dir, read_transformers_config
 
 logger = logging.getLogger("korquad")

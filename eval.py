@@ -37,8 +37,9 @@ from checkpoints import build_tokenizer, explicit_flags, resolve_finetuned_setti
 from scoring import (average_logits, check_metric_dataset, ensemble_logits, has_answers, score, score_no_answer,
                      tuned_threshold)
 from checkpoints import WINDOW_FLAGS
-from korquad_utils import (SquadExample, abstain, decode_predictions, load_or_build_features, null_odds,
-                           write_null_files, write_predictions)
+from decoding import abstain, decode_predictions, null_odds, write_null_files, write_predictions
+from korquad_utils import load_or_build_features
+from squad_examples import SquadExample
 
 logger = logging.getLogger("korquad")
 

@@ -43,8 +43,9 @@ from cli import (ArgumentParser, ROOT, UsageError, add_no_answer_args, check_ver
 from checkpoints import (ANALYZER_CONFIG_KEY, CHECKPOINT_NAME, SAVED_ARGS_NAME, SAVED_VOCAB_NAME, build_tokenizer,
                          json_bytes, load_finetuned, resolve_finetuned_settings)
 from cli import model_inputs, refuse_output_over_input
-from korquad_utils import (atomic_write, atomic_write_files, collate_features, convert_examples_to_features,
-                           read_squad_examples)
+from atomic_files import atomic_write, atomic_write_files
+from korquad_utils import collate_features, convert_examples_to_features
+from squad_examples import read_squad_examples
 from long_run import pid_is_alive, remove_dead_temp_files
 from modeling import (TRANSFORMERS_CONFIG, BertForPreTraining, QuestionAnswering, config_to_transformers,
                       load_checkpoint, read_state_dict, to_transformers_pretraining_state, to_transformers_state)

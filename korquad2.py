@@ -20,7 +20,7 @@ Characters the extraction adds (line breaks, cell markers) map to an empty HTML 
 `HtmlPage.html_answer` cuts a text span back out of the original HTML; a span covering the whole
 text of a table, list or paragraph comes back as that element's HTML, tags included, as the
 official answers do. `read_examples` gives `HtmlExample`s (`SquadExample`s whose context is the
-page text), so the feature table and decoding of `korquad_utils` run on pages unchanged;
+page text), so windowing (`korquad_utils`) and decoding (`decoding`) run on pages unchanged;
 `html_predictions` turns decoded text spans back into HTML answers.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from korquad_utils import KorquadFormatError, SquadExample, load_json_file
+from squad_examples import KorquadFormatError, SquadExample, load_json_file
 
 logger = logging.getLogger(__name__)
 

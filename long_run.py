@@ -32,7 +32,7 @@ import torch.distributed as dist
 from cli import UsageError
 from devices import pick_device
 from checkpoints import save_torch_atomic
-from korquad_utils import atomic_write
+from atomic_files import atomic_write
 
 logger = logging.getLogger("korquad")
 
@@ -41,7 +41,7 @@ LOCK_NAME = ".train.lock"
 # its heartbeat can: one older than this means it is gone.
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 10 * HEARTBEAT_SECONDS
-# korquad_utils.atomic_write names its temporary files `.{name}.{pid}.{random hex}.tmp`.
+# atomic_files.atomic_write names its temporary files `.{name}.{pid}.{random hex}.tmp`.
 TEMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]+\.tmp$")
 
 

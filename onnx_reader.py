@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from korquad_utils import FeatureTable, collate_features, make_length_grouped_batches
+from feature_table import FeatureTable
+from korquad_utils import collate_features, make_length_grouped_batches
 
 logger = logging.getLogger("korquad")
 

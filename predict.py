@@ -43,8 +43,10 @@ from checkpoints import build_tokenizer, explicit_flags, load_finetuned, resolve
 from scoring import average_logits, predict_logits
 from cli import model_inputs, refuse_output_over_input
 from checkpoints import WINDOW_FLAGS
-from korquad_utils import (SquadExample, atomic_write, convert_examples_to_features, decode_predictions,
-                           no_answer_probability, null_odds, squad_examples_from_json)
+from atomic_files import atomic_write
+from decoding import decode_predictions, no_answer_probability, null_odds
+from korquad_utils import convert_examples_to_features
+from squad_examples import SquadExample, squad_examples_from_json
 from tokenization import BertTokenizer
 
 # torch is imported where a PyTorch model needs it: an ONNX export answers without torch installed.

@@ -15,8 +15,10 @@ from tqdm import tqdm
 import evaluate_klue_mrc
 import evaluate_v1_0
 import evaluate_v2_0
-from korquad_utils import (FeatureTable, SquadExample, abstain, collate_features, decode_predictions,
-                           make_length_grouped_batches, null_odds)
+from decoding import abstain, decode_predictions, null_odds
+from feature_table import FeatureTable
+from korquad_utils import collate_features, make_length_grouped_batches
+from squad_examples import SquadExample
 from cli import UsageError
 from devices import autocast_context, compile_model
 from checkpoints import load_finetuned

@@ -24,7 +24,8 @@ import onnx_reader
 from cli import (ArgumentParser, ROOT, UsageError, add_no_answer_args, check_data_args, check_version_2,
                  refuse_output_over_input, run_cli, setup_logging)
 from checkpoints import explicit_flags, json_bytes, resolve_finetuned_settings
-from korquad_utils import abstain, atomic_write
+from atomic_files import atomic_write
+from decoding import abstain
 
 logger = logging.getLogger("korquad")
 

@@ -40,9 +40,9 @@ from devices import (add_compile_args, autocast_context, autocast_dtype, check_c
 from checkpoints import (CHECKPOINT_NAME, SAVED_ARGS_NAME, SAVED_CONFIG_NAME, build_tokenizer, check_checkpoint_file,
                          copy_vocab_into, fetch_hub_model, resolve_model_settings, write_json_atomic)
 from scoring import evaluate_model, evaluate_model_with_odds, has_answers, score, score_no_answer
-from korquad_utils import (FeatureTable, TeacherTargets, collate_features, load_or_build_features,
-                           load_or_build_table, make_length_grouped_batches, read_teacher_targets,
-                           teacher_batch_targets)
+from feature_table import FeatureTable
+from korquad_utils import collate_features, load_or_build_features, load_or_build_table, make_length_grouped_batches
+from teacher_targets import TeacherTargets, read_teacher_targets, teacher_batch_targets
 from long_run import (CheckpointWriteError, DirectoryLocked, Distributed, RunLock, StopSignals, TrainingDiverged,
                       TrainingStopped, build_optimizer, check_same_settings, file_digest, keep_log_until,
                       linear_warmup_decay, plot_training_curves, read_log, read_loss, read_training_state,
