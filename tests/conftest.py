@@ -94,5 +94,42 @@ def tiny_setup(tmp_path_factory) -> Path:
     return root
 
 
+def sample_texts() -> list[str]:
+    """Every context, question and answer of the bundled sample."""
+    dataset = json.loads(SAMPLE_FILE.read_text(encoding="utf-8"))
+    texts = []
+    for article in dataset["data"]:
+        for paragraph in article["paragraphs"]:
+            texts.append(paragraph["context"])
+            for qa in paragraph["qas"]:
+                texts += [qa["question"], *(answer["text"] for answer in qa.get("answers", []))]
+    return texts
+
+
+def write_sample_vocab(path: Path) -> Path:
+    """The real vocab cut to the special tokens and the pieces the bundled sample needs under the
+    `none` and `mecab` analyzers, in the real order. Greedy longest-match WordPiece keeps every
+    piece it picked from the full vocab and finds no longer one, so it cuts the same pieces; a
+    tiny model's 32k-row embedding (most of its weights and of each optimizer step) shrinks to ~1k."""
+    from tokenization import SPECIAL_TOKENS, BertTokenizer, read_vocab_tokens
+
+    used = set(SPECIAL_TOKENS)
+    for analyzer in ("none", "mecab"):
+        tokenizer = BertTokenizer(VOCAB_FILE, analyzer=analyzer)
+        for text in sample_texts():
+            used.update(tokenizer.tokenize(text))
+    path.write_text("".join(f"{token}\n" for token in read_vocab_tokens(VOCAB_FILE) if token in used),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_vocab(tmp_path_factory) -> tuple[Path, dict]:
+    """The sample-only vocab and TINY_CONFIG sized to it: for tests that train on the bundled sample."""
+    vocab = write_sample_vocab(tmp_path_factory.mktemp("vocab") / "sample_vocab.txt")
+    size = len(vocab.read_text(encoding="utf-8").splitlines())
+    return vocab, {**TINY_CONFIG, "vocab_size": size}
+
+
 # Keep CPU tests deterministic and polite on a 2-core runner.
 os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import tokenization
-from conftest import SAMPLE_FILE
+from conftest import SAMPLE_FILE, VOCAB_FILE, sample_texts
 from tokenization import (BertTokenizer, SurfaceAnalyzer, TokenizerError, clean, complete_spans,
                           lower_case, make_analyzer)
 
@@ -65,6 +65,16 @@ def test_convert_tokens_and_ids(mecab_tokenizer):
     assert mecab_tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "에서", "[UNK]", "[SEP]"]
     with pytest.raises(TokenizerError, match="40000"):
         mecab_tokenizer.convert_ids_to_tokens([5, 40000])
+
+
+def test_the_sample_vocab_cuts_the_sample_into_the_pieces_the_full_vocab_does(sample_vocab):
+    """Training tests use the cut vocab for speed; what they claim holds only if the pieces are the same."""
+    vocab, config = sample_vocab
+    assert 500 < config["vocab_size"] < 5000
+    for analyzer in ("none", "mecab"):
+        full, cut = BertTokenizer(VOCAB_FILE, analyzer=analyzer), BertTokenizer(vocab, analyzer=analyzer)
+        for text in sample_texts():
+            assert cut.tokenize_with_offsets(text) == full.tokenize_with_offsets(text)
 
 
 def test_max_len_warns_on_longer_sequences(small_vocab_file, caplog):
