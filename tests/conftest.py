@@ -113,10 +113,10 @@ def write_sample_vocab(path: Path) -> Path:
     tiny model's 32k-row embedding (most of its weights and of each optimizer step) shrinks to ~1k."""
     from tokenization import SPECIAL_TOKENS, BertTokenizer, read_vocab_tokens
 
-    used = set(SPECIAL_TOKENS)
+    used, texts = set(SPECIAL_TOKENS), sample_texts()
     for analyzer in ("none", "mecab"):
         tokenizer = BertTokenizer(VOCAB_FILE, analyzer=analyzer)
-        for text in sample_texts():
+        for text in texts:
             used.update(tokenizer.tokenize(text))
     path.write_text("".join(f"{token}\n" for token in read_vocab_tokens(VOCAB_FILE) if token in used),
                     encoding="utf-8")
