@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import re
+import secrets
 import signal
 import socket
 import threading
@@ -77,21 +78,75 @@ class RunLock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
-        holder = self._read_lock()
-        if holder is not None and self._holder_is_alive(holder):
-            raise DirectoryLocked(
-                f"{self.path.parent} is in use by {holder.get('program', 'train.py')} pid {holder.get('pid')} on "
-                f"{holder.get('host')} (started {holder.get('started')}); wait for it, stop it, or choose another "
-                f"--output_dir")
-        if holder is not None:
+        """Take the lock or raise DirectoryLocked naming its live holder. Creating the file is one atomic
+        step, so of two runs started at the same moment exactly one gets it and the other is refused."""
+        self._started = time.strftime("%Y-%m-%d %H:%M:%S")
+        for _ in range(5):
+            if self._create():
+                break
+            holder = self._read_lock(wait_for_content=True)
+            if holder is None:
+                continue  # its holder released it between our two looks: try again
+            if self._holder_is_alive(holder):
+                raise DirectoryLocked(
+                    f"{self.path.parent} is in use by {holder.get('program', 'train.py')} pid {holder.get('pid')} "
+                    f"on {holder.get('host')} (started {holder.get('started')}); wait for it, stop it, or choose "
+                    f"another --output_dir")
             logger.warning("taking over the lock of a dead run (pid %s on %s) in %s",
                            holder.get("pid"), holder.get("host"), self.path.parent)
-        self._started = time.strftime("%Y-%m-%d %H:%M:%S")
-        self._write()
-        if not self._is_mine(self._read_lock()):  # another run took it over in the same instant
-            raise DirectoryLocked(f"{self.path.parent}: another {self.program} took the lock at the same moment")
+            self._remove_dead_lock(holder)
+        else:
+            raise DirectoryLocked(f"{self.path.parent}: other runs keep taking and leaving the lock; try again")
         self._thread = threading.Thread(target=self._beat, name="train-lock-heartbeat", daemon=True)
         self._thread.start()
+
+    def _create(self) -> bool:
+        """Create the lock file holding our record unless one exists (False then). A hard link of a written
+        temporary file: the lock never exists half-written. Where links are not supported (some FUSE mounts
+        of shared drives), exclusive creation and then the write; readers wait for its content."""
+        temp = self.path.with_name(f".{self.path.name}.{self.pid}.{secrets.token_hex(4)}.tmp")
+        temp.write_text(json.dumps(self._record()), encoding="utf-8")
+        try:
+            os.link(temp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            pass
+        finally:
+            temp.unlink(missing_ok=True)
+        try:
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(json.dumps(self._record()))
+        return True
+
+    def _remove_dead_lock(self, dead: dict) -> None:
+        """Move the dead holder's lock aside, atomically, so that two runs taking it over cannot both win;
+        a lock that turns out to be a new one, taken in between, goes back."""
+        aside = self.path.with_name(f".{self.path.name}.{self.pid}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another run moved it first
+        try:
+            if json.loads(aside.read_text(encoding="utf-8")) != dead:
+                self._put_back(aside)
+        except (OSError, ValueError):
+            pass  # unreadable: it was the dead one
+        finally:
+            aside.unlink(missing_ok=True)
+
+    def _put_back(self, aside: Path) -> None:
+        try:
+            os.link(aside, self.path)
+        except FileExistsError:
+            pass  # a newer lock is there already: it stays
+        except OSError:  # no hard links here
+            if not self.path.exists():
+                os.rename(aside, self.path)
 
     def release(self) -> None:
         self._stop.set()
@@ -100,9 +155,12 @@ class RunLock:
         if self._is_mine(self._read_lock()):
             self.path.unlink(missing_ok=True)
 
+    def _record(self) -> dict:
+        return {"program": self.program, "pid": self.pid, "host": self.host, "started": self._started,
+                "heartbeat": time.time()}
+
     def _write(self) -> None:
-        record = {"program": self.program, "pid": self.pid, "host": self.host, "started": self._started,
-                  "heartbeat": time.time()}
+        record = self._record()
         atomic_write(self.path, lambda file: file.write(json.dumps(record).encode("utf-8")))
 
     def _beat(self) -> None:
@@ -116,15 +174,21 @@ class RunLock:
             except OSError as err:  # a full disk must not kill training; the next save says so
                 logger.warning("could not refresh %s (%s)", self.path, err)
 
-    def _read_lock(self) -> dict | None:
-        """The lock's record, None without a lock, {} for an unreadable one (which counts as dead)."""
-        try:
-            record = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
-        return record if isinstance(record, dict) else {}
+    def _read_lock(self, wait_for_content: bool = False) -> dict | None:
+        """The lock's record, None without a lock, {} for an unreadable one (which counts as dead). With
+        `wait_for_content`, an unreadable lock is read again for up to a second: one created by exclusive
+        creation is empty until its writer has written it."""
+        for attempt in range(20 if wait_for_content else 1):
+            try:
+                record = json.loads(self.path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError):
+                if attempt < 19 and wait_for_content:
+                    time.sleep(0.05)
+                continue
+            return record if isinstance(record, dict) else {}
+        return {}
 
     def _is_mine(self, record: dict | None) -> bool:
         return bool(record) and (record.get("pid"), record.get("host"), record.get("started")) == (

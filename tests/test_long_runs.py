@@ -446,6 +446,59 @@ def test_heartbeat_is_refreshed_while_the_run_lives_and_never_written_over_a_new
     assert json.loads(path.read_text()) == newcomer  # releasing removes only its own lock
 
 
+def _race_for_the_lock(directory: Path, start_at: float, results, everyone_looked) -> None:
+    """One contender (a forked process): acquire at `start_at`; a winner holds the lock until all have looked."""
+    from long_run import DirectoryLocked, RunLock
+
+    lock = RunLock(directory, program="distill.py")
+    while time.time() < start_at:
+        pass
+    try:
+        lock.acquire()
+    except DirectoryLocked as refused:
+        results.put(("refused", str(refused)))
+        return
+    results.put(("won", ""))
+    everyone_looked.wait(30)
+    lock.release()
+
+
+@pytest.mark.parametrize("links", ["hard links", "no hard links (a FUSE drive)"])
+@pytest.mark.parametrize("left_behind", ["no lock", "a dead run's lock"])
+def test_of_runs_started_at_the_same_moment_exactly_one_takes_the_lock(tmp_path, monkeypatch, left_behind, links):
+    import errno
+    import multiprocessing
+
+    if links != "hard links":
+        def no_links(*_):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_links)  # the forked contenders inherit it
+    context = multiprocessing.get_context("fork")
+    contenders = 6
+    for round_number in range(3):
+        directory = tmp_path / f"round{round_number}"
+        directory.mkdir()
+        if left_behind != "no lock":
+            dead = subprocess.Popen([sys.executable, "-c", "pass"])
+            dead.wait()
+            (directory / ".train.lock").write_text(json.dumps({"program": "distill.py", "pid": dead.pid,
+                                                                "host": socket.gethostname(), "started": "x"}))
+        results, everyone_looked = context.Queue(), context.Event()
+        start_at = time.time() + 0.5
+        processes = [context.Process(target=_race_for_the_lock, args=(directory, start_at, results, everyone_looked))
+                     for _ in range(contenders)]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=60) for _ in range(contenders)]
+        everyone_looked.set()
+        for process in processes:
+            process.join(30)
+        assert [kind for kind, _ in outcomes].count("won") == 1, outcomes
+        assert all("is in use by distill.py pid" in message for kind, message in outcomes if kind == "refused")
+        assert not (directory / ".train.lock").exists()  # released by its one holder
+        assert sorted(p.name for p in directory.iterdir()) == []  # nothing left aside
+
+
 def directory_contents(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
