@@ -229,11 +229,20 @@ def open_session(path: Path, threads: int | None = None, model_bytes: bytes | No
     return session
 
 
+# Windows per session run. ONNX Runtime's CPU attention holds every head's scores of a whole run at once
+# (8 heads x 251 x 251 floats is 2 MB a window): past one or two windows they fall out of the caches, and
+# int8 BERT-small ran 1.2x faster one window at a time than in runs of 8 (`bench.py --only predict`). One
+# window a run also needs no padding, and makes int8 answers independent of the other questions asked
+# alongside (dynamic quantization scales each run by its own activations).
+WINDOWS_PER_RUN = 1
+
+
 class OnnxReaderModel:
     """One exported model in an ONNX Runtime session, answering batches of features."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, windows_per_run: int = WINDOWS_PER_RUN):
         self.path = model_file(path)
+        self.windows_per_run = windows_per_run
         export_dir = find_export(self.path)
         try:
             data = self.path.read_bytes()
@@ -252,13 +261,14 @@ class OnnxReaderModel:
 
     def predict_logits(self, features: FeatureTable, batch_size: int,
                        show_progress: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Start and end logits of every window, in order, as scoring.predict_logits gives them:
-        length-grouped batches, each padded to its own longest window."""
+        """Start and end logits of every window, in order, as scoring.predict_logits gives them: runs of
+        at most `windows_per_run` (and `batch_size`) length-grouped windows, each padded to its longest."""
         lengths = features.lengths
         starts: list[np.ndarray] = [np.empty(0, np.float32)] * len(features)
         ends: list[np.ndarray] = [np.empty(0, np.float32)] * len(features)
-        for batch in tqdm(make_length_grouped_batches(lengths, batch_size, shuffle=False), desc="predict",
-                          unit="batch", disable=not show_progress):
+        runs = make_length_grouped_batches(lengths, min(batch_size, self.windows_per_run), shuffle=False)
+        for batch in tqdm(runs, desc="predict", unit="window" if self.windows_per_run == 1 else "batch",
+                          disable=not show_progress):
             start_logits, end_logits = self.run(collate_features(features, batch, is_training=False))
             for row, index in enumerate(batch):
                 starts[index], ends[index] = start_logits[row, :lengths[index]], end_logits[row, :lengths[index]]

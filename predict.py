@@ -459,7 +459,8 @@ def add_reader_args(parser: argparse.ArgumentParser) -> None:
                         help="Vocabulary (if not given: the training run's, else data/ko_vocab_32k.txt).")
     parser.add_argument("--batch_size", type=positive_int, default=None,
                         help="Windows per forward pass (if not given: 32 on a GPU, 8 on a CPU, where larger "
-                             "batches fall out of the caches and run slower).")
+                             "batches fall out of the caches and run slower). ONNX exports run one window at a "
+                             "time whatever it says.")
     parser.add_argument("--n_best_size", type=positive_int, default=20,
                         help="Spans the probabilities are spread over, as in eval.py.")
     add_no_answer_args(parser, remembered=True)

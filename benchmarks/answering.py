@@ -104,9 +104,12 @@ def bench_predict(args: argparse.Namespace) -> None:
             vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings, do_lower_case=True,
             analyzer="mecab", **windows), onnx_dir, quantize=True)
         threads = onnx_reader.physical_cores()
+        int8_file = str(onnx_dir / onnx_reader.INT8_MODEL_NAME)
         own_process = _rates_in_own_processes({
-            "PyTorch": ([run], {"no_cuda": True, "analyzer": "mecab"}),
-            "ONNX fp32": ([str(onnx_dir)], {}), "ONNX int8": ([str(onnx_dir / onnx_reader.INT8_MODEL_NAME)], {})},
+            "PyTorch": ([run], {"no_cuda": True, "analyzer": "mecab"}, {}),
+            "ONNX fp32": ([str(onnx_dir)], {}, {}), "ONNX int8": ([int8_file], {}, {}),
+            # What the reader did before one window a run: runs of a whole batch.
+            f"ONNX int8, runs of {reader.batch_size} windows": ([int8_file], {}, {"windows_per_run": reader.batch_size})},
             questions)
         startup = _startup_and_memory(run, onnx_dir, questions[0])
     reader("워밍업?", questions[0]["context"])   # first-call costs (allocator, Mecab dictionary) not timed
@@ -138,13 +141,18 @@ def bench_predict(args: argparse.Namespace) -> None:
     for name, label in labels.items():
         versus = f" ({rates[name] / theirs:.2f}x the pipeline)" if theirs else ""
         print(f"predict.answers_per_second[{label}]: {rates[name]:.2f}{versus}")
-    for name, rate in own_process.items():
+    for name, measured in own_process.items():
+        rate = measured["rate"]
         versus = f" ({rate / theirs:.2f}x the pipeline)" if theirs else ""
         if name != "PyTorch":
-            versus += f" ({rate / own_process['PyTorch']:.2f}x PyTorch in its own process)"
-        detail = f"{threads} threads, without torch" if name.startswith("ONNX") else "fp32"
+            versus += f" ({rate / own_process['PyTorch']['rate']:.2f}x PyTorch in its own process)"
+        detail = (f"{threads} threads, without torch" + (f", {onnx_reader.WINDOWS_PER_RUN} window a run"
+                                                          if name in ("ONNX fp32", "ONNX int8") else "")
+                  if name.startswith("ONNX") else "fp32")
+        shares = {stage: measured[stage] / measured["seconds"] for stage in ("tokenize", "decode")}
         print(f"predict.answers_per_second[own process: {name} batched, batch {reader.batch_size}, {detail}]: "
-              f"{rate:.2f}{versus}")
+              f"{rate:.2f}{versus}; time: tokenizing and windows {100 * shares['tokenize']:.1f}%, model and "
+              f"the rest {100 * (1 - sum(shares.values())):.1f}%, decoding {100 * shares['decode']:.1f}%")
     if theirs is None:
         print("predict.answers_per_second[transformers_pipeline]: skipped (needs transformers 4.x, which has "
               "pipeline(\"question-answering\"))")
@@ -172,28 +180,48 @@ def _without_torch_env(directory: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(directory)}
 
 
-# Loads a Reader (argv: questions JSON, checkpoint, Reader.load keywords as JSON) and prints its best
-# answers/s over three passes.
+# Loads a Reader (argv: questions JSON, checkpoint, Reader.load keywords as JSON, attributes to set on each
+# model as JSON) and prints, as JSON, its best answers/s over three passes and the seconds those passes spent
+# tokenizing and cutting windows, in the model, and decoding spans.
 _RATE_PROBE = """
 import json, sys, time
+import predict
 from predict import Reader
 questions = json.loads(open(sys.argv[1], encoding="utf-8").read())
 reader = Reader.load(sys.argv[2], **json.loads(sys.argv[3]))
+for model in reader.models:
+    for name, value in json.loads(sys.argv[4]).items():
+        setattr(model, name, value)
+spent = {"tokenize": 0.0, "decode": 0.0}
+def timed(stage, function):
+    def run(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent[stage] += time.perf_counter() - started
+    return run
+predict.convert_examples_to_features = timed("tokenize", predict.convert_examples_to_features)
+predict.decode_predictions = timed("decode", predict.decode_predictions)
 reader.answer_all(questions[:8])
-best = 0.0
+best, total = 0.0, 0.0
+spent.update(tokenize=0.0, decode=0.0)
 for _ in range(3):
     started = time.perf_counter()
     reader.answer_all(questions)
-    best = max(best, len(questions) / (time.perf_counter() - started))
-print(best)
+    seconds = time.perf_counter() - started
+    best, total = max(best, len(questions) / seconds), total + seconds
+print(json.dumps({"rate": best, "seconds": total, **spent}))
 """
 
 
-def _rates_in_own_processes(cases: dict[str, tuple[list[str], dict]], questions: list[dict]) -> dict[str, float]:
-    """Batched answers/s of each case (checkpoint, Reader.load keywords) in a process of its own, as it is
-    deployed: ONNX Runtime's and torch's thread pools each spin-wait after their work, so two runtimes
-    timed in one process slow each other down. ONNX runs where torch cannot be imported. Interleaved
-    processes, the best of two rounds."""
+def _rates_in_own_processes(cases: dict[str, tuple[list[str], dict, dict]], questions: list[dict]
+                            ) -> dict[str, dict[str, float]]:
+    """Batched answers/s of each case (checkpoint, Reader.load keywords, attributes set on its models) in a
+    process of its own, as it is deployed, with the shares of its time spent tokenizing, in the model and
+    decoding: ONNX Runtime's and torch's thread pools each spin-wait after their work, so two runtimes timed
+    in one process slow each other down. ONNX runs where torch cannot be imported. Interleaved processes,
+    the best of two rounds."""
     import json
     import os
     import subprocess
@@ -202,17 +230,19 @@ def _rates_in_own_processes(cases: dict[str, tuple[list[str], dict]], questions:
     with tempfile.TemporaryDirectory() as work:
         without_torch = _without_torch_env(Path(work))
         (Path(work) / "questions.json").write_text(json.dumps(questions, ensure_ascii=False), encoding="utf-8")
-        rates = dict.fromkeys(cases, 0.0)
+        results: dict[str, dict[str, float]] = {}
         for _ in range(2):
-            for name, ([checkpoint], keywords) in cases.items():
+            for name, ([checkpoint], keywords, attributes) in cases.items():
                 env = without_torch if name.startswith("ONNX") else os.environ
                 result = subprocess.run([sys.executable, "-c", _RATE_PROBE, str(Path(work) / "questions.json"),
-                                         checkpoint, json.dumps(keywords)], capture_output=True, text=True, env=env,
-                                        cwd=ROOT)
+                                         checkpoint, json.dumps(keywords), json.dumps(attributes)],
+                                        capture_output=True, text=True, env=env, cwd=ROOT)
                 if result.returncode:
                     raise RuntimeError(f"predict rate ({name}) failed: {result.stderr.strip()[-300:]}")
-                rates[name] = max(rates[name], float(result.stdout.split()[-1]))
-    return rates
+                measured = json.loads(result.stdout.strip().splitlines()[-1])
+                if measured["rate"] > results.get(name, {"rate": 0.0})["rate"]:
+                    results[name] = measured
+    return results
 
 
 # Runs one command and prints, as JSON, the seconds to its first stdout line and its peak RSS. A child's

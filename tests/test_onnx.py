@@ -121,6 +121,36 @@ def test_reader_from_an_export_answers_as_pytorch(run_dir, export_dir):
     assert all(CONTEXT[a["start"]:a["end"]] == a["answer"] for a in int8)
 
 
+def test_int8_answers_do_not_depend_on_the_other_questions_asked_alongside(export_dir):
+    """Dynamic int8 scales a run by its own activations: the reader runs each window alone, so a question's
+    logits are the same asked alone or among others, whatever --batch_size says."""
+    import onnx_reader
+    from korquad_utils import convert_examples_to_features
+    from predict import Reader
+    from squad_examples import SquadExample
+
+    reader = Reader.load(export_dir / "model_int8.onnx", batch_size=8)
+    other = "일본의 수도는 도쿄이고, 오사카는 상업 도시이다. " * 6  # longer, so its activations reach further
+    mixed = [SquadExample("0", QUESTIONS[0], CONTEXT, []), SquadExample("1", "상업 도시는?", other, []),
+             SquadExample("2", QUESTIONS[1], CONTEXT, [])]
+
+    def logits(examples):
+        features = convert_examples_to_features(examples, reader.tokenizer, reader.max_seq_length,
+                                                reader.doc_stride, reader.max_query_length, is_training=False,
+                                                progress=False)
+        return reader.models[0].predict_logits(features, 8, show_progress=False)
+
+    together = logits(mixed)
+    alone = logits(mixed[:1])
+    assert np.array_equal(together[0][0], alone[0][0]) and np.array_equal(together[1][0], alone[1][0])
+    assert reader.models[0].windows_per_run == onnx_reader.WINDOWS_PER_RUN == 1
+    batched = onnx_reader.OnnxReaderModel(export_dir / "model_int8.onnx", windows_per_run=8)
+    features = convert_examples_to_features(mixed, reader.tokenizer, reader.max_seq_length, reader.doc_stride,
+                                            reader.max_query_length, is_training=False, progress=False)
+    # The premise: in one run of all three, the first question's logits move with the others'.
+    assert not np.array_equal(batched.predict_logits(features, 8, show_progress=False)[0][0], alone[0][0])
+
+
 def test_eval_from_an_export_writes_the_pytorch_predictions(run_dir, export_dir, tmp_path):
     data = tmp_path / "dev.json"
     write_subset(SAMPLE_FILE, data, 16)
