@@ -77,12 +77,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantize", choices=("int8",), default=None,
                         help="With --format onnx: also write model_int8.onnx, dynamically quantized "
                              "(if not given: fp32 only).")
+    parser.add_argument("--int8_for", choices=("auto", *onnx_reader.INT8_TARGETS), default="auto",
+                        help="With --quantize int8: the CPUs it will run on. vnni (AVX-512 VNNI, AVX-VNNI, AMX, "
+                             "ARM): 8-bit weights; avx2 (x86 without VNNI): 7-bit weights, since those CPUs add "
+                             "int8 products in 16 bits, which can saturate. auto: this machine's (recorded in "
+                             "onnx_reader.json).")
     # Recorded in onnx_reader.json: eval.py and predict.py decide "" for the export as for the run.
     add_no_answer_args(parser, remembered=True)
     parser.add_argument("--quiet", action="store_true", help="Warnings only.")
     args = parser.parse_args(argv)
     if args.quantize is not None and args.format != "onnx":
         parser.error("--quantize needs --format onnx")
+    if args.int8_for != "auto" and args.quantize is None:
+        parser.error("--int8_for needs --quantize int8")
     if args.format != "onnx" and (args.version_2_with_negative or args.null_score_diff_threshold != 0.0):
         parser.error("--version_2_with_negative and --null_score_diff_threshold need --format onnx (a transformers "
                      "directory does not record them: pass them to eval.py or predict.py)")
@@ -247,9 +254,10 @@ def residual_layer_norm(node, weight, state, x: str, skip: str, norm: str, bias:
                                        weight(f"{norm}.bias", state[f"{norm}.bias"])], axis=-1, epsilon=eps)
 
 
-def quantize_int8(fp32_bytes: bytes, scratch: Path) -> bytes:
-    """Dynamic int8: weights signed int8 per tensor, activations uint8 quantized per batch at run time
-    (u8s8 runs on the VNNI/AVX2 int8 kernels; u8u8 ran at fp32 speed; per-channel weights were no faster)."""
+def quantize_int8(fp32_bytes: bytes, scratch: Path, reduce_range: bool = False) -> bytes:
+    """Dynamic int8: weights signed int8 per tensor (7-bit with `reduce_range`), activations uint8 quantized
+    per run at run time (u8s8 runs on the VNNI/AVX2 int8 kernels; u8u8 ran at fp32 speed; per-channel weights
+    were no faster; static QDQ, calibrated, was slower: `bench.py --only predict`, docs/measurements.md)."""
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -261,7 +269,7 @@ def quantize_int8(fp32_bytes: bytes, scratch: Path) -> bytes:
     root.setLevel(logging.ERROR)
     try:
         # The fused operators are outside ONNX's shape inference: their outputs are float32, as the quantizer is told.
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=False,
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=False, reduce_range=reduce_range,
                          extra_options={"DefaultTensorType": TensorProto.FLOAT})
     finally:
         root.setLevel(level)
@@ -306,17 +314,22 @@ def verify(model: QuestionAnswering, model_bytes: bytes, name: str, batch: dict[
 
 
 def export_onnx(model: QuestionAnswering, vocab_file: str | Path, settings: onnx_reader.ExportSettings,
-                output_dir: Path, quantize: bool) -> None:
-    """model.onnx (and model_int8.onnx), vocab.txt and onnx_reader.json in `output_dir`, each model
-    verified against `model` before anything is written."""
+                output_dir: Path, quantize: bool, int8_for: str = "auto") -> None:
+    """model.onnx (and model_int8.onnx, for the CPUs `int8_for` names), vocab.txt and onnx_reader.json in
+    `output_dir`, each model verified against `model` before anything is written."""
     remove_dead_scratch(output_dir)
     batch = check_batch(model, settings, vocab_file)
     fp32_bytes = onnx_graph(model).SerializeToString()
     verify(model, fp32_bytes, onnx_reader.MODEL_NAME, batch, FP32_TOLERANCE)
     models = {onnx_reader.MODEL_NAME: fp32_bytes}
     if quantize:
+        target = onnx_reader.cpu_int8_target() if int8_for == "auto" else int8_for
+        reduce_range = onnx_reader.INT8_TARGETS[target]
         with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}.", dir=output_dir) as scratch:
-            int8_bytes = quantize_int8(fp32_bytes, Path(scratch))
+            int8_bytes = quantize_int8(fp32_bytes, Path(scratch), reduce_range)
+        settings.quantization = {"method": "dynamic", "weights": "int8 per tensor" + (", 7-bit" if reduce_range else ""),
+                                 "activations": "uint8 per run", "for": target, "reduce_range": reduce_range,
+                                 "chosen": "this CPU's" if int8_for == "auto" else "--int8_for"}
         verify(model, int8_bytes, onnx_reader.INT8_MODEL_NAME, batch, INT8_TOLERANCE)
         models[onnx_reader.INT8_MODEL_NAME] = int8_bytes
     settings.models = {name: onnx_reader.model_digest(data) for name, data in models.items()}
@@ -382,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             do_lower_case=args.do_lower_case, analyzer=args.analyzer, **training_windows(args.checkpoint[0]),
             version_2_with_negative=args.version_2_with_negative,
             null_score_diff_threshold=args.null_score_diff_threshold)
-        export_onnx(model, args.vocab_file, settings, output_dir, quantize=args.quantize == "int8")
+        export_onnx(model, args.vocab_file, settings, output_dir, quantize=args.quantize == "int8",
+                    int8_for=args.int8_for)
         print(output_dir)
         return
     export(model, args.vocab_file, args.do_lower_case, args.analyzer, output_dir)

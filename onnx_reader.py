@@ -66,6 +66,8 @@ class ExportSettings:
     null_score_diff_threshold: float = 0.0
     # {file name: {"bytes": size, "crc32": checksum}} of the models written with these settings.
     models: dict[str, dict[str, int]] = field(default_factory=dict)
+    # How model_int8.onnx was quantized and for which CPUs (INT8_TARGETS); empty without one.
+    quantization: dict[str, str | bool] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, **asdict(self), "inputs": list(INPUT_NAMES),
@@ -110,7 +112,8 @@ def read_settings(export_dir: Path) -> ExportSettings:
                               f"{', '.join(map(str, READABLE_VERSIONS))} (export it again with this export.py)")
     values = {}
     for setting in fields(ExportSettings):
-        if setting.name not in raw and version == 1 and setting.name in VERSION_2_FIELDS:
+        if setting.name not in raw and (setting.name in OPTIONAL_FIELDS or
+                                        version == 1 and setting.name in VERSION_2_FIELDS):
             continue  # its default: a version-1 export never abstains and records no checksums
         value = raw.get(setting.name)
         problem = SETTING_CHECKS[setting.type](value)
@@ -121,6 +124,8 @@ def read_settings(export_dir: Path) -> ExportSettings:
 
 
 VERSION_2_FIELDS = ("version_2_with_negative", "null_score_diff_threshold", "models")
+# Added within version 2: exports written before it lack it.
+OPTIONAL_FIELDS = ("quantization",)
 
 
 def _model_records_problem(value: object) -> str | None:
@@ -141,7 +146,38 @@ SETTING_CHECKS = {
     "float": lambda value: None if isinstance(value, (int, float)) and not isinstance(value, bool)
     and math.isfinite(value) else "a finite number",
     "dict[str, dict[str, int]]": _model_records_problem,
+    "dict[str, str | bool]": lambda value: None if isinstance(value, dict) and all(
+        isinstance(key, str) and isinstance(item, (str, bool)) for key, item in value.items())
+    else "an object of strings and true/false values",
 }
+
+
+# The int8 matrix instructions ONNX Runtime's u8 x s8 kernels run on, and whether an export for them needs
+# 7-bit weights (reduce_range): without VNNI, x86 multiplies u8 by s8 pairs and adds them in 16 bits
+# (vpmaddubsw), which saturates for large activations and weights; VNNI and AMX add in 32 bits.
+INT8_TARGETS = {"vnni": False, "avx2": True}
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU as /proc/cpuinfo lists them (empty where it does not)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def cpu_int8_target() -> str:
+    """This CPU's INT8_TARGETS entry: "vnni" with AVX-512 VNNI, AVX-VNNI or AMX, "avx2" for x86 without them,
+    and "vnni" where no x86 flags are listed (ARM's dot-product kernels add in 32 bits too)."""
+    flags = cpu_flags()
+    if not flags or flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return "vnni"
+    return "avx2"
 
 
 def check_model_bytes(path: Path, data: bytes, settings: ExportSettings) -> None:
@@ -249,7 +285,12 @@ class OnnxReaderModel:
         except OSError as err:
             raise OnnxExportError(f"--checkpoint {self.path}: cannot read it ({err.strerror or err})") from None
         if export_dir is not None:
-            check_model_bytes(self.path, data, read_settings(export_dir))
+            settings = read_settings(export_dir)
+            check_model_bytes(self.path, data, settings)
+            target = settings.quantization.get("for") if self.path.name == INT8_MODEL_NAME else None
+            if target in INT8_TARGETS and not INT8_TARGETS[target] and INT8_TARGETS[cpu_int8_target()]:
+                logger.warning("%s was quantized for CPUs with VNNI; this one has none, and its int8 products "
+                               "can saturate here: export again with --quantize int8 --int8_for avx2", self.path)
         self.session = open_session(self.path, threads, model_bytes=data)
         logger.info("loaded ONNX model %s (%d threads)", self.path,
                     self.session.get_session_options().intra_op_num_threads)

@@ -374,6 +374,76 @@ def test_version_1_settings_still_read_and_never_abstain(exports, tmp_path):
         onnx_reader.read_settings(tmp_path)
 
 
+# --- int8 for the CPU it runs on -----------------------------------------------------------------------
+
+def int8_weights(model_file: Path) -> list[np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    return [numpy_helper.to_array(tensor) for tensor in onnx.load(model_file).graph.initializer
+            if tensor.data_type == onnx.TensorProto.INT8]
+
+
+def test_int8_for_cpus_without_vnni_has_7_bit_weights_and_says_so(v2_run, exports, tmp_path, monkeypatch, caplog):
+    import export
+    import onnx_reader
+
+    _, run = v2_run
+    here = onnx_reader.read_settings(exports["split"]).quantization
+    assert here == {"method": "dynamic", "weights": "int8 per tensor" + (", 7-bit" if here["reduce_range"] else ""),
+                    "activations": "uint8 per run", "for": onnx_reader.cpu_int8_target(),
+                    "reduce_range": onnx_reader.INT8_TARGETS[onnx_reader.cpu_int8_target()], "chosen": "this CPU's"}
+    export.main(export_flags(run, tmp_path / "avx2", "--quantize", "int8", "--int8_for", "avx2"))
+    recorded = onnx_reader.read_settings(tmp_path / "avx2").quantization
+    assert recorded["for"] == "avx2" and recorded["reduce_range"] is True and recorded["chosen"] == "--int8_for"
+    seven_bit = int8_weights(tmp_path / "avx2" / "model_int8.onnx")
+    assert seven_bit and max(int(np.abs(w.astype(np.int16)).max()) for w in seven_bit) <= 64
+    export.main(export_flags(run, tmp_path / "vnni", "--quantize", "int8", "--int8_for", "vnni"))
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in int8_weights(tmp_path / "vnni" / "model_int8.onnx")) > 64
+
+    # A VNNI export opened where there is no VNNI warns once, naming what to do; the avx2 export does not.
+    monkeypatch.setattr(onnx_reader, "cpu_flags", lambda: {"avx2", "avx512f"})
+    with caplog.at_level("WARNING", logger="korquad"):
+        onnx_reader.OnnxReaderModel(tmp_path / "avx2" / "model_int8.onnx")
+        assert not caplog.records
+        onnx_reader.OnnxReaderModel(tmp_path / "vnni" / "model_int8.onnx")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'vnni' / 'model_int8.onnx'} was quantized for CPUs with VNNI; this one has none, and its int8 "
+        f"products can saturate here: export again with --quantize int8 --int8_for avx2"]
+
+
+@pytest.mark.parametrize("flags, target", [({"avx2", "avx512f", "avx512_vnni"}, "vnni"), ({"avx2", "avx_vnni"}, "vnni"),
+                                           ({"avx2", "amx_int8"}, "vnni"), ({"avx2", "fma"}, "avx2"),
+                                           ({"avx2", "avx512f"}, "avx2"), (set(), "vnni")])
+def test_the_int8_target_follows_the_cpus_instructions(monkeypatch, flags, target):
+    import onnx_reader
+
+    monkeypatch.setattr(onnx_reader, "cpu_flags", lambda: flags)
+    assert onnx_reader.cpu_int8_target() == target
+
+
+def test_settings_written_before_the_quantization_record_still_read(exports, tmp_path):
+    import onnx_reader
+
+    raw = json.loads((exports["split"] / "onnx_reader.json").read_text(encoding="utf-8"))
+    del raw["quantization"]
+    (tmp_path / "onnx_reader.json").write_text(json.dumps(raw))
+    assert onnx_reader.read_settings(tmp_path).quantization == {}
+    (tmp_path / "onnx_reader.json").write_text(json.dumps({**raw, "quantization": {"for": 3}}))
+    with pytest.raises(onnx_reader.OnnxExportError, match='"quantization" must be an object of strings'):
+        onnx_reader.read_settings(tmp_path)
+
+
+def test_int8_for_without_quantize_is_one_line(v2_run, tmp_path, capsys):
+    import export
+
+    _, run = v2_run
+    with pytest.raises(SystemExit) as refused:
+        export.main(export_flags(run, tmp_path / "out", "--int8_for", "avx2"))
+    assert refused.value.code == 2 and "--int8_for needs --quantize int8" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # --- output directories over the checkpoint -------------------------------------------------------------
 
 def test_export_refuses_to_write_over_its_checkpoint_before_any_work(v2_run, exports, tmp_path, monkeypatch):
