@@ -1,6 +1,7 @@
 # Two commands from a fresh clone: `make demo` (train + evaluate on the bundled sample, CPU)
 # and `make test` (the test suite). `make demo` sets up .venv with requirements.txt only;
-# `make test` adds the test dependencies (requirements-dev.txt). The venv sees the system's
+# `make test` adds the test dependencies (requirements-dev.txt) and runs the suite on one worker per
+# core (pytest-xdist). The venv sees the system's
 # packages, so a torch already installed (Colab, a GPU box, a CPU-only build) is reused.
 PYTHON ?= python3
 VENV ?= .venv
@@ -34,7 +35,7 @@ demo: install
 	  --train_batch_size=64 --no_cuda --quiet
 
 test: install-dev
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -133,3 +133,26 @@ def sample_vocab(tmp_path_factory) -> tuple[Path, dict]:
 
 # Keep CPU tests deterministic and polite on a 2-core runner.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+# Files that train models, the slowest first: `make test` runs the suite on one worker per core
+# (pytest-xdist, a file to a worker), and starting the long files first lets the workers finish together.
+SLOWEST_FILES = ["test_distill.py", "test_notebook.py", "test_training.py", "test_korquad2.py",
+                 "test_pretraining.py", "test_long_runs.py", "test_interop.py", "test_compile.py", "test_serve.py",
+                 "test_cache_and_schedule.py", "test_onnx_hardening.py", "test_onnx.py", "test_distill_hardening.py",
+                 "test_predict.py", "test_noanswer.py", "test_hardening.py"]
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist each worker, and every process it starts, keeps to one CPU of its own: torch and ONNX
+    Runtime then size their thread pools to that one CPU, and no two workers' threads fight over a core."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[int(worker.removeprefix("gw")) % len(cpus)]})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """SLOWEST_FILES first, in that order; every file's own tests keep their order."""
+    rank = {name: index for index, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
