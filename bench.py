@@ -16,8 +16,8 @@ from benchmarks.harness import BENCHMARKS, DEV_CANDIDATES, print_provenance
 
 # Every row, in the order a plain `python3 bench.py` runs them and --help lists them.
 ORDER = ("tokenize", "tokenize_long", "features", "feature_cache", "decode", "oracle", "oracle_v2", "max_context",
-         "train_throughput", "step_vs_transformers", "predict", "onnx_agreement", "serve", "gpu", "pretrain",
-         "pretrain_tiny", "pretrain_reference", "train_scale", "distill", "korquad2")
+         "train_throughput", "step_vs_transformers", "predict", "onnx_profile", "onnx_agreement", "serve", "gpu",
+         "pretrain", "pretrain_tiny", "pretrain_reference", "train_scale", "distill", "korquad2")
 # Benchmarks on made-up inputs, which run without the dev set.
 WITHOUT_DEV = {"max_context"}
 

@@ -237,9 +237,11 @@ def require_onnxruntime(what: str) -> None:
 UNFUSED_OPTIMIZERS = ["SkipLayerNormFusion"]
 
 
-def open_session(path: Path, threads: int | None = None, model_bytes: bytes | None = None):
+def open_session(path: Path, threads: int | None = None, model_bytes: bytes | None = None,
+                 profile_prefix: str | None = None):
     """An `onnxruntime.InferenceSession` on the CPU with every graph optimisation but UNFUSED_OPTIMIZERS and
-    one thread per physical core (of `model_bytes` when given, else of the file; `path` names it in messages)."""
+    one thread per physical core (of `model_bytes` when given, else of the file; `path` names it in messages);
+    with `profile_prefix`, ONNX Runtime's profiler writes there."""
     try:
         import onnxruntime
     except ImportError:
@@ -251,6 +253,9 @@ def open_session(path: Path, threads: int | None = None, model_bytes: bytes | No
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # its warnings about serialising optimised graphs say nothing to a user
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     try:
         session = onnxruntime.InferenceSession(str(path) if model_bytes is None else model_bytes, options,
                                                providers=["CPUExecutionProvider"],

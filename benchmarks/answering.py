@@ -171,6 +171,52 @@ def bench_predict(args: argparse.Namespace) -> None:
           f"{onnx_megabytes / torch_megabytes:.2f}x the peak memory")
 
 
+@benchmark("onnx_profile")
+def bench_onnx_profile(args: argparse.Namespace) -> None:
+    """Where the model's time goes in the ONNX rows of `predict`: ONNX Runtime's profiler over the same 64 dev
+    questions' windows, one window a run as the reader runs them, kernel time per operator type (fp32, int8)."""
+    import collections
+    import json
+    import tempfile
+
+    import export
+    import onnx_reader
+    from korquad_utils import collate_features, convert_examples_to_features
+    from modeling import Config
+    from predict import Reader
+    from squad_examples import SquadExample
+
+    config = Config.from_json_file(ROOT / "data" / "bert_small.json")
+    questions = _dev_questions(args.dev, _PREDICT_QUESTIONS)
+    with tempfile.TemporaryDirectory() as run:
+        _write_random_run(Path(run), config)
+        reader = Reader.load(run, no_cuda=True, analyzer="mecab")
+        onnx_dir = Path(run) / "onnx"
+        onnx_dir.mkdir()
+        export.export_onnx(reader.models[0], VOCAB_FILE, onnx_reader.ExportSettings(
+            vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings, do_lower_case=True,
+            analyzer="mecab", **{name: getattr(reader, name) for name in export.DEFAULT_WINDOWS}), onnx_dir,
+            quantize=True)
+        examples = [SquadExample(str(n), q["question"], q["context"], []) for n, q in enumerate(questions)]
+        features = convert_examples_to_features(examples, reader.tokenizer, reader.max_seq_length, reader.doc_stride,
+                                                reader.max_query_length, is_training=False, progress=False)
+        runs = [{name: array for name, array in collate_features(features, [index], is_training=False).items()
+                 if name in onnx_reader.INPUT_NAMES} for index in range(len(features))]
+        for label, name in (("fp32", onnx_reader.MODEL_NAME), ("int8", onnx_reader.INT8_MODEL_NAME)):
+            session = onnx_reader.open_session(onnx_dir / name, profile_prefix=str(Path(run) / label))
+            for feed in runs:
+                session.run(onnx_reader.OUTPUT_NAMES, feed)
+            events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
+            spent = collections.Counter()
+            for event in events:
+                if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                    spent[event["args"]["op_name"]] += event["dur"]
+            total = sum(spent.values())
+            print(f"onnx_profile[{label}, {len(runs)} windows one a run, {onnx_reader.physical_cores()} threads]: "
+                  + ", ".join(f"{op} {100 * micros / total:.1f}%" for op, micros in spent.most_common() if
+                              micros >= total / 200))
+
+
 def _without_torch_env(directory: Path) -> dict[str, str]:
     """This process's environment with `directory` first on PYTHONPATH, holding a `torch` that cannot be
     imported: a deployment that installed only the ONNX requirements."""
