@@ -70,6 +70,20 @@ def _write_random_run(run: Path, config) -> None:
     torch.save(QuestionAnswering(config).state_dict(), run / "korquad_1.bin")
 
 
+def _export_beside(reader, run: Path) -> Path:
+    """`reader`'s model exported to ONNX (fp32 and int8, in its windows) as run/onnx."""
+    import export
+    import onnx_reader
+
+    config, onnx_dir = reader.models[0].config, run / "onnx"
+    onnx_dir.mkdir()
+    export.export_onnx(reader.models[0], VOCAB_FILE, onnx_reader.ExportSettings(
+        vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings, do_lower_case=True,
+        analyzer="mecab", **{name: getattr(reader, name) for name in export.DEFAULT_WINDOWS}), onnx_dir,
+        quantize=True)
+    return onnx_dir
+
+
 @benchmark("predict")
 def bench_predict(args: argparse.Namespace) -> None:
     """predict.py on CPU with BERT-small (random weights: speed only): load time, answers per second
@@ -82,7 +96,6 @@ def bench_predict(args: argparse.Namespace) -> None:
 
     import torch
 
-    import export
     import onnx_reader
     from korquad_utils import SquadExample, convert_examples_to_features
     from modeling import Config
@@ -97,12 +110,7 @@ def bench_predict(args: argparse.Namespace) -> None:
         load_seconds = time.perf_counter() - started
         readers = {"batched": reader, "batched_bf16": Reader.load(run, no_cuda=True, analyzer="mecab", bf16=True),
                    "batched_32": Reader.load(run, no_cuda=True, analyzer="mecab", batch_size=32)}
-        onnx_dir = Path(run) / "onnx"
-        onnx_dir.mkdir()
-        windows = {name: getattr(reader, name) for name in export.DEFAULT_WINDOWS}
-        export.export_onnx(reader.models[0], VOCAB_FILE, onnx_reader.ExportSettings(
-            vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings, do_lower_case=True,
-            analyzer="mecab", **windows), onnx_dir, quantize=True)
+        onnx_dir = _export_beside(reader, Path(run))
         threads = onnx_reader.physical_cores()
         int8_file = str(onnx_dir / onnx_reader.INT8_MODEL_NAME)
         own_process = _rates_in_own_processes({
@@ -179,7 +187,6 @@ def bench_onnx_profile(args: argparse.Namespace) -> None:
     import json
     import tempfile
 
-    import export
     import onnx_reader
     from korquad_utils import collate_features, convert_examples_to_features
     from modeling import Config
@@ -191,12 +198,7 @@ def bench_onnx_profile(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as run:
         _write_random_run(Path(run), config)
         reader = Reader.load(run, no_cuda=True, analyzer="mecab")
-        onnx_dir = Path(run) / "onnx"
-        onnx_dir.mkdir()
-        export.export_onnx(reader.models[0], VOCAB_FILE, onnx_reader.ExportSettings(
-            vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings, do_lower_case=True,
-            analyzer="mecab", **{name: getattr(reader, name) for name in export.DEFAULT_WINDOWS}), onnx_dir,
-            quantize=True)
+        onnx_dir = _export_beside(reader, Path(run))
         examples = [SquadExample(str(n), q["question"], q["context"], []) for n, q in enumerate(questions)]
         features = convert_examples_to_features(examples, reader.tokenizer, reader.max_seq_length, reader.doc_stride,
                                                 reader.max_query_length, is_training=False, progress=False)
