@@ -226,16 +226,17 @@ def test_resume_after_kill_9_mid_epoch_is_bit_identical(tmp_path):
     assert logs[0] == logs[1]
 
 
+# gzip's mtime is 0 so that every pytest-xdist worker collects the same test ids.
 BAD_CORPORA = [(b"", "no text to pre-train on"), (b"\n\n   \n", "no text to pre-train on"),
                ("한국어 문장 하나뿐입니다.\n".encode(), "one line of text only"),
                (b"PK\x03\x04\x00\x00binary", "a zip archive, not UTF-8 text; unpack it first"),
-               (gzip.compress("한국어 문장.\n".encode() * 9), "a gzip-compressed file"),
+               (gzip.compress("한국어 문장.\n".encode() * 9, mtime=0), "a gzip-compressed file"),
                (b"text\n" + bytes(range(11, 256)), "line 2 is not UTF-8 text"),
                (b"binary\x00\x01\n", "NUL byte: a binary file"),
                ("한국어 문장\n".encode("utf-16"), "not UTF-8 text"), (b'{"version": 1}', "not KorQuAD/SQuAD JSON")]
 
 
-@pytest.mark.parametrize("content, expected", BAD_CORPORA)
+@pytest.mark.parametrize("content, expected", BAD_CORPORA, ids=[expected for _, expected in BAD_CORPORA])
 def test_bad_corpus_is_one_line_naming_the_file(tmp_path, content, expected):
     from cli import UsageError
 
