@@ -35,7 +35,7 @@ demo: install
 	  --train_batch_size=64 --no_cuda --quiet
 
 test: install-dev
-	$(PY) -m pytest -q -n auto --dist loadfile tests
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -59,6 +59,57 @@ def run_script(script: str, *flags: str, env: dict | None = None, timeout: int =
                           cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})}, input=input)
 
 
+# Python's own warning filters for a script (pytest records warnings instead of printing them).
+SCRIPT_WARNING_FILTERS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def run_in_process(script: str, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """What run_script returns, with the script run as `__main__` in this process: the same argv, working
+    directory, environment, stdout, stderr (its logging, warnings and progress bars included) and exit status,
+    without a process start (about 1.5 s, mostly torch's import) that would cost more than the check. For runs
+    that stop at a user error; tests/test_hardening.py keeps real processes for each command's exit contract."""
+    import contextlib
+    import io
+    import logging
+    import runpy
+    import warnings
+
+    root_logger = logging.getLogger()
+    saved_logging = root_logger.handlers[:], root_logger.level
+    saved_environ, saved_argv, saved_cwd = dict(os.environ), sys.argv[:], os.getcwd()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    returncode = 0
+    try:
+        root_logger.handlers.clear()  # so the script's logging.basicConfig sets up its stderr as it would
+        os.environ.update(env or {})
+        sys.argv = [str(ROOT / script), *flags]
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.resetwarnings()
+            for category in SCRIPT_WARNING_FILTERS:
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+                sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+            try:
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+            except SystemExit as stop:
+                if stop.code is None or isinstance(stop.code, int):
+                    returncode = stop.code or 0
+                else:
+                    print(stop.code, file=sys.stderr)
+                    returncode = 1
+    finally:
+        for handler in root_logger.handlers:
+            handler.close()
+        root_logger.handlers[:], root_logger.level = saved_logging
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess([sys.executable, str(ROOT / script), *flags], returncode, stdout.getvalue(),
+                                       stderr.getvalue())
+
+
 def write_subset(source: Path, path: Path, num_questions: int, skip_paragraphs: int = 0) -> list[str]:
     """The first `num_questions` questions of a KorQuAD file (whole paragraphs), as a KorQuAD file."""
     dataset = json.loads(source.read_text(encoding="utf-8"))
@@ -135,12 +186,15 @@ def sample_vocab(tmp_path_factory) -> tuple[Path, dict]:
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
-# Files that train models, the slowest first: `make test` runs the suite on one worker per core
-# (pytest-xdist, a file to a worker), and starting the long files first lets the workers finish together.
-SLOWEST_FILES = ["test_distill.py", "test_notebook.py", "test_training.py", "test_korquad2.py",
-                 "test_pretraining.py", "test_long_runs.py", "test_interop.py", "test_compile.py", "test_serve.py",
-                 "test_cache_and_schedule.py", "test_onnx_hardening.py", "test_onnx.py", "test_distill_hardening.py",
-                 "test_predict.py", "test_noanswer.py", "test_hardening.py"]
+# Files that train models, the slowest first (their times in a 2-core `make test`, from pytest's --durations):
+# `make test` runs one worker per core (pytest-xdist, a file to a worker), hands out the files in this order
+# (--no-loadscope-reorder; xdist's default order is by test count), and starting the long files first lets the
+# workers finish together. test_compile.py's first test compiles with a cold cache in a fresh clone (~35 s).
+SLOWEST_FILES = ["test_notebook.py", "test_training.py", "test_distill.py", "test_long_runs.py",
+                 "test_pretraining.py", "test_compile.py", "test_korquad2.py", "test_interop.py", "test_serve.py",
+                 "test_onnx_hardening.py", "test_onnx.py", "test_predict.py", "test_noanswer.py",
+                 "test_distill_hardening.py", "test_inputs.py", "test_hardening.py", "test_tokenization.py",
+                 "test_korquad_utils.py", "test_cache_and_schedule.py"]
 
 
 def pytest_configure(config) -> None:

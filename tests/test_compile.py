@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SAMPLE_FILE, TINY_CONFIG, run_script
+from conftest import SAMPLE_FILE, TINY_CONFIG, run_in_process
 import numpy as np
 
 from korquad_utils import FeatureTable, bucket_width, collate_features
@@ -148,8 +148,8 @@ def test_compiled_eval_predicts_what_eager_eval_predicts_in_one_shape_per_bucket
 
 def test_compile_without_a_cpp_compiler_is_one_clear_line(tiny_setup, tmp_path, monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
-    result = run_script("train.py", *train_flags(tiny_setup, tmp_path / "out", epochs=1), "--compile",
-                        env={"PATH": str(Path(tiny_setup) / "no-such-bin")})
+    result = run_in_process("train.py", *train_flags(tiny_setup, tmp_path / "out", epochs=1), "--compile",
+                            env={"PATH": str(Path(tiny_setup) / "no-such-bin")})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "train.py: error: --compile on a CPU needs a C++ compiler (g++ or clang++, or set CXX); "
@@ -173,8 +173,8 @@ def test_a_cxx_that_is_no_working_compiler_is_refused_before_the_data_is_built(c
 
 
 def test_compile_bucket_must_be_positive(tiny_setup, tmp_path):
-    result = run_script("eval.py", f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--output_dir={tmp_path}",
-                        "--compile", "--compile_bucket=0", "--no_cuda")
+    result = run_in_process("eval.py", f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--output_dir={tmp_path}",
+                            "--compile", "--compile_bucket=0", "--no_cuda")
     assert result.returncode == 2
     assert result.stderr.strip() == ("eval.py: error: argument --compile_bucket: must be at least 1, got 0 "
                                      "(see eval.py --help)")

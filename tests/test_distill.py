@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
+from conftest import (DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_in_process, run_script,
+                      write_subset)
 from korquad_utils import (TeacherTargets, convert_examples_to_features, decode_predictions, gold_logits,
                            project_char_targets, read_squad_examples, read_teacher_targets, teacher_batch_targets)
 from modeling import Config, QuestionAnswering, distill_loss
@@ -309,7 +310,7 @@ def one_line_error(result, *fragments: str) -> None:
     ("--distill_temperature", "-1", "--distill_temperature"), ("--distill_alpha", "1.5", "--distill_alpha"),
     ("--distill_alpha", "-0.1", "--distill_alpha"), ("--distill_alpha", "nan", "--distill_alpha")])
 def test_bad_distillation_flags_are_one_line(flag, value, fragment, tmp_path):
-    result = run_script("train.py", f"--output_dir={tmp_path}", "--teacher_targets=x", f"{flag}={value}")
+    result = run_in_process("train.py", f"--output_dir={tmp_path}", "--teacher_targets=x", f"{flag}={value}")
     one_line_error(result, fragment)
 
 
@@ -318,15 +319,15 @@ def test_targets_for_another_train_file_or_missing_questions_are_refused(tiny_se
     distill(teacher_run / "run", teacher_run / "train.json", targets)
     flags = [f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--model_config={tiny_setup / 'tiny.json'}", *SMALL,
              "--no_cuda", "--quiet", f"--teacher_targets={targets}", f"--cache_dir={tmp_path / 'cache'}"]
-    other = run_script("train.py", f"--output_dir={tmp_path / 'a'}", f"--train_file={tiny_setup / 'train.json'}", *flags)
+    other = run_in_process("train.py", f"--output_dir={tmp_path / 'a'}", f"--train_file={tiny_setup / 'train.json'}", *flags)
     one_line_error(other, "--teacher_targets", "another train file")
     assert not list((tmp_path / "a").glob("korquad_*.bin"))
-    missing = run_script("train.py", f"--output_dir={tmp_path / 'b'}", *flags)  # no such train file
+    missing = run_in_process("train.py", f"--output_dir={tmp_path / 'b'}", *flags)  # no such train file
     one_line_error(missing, "--train_file")
     empty = tmp_path / "empty"
     empty.mkdir()
-    no_targets = run_script("train.py", f"--output_dir={tmp_path / 'c'}", f"--train_file={tiny_setup / 'train.json'}",
-                            *flags[:-2], f"--teacher_targets={empty}")
+    no_targets = run_in_process("train.py", f"--output_dir={tmp_path / 'c'}", f"--train_file={tiny_setup / 'train.json'}",
+                                *flags[:-2], f"--teacher_targets={empty}")
     one_line_error(no_targets, "teacher_targets.npz", "distill.py")
 
 
@@ -341,10 +342,10 @@ def test_questions_without_targets_are_refused(teacher_run, tmp_path):
     from korquad_utils import sha256_of_file
     npz["train_file_sha256"] = np.array(sha256_of_file(tmp_path / "more.json"))
     np.savez(targets / "teacher_targets.npz", **npz)
-    result = run_script("train.py", f"--output_dir={tmp_path / 'out'}", f"--train_file={tmp_path / 'more.json'}",
-                        "--checkpoint=none", f"--model_config={teacher_run / 'tiny.json'}",
-                        f"--vocab_file={teacher_run / 'vocab.txt'}", *SMALL, "--no_cuda", "--quiet",
-                        f"--teacher_targets={targets}", f"--cache_dir={tmp_path / 'cache'}")
+    result = run_in_process("train.py", f"--output_dir={tmp_path / 'out'}", f"--train_file={tmp_path / 'more.json'}",
+                            "--checkpoint=none", f"--model_config={teacher_run / 'tiny.json'}",
+                            f"--vocab_file={teacher_run / 'vocab.txt'}", *SMALL, "--no_cuda", "--quiet",
+                            f"--teacher_targets={targets}", f"--cache_dir={tmp_path / 'cache'}")
     one_line_error(result, "no targets for question", "3 of 8")
 
 
@@ -360,8 +361,8 @@ def tiny_transformers_model(directory: Path, architecture: str = "BertForQuestio
 
 def test_transformers_dir_without_a_qa_head_is_one_line(tmp_path):
     tiny_transformers_model(tmp_path / "encoder", "BertModel")
-    result = run_script("distill.py", f"--teacher={tmp_path / 'encoder'}", f"--train_file={SAMPLE_FILE}",
-                        f"--output_dir={tmp_path / 'out'}", "--no_cuda")
+    result = run_in_process("distill.py", f"--teacher={tmp_path / 'encoder'}", f"--train_file={SAMPLE_FILE}",
+                            f"--output_dir={tmp_path / 'out'}", "--no_cuda")
     one_line_error(result, "--teacher", "not a question-answering model")
     assert not (tmp_path / "out").exists()
 

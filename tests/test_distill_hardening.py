@@ -21,7 +21,7 @@ import distill
 import korquad_utils as ku
 from checkpoints import build_tokenizer, load_finetuned
 from scoring import predict_logits
-from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
+from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_in_process, write_subset
 from modeling import Config, QuestionAnswering
 
 # Short windows: every question of the sample spans several, so the max-context rule decides many tokens.
@@ -242,10 +242,10 @@ def test_truncated_targets_stop_train_py_with_one_line(teacher, targets_copy, ti
     out = targets_copy
     npz = out / ku.TEACHER_TARGETS_NPZ
     npz.write_bytes(npz.read_bytes()[:1000])
-    result = run_script("train.py", f"--output_dir={tmp_path / 'student'}", f"--train_file={teacher / 'train.json'}",
-                        f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
-                        *DATA_FLAGS, "--no_cuda", "--quiet", f"--teacher_targets={out}",
-                        f"--cache_dir={tmp_path / 'cache'}")
+    result = run_in_process("train.py", f"--output_dir={tmp_path / 'student'}", f"--train_file={teacher / 'train.json'}",
+                            f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
+                            *DATA_FLAGS, "--no_cuda", "--quiet", f"--teacher_targets={out}",
+                            f"--cache_dir={tmp_path / 'cache'}")
     one_line_error(result, str(npz), "rerun distill.py")
     assert not list((tmp_path / "student").glob("korquad_*.bin"))
 
@@ -330,8 +330,8 @@ def test_a_second_distill_into_a_directory_in_use_is_one_line_and_touches_nothin
         (out / ".train.lock").write_text(json.dumps({"program": "distill.py", "pid": holder.pid,
                                                      "host": os.uname().nodename, "started": "now",
                                                      "heartbeat": time.time()}))
-        result = run_script("distill.py", f"--teacher={teacher / 'run'}", f"--train_file={teacher / 'train.json'}",
-                            f"--output_dir={out}", *WINDOWS, "--target_mass=0.5", "--no_cuda", "--quiet")
+        result = run_in_process("distill.py", f"--teacher={teacher / 'run'}", f"--train_file={teacher / 'train.json'}",
+                                f"--output_dir={out}", *WINDOWS, "--target_mass=0.5", "--no_cuda", "--quiet")
     finally:
         holder.kill()
         holder.wait()

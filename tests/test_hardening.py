@@ -18,7 +18,7 @@ import scoring
 import download
 import evaluate_v1_0
 import korquad_utils as ku
-from conftest import DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script
+from conftest import DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_in_process, run_script
 from modeling import CheckpointError, Config, QuestionAnswering, read_state_dict
 from test_korquad_utils import WINDOW_SETTINGS, WORDS, WhitespaceTokenizer, _char_span, _qa, _write_squad
 from tokenization import BertTokenizer, read_vocab_tokens
@@ -342,7 +342,7 @@ def _help_entries(help_text: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_help_gives_every_flag_a_sentence_and_its_default_once(script):
-    result = run_script(script, "--help", timeout=120)
+    result = run_in_process(script, "--help", env={"COLUMNS": "80"})
     assert result.returncode == 0, result.stderr
     entries = _help_entries(result.stdout)
     assert len(entries) >= 2
@@ -365,6 +365,33 @@ def test_a_bad_flag_is_one_line_naming_it(script, flags, says):
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith(f"{script}: error: {says}") and f"see {script} --help" in result.stderr
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("train.py", ["--train_file=/nonexistent/train.json", "--no_cuda"]),
+    ("train.py", ["--num_train_epochs=nan"]),
+    ("distill.py", ["--teacher=/nonexistent/run", f"--train_file={SAMPLE_FILE}", "--output_dir=/nonexistent/out"]),
+    ("pretrain.py", ["--train_files=/nonexistent/corpus.txt", "--output_dir=/nonexistent/out"]),
+    ("eval.py", ["--checkpoint=/nonexistent/model.bin", "--no_cuda", "--help"]),
+])
+def test_a_script_run_in_process_says_what_its_process_says(script, flags):
+    """run_in_process stands in for a real process in most one-line checks: the same exit status, stdout and
+    stderr (logging and warnings included) as `python3 script ...`."""
+    real, here = run_script(script, *flags, timeout=120), run_in_process(script, *flags)
+    assert real.returncode != 0 or "--help" in flags, real.stderr
+    assert (here.returncode, here.stdout, here.stderr) == (real.returncode, real.stdout, real.stderr)
+
+
+def test_a_script_run_in_process_logs_to_its_stderr(tmp_path):
+    """Lines the script logs before it stops are in run_in_process's stderr, as they are in a process's."""
+    torch.save(QuestionAnswering(Config(**{**TINY_CONFIG, "hidden_size": 32})).bert.state_dict(), tmp_path / "w.bin")
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    result = run_in_process("train.py", f"--train_file={SAMPLE_FILE}", f"--checkpoint={tmp_path / 'w.bin'}",
+                            f"--model_config={tmp_path / 'tiny.json'}", f"--output_dir={tmp_path / 'out'}",
+                            f"--cache_dir={tmp_path / 'cache'}", *DATA_FLAGS, "--no_cuda")
+    lines = result.stderr.splitlines()
+    assert result.returncode == 1 and any("INFO korquad_utils: feature cache written" in line for line in lines)
+    assert lines[-1].startswith("train.py: error: ") and "shape mismatch" in lines[-1]
 
 
 def test_help_formatter_shows_a_default_once():

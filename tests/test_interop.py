@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, find_dev_file, run_script, write_subset
+from conftest import (DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, find_dev_file, run_in_process, run_script,
+                     write_subset)
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test-only dependency "
                                                           "(pip install -r requirements-dev.txt)")
@@ -239,8 +240,8 @@ def unsupported_dir(tmp_path: Path, change: str) -> Path:
 ])
 def test_unsupported_transformers_dir_is_one_line(tmp_path, change, message):
     model_dir = unsupported_dir(tmp_path, change)
-    result = run_script("eval.py", f"--checkpoint={model_dir}", f"--predict_file={SAMPLE_FILE}",
-                        f"--output_dir={tmp_path / 'eval'}", "--analyzer=none", "--no_cuda", *DATA_FLAGS)
+    result = run_in_process("eval.py", f"--checkpoint={model_dir}", f"--predict_file={SAMPLE_FILE}",
+                            f"--output_dir={tmp_path / 'eval'}", "--analyzer=none", "--no_cuda", *DATA_FLAGS)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, SAMPLE_FILE, find_dev_file, run_script
+from conftest import ROOT, SAMPLE_FILE, find_dev_file, run_in_process, run_script
 
 import evaluate_korquad_v2
 import korquad2
@@ -168,9 +168,9 @@ def test_train_py_refuses_bad_2x_input_in_one_line(tiny_setup, tmp_path):
                                                       ensure_ascii=False), encoding="utf-8")
     for train_file, expected in ((empty, f"{empty}: the directory holds no .json file"),
                                  (broken, "question q-1: answer_start 3 does not point at the answer text")):
-        result = run_script("train.py", f"--train_file={train_file}", f"--output_dir={tmp_path / 'out'}",
-                            f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
-                            "--no_cuda", "--quiet", f"--cache_dir={tmp_path / 'cache'}")
+        result = run_in_process("train.py", f"--train_file={train_file}", f"--output_dir={tmp_path / 'out'}",
+                                f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
+                                "--no_cuda", "--quiet", f"--cache_dir={tmp_path / 'cache'}")
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert expected in lines[0], lines[0]
@@ -241,8 +241,8 @@ def test_tiny_model_learns_generated_pages_through_train_and_eval(tiny_setup, tm
     assert set(predictions) == set(contexts)
     assert all(answer in contexts[qas_id] for qas_id, answer in predictions.items())  # cut from the HTML
 
-    refused = run_script("eval.py", f"--checkpoint={out}", f"--output_dir={tmp_path / 'debug2'}",
-                         f"--predict_file={pages}", "--metric=korquad", *WINDOW_FLAGS, "--quiet")
+    refused = run_in_process("eval.py", f"--checkpoint={out}", f"--output_dir={tmp_path / 'debug2'}",
+                             f"--predict_file={pages}", "--metric=korquad", *WINDOW_FLAGS, "--quiet")
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode != 0 and len(lines) == 1, refused.stderr
     assert "--metric korquad cannot score the KorQuAD 2.x dataset" in lines[0]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
+from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_in_process, run_script, write_subset
 
 # Run train.py, sending itself a signal at one chosen moment: in the Nth optimizer step (the Nth gradient
 # clipping), before the Nth training micro-batch's forward pass (with accumulation: between the micro-batches
@@ -239,7 +239,7 @@ def test_second_run_into_a_live_runs_directory_is_refused(setup, tmp_path):
     out.mkdir()
     holder = {"pid": os.getppid(), "host": socket.gethostname(), "started": "earlier", "heartbeat": time.time()}
     (out / ".train.lock").write_text(json.dumps(holder))
-    result = run_script("train.py", *flags(setup, out))
+    result = run_in_process("train.py", *flags(setup, out))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"pid {os.getppid()}" in lines[0] and str(out) in lines[0]

@@ -11,7 +11,7 @@ import pytest
 
 import korquad_utils as ku
 from benchmarks.oracles import add_unanswerable, oracle_v2_scores
-from conftest import DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, run_script
+from conftest import DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, run_in_process, run_script
 
 
 def _write(path: Path, dataset: dict) -> Path:
@@ -232,7 +232,7 @@ def test_eval_scores_squad2_with_a_tuned_threshold(abstaining_run, tmp_path, cap
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "predict.py"])
 def test_nan_threshold_is_refused_by_name(script):
-    result = run_script(script, "--checkpoint=x", "--null_score_diff_threshold=nan")
+    result = run_in_process(script, "--checkpoint=x", "--null_score_diff_threshold=nan")
     assert result.returncode == 2 and "--null_score_diff_threshold" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -242,12 +242,12 @@ def test_eval_bad_is_impossible_is_one_line(tiny_setup, tmp_path):
     from modeling import Config, QuestionAnswering
     torch.save(QuestionAnswering(Config(**TINY_CONFIG)).state_dict(), tmp_path / "model.bin")
     data = _write(tmp_path / "bad.json", _one_paragraph(ANSWERABLE, {**IMPOSSIBLE, "is_impossible": "no"}))
-    result = run_script("eval.py", f"--checkpoint={tmp_path / 'model.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
-                        f"--predict_file={data}", f"--output_dir={tmp_path / 'out'}", "--version_2_with_negative",
-                        *DATA_FLAGS, "--no_cuda", "--quiet")
+    result = run_in_process("eval.py", f"--checkpoint={tmp_path / 'model.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
+                            f"--predict_file={data}", f"--output_dir={tmp_path / 'out'}", "--version_2_with_negative",
+                            *DATA_FLAGS, "--no_cuda", "--quiet")
     assert result.returncode == 1 and "question b: 'is_impossible' must be true or false" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    result = run_script("eval.py", f"--checkpoint={tmp_path / 'model.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
-                        f"--predict_file={data}", f"--output_dir={tmp_path / 'out'}", "--null_score_diff_threshold=1",
-                        *DATA_FLAGS, "--no_cuda", "--quiet")
+    result = run_in_process("eval.py", f"--checkpoint={tmp_path / 'model.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
+                            f"--predict_file={data}", f"--output_dir={tmp_path / 'out'}", "--null_score_diff_threshold=1",
+                            *DATA_FLAGS, "--no_cuda", "--quiet")
     assert result.returncode == 1 and "only applies with --version_2_with_negative" in result.stderr

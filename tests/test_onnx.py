@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
+from conftest import DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_in_process, run_script, write_subset
 from modeling import Config, QuestionAnswering
 
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -213,10 +213,10 @@ def test_bad_exports_and_flags_are_one_line(export_dir, run_dir, tmp_path):
         (["--checkpoint", str(export_dir), "--max_seq_length", "1024"], "larger than the model's"),
     ]
     for flags, message in cases:
-        result = run_script("predict.py", *flags, "--question", "q", "--context", "c", "--quiet")
+        result = run_in_process("predict.py", *flags, "--question", "q", "--context", "c", "--quiet")
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, flags
-    result = run_script("export.py", "--checkpoint", str(run_dir), "--output_dir", str(tmp_path / "x"),
-                        "--quantize", "int8")
+    result = run_in_process("export.py", "--checkpoint", str(run_dir), "--output_dir", str(tmp_path / "x"),
+                            "--quantize", "int8")
     assert result.returncode == 2 and "--quantize needs --format onnx" in result.stderr
 
 

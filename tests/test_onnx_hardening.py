@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA_FLAGS, ROOT, TINY_CONFIG, VOCAB_FILE, run_script
+from conftest import DATA_FLAGS, ROOT, TINY_CONFIG, VOCAB_FILE, run_in_process, run_script
 from test_noanswer import _mixed_sample
 
 pytest.importorskip("onnxruntime")
@@ -226,7 +226,7 @@ def test_export_of_a_checkpoint_with_a_nan_weight_is_one_line_and_writes_nothing
         model.qa_outputs.weight[1, 0] = float("nan")   # the end logits only
     torch.save(model.state_dict(), run / "korquad_1.bin")
     out = tmp_path / "out"
-    result = run_script("export.py", *export_flags(run, out, "--vocab_file", str(VOCAB_FILE), "--analyzer", "none"))
+    result = run_in_process("export.py", *export_flags(run, out, "--vocab_file", str(VOCAB_FILE), "--analyzer", "none"))
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == [
         "export.py: error: model.onnx: the checkpoint's own end_logits are NaN or infinite on the sample windows; "

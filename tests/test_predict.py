@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
+from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_in_process, run_script, write_subset
 from modeling import Config, QuestionAnswering
 
 # The window flags of DATA_FLAGS as Reader.load settings.
@@ -177,7 +177,7 @@ def test_an_empty_context_file_is_named_and_an_empty_input_is_a_warning(run_dir,
     empty.write_text("\ufeff \n", encoding="utf-8")   # a BOM and blanks only
     result = predict(f"--checkpoint={run_dir}", "--question=수도는?", f"--context_file={empty}")
     assert result.returncode == 1 and result.stderr.strip() == f"predict.py: error: --context_file {empty} is empty"
-    result = run_script("predict.py", f"--checkpoint={run_dir}", f"--input={empty}", *DATA_FLAGS, "--no_cuda")
+    result = run_in_process("predict.py", f"--checkpoint={run_dir}", f"--input={empty}", *DATA_FLAGS, "--no_cuda")
     assert result.returncode == 0 and result.stdout == ""
     assert "the input holds no questions" in result.stderr
 

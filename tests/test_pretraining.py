@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script
+from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_in_process, run_script
 
 import pretrain
 import pretraining_data
@@ -245,8 +245,8 @@ def test_bad_corpus_is_one_line_naming_the_file(tmp_path, content, expected):
     (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
     flags = ["--train_files", str(corpus), f"--output_dir={tmp_path / 'out'}", "--checkpoint=none",
              f"--model_config={tmp_path / 'tiny.json'}", *FLAGS, "--max_steps=1"]
-    if content == b"":  # once through the command line: one line on stderr, no traceback, exit status 1
-        result = run_script("pretrain.py", *flags)
+    if content == b"":  # once through the script: one line on stderr, no traceback, exit status 1
+        result = run_in_process("pretrain.py", *flags)
         assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert expected in result.stderr and str(corpus) in result.stderr
         return

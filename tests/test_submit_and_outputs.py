@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cli import UsageError
-from conftest import ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_script, write_subset
+from conftest import ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_in_process, write_subset
 
 QUESTIONS = '{"version": "KorQuAD_v1.0", "data": []}\n'
 
@@ -35,7 +35,7 @@ SPELLINGS = ["same path", "dot spelling", "symlink", "hard link"]
 def test_submit_refuses_its_input_as_output_from_the_command_line(tmp_path):
     questions = tmp_path / "X.json"
     questions.write_text(QUESTIONS, encoding="utf-8")
-    result = run_script("submit.py", str(questions), str(questions), f"--checkpoint={tmp_path / 'missing.bin'}")
+    result = run_in_process("submit.py", str(questions), str(questions), f"--checkpoint={tmp_path / 'missing.bin'}")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.splitlines() == [f"submit.py: error: OUTPUT.json: writing {questions} would overwrite "
                                           f"INPUT.json {questions} (the same file); choose another OUTPUT.json"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA_FLAGS, ROOT, TINY_CONFIG, VOCAB_FILE, run_script
+from conftest import DATA_FLAGS, ROOT, TINY_CONFIG, VOCAB_FILE, run_in_process, run_script
 from modeling import Config, QuestionAnswering
 
 
@@ -243,7 +243,7 @@ def test_bad_input_is_one_clear_line(case, tiny_setup, tmp_path):
                  a_file=tmp_path / "file")
     overrides, expected = BAD_INPUT_CASES[case]
     flags = train_flags(tiny_setup, tmp_path / "out", epochs=1) + [f.format(**paths) for f in overrides]
-    result = run_script("train.py", *flags)
+    result = run_in_process("train.py", *flags)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -306,7 +306,7 @@ def test_eval_bad_input_is_one_clear_line(tiny_setup, tmp_path):
                                                    "--model_config=data/bert_small.json"], "shape mismatch"),
     }
     for name, (flags, expected) in cases.items():
-        result = run_script("eval.py", *common, *flags)
+        result = run_in_process("eval.py", *common, *flags)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, (name, result.stderr)
         assert expected in lines[0], (name, lines[0])
