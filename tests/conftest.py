@@ -59,7 +59,8 @@ def run_script(script: str, *flags: str, env: dict | None = None, timeout: int =
                           cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})}, input=input)
 
 
-# Python's own warning filters for a script (pytest records warnings instead of printing them).
+# Python's own warning filters for a script (pytest records warnings instead of printing them), less the one
+# that shows the script's own DeprecationWarnings.
 SCRIPT_WARNING_FILTERS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
@@ -81,6 +82,8 @@ def run_in_process(script: str, *flags: str, env: dict | None = None) -> subproc
     returncode = 0
     try:
         root_logger.handlers.clear()  # so the script's logging.basicConfig sets up its stderr as it would
+        # A process whose output is a pipe formats help and usage at COLUMNS, else 80 wide; this one may have a tty.
+        os.environ.setdefault("COLUMNS", "80")
         os.environ.update(env or {})
         sys.argv = [str(ROOT / script), *flags]
         os.chdir(ROOT)
@@ -88,6 +91,7 @@ def run_in_process(script: str, *flags: str, env: dict | None = None) -> subproc
             warnings.resetwarnings()
             for category in SCRIPT_WARNING_FILTERS:
                 warnings.simplefilter("ignore", category)
+            warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
             warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
                 sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
             try:
