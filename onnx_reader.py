@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -237,11 +238,11 @@ def require_onnxruntime(what: str) -> None:
 UNFUSED_OPTIMIZERS = ["SkipLayerNormFusion"]
 
 
-def open_session(path: Path, threads: int | None = None, model_bytes: bytes | None = None,
+def open_session(path: Path, threads: int = 1, model_bytes: bytes | None = None,
                  profile_prefix: str | None = None):
     """An `onnxruntime.InferenceSession` on the CPU with every graph optimisation but UNFUSED_OPTIMIZERS and
-    one thread per physical core (of `model_bytes` when given, else of the file; `path` names it in messages);
-    with `profile_prefix`, ONNX Runtime's profiler writes there."""
+    `threads` threads of its own for each run (of `model_bytes` when given, else of the file; `path` names it
+    in messages); with `profile_prefix`, ONNX Runtime's profiler writes there."""
     try:
         import onnxruntime
     except ImportError:
@@ -249,7 +250,7 @@ def open_session(path: Path, threads: int | None = None, model_bytes: bytes | No
                               f"pip install -r requirements-onnx.txt") from None
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or physical_cores()
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # its warnings about serialising optimised graphs say nothing to a user
@@ -279,11 +280,17 @@ WINDOWS_PER_RUN = 1
 
 
 class OnnxReaderModel:
-    """One exported model in an ONNX Runtime session, answering batches of features."""
+    """One exported model in an ONNX Runtime session, answering batches of features.
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, windows_per_run: int = WINDOWS_PER_RUN):
+    Runs go side by side, one per physical core, each on one thread: a window's operators are too small to
+    split over cores without the threads waiting on each other (int8 BERT-small, 2-core Zen 4: 70 windows/s
+    side by side, 42-64 from one run at a time on two threads; `bench.py --only predict`). One thread a run
+    also keeps every answer the same whatever the number of cores."""
+
+    def __init__(self, path: str | os.PathLike, workers: int | None = None, windows_per_run: int = WINDOWS_PER_RUN):
         self.path = model_file(path)
         self.windows_per_run = windows_per_run
+        self.workers = workers or physical_cores()
         export_dir = find_export(self.path)
         try:
             data = self.path.read_bytes()
@@ -296,9 +303,8 @@ class OnnxReaderModel:
             if target in INT8_TARGETS and not INT8_TARGETS[target] and INT8_TARGETS[cpu_int8_target()]:
                 logger.warning("%s was quantized for CPUs with VNNI; this one has none, and its int8 products "
                                "can saturate here: export again with --quantize int8 --int8_for avx2", self.path)
-        self.session = open_session(self.path, threads, model_bytes=data)
-        logger.info("loaded ONNX model %s (%d threads)", self.path,
-                    self.session.get_session_options().intra_op_num_threads)
+        self.session = open_session(self.path, model_bytes=data)
+        logger.info("loaded ONNX model %s (%d runs side by side)", self.path, self.workers)
 
     def run(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Start and end logits (batch, width) for one collated batch of int64 arrays."""
@@ -313,9 +319,21 @@ class OnnxReaderModel:
         starts: list[np.ndarray] = [np.empty(0, np.float32)] * len(features)
         ends: list[np.ndarray] = [np.empty(0, np.float32)] * len(features)
         runs = make_length_grouped_batches(lengths, min(batch_size, self.windows_per_run), shuffle=False)
-        for batch in tqdm(runs, desc="predict", unit="window" if self.windows_per_run == 1 else "batch",
-                          disable=not show_progress):
-            start_logits, end_logits = self.run(collate_features(features, batch, is_training=False))
-            for row, index in enumerate(batch):
-                starts[index], ends[index] = start_logits[row, :lengths[index]], end_logits[row, :lengths[index]]
+
+        def answer(batch: list[int]) -> tuple[list[int], tuple[np.ndarray, np.ndarray]]:
+            return batch, self.run(collate_features(features, batch, is_training=False))
+
+        # One worker thread per core; the runs' results come back in order.
+        workers = min(self.workers, len(runs))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="onnx-run") if workers > 1 else None
+        try:
+            answered = pool.map(answer, runs) if pool is not None else map(answer, runs)
+            for batch, (start_logits, end_logits) in tqdm(
+                    answered, total=len(runs), desc="predict", disable=not show_progress,
+                    unit="window" if self.windows_per_run == 1 else "batch"):
+                for row, index in enumerate(batch):
+                    starts[index], ends[index] = start_logits[row, :lengths[index]], end_logits[row, :lengths[index]]
+        finally:
+            if pool is not None:   # a failed run (or Ctrl-C) starts no more of them
+                pool.shutdown(cancel_futures=True)
         return starts, ends

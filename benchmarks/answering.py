@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from collections.abc import Callable
 
-from benchmarks.harness import ROOT, VOCAB_FILE, benchmark
+from benchmarks.harness import ROOT, VOCAB_FILE, benchmark, kq_median_seconds
 
 
 # --- predict.py (issue 10) ---------------------------------------------------------------
@@ -88,9 +88,9 @@ def _export_beside(reader, run: Path) -> Path:
 def bench_predict(args: argparse.Namespace) -> None:
     """predict.py on CPU with BERT-small (random weights: speed only): load time, answers per second
     one at a time and batched next to transformers' question-answering pipeline; PyTorch and the ONNX
-    exports (fp32, int8) batched, each in a process of its own (goals: batched >= 2x, int8 ONNX >= 2x
-    the pipeline, fp32 ONNX no slower than PyTorch); then process start to first answer and peak
-    memory, ONNX vs PyTorch."""
+    exports (fp32, int8; int8 also as the reader ran it before) batched, each in a process of its own, with
+    the shares of tokenizing and decoding (goals: batched >= 2x, int8 ONNX >= 4x the pipeline, fp32 ONNX no
+    slower than PyTorch); then process start to first answer and peak memory, ONNX vs PyTorch."""
     import tempfile
     import time
 
@@ -113,11 +113,16 @@ def bench_predict(args: argparse.Namespace) -> None:
         onnx_dir = _export_beside(reader, Path(run))
         threads = onnx_reader.physical_cores()
         int8_file = str(onnx_dir / onnx_reader.INT8_MODEL_NAME)
+        side_by_side = f"{threads} runs side by side on 1 thread each, 1 window a run"
         own_process = _rates_in_own_processes({
             "PyTorch": ([run], {"no_cuda": True, "analyzer": "mecab"}, {}),
-            "ONNX fp32": ([str(onnx_dir)], {}, {}), "ONNX int8": ([int8_file], {}, {}),
-            # What the reader did before one window a run: runs of a whole batch.
-            f"ONNX int8, runs of {reader.batch_size} windows": ([int8_file], {}, {"windows_per_run": reader.batch_size})},
+            f"ONNX fp32, {side_by_side}": ([str(onnx_dir)], {}, {}),
+            f"ONNX int8, {side_by_side}": ([int8_file], {}, {}),
+            # What the reader did before: one run at a time on every core's thread; before that, whole batches.
+            f"ONNX int8, 1 run at a time on {threads} threads, 1 window a run": (
+                [int8_file], {}, {"workers": 1, "threads": threads}),
+            f"ONNX int8, 1 run at a time on {threads} threads, runs of {reader.batch_size} windows": (
+                [int8_file], {}, {"workers": 1, "threads": threads, "windows_per_run": reader.batch_size})},
             questions)
         startup = _startup_and_memory(run, onnx_dir, questions[0])
     reader("워밍업?", questions[0]["context"])   # first-call costs (allocator, Mecab dictionary) not timed
@@ -154,11 +159,9 @@ def bench_predict(args: argparse.Namespace) -> None:
         versus = f" ({rate / theirs:.2f}x the pipeline)" if theirs else ""
         if name != "PyTorch":
             versus += f" ({rate / own_process['PyTorch']['rate']:.2f}x PyTorch in its own process)"
-        detail = (f"{threads} threads, without torch" + (f", {onnx_reader.WINDOWS_PER_RUN} window a run"
-                                                          if name in ("ONNX fp32", "ONNX int8") else "")
-                  if name.startswith("ONNX") else "fp32")
+        detail = "without torch" if name.startswith("ONNX") else "fp32"
         shares = {stage: measured[stage] / measured["seconds"] for stage in ("tokenize", "decode")}
-        print(f"predict.answers_per_second[own process: {name} batched, batch {reader.batch_size}, {detail}]: "
+        print(f"predict.answers_per_second[own process: {name}, batch {reader.batch_size}, {detail}]: "
               f"{rate:.2f}{versus}; time: tokenizing and windows {100 * shares['tokenize']:.1f}%, model and "
               f"the rest {100 * (1 - sum(shares.values())):.1f}%, decoding {100 * shares['decode']:.1f}%")
     if theirs is None:
@@ -182,10 +185,13 @@ def bench_predict(args: argparse.Namespace) -> None:
 @benchmark("onnx_profile")
 def bench_onnx_profile(args: argparse.Namespace) -> None:
     """Where the model's time goes in the ONNX rows of `predict`: ONNX Runtime's profiler over the same 64 dev
-    questions' windows, one window a run as the reader runs them, kernel time per operator type (fp32, int8)."""
+    questions' windows, one window a run on one thread as the reader runs them, kernel time per operator type
+    (fp32, int8); then the time per window unpadded and with one padding piece (the attention's masked branch)."""
     import collections
     import json
     import tempfile
+
+    import numpy as np
 
     import onnx_reader
     from korquad_utils import collate_features, convert_examples_to_features
@@ -204,6 +210,8 @@ def bench_onnx_profile(args: argparse.Namespace) -> None:
                                                 reader.max_query_length, is_training=False, progress=False)
         runs = [{name: array for name, array in collate_features(features, [index], is_training=False).items()
                  if name in onnx_reader.INPUT_NAMES} for index in range(len(features))]
+        # The same windows with one padding piece each: the graph's masked attention branch.
+        padded = [{name: np.pad(array, ((0, 0), (0, 1))) for name, array in feed.items()} for feed in runs]
         for label, name in (("fp32", onnx_reader.MODEL_NAME), ("int8", onnx_reader.INT8_MODEL_NAME)):
             session = onnx_reader.open_session(onnx_dir / name, profile_prefix=str(Path(run) / label))
             for feed in runs:
@@ -213,10 +221,21 @@ def bench_onnx_profile(args: argparse.Namespace) -> None:
             for event in events:
                 if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
                     spent[event["args"]["op_name"]] += event["dur"]
+            # An If's time includes its branch's (the attention operator, also counted on its own): only what
+            # it adds is its own.
+            spent["If"] -= spent["Attention"] + spent["QAttention"]
             total = sum(spent.values())
-            print(f"onnx_profile[{label}, {len(runs)} windows one a run, {onnx_reader.physical_cores()} threads]: "
+            print(f"onnx_profile[{label}, {len(runs)} windows one a run, 1 thread]: "
                   + ", ".join(f"{op} {100 * micros / total:.1f}%" for op, micros in spent.most_common() if
                               micros >= total / 200))
+            session = onnx_reader.open_session(onnx_dir / name)
+            seconds = {}
+            for case, feeds in (("unpadded", runs), ("padded", padded)):
+                seconds[case] = kq_median_seconds(
+                    lambda _, feeds=feeds: [session.run(onnx_reader.OUTPUT_NAMES, f) for f in feeds]) / len(feeds)
+            print(f"onnx_profile[{label}, ms per window]: unpadded (attention without its mask) "
+                  f"{1000 * seconds['unpadded']:.2f}, with one padding piece (the masked branch) "
+                  f"{1000 * seconds['padded']:.2f}: {seconds['padded'] / seconds['unpadded']:.2f}x")
 
 
 def _without_torch_env(directory: Path) -> dict[str, str]:
@@ -229,17 +248,21 @@ def _without_torch_env(directory: Path) -> dict[str, str]:
 
 
 # Loads a Reader (argv: questions JSON, checkpoint, Reader.load keywords as JSON, attributes to set on each
-# model as JSON) and prints, as JSON, its best answers/s over three passes and the seconds those passes spent
+# model as JSON; "threads" reopens an ONNX model's session with that many threads a run) and prints, as JSON, its best answers/s over three passes and the seconds those passes spent
 # tokenizing and cutting windows, in the model, and decoding spans.
 _RATE_PROBE = """
 import json, sys, time
+import onnx_reader
 import predict
 from predict import Reader
 questions = json.loads(open(sys.argv[1], encoding="utf-8").read())
 reader = Reader.load(sys.argv[2], **json.loads(sys.argv[3]))
 for model in reader.models:
     for name, value in json.loads(sys.argv[4]).items():
-        setattr(model, name, value)
+        if name == "threads":   # an ONNX session's own threads for each run
+            model.session = onnx_reader.open_session(model.path, threads=value)
+        else:
+            setattr(model, name, value)
 spent = {"tokenize": 0.0, "decode": 0.0}
 def timed(stage, function):
     def run(*args, **kwargs):
@@ -360,8 +383,14 @@ def bench_onnx_agreement(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as onnx_dir:
         export.main(["--checkpoint", str(args.checkpoint), "--output_dir", onnx_dir, "--format", "onnx",
                      "--quantize", "int8", "--quiet"])
+        int8_file = Path(onnx_dir) / onnx_reader.INT8_MODEL_NAME
         readers = {"PyTorch fp32": reader, "ONNX fp32": Reader.load(onnx_dir, **windows),
-                   "ONNX int8": Reader.load(Path(onnx_dir) / onnx_reader.INT8_MODEL_NAME, **windows)}
+                   "ONNX int8": Reader.load(int8_file, **windows)}
+        # The reader before runs went side by side: one run at a time on every core's thread.
+        threads = onnx_reader.physical_cores()
+        one_at_a_time = readers[f"ONNX int8, 1 run at a time on {threads} threads"] = Reader.load(int8_file, **windows)
+        one_at_a_time.models[0].workers = 1
+        one_at_a_time.models[0].session = onnx_reader.open_session(int8_file, threads=threads)
         answers = {name: {q["id"]: a["answer"] for q, a in zip(questions, r.answer_all(questions, progress=True))}
                    for name, r in readers.items()}
     with open(args.dev, encoding="utf-8-sig") as handle:

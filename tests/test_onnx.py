@@ -92,15 +92,25 @@ def test_a_bare_session_gives_the_eager_logits_at_any_batch_and_length(export_di
 
 def test_int8_logits_stay_close(export_dir, eager):
     session = onnxruntime.InferenceSession(str(export_dir / "model_int8.onnx"), providers=["CPUExecutionProvider"])
-    batch = sample_batch(4, 128, 5)
-    start, end = session.run(None, batch)
-    expected_start, expected_end = eager_logits(eager, batch)
-    real = batch["attention_mask"] == 1
-    spread = float(np.ptp(expected_start[real]))
-    assert np.abs(start[real] - expected_start[real]).max() < 0.1 * spread
-    assert np.abs(end[real] - expected_end[real]).max() < 0.1 * spread
-    ops = {node.op_type for node in __import__("onnx").load(export_dir / "model_int8.onnx").graph.node}
-    assert {"QAttention", "QEmbedLayerNormalization"} <= ops   # attention and embeddings run in int8 too
+    for rows, seed in ((4, 5), (1, 6)):   # padded, and one window alone (the graph's unmasked branch)
+        batch = sample_batch(rows, 128, seed)
+        start, end = session.run(None, batch)
+        expected_start, expected_end = eager_logits(eager, batch)
+        real = batch["attention_mask"] == 1
+        spread = float(np.ptp(expected_start[real]))
+        assert np.abs(start[real] - expected_start[real]).max() < 0.1 * spread
+        assert np.abs(end[real] - expected_end[real]).max() < 0.1 * spread
+    graph = __import__("onnx").load(export_dir / "model_int8.onnx").graph
+    branches = [(node.attribute[0].g if node.attribute[0].name == "then_branch" else node.attribute[1].g, node)
+                for node in graph.node if node.op_type == "If"]
+    inner = [branch.node[0] for branch, _ in branches]
+    assert {node.op_type for node in graph.node} >= {"QEmbedLayerNormalization"}   # embeddings in int8 too
+    # Attention in int8 too: every layer's QAttention behind its If, with the mask only on the padded branch.
+    assert [node.op_type for node in inner] == ["QAttention"] * TINY_CONFIG["num_hidden_layers"]
+    for _, node in branches:
+        masked = {a.name: a.g.node[0] for a in node.attribute}
+        assert len(masked["else_branch"].input) > 5 and masked["else_branch"].input[5] != ""
+        assert len(masked["then_branch"].input) <= 5 or masked["then_branch"].input[5] == ""
 
 
 def test_reader_from_an_export_answers_as_pytorch(run_dir, export_dir):
@@ -149,6 +159,50 @@ def test_int8_answers_do_not_depend_on_the_other_questions_asked_alongside(expor
                                             reader.max_query_length, is_training=False, progress=False)
     # The premise: in one run of all three, the first question's logits move with the others'.
     assert not np.array_equal(batched.predict_logits(features, 8, show_progress=False)[0][0], alone[0][0])
+
+
+def test_runs_side_by_side_give_the_logits_of_one_run_at_a_time(export_dir, monkeypatch):
+    """The reader runs windows on every core at once, each on one thread: the logits are those of running
+    them one after another, in the features' order; a failed run is raised and starts no more of them."""
+    import threading
+    import time
+
+    import onnx_reader
+    from korquad_utils import convert_examples_to_features
+    from predict import Reader
+    from squad_examples import SquadExample
+
+    reader = Reader.load(export_dir / "model_int8.onnx")
+    examples = [SquadExample(str(n), question, CONTEXT * (1 + n % 4), []) for n, question in enumerate(QUESTIONS * 3)]
+    features = convert_examples_to_features(examples, reader.tokenizer, reader.max_seq_length, reader.doc_stride,
+                                            reader.max_query_length, is_training=False, progress=False)
+    assert len(set(features.lengths.tolist())) > 2
+    path = export_dir / "model_int8.onnx"
+    one_at_a_time = onnx_reader.OnnxReaderModel(path, workers=1).predict_logits(features, 8, show_progress=False)
+    side_by_side = onnx_reader.OnnxReaderModel(path, workers=4)
+    assert side_by_side.session.get_session_options().intra_op_num_threads == 1
+    got = side_by_side.predict_logits(features, 8, show_progress=False)
+    for ours, theirs in zip(got, one_at_a_time):
+        assert [len(logits) for logits in ours] == features.lengths.tolist()
+        assert all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+
+    started = []
+    lock = threading.Lock()
+
+    def failing_run(batch):
+        with lock:
+            started.append(batch)
+            first = len(started) == 1
+        time.sleep(0.05)
+        if first:
+            raise RuntimeError("run failed")
+        return onnx_reader.OnnxReaderModel.run(side_by_side, batch)
+
+    monkeypatch.setattr(side_by_side, "run", failing_run)
+    with pytest.raises(RuntimeError, match="run failed"):
+        side_by_side.predict_logits(features, 8, show_progress=False)
+    time.sleep(0.3)   # what was already running ends; nothing more starts
+    assert len(started) < len(features)
 
 
 def test_eval_from_an_export_writes_the_pytorch_predictions(run_dir, export_dir, tmp_path):
