@@ -261,8 +261,8 @@ MASK_INPUT = {"Attention": 3, "QAttention": 5}
 def attend_unmasked_when_unpadded(model_bytes: bytes) -> bytes:
     """`model_bytes` with each (Q)Attention behind an `If`: a run without padding (every attention_mask
     value 1, as in the reader's one-window runs) takes the operator without its mask, whose CPU kernel then
-    adds no mask to the scores (int8 BERT-small 1.05x faster one window a run, fp32 1.03x: `bench.py --only
-    predict`); a padded run takes it with the mask, as before. Both branches share the outer graph's weights."""
+    adds no mask to the scores (BERT-small one window a run: int8 1.05x faster, fp32 1.04x; `bench.py --only
+    onnx_profile`); a padded run takes it with the mask, as before. Both branches share the outer graph's weights."""
     import onnx
     from onnx import TensorProto, helper
 

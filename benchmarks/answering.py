@@ -248,8 +248,9 @@ def _without_torch_env(directory: Path) -> dict[str, str]:
 
 
 # Loads a Reader (argv: questions JSON, checkpoint, Reader.load keywords as JSON, attributes to set on each
-# model as JSON; "threads" reopens an ONNX model's session with that many threads a run) and prints, as JSON, its best answers/s over three passes and the seconds those passes spent
-# tokenizing and cutting windows, in the model, and decoding spans.
+# model as JSON; "threads" reopens an ONNX model's session with that many threads a run) and prints, as JSON,
+# its best answers/s over three passes and the seconds those passes spent tokenizing and cutting windows, in
+# the model, and decoding spans.
 _RATE_PROBE = """
 import json, sys, time
 import onnx_reader
