@@ -17,7 +17,7 @@ analyzer, the training run's window settings, its --version_2_with_negative and 
 run; and each model's size and CRC-32); `--quantize int8` adds `model_int8.onnx`,
 dynamically quantized. The graph is written with ONNX Runtime's fused transformer operators
 (EmbedLayerNormalization, Attention, FastGelu; residual + LayerNormalization), which its int8
-quantizer turns into QEmbedLayerNormalization, QAttention and DynamicQuantizeMatMul. Each model is checked
+quantizer turns into QAttention and DynamicQuantizeMatMul; model_int8.onnx keeps the word table in fp16. Each model is checked
 against the eager model on windows of the bundled sample before it is written (NaN or infinite
 logits are refused), and onnx_reader.json is renamed into place last. eval.py,
 predict.py and serve.py take the directory (or one of its .onnx files) as --checkpoint.
@@ -170,12 +170,15 @@ def training_windows(checkpoint: Path) -> dict[str, int]:
             for name, default in DEFAULT_WINDOWS.items()}
 
 
-def onnx_graph(model: QuestionAnswering):
+def onnx_graph(model: QuestionAnswering, fp16_word_lookup: bool = False):
     """`model` as an ONNX graph of ONNX Runtime's fused BERT operators, weights as initializers.
 
     Written by hand rather than traced: torch's exporter emits attention as dozens of small ops that
     ONNX Runtime's transformer optimizer does not recognise, so it runs unfused, and its int8
-    quantizer then has no QAttention or QEmbedLayerNormalization to map to.
+    quantizer then has no QAttention to map to.
+
+    `fp16_word_lookup` (the int8 model's): the word table stored in fp16 and looked up by Gather, Cast, the
+    sums and LayerNormalization in place of EmbedLayerNormalization, which takes fp32 or int8 tables only.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -201,12 +204,23 @@ def onnx_graph(model: QuestionAnswering):
         return node("Add", [matmul(x, f"{prefix}.weight"), weight(f"{prefix}.bias", state[f"{prefix}.bias"])])
 
     eps = config.layer_norm_eps
-    ids, types, mask = (node("Cast", [name], to=TensorProto.INT32) for name in onnx_reader.INPUT_NAMES)
+    ids, types, mask = onnx_reader.INPUT_NAMES
+    mask = node("Cast", [mask], to=TensorProto.INT32)
     embeddings = "bert.embeddings."
-    x, _ = node("EmbedLayerNormalization", [ids, types] + [
-        weight(embeddings + name, state[embeddings + name]) for name in (
-            "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight",
-            "LayerNorm.weight", "LayerNorm.bias")], ["embedded", "mask_index"], domain=MICROSOFT, epsilon=eps)
+    words = state[embeddings + "word_embeddings.weight"]
+    tables = [weight(embeddings + name, state[embeddings + name]) for name in (
+        "position_embeddings.weight", "token_type_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias")]
+    if fp16_word_lookup:
+        looked_up = node("Gather", [weight(embeddings + "word_embeddings.weight", words.astype(np.float16)), ids])
+        first_positions = node("Slice", [tables[0], weight("first_position", np.array([0], dtype=np.int64)),
+                                         node("Shape", [ids], start=1, end=2)])
+        summed = node("Add", [node("Add", [node("Cast", [looked_up], to=TensorProto.FLOAT), first_positions]),
+                              node("Gather", [tables[1], types])])
+        x = node("LayerNormalization", [summed, *tables[2:]], axis=-1, epsilon=eps)
+    else:
+        ids, types = (node("Cast", [name], to=TensorProto.INT32) for name in (ids, types))
+        x, _ = node("EmbedLayerNormalization", [ids, types, weight(embeddings + "word_embeddings.weight", words),
+                                                *tables], ["embedded", "mask_index"], domain=MICROSOFT, epsilon=eps)
     if "bert.embeddings_project.weight" in state:
         x = linear(x, "bert.embeddings_project")
     for index in range(config.num_hidden_layers):
@@ -298,9 +312,10 @@ def attend_unmasked_when_unpadded(model_bytes: bytes) -> bytes:
 
 
 def quantize_int8(fp32_bytes: bytes, scratch: Path, reduce_range: bool = False) -> bytes:
-    """Dynamic int8: weights signed int8 per tensor (7-bit with `reduce_range`), activations uint8 quantized
-    per run at run time (u8s8 runs on the VNNI/AVX2 int8 kernels; u8u8 ran at fp32 speed; per-channel weights
-    were no faster; static QDQ, calibrated, was slower: `bench.py --only predict`, docs/measurements.md)."""
+    """Dynamic int8 of the matmuls and attention: weights signed int8 per tensor (7-bit with `reduce_range`),
+    activations uint8 quantized per run at run time (u8s8 runs on the VNNI/AVX2 int8 kernels; u8u8 ran at fp32
+    speed; per-channel weights were no faster; static QDQ, calibrated, was slower: `bench.py --only predict`,
+    docs/measurements.md). The embeddings are left as the graph has them: see `onnx_graph`'s fp16 lookup."""
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -313,6 +328,7 @@ def quantize_int8(fp32_bytes: bytes, scratch: Path, reduce_range: bool = False) 
     try:
         # The fused operators are outside ONNX's shape inference: their outputs are float32, as the quantizer is told.
         quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=False, reduce_range=reduce_range,
+                         op_types_to_quantize=["MatMul", "Attention"],
                          extra_options={"DefaultTensorType": TensorProto.FLOAT})
     finally:
         root.setLevel(level)
@@ -369,17 +385,19 @@ def export_onnx(model: QuestionAnswering, vocab_file: str | Path, settings: onnx
     `output_dir`, each model verified against `model` before anything is written."""
     remove_dead_scratch(output_dir)
     batch = check_batch(model, settings, vocab_file)
-    graph_bytes = onnx_graph(model).SerializeToString()   # quantized as it is: the quantizer reads no If branches
-    fp32_bytes = attend_unmasked_when_unpadded(graph_bytes)
+    fp32_bytes = attend_unmasked_when_unpadded(onnx_graph(model).SerializeToString())
     verify(model, fp32_bytes, onnx_reader.MODEL_NAME, batch, FP32_TOLERANCE)
     models = {onnx_reader.MODEL_NAME: fp32_bytes}
     if quantize:
         target = onnx_reader.cpu_int8_target() if int8_for == "auto" else int8_for
         reduce_range = onnx_reader.INT8_TARGETS[target]
         with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}.", dir=output_dir) as scratch:
+            # Quantized before the Ifs go in: the quantizer reads no If branches.
+            graph_bytes = onnx_graph(model, fp16_word_lookup=True).SerializeToString()
             int8_bytes = attend_unmasked_when_unpadded(quantize_int8(graph_bytes, Path(scratch), reduce_range))
         settings.quantization = {"method": "dynamic", "weights": "int8 per tensor" + (", 7-bit" if reduce_range else ""),
-                                 "activations": "uint8 per run", "for": target, "reduce_range": reduce_range,
+                                 "activations": "uint8 per run", "embeddings": "fp16 word table", "for": target,
+                                 "reduce_range": reduce_range,
                                  "chosen": "this CPU's" if int8_for == "auto" else "--int8_for"}
         verify(model, int8_bytes, onnx_reader.INT8_MODEL_NAME, batch, INT8_TOLERANCE)
         models[onnx_reader.INT8_MODEL_NAME] = int8_bytes

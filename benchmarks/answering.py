@@ -1,5 +1,5 @@
 """Rows on answering: predict.py's rates (PyTorch, ONNX fp32 and int8, next to transformers' pipeline), its
-start-up time and memory, ONNX answers against PyTorch's, and serve.py under concurrent clients."""
+start-up time and memory, where the ONNX models' time goes, and ONNX answers against PyTorch's."""
 from __future__ import annotations
 
 import argparse
@@ -26,16 +26,12 @@ def _question_answering_pipeline(config):
     """transformers' `pipeline("question-answering")` on a randomly initialised BertForQuestionAnswering
     of the same size and our vocab: `answer(question, context)` and its tokenizer; None where the
     installed transformers has no such pipeline (5.x dropped it) or none is installed."""
-    import torch
-
-    try:
-        import transformers
-        from transformers.pipelines import SUPPORTED_TASKS
-    except ImportError:
-        return None
-    if "question-answering" not in SUPPORTED_TASKS:
+    if not _has_question_answering_pipeline():
         return None
     import shutil
+
+    import torch
+    import transformers
     import tempfile
 
     with tempfile.TemporaryDirectory() as vocab_dir:
@@ -55,6 +51,14 @@ def _question_answering_pipeline(config):
         return pipeline(question=question, context=context, max_seq_len=512, doc_stride=128,
                         max_question_len=96, max_answer_len=30)
     return answer, tokenizer
+
+
+def _has_question_answering_pipeline() -> bool:
+    try:
+        from transformers.pipelines import SUPPORTED_TASKS
+    except ImportError:
+        return False
+    return "question-answering" in SUPPORTED_TASKS
 
 
 def _write_random_run(run: Path, config) -> None:
@@ -89,8 +93,9 @@ def bench_predict(args: argparse.Namespace) -> None:
     """predict.py on CPU with BERT-small (random weights: speed only): load time, answers per second
     one at a time and batched next to transformers' question-answering pipeline; PyTorch and the ONNX
     exports (fp32, int8; int8 also as the reader ran it before) batched, each in a process of its own, with
-    the shares of tokenizing and decoding (goals: batched >= 2x, int8 ONNX >= 4x the pipeline, fp32 ONNX no
-    slower than PyTorch); then process start to first answer and peak memory, ONNX vs PyTorch."""
+    the shares of tokenizing and decoding, next to the pipeline in a process of its own (goals: batched >= 2x,
+    int8 ONNX >= 4x the pipeline, fp32 ONNX no slower than PyTorch); then process start to first answer and
+    peak memory, ONNX vs PyTorch."""
     import tempfile
     import time
 
@@ -122,8 +127,11 @@ def bench_predict(args: argparse.Namespace) -> None:
             f"ONNX int8, 1 run at a time on {threads} threads, 1 window a run": (
                 [int8_file], {}, {"workers": 1, "threads": threads}),
             f"ONNX int8, 1 run at a time on {threads} threads, runs of {reader.batch_size} windows": (
-                [int8_file], {}, {"workers": 1, "threads": threads, "windows_per_run": reader.batch_size})},
+                [int8_file], {}, {"workers": 1, "threads": threads, "windows_per_run": reader.batch_size}),
+            # The pipeline in a process of its own too: in this one, the exports' ONNX Runtime sessions slow it.
+            **({_PIPELINE: ([_PIPELINE], {}, {})} if _has_question_answering_pipeline() else {})},
             questions)
+        own_pipeline = own_process.pop(_PIPELINE, {}).get("rate")
         startup = _startup_and_memory(run, onnx_dir, questions[0])
     reader("워밍업?", questions[0]["context"])   # first-call costs (allocator, Mecab dictionary) not timed
     pipeline, pipeline_tokenizer = _question_answering_pipeline(config) or (None, None)
@@ -154,9 +162,12 @@ def bench_predict(args: argparse.Namespace) -> None:
     for name, label in labels.items():
         versus = f" ({rates[name] / theirs:.2f}x the pipeline)" if theirs else ""
         print(f"predict.answers_per_second[{label}]: {rates[name]:.2f}{versus}")
+    # The own-process rows against the pipeline's faster reading, in this process or its own: its rate moves
+    # from run to run more than the exports' do.
+    fastest = max(theirs or 0.0, own_pipeline or 0.0)
     for name, measured in own_process.items():
         rate = measured["rate"]
-        versus = f" ({rate / theirs:.2f}x the pipeline)" if theirs else ""
+        versus = f" ({rate / fastest:.2f}x the pipeline's faster reading)" if fastest else ""
         if name != "PyTorch":
             versus += f" ({rate / own_process['PyTorch']['rate']:.2f}x PyTorch in its own process)"
         detail = "without torch" if name.startswith("ONNX") else "fp32"
@@ -173,7 +184,8 @@ def bench_predict(args: argparse.Namespace) -> None:
         their_pieces = [len(pipeline_tokenizer(q["question"], q["context"], truncation="only_second",
                                                max_length=reader.max_seq_length)["input_ids"]) for q in questions]
         print(f"predict.answers_per_second[transformers {transformers.__version__} pipeline, fp32, one at a time]: "
-              f"{theirs:.2f} (its first windows: {sum(their_pieces) / len(their_pieces):.0f} pieces each)")
+              f"{theirs:.2f} in this process, {own_pipeline:.2f} in its own (its first windows: "
+              f"{sum(their_pieces) / len(their_pieces):.0f} pieces each)")
     for name, (seconds, megabytes) in startup.items():
         print(f"predict.start_to_first_answer[{name}]: {seconds:.2f} s, peak RSS {megabytes:.0f} MB")
     onnx_seconds, onnx_megabytes = startup["ONNX int8, without torch"]
@@ -186,9 +198,8 @@ def bench_predict(args: argparse.Namespace) -> None:
 def bench_onnx_profile(args: argparse.Namespace) -> None:
     """Where the model's time goes in the ONNX rows of `predict`: ONNX Runtime's profiler over the same 64 dev
     questions' windows, one window a run on one thread as the reader runs them, kernel time per operator type
-    (fp32, int8); then the time per window unpadded and with one padding piece (the attention's masked branch)."""
-    import collections
-    import json
+    (fp32, int8); then the time per window unpadded and with one padding piece (the attention's masked branch);
+    then the int8 matmuls' rate in the model against one such matmul alone (this CPU's ceiling for them)."""
     import tempfile
 
     import numpy as np
@@ -212,15 +223,12 @@ def bench_onnx_profile(args: argparse.Namespace) -> None:
                  if name in onnx_reader.INPUT_NAMES} for index in range(len(features))]
         # The same windows with one padding piece each: the graph's masked attention branch.
         padded = [{name: np.pad(array, ((0, 0), (0, 1))) for name, array in feed.items()} for feed in runs]
+        profiles = {}
         for label, name in (("fp32", onnx_reader.MODEL_NAME), ("int8", onnx_reader.INT8_MODEL_NAME)):
             session = onnx_reader.open_session(onnx_dir / name, profile_prefix=str(Path(run) / label))
             for feed in runs:
                 session.run(onnx_reader.OUTPUT_NAMES, feed)
-            events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
-            spent = collections.Counter()
-            for event in events:
-                if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-                    spent[event["args"]["op_name"]] += event["dur"]
+            spent = profiles[label] = _kernel_micros(session)
             # An If's time includes its branch's (the attention operator, also counted on its own): only what
             # it adds is its own.
             spent["If"] -= spent["Attention"] + spent["QAttention"]
@@ -236,6 +244,57 @@ def bench_onnx_profile(args: argparse.Namespace) -> None:
             print(f"onnx_profile[{label}, ms per window]: unpadded (attention without its mask) "
                   f"{1000 * seconds['unpadded']:.2f}, with one padding piece (the masked branch) "
                   f"{1000 * seconds['padded']:.2f}: {seconds['padded'] / seconds['unpadded']:.2f}x")
+        # The int8 matmuls outside attention (output projection, FFN, span head) against one such matmul alone.
+        lengths = [feed["input_ids"].shape[1] for feed in runs]
+        hidden, ffn = config.hidden_size, config.ff_dim
+        operations = sum(2 * length * (config.num_hidden_layers * (hidden * hidden + 2 * hidden * ffn) + 2 * hidden)
+                         for length in lengths)
+        rows = round(sum(lengths) / len(lengths))
+        alone = _int8_matmul_rate(rows, hidden, ffn, Path(run) / "alone")
+        in_model = operations / profiles["int8"]["DynamicQuantizeMatMul"] / 1e3
+        print(f"onnx_profile[int8 matmuls, 1 thread]: the model's DynamicQuantizeMatMul {in_model:.0f} GOP/s; one "
+              f"{rows}x{hidden}x{ffn} DynamicQuantizeMatMul alone {alone:.0f} GOP/s ({in_model / alone:.0%})")
+
+
+def _kernel_micros(session) -> collections.Counter:
+    """Microseconds of kernel time per operator type in a profiling `session`'s runs (ends its profiling)."""
+    import collections
+    import json
+
+    spent = collections.Counter()
+    for event in json.loads(Path(session.end_profiling()).read_text(encoding="utf-8")):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            spent[event["args"]["op_name"]] += event["dur"]
+    return spent
+
+
+def _int8_matmul_rate(rows: int, inner: int, outer: int, profile_prefix: Path, runs: int = 200) -> float:
+    """GOP/s of ONNX Runtime's DynamicQuantizeMatMul (uint8 activations quantized per run, int8 weights) alone,
+    `rows` x `inner` times `inner` x `outer`, on one thread: this CPU's ceiling for the model's matmuls."""
+    import numpy as np
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export import MICROSOFT
+
+    generator = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(generator.integers(-127, 128, (inner, outer), dtype=np.int8), "weight"),
+               numpy_helper.from_array(np.array(0.01, dtype=np.float32), "scale"),
+               numpy_helper.from_array(np.array(0, dtype=np.int8), "zero_point")]
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeMatMul", ["x", "weight", "scale", "zero_point"], ["y"], domain=MICROSOFT)],
+        "int8_matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, inner])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, outer])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MICROSOFT, 1)])
+    model.ir_version = 8
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    options.enable_profiling, options.profile_file_prefix = True, str(profile_prefix)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"x": generator.standard_normal((rows, inner), dtype=np.float32)}
+    for _ in range(runs):
+        session.run(None, feed)
+    return 2 * rows * inner * outer * runs / _kernel_micros(session)["DynamicQuantizeMatMul"] / 1e3
 
 
 def _without_torch_env(directory: Path) -> dict[str, str]:
@@ -247,23 +306,32 @@ def _without_torch_env(directory: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(directory)}
 
 
+# The checkpoint that stands for transformers' question-answering pipeline in _rates_in_own_processes.
+_PIPELINE = "transformers-pipeline"
 # Loads a Reader (argv: questions JSON, checkpoint, Reader.load keywords as JSON, attributes to set on each
-# model as JSON; "threads" reopens an ONNX model's session with that many threads a run) and prints, as JSON,
-# its best answers/s over three passes and the seconds those passes spent tokenizing and cutting windows, in
-# the model, and decoding spans.
+# model as JSON; "threads" reopens an ONNX model's session with that many threads a run), or for _PIPELINE
+# transformers' pipeline answering one question at a time, and prints, as JSON, its best answers/s over three
+# passes and the seconds those passes spent tokenizing and cutting windows, in the model, and decoding spans.
 _RATE_PROBE = """
 import json, sys, time
 import onnx_reader
 import predict
 from predict import Reader
 questions = json.loads(open(sys.argv[1], encoding="utf-8").read())
-reader = Reader.load(sys.argv[2], **json.loads(sys.argv[3]))
-for model in reader.models:
-    for name, value in json.loads(sys.argv[4]).items():
-        if name == "threads":   # an ONNX session's own threads for each run
-            model.session = onnx_reader.open_session(model.path, threads=value)
-        else:
-            setattr(model, name, value)
+if sys.argv[2] == "%s":
+    from benchmarks.answering import _question_answering_pipeline
+    from modeling import Config
+    pipeline, _ = _question_answering_pipeline(Config.from_json_file("data/bert_small.json"))
+    answer_all = lambda questions: [pipeline(q["question"], q["context"]) for q in questions]
+else:
+    reader = Reader.load(sys.argv[2], **json.loads(sys.argv[3]))
+    answer_all = reader.answer_all
+    for model in reader.models:
+        for name, value in json.loads(sys.argv[4]).items():
+            if name == "threads":   # an ONNX session's own threads for each run
+                model.session = onnx_reader.open_session(model.path, threads=value)
+            else:
+                setattr(model, name, value)
 spent = {"tokenize": 0.0, "decode": 0.0}
 def timed(stage, function):
     def run(*args, **kwargs):
@@ -275,16 +343,16 @@ def timed(stage, function):
     return run
 predict.convert_examples_to_features = timed("tokenize", predict.convert_examples_to_features)
 predict.decode_predictions = timed("decode", predict.decode_predictions)
-reader.answer_all(questions[:8])
+answer_all(questions[:8])
 best, total = 0.0, 0.0
 spent.update(tokenize=0.0, decode=0.0)
 for _ in range(3):
     started = time.perf_counter()
-    reader.answer_all(questions)
+    answer_all(questions)
     seconds = time.perf_counter() - started
     best, total = max(best, len(questions) / seconds), total + seconds
 print(json.dumps({"rate": best, "seconds": total, **spent}))
-"""
+""" % _PIPELINE
 
 
 def _rates_in_own_processes(cases: dict[str, tuple[list[str], dict, dict]], questions: list[dict]
@@ -404,96 +472,3 @@ def bench_onnx_agreement(args: argparse.Namespace) -> None:
         same = sum(predicted[key] == reference[key] for key in reference) / len(reference)
         print(f"onnx_agreement[{name}]: identical to PyTorch fp32 on {100 * same:.2f}% of questions; "
               f"EM {scores['exact_match']:.2f} / F1 {scores['f1']:.2f}")
-
-
-# --- serve.py (issue 20) -----------------------------------------------------------------
-_SERVE_QUESTIONS = 64   # the first dev questions, with their real contexts
-_SERVE_CLIENTS = 16
-
-
-def _on_a_thread(work: Callable[[], object]) -> None:
-    import threading
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join()
-
-
-def _serve_rate(port: int, questions: list[dict]) -> float:
-    """Answers/s of serve.py on 127.0.0.1:`port` with _SERVE_CLIENTS clients, each on one keep-alive
-    connection, sending its share of `questions` one request at a time."""
-    import http.client
-    import json
-    import time
-    from concurrent.futures import ThreadPoolExecutor
-
-    def client(number: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        for question in questions[number::_SERVE_CLIENTS]:
-            connection.request("POST", "/answer", json.dumps(question, ensure_ascii=False).encode("utf-8"),
-                               {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            if response.status != 200:
-                raise RuntimeError(f"serve.py answered {response.status}: {response.read()[:200]!r}")
-            response.read()
-        connection.close()
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(_SERVE_CLIENTS) as pool:
-        list(pool.map(client, range(_SERVE_CLIENTS)))
-    return len(questions) / (time.perf_counter() - started)
-
-
-@benchmark("serve")
-def bench_serve(args: argparse.Namespace) -> None:
-    """serve.py under 16 concurrent loopback clients next to predict.py's offline batched rate, same model
-    (BERT-small, random weights: speed only), same dev questions, same run (goal: serve >= 0.8x offline)."""
-    import signal
-    import subprocess
-    import tempfile
-    import time
-
-    import torch
-
-    from modeling import Config
-    from predict import Reader
-
-    config = Config.from_json_file(ROOT / "data" / "bert_small.json")
-    questions = _dev_questions(args.dev, _SERVE_QUESTIONS)
-    with tempfile.TemporaryDirectory() as run:
-        _write_random_run(Path(run), config)
-        reader = Reader.load(run, no_cuda=True, analyzer="mecab")
-        server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"--checkpoint={run}", "--port=0",
-                                   "--no_cuda", "--analyzer=mecab", "--quiet"], cwd=ROOT, text=True,
-                                  stdout=subprocess.PIPE)
-        try:
-            line = server.stdout.readline()
-            if "serving on" not in line:
-                print(f"serve: skipped (serve.py did not start: {line.strip() or 'see its messages above'})")
-                return
-            port = int(line.rsplit(":", 1)[1])
-            reader("워밍업?", questions[0]["context"])   # first-call costs not timed, here or there
-            _serve_rate(port, questions[:_SERVE_CLIENTS])
-            # Interleaved, so drifting machine load hurts all alike; the best of two runs each. The offline
-            # rate is taken on the main thread (as predict.py runs) and on a worker thread (as serve.py runs
-            # the model): on a CPU shared with other work, OpenMP runs slower from the main thread.
-            rates = {"offline": 0.0, "offline_thread": 0.0, "served": 0.0}
-            runs = {"offline": lambda: reader.answer_all(questions),
-                    "offline_thread": lambda: _on_a_thread(lambda: reader.answer_all(questions)),
-                    "served": lambda: _serve_rate(port, questions)}
-            for _ in range(2):
-                for name, run_once in runs.items():
-                    started = time.perf_counter()
-                    run_once()
-                    rates[name] = max(rates[name], len(questions) / (time.perf_counter() - started))
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=120)
-    print(f"serve: {len(questions)} dev questions with their real contexts, BERT-small, CPU "
-          f"x{torch.get_num_threads()} threads, serve.py defaults (--max_batch 32, --max_wait_ms 5)")
-    offline, served = rates["offline"], rates["served"]
-    print(f"serve.answers_per_second[predict.py offline, batched, batch {reader.batch_size}]: {offline:.2f}")
-    print(f"serve.answers_per_second[predict.py offline, batched, on a worker thread]: {rates['offline_thread']:.2f}")
-    print(f"serve.answers_per_second[serve.py, {_SERVE_CLIENTS} concurrent loopback clients, one question per "
-          f"request]: {served:.2f} ({served / offline:.2f}x offline, {served / rates['offline_thread']:.2f}x "
-          f"offline on a worker thread; goal >= 0.8x)")

@@ -391,7 +391,7 @@ def test_int8_for_cpus_without_vnni_has_7_bit_weights_and_says_so(v2_run, export
     _, run = v2_run
     here = onnx_reader.read_settings(exports["split"]).quantization
     assert here == {"method": "dynamic", "weights": "int8 per tensor" + (", 7-bit" if here["reduce_range"] else ""),
-                    "activations": "uint8 per run", "for": onnx_reader.cpu_int8_target(),
+                    "activations": "uint8 per run", "embeddings": "fp16 word table", "for": onnx_reader.cpu_int8_target(),
                     "reduce_range": onnx_reader.INT8_TARGETS[onnx_reader.cpu_int8_target()], "chosen": "this CPU's"}
     export.main(export_flags(run, tmp_path / "avx2", "--quantize", "int8", "--int8_for", "avx2"))
     recorded = onnx_reader.read_settings(tmp_path / "avx2").quantization
