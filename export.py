@@ -179,6 +179,9 @@ def onnx_graph(model: QuestionAnswering, fp16_word_lookup: bool = False):
 
     `fp16_word_lookup` (the int8 model's): the word table stored in fp16 and looked up by Gather, Cast, the
     sums and LayerNormalization in place of EmbedLayerNormalization, which takes fp32 or int8 tables only.
+    Quantized with one scale (QEmbedLayerNormalization), the table moved held-out answers (mean agreement
+    96.05% vs 97.39% over 8 checkpoints of a small model); kept in fp32 it grew predict.py's peak memory
+    from 139 to 207 MB, in fp16 to 178 MB; all three ran at the same speed (docs/measurements.md).
     """
     from onnx import TensorProto, helper, numpy_helper
 
