@@ -1,6 +1,6 @@
 """The project's one benchmark script: speed and quality figures measured on real data.
 
-Usage: python3 bench.py [--dev PATH] [--only NAME[,NAME...]] [--checkpoint RUN (for onnx_agreement)]
+Usage: python3 bench.py [--dev PATH] [--only NAME[,NAME...]] [--checkpoint RUN [RUN...] (for onnx_agreement)]
 Each benchmark prints one or more `name: value` lines to stdout. The benchmarks themselves live in
 benchmarks/, one module per kind of figure; this file chooses which run, in what order.
 """
@@ -26,8 +26,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dev", type=Path, default=None,
                         help="KorQuAD v1.0 dev JSON (if not given: data/ or ../shared/data/).")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="A trained run or checkpoint for onnx_agreement (if not given: it is skipped).")
+    parser.add_argument("--checkpoint", type=Path, nargs="+", default=None,
+                        help="Trained runs or checkpoints for onnx_agreement, each measured in turn (if not given: "
+                             "it is skipped).")
     parser.add_argument("--compare_rev", default=None,
                         help="train_scale: also measure the train.py of this git revision (e.g. HEAD~1), side by side.")
     parser.add_argument("--steps", type=int, default=600, help="pretrain_reference: optimizer steps per run.")
@@ -41,6 +42,9 @@ def main() -> None:
     unknown = [n for n in names if n not in ORDER]
     if unknown:
         sys.exit(f"bench.py: unknown benchmark(s) for --only: {', '.join(unknown)}")
+    missing = [str(path) for path in args.checkpoint or [] if not path.exists()]
+    if missing:
+        sys.exit(f"bench.py: --checkpoint {missing[0]}: no such file or directory")
     if args.dev is None:
         args.dev = next((p for p in DEV_CANDIDATES if p.is_file()), None)
     if (args.dev is None or not args.dev.is_file()) and not set(names) <= WITHOUT_DEV:

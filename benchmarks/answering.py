@@ -437,31 +437,57 @@ def _startup_and_memory(run: str, onnx_dir: Path, question: dict) -> dict[str, t
 
 @benchmark("onnx_agreement")
 def bench_onnx_agreement(args: argparse.Namespace) -> None:
-    """A trained --checkpoint (run directory or file) on the dev questions, in PyTorch fp32 and exported to
+    """Each trained --checkpoint (run directory or file) on the dev questions, in PyTorch fp32 and exported to
     ONNX fp32 and int8: how often each ONNX answer equals PyTorch's, and EM/F1 of each (goals: fp32
-    identical on nearly every question; int8 identical on >= 97%, EM within 1 point)."""
+    identical on nearly every question; int8 identical on >= 97%, EM within 1 point); with several
+    checkpoints (a run's epochs), the spread of int8's agreement over them."""
     import json
-    import tempfile
 
     import evaluate_v1_0
-    import export
-    import onnx_reader
-    from checkpoints import resolve_checkpoints
-    from predict import Reader
 
     if args.checkpoint is None:
         print("onnx_agreement: skipped (pass --checkpoint with a trained run)")
         return
     questions = _dev_questions(args.dev, 10 ** 9)
-    # All three read text in the training run's windows.
-    windows = export.training_windows(resolve_checkpoints([args.checkpoint])[0])
-    reader = Reader.load(args.checkpoint, no_cuda=True, **windows)
+    with open(args.dev, encoding="utf-8-sig") as handle:
+        dataset = json.load(handle)["data"]
+    int8_agreement = []
+    for checkpoint in args.checkpoint:
+        answers, windows = _answers_in_pytorch_and_onnx(checkpoint, questions)
+        reference = answers["PyTorch fp32"]
+        print(f"onnx_agreement: {len(questions)} questions of {args.dev.name}, checkpoint {checkpoint}, "
+              f"windows {windows}")
+        for name, predicted in answers.items():
+            scores = evaluate_v1_0.evaluate(dataset, predicted)
+            same = sum(predicted[key] == reference[key] for key in reference) / len(reference)
+            if name == "ONNX int8":
+                int8_agreement.append(same)
+            print(f"onnx_agreement[{name}]: identical to PyTorch fp32 on {100 * same:.2f}% of questions; "
+                  f"EM {scores['exact_match']:.2f} / F1 {scores['f1']:.2f}")
+    if len(int8_agreement) > 1:
+        print(f"onnx_agreement[ONNX int8, {len(int8_agreement)} checkpoints]: identical on "
+              f"{100 * min(int8_agreement):.2f}-{100 * max(int8_agreement):.2f}% of questions, mean "
+              f"{100 * sum(int8_agreement) / len(int8_agreement):.2f}%; >= 97% on "
+              f"{sum(share >= 0.97 for share in int8_agreement)} of {len(int8_agreement)}")
+
+
+def _answers_in_pytorch_and_onnx(checkpoint: Path, questions: list[dict]) -> tuple[dict[str, dict[str, str]], dict]:
+    """{reader: {question id: answer}} for `checkpoint` in PyTorch fp32, exported to ONNX fp32 and int8, and
+    int8 one run at a time as the reader ran before; and the training run's windows, which all of them read."""
+    import tempfile
+
+    import export
+    import onnx_reader
+    from checkpoints import resolve_checkpoints
+    from predict import Reader
+
+    windows = export.training_windows(resolve_checkpoints([checkpoint])[0])
     with tempfile.TemporaryDirectory() as onnx_dir:
-        export.main(["--checkpoint", str(args.checkpoint), "--output_dir", onnx_dir, "--format", "onnx",
+        export.main(["--checkpoint", str(checkpoint), "--output_dir", onnx_dir, "--format", "onnx",
                      "--quantize", "int8", "--quiet"])
         int8_file = Path(onnx_dir) / onnx_reader.INT8_MODEL_NAME
-        readers = {"PyTorch fp32": reader, "ONNX fp32": Reader.load(onnx_dir, **windows),
-                   "ONNX int8": Reader.load(int8_file, **windows)}
+        readers = {"PyTorch fp32": Reader.load(checkpoint, no_cuda=True, **windows),
+                   "ONNX fp32": Reader.load(onnx_dir, **windows), "ONNX int8": Reader.load(int8_file, **windows)}
         # The reader before runs went side by side: one run at a time on every core's thread.
         threads = onnx_reader.physical_cores()
         one_at_a_time = readers[f"ONNX int8, 1 run at a time on {threads} threads"] = Reader.load(int8_file, **windows)
@@ -469,13 +495,4 @@ def bench_onnx_agreement(args: argparse.Namespace) -> None:
         one_at_a_time.models[0].session = onnx_reader.open_session(int8_file, threads=threads)
         answers = {name: {q["id"]: a["answer"] for q, a in zip(questions, r.answer_all(questions, progress=True))}
                    for name, r in readers.items()}
-    with open(args.dev, encoding="utf-8-sig") as handle:
-        dataset = json.load(handle)["data"]
-    reference = answers["PyTorch fp32"]
-    print(f"onnx_agreement: {len(questions)} questions of {args.dev.name}, checkpoint {args.checkpoint}, "
-          f"windows {windows}")
-    for name, predicted in answers.items():
-        scores = evaluate_v1_0.evaluate(dataset, predicted)
-        same = sum(predicted[key] == reference[key] for key in reference) / len(reference)
-        print(f"onnx_agreement[{name}]: identical to PyTorch fp32 on {100 * same:.2f}% of questions; "
-              f"EM {scores['exact_match']:.2f} / F1 {scores['f1']:.2f}")
+    return answers, windows
