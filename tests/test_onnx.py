@@ -278,6 +278,24 @@ def test_bad_exports_and_flags_are_one_line(export_dir, run_dir, tmp_path):
     assert result.returncode == 2 and "--quantize needs --format onnx" in result.stderr
 
 
+def test_the_int8_models_fp16_word_lookup_reads_as_the_fused_embeddings(eager):
+    """model_int8.onnx's embeddings (fp16 word table, Gather, position slice, LayerNormalization) before
+    quantization: the eager logits to fp16's rounding, for BERT's embeddings and ELECTRA's projected ones."""
+    import export
+
+    torch.manual_seed(3)
+    electra = QuestionAnswering(Config(**{**TINY_CONFIG, "embedding_size": 16})).eval()
+    batch = sample_batch(3, 48, 11)
+    real = batch["attention_mask"] == 1
+    for model in (eager, electra):
+        expected = eager_logits(model, batch)
+        for fp16_word_lookup, tolerance in ((False, 1e-4), (True, 5e-3)):
+            graph = export.onnx_graph(model, fp16_word_lookup=fp16_word_lookup).SerializeToString()
+            got = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, batch)
+            for logits, reference in zip(got, expected):
+                np.testing.assert_allclose(logits[real], reference[real], atol=tolerance, rtol=0)
+
+
 def test_export_refuses_a_model_whose_logits_drift(eager):
     import export
     from cli import UsageError
