@@ -17,10 +17,10 @@ analyzer, the training run's window settings, its --version_2_with_negative and 
 run; and each model's size and CRC-32); `--quantize int8` adds `model_int8.onnx`,
 dynamically quantized. The graph is written with ONNX Runtime's fused transformer operators
 (EmbedLayerNormalization, Attention, FastGelu; residual + LayerNormalization), which its int8
-quantizer turns into QAttention and DynamicQuantizeMatMul; model_int8.onnx keeps the word table in fp16. Each model is checked
-against the eager model on windows of the bundled sample before it is written (NaN or infinite
-logits are refused), and onnx_reader.json is renamed into place last. eval.py,
-predict.py and serve.py take the directory (or one of its .onnx files) as --checkpoint.
+quantizer turns into QAttention and DynamicQuantizeMatMul; model_int8.onnx keeps the word table in
+fp16. Each model is checked against the eager model on windows of the bundled sample before it is
+written (NaN or infinite logits are refused), and onnx_reader.json is renamed into place last.
+eval.py, predict.py and serve.py take the directory (or one of its .onnx files) as --checkpoint.
 """
 from __future__ import annotations
 
