@@ -7,19 +7,12 @@ import sys
 from pathlib import Path
 from collections.abc import Callable
 
-from benchmarks.harness import ROOT, VOCAB_FILE, benchmark, kq_median_seconds
+from benchmarks.harness import (ROOT, VOCAB_FILE, benchmark, dev_questions, kq_median_seconds,
+                                write_random_run)
 
 
 # --- predict.py (issue 10) ---------------------------------------------------------------
 _PREDICT_QUESTIONS = 64   # the first dev questions, with their real (shared) contexts
-
-
-def _dev_questions(dev_file: Path, count: int) -> list[dict]:
-    """The first `count` questions of a KorQuAD file as predict.py's input records."""
-    from korquad_utils import read_squad_examples
-
-    examples = read_squad_examples(dev_file, is_training=False)[:count]
-    return [{"id": e.qas_id, "question": e.question_text, "context": e.context_text} for e in examples]
 
 
 def _question_answering_pipeline(config):
@@ -29,10 +22,10 @@ def _question_answering_pipeline(config):
     if not _has_question_answering_pipeline():
         return None
     import shutil
+    import tempfile
 
     import torch
     import transformers
-    import tempfile
 
     with tempfile.TemporaryDirectory() as vocab_dir:
         shutil.copy(VOCAB_FILE, Path(vocab_dir) / "vocab.txt")
@@ -59,19 +52,6 @@ def _has_question_answering_pipeline() -> bool:
     except ImportError:
         return False
     return "question-answering" in SUPPORTED_TASKS
-
-
-def _write_random_run(run: Path, config) -> None:
-    """A training run directory holding `config` and one randomly initialised fine-tuned checkpoint."""
-    import json
-
-    import torch
-
-    from modeling import QuestionAnswering
-
-    (run / "config.json").write_text(json.dumps(config.to_dict()))
-    torch.manual_seed(0)
-    torch.save(QuestionAnswering(config).state_dict(), run / "korquad_1.bin")
 
 
 def _export_beside(reader, run: Path) -> Path:
@@ -107,9 +87,9 @@ def bench_predict(args: argparse.Namespace) -> None:
     from predict import Reader
 
     config = Config.from_json_file(ROOT / "data" / "bert_small.json")
-    questions = _dev_questions(args.dev, _PREDICT_QUESTIONS)
+    questions = dev_questions(args.dev, _PREDICT_QUESTIONS)
     with tempfile.TemporaryDirectory() as run:
-        _write_random_run(Path(run), config)
+        write_random_run(Path(run), config)
         started = time.perf_counter()
         reader = Reader.load(run, no_cuda=True, analyzer="mecab")
         load_seconds = time.perf_counter() - started
@@ -128,7 +108,7 @@ def bench_predict(args: argparse.Namespace) -> None:
                 [int8_file], {}, {"workers": 1, "threads": threads}),
             f"ONNX int8, 1 run at a time on {threads} threads, runs of {reader.batch_size} windows": (
                 [int8_file], {}, {"workers": 1, "threads": threads, "windows_per_run": reader.batch_size}),
-            # The pipeline in a process of its own too: in this one, the exports' ONNX Runtime sessions slow it.
+            # The pipeline in a process of its own too, as the exports run: its readings here and there differ.
             **({_PIPELINE: ([_PIPELINE], {}, {})} if _has_question_answering_pipeline() else {})},
             questions)
         own_pipeline = own_process.pop(_PIPELINE, {}).get("rate")
@@ -211,9 +191,9 @@ def bench_onnx_profile(args: argparse.Namespace) -> None:
     from squad_examples import SquadExample
 
     config = Config.from_json_file(ROOT / "data" / "bert_small.json")
-    questions = _dev_questions(args.dev, _PREDICT_QUESTIONS)
+    questions = dev_questions(args.dev, _PREDICT_QUESTIONS)
     with tempfile.TemporaryDirectory() as run:
-        _write_random_run(Path(run), config)
+        write_random_run(Path(run), config)
         reader = Reader.load(run, no_cuda=True, analyzer="mecab")
         onnx_dir = _export_beside(reader, Path(run))
         examples = [SquadExample(str(n), q["question"], q["context"], []) for n, q in enumerate(questions)]
@@ -256,22 +236,27 @@ def bench_onnx_profile(args: argparse.Namespace) -> None:
               f"{rows}x{hidden}x{ffn} DynamicQuantizeMatMul alone {alone:.0f} GOP/s ({in_model / alone:.0%})")
 
 
+def _kernel_events(session) -> list[dict]:
+    """The kernel-time events of a profiling `session`'s runs (ends its profiling)."""
+    import json
+
+    events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
+    return [event for event in events if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")]
+
+
 def _kernel_micros(session) -> collections.Counter:
     """Microseconds of kernel time per operator type in a profiling `session`'s runs (ends its profiling)."""
     import collections
-    import json
 
     spent = collections.Counter()
-    for event in json.loads(Path(session.end_profiling()).read_text(encoding="utf-8")):
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
-            spent[event["args"]["op_name"]] += event["dur"]
+    for event in _kernel_events(session):
+        spent[event["args"]["op_name"]] += event["dur"]
     return spent
 
 
 def _int8_matmul_rate(rows: int, inner: int, outer: int, profile_prefix: Path, runs: int = 200) -> float:
     """GOP/s of ONNX Runtime's DynamicQuantizeMatMul (uint8 activations quantized per run, int8 weights) alone,
     `rows` x `inner` times `inner` x `outer`, on one thread: this CPU's ceiling for the model's matmuls."""
-    import json
     import statistics
 
     import numpy as np
@@ -298,9 +283,7 @@ def _int8_matmul_rate(rows: int, inner: int, outer: int, profile_prefix: Path, r
     for _ in range(runs):
         session.run(None, feed)
     # The median run: a host's slow patch moves a sum of a few hundred short runs.
-    events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
-    micros = statistics.median(event["dur"] for event in events if event.get("cat") == "Node"
-                               and event["name"].endswith("_kernel_time"))
+    micros = statistics.median(event["dur"] for event in _kernel_events(session))
     return 2 * rows * inner * outer / micros / 1e3
 
 
@@ -448,7 +431,7 @@ def bench_onnx_agreement(args: argparse.Namespace) -> None:
     if args.checkpoint is None:
         print("onnx_agreement: skipped (pass --checkpoint with a trained run)")
         return
-    questions = _dev_questions(args.dev, 10 ** 9)
+    questions = dev_questions(args.dev, 10 ** 9)
     with open(args.dev, encoding="utf-8-sig") as handle:
         dataset = json.load(handle)["data"]
     int8_agreement = []

@@ -32,6 +32,27 @@ def dev_contexts(dev_file: Path) -> list[str]:
     return list(dict.fromkeys(contexts))
 
 
+def dev_questions(dev_file: Path, count: int) -> list[dict]:
+    """The first `count` questions of a KorQuAD file as predict.py's input records."""
+    from korquad_utils import read_squad_examples
+
+    examples = read_squad_examples(dev_file, is_training=False)[:count]
+    return [{"id": e.qas_id, "question": e.question_text, "context": e.context_text} for e in examples]
+
+
+def write_random_run(run: Path, config) -> None:
+    """A training run directory holding `config` and one randomly initialised fine-tuned checkpoint."""
+    import json
+
+    import torch
+
+    from modeling import QuestionAnswering
+
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    torch.manual_seed(0)
+    torch.save(QuestionAnswering(config).state_dict(), run / "korquad_1.bin")
+
+
 # --- features, decoding, oracle (issue 4) ------------------------------------------------
 # Dev set at 512 / 128 / 96 with Mecab; times are the median of 3 runs, each with a fresh tokenizer.
 KQ_SETTINGS = {"max_seq_length": 512, "doc_stride": 128, "max_query_length": 96}

@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 from collections.abc import Callable
 
-from benchmarks.answering import _dev_questions, _write_random_run
-from benchmarks.harness import ROOT, benchmark
+from benchmarks.harness import ROOT, benchmark, dev_questions, write_random_run
 
 
 # --- serve.py (issue 20) -----------------------------------------------------------------
@@ -63,9 +62,9 @@ def bench_serve(args: argparse.Namespace) -> None:
     from predict import Reader
 
     config = Config.from_json_file(ROOT / "data" / "bert_small.json")
-    questions = _dev_questions(args.dev, _SERVE_QUESTIONS)
+    questions = dev_questions(args.dev, _SERVE_QUESTIONS)
     with tempfile.TemporaryDirectory() as run:
-        _write_random_run(Path(run), config)
+        write_random_run(Path(run), config)
         reader = Reader.load(run, no_cuda=True, analyzer="mecab")
         server = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"--checkpoint={run}", "--port=0",
                                    "--no_cuda", "--analyzer=mecab", "--quiet"], cwd=ROOT, text=True,
