@@ -12,7 +12,7 @@ from pathlib import Path
 
 # Importing the row modules registers their @benchmark rows in BENCHMARKS.
 from benchmarks import (  # noqa: F401
-    answering, distillation, korquad2, oracles, pipeline, pretraining, serving, training)
+    answering, distillation, korquad2, onnx_profile, oracles, pipeline, pretraining, serving, training)
 from benchmarks.harness import BENCHMARKS, DEV_CANDIDATES, print_provenance
 
 # Every row, in the order a plain `python3 bench.py` runs them and --help lists them.

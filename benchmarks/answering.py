@@ -1,5 +1,5 @@
 """Rows on answering: predict.py's rates (PyTorch, ONNX fp32 and int8, next to transformers' pipeline), its
-start-up time and memory, where the ONNX models' time goes, and ONNX answers against PyTorch's."""
+start-up time and memory, and ONNX answers against PyTorch's."""
 from __future__ import annotations
 
 import argparse
@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 from collections.abc import Callable
 
-from benchmarks.harness import (ROOT, VOCAB_FILE, benchmark, dev_questions, kq_median_seconds,
-                                write_random_run)
+from benchmarks.harness import (PREDICT_QUESTIONS, ROOT, VOCAB_FILE, benchmark, dev_questions,
+                                export_onnx_beside, kq_median_seconds, write_random_run)
 
 
 # --- predict.py (issue 10) ---------------------------------------------------------------
-_PREDICT_QUESTIONS = 64   # the first dev questions, with their real (shared) contexts
+PREDICT_QUESTIONS = 64   # the first dev questions, with their real (shared) contexts
 
 
 def _question_answering_pipeline(config):
@@ -54,20 +54,6 @@ def _has_question_answering_pipeline() -> bool:
     return "question-answering" in SUPPORTED_TASKS
 
 
-def _export_beside(reader, run: Path) -> Path:
-    """`reader`'s model exported to ONNX (fp32 and int8, in its windows) as run/onnx."""
-    import export
-    import onnx_reader
-
-    config, onnx_dir = reader.models[0].config, run / "onnx"
-    onnx_dir.mkdir()
-    export.export_onnx(reader.models[0], VOCAB_FILE, onnx_reader.ExportSettings(
-        vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings, do_lower_case=True,
-        analyzer="mecab", **{name: getattr(reader, name) for name in export.DEFAULT_WINDOWS}), onnx_dir,
-        quantize=True)
-    return onnx_dir
-
-
 @benchmark("predict")
 def bench_predict(args: argparse.Namespace) -> None:
     """predict.py on CPU with BERT-small (random weights: speed only): load time, answers per second
@@ -87,7 +73,7 @@ def bench_predict(args: argparse.Namespace) -> None:
     from predict import Reader
 
     config = Config.from_json_file(ROOT / "data" / "bert_small.json")
-    questions = dev_questions(args.dev, _PREDICT_QUESTIONS)
+    questions = dev_questions(args.dev, PREDICT_QUESTIONS)
     with tempfile.TemporaryDirectory() as run:
         write_random_run(Path(run), config)
         started = time.perf_counter()
@@ -95,7 +81,7 @@ def bench_predict(args: argparse.Namespace) -> None:
         load_seconds = time.perf_counter() - started
         readers = {"batched": reader, "batched_bf16": Reader.load(run, no_cuda=True, analyzer="mecab", bf16=True),
                    "batched_32": Reader.load(run, no_cuda=True, analyzer="mecab", batch_size=32)}
-        onnx_dir = _export_beside(reader, Path(run))
+        onnx_dir = export_onnx_beside(reader, Path(run))
         threads = onnx_reader.physical_cores()
         int8_file = str(onnx_dir / onnx_reader.INT8_MODEL_NAME)
         side_by_side = f"{threads} runs side by side on 1 thread each, 1 window a run"
@@ -172,119 +158,6 @@ def bench_predict(args: argparse.Namespace) -> None:
     torch_seconds, torch_megabytes = startup["PyTorch"]
     print(f"predict.start_to_first_answer[ONNX int8 vs PyTorch]: {torch_seconds / onnx_seconds:.2f}x sooner, "
           f"{onnx_megabytes / torch_megabytes:.2f}x the peak memory")
-
-
-@benchmark("onnx_profile")
-def bench_onnx_profile(args: argparse.Namespace) -> None:
-    """Where the model's time goes in the ONNX rows of `predict`: ONNX Runtime's profiler over the same 64 dev
-    questions' windows, one window a run on one thread as the reader runs them, kernel time per operator type
-    (fp32, int8); then the time per window unpadded and with one padding piece (the attention's masked branch);
-    then the int8 matmuls' rate in the model against one such matmul alone (this CPU's ceiling for them)."""
-    import tempfile
-
-    import numpy as np
-
-    import onnx_reader
-    from korquad_utils import collate_features, convert_examples_to_features
-    from modeling import Config
-    from predict import Reader
-    from squad_examples import SquadExample
-
-    config = Config.from_json_file(ROOT / "data" / "bert_small.json")
-    questions = dev_questions(args.dev, _PREDICT_QUESTIONS)
-    with tempfile.TemporaryDirectory() as run:
-        write_random_run(Path(run), config)
-        reader = Reader.load(run, no_cuda=True, analyzer="mecab")
-        onnx_dir = _export_beside(reader, Path(run))
-        examples = [SquadExample(str(n), q["question"], q["context"], []) for n, q in enumerate(questions)]
-        features = convert_examples_to_features(examples, reader.tokenizer, reader.max_seq_length, reader.doc_stride,
-                                                reader.max_query_length, is_training=False, progress=False)
-        runs = [{name: array for name, array in collate_features(features, [index], is_training=False).items()
-                 if name in onnx_reader.INPUT_NAMES} for index in range(len(features))]
-        # The same windows with one padding piece each: the graph's masked attention branch.
-        padded = [{name: np.pad(array, ((0, 0), (0, 1))) for name, array in feed.items()} for feed in runs]
-        profiles = {}
-        for label, name in (("fp32", onnx_reader.MODEL_NAME), ("int8", onnx_reader.INT8_MODEL_NAME)):
-            session = onnx_reader.open_session(onnx_dir / name, profile_prefix=str(Path(run) / label))
-            for feed in runs:
-                session.run(onnx_reader.OUTPUT_NAMES, feed)
-            spent = profiles[label] = _kernel_micros(session)
-            # An If's time includes its branch's (the attention operator, also counted on its own): only what
-            # it adds is its own.
-            spent["If"] -= spent["Attention"] + spent["QAttention"]
-            total = sum(spent.values())
-            print(f"onnx_profile[{label}, {len(runs)} windows one a run, 1 thread]: "
-                  + ", ".join(f"{op} {100 * micros / total:.1f}%" for op, micros in spent.most_common() if
-                              micros >= total / 200))
-            session = onnx_reader.open_session(onnx_dir / name)
-            seconds = {}
-            for case, feeds in (("unpadded", runs), ("padded", padded)):
-                seconds[case] = kq_median_seconds(
-                    lambda _, feeds=feeds: [session.run(onnx_reader.OUTPUT_NAMES, f) for f in feeds]) / len(feeds)
-            print(f"onnx_profile[{label}, ms per window]: unpadded (attention without its mask) "
-                  f"{1000 * seconds['unpadded']:.2f}, with one padding piece (the masked branch) "
-                  f"{1000 * seconds['padded']:.2f}: {seconds['padded'] / seconds['unpadded']:.2f}x")
-        # The int8 matmuls outside attention (output projection, FFN, span head) against one such matmul alone.
-        lengths = [feed["input_ids"].shape[1] for feed in runs]
-        hidden, ffn = config.hidden_size, config.ff_dim
-        operations = sum(2 * length * (config.num_hidden_layers * (hidden * hidden + 2 * hidden * ffn) + 2 * hidden)
-                         for length in lengths)
-        rows = round(sum(lengths) / len(lengths))
-        alone = _int8_matmul_rate(rows, hidden, ffn, Path(run) / "alone")
-        in_model = operations / profiles["int8"]["DynamicQuantizeMatMul"] / 1e3
-        print(f"onnx_profile[int8 matmuls, 1 thread]: the model's DynamicQuantizeMatMul {in_model:.0f} GOP/s; one "
-              f"{rows}x{hidden}x{ffn} DynamicQuantizeMatMul alone {alone:.0f} GOP/s ({in_model / alone:.0%})")
-
-
-def _kernel_events(session) -> list[dict]:
-    """The kernel-time events of a profiling `session`'s runs (ends its profiling)."""
-    import json
-
-    events = json.loads(Path(session.end_profiling()).read_text(encoding="utf-8"))
-    return [event for event in events if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")]
-
-
-def _kernel_micros(session) -> collections.Counter:
-    """Microseconds of kernel time per operator type in a profiling `session`'s runs (ends its profiling)."""
-    import collections
-
-    spent = collections.Counter()
-    for event in _kernel_events(session):
-        spent[event["args"]["op_name"]] += event["dur"]
-    return spent
-
-
-def _int8_matmul_rate(rows: int, inner: int, outer: int, profile_prefix: Path, runs: int = 200) -> float:
-    """GOP/s of ONNX Runtime's DynamicQuantizeMatMul (uint8 activations quantized per run, int8 weights) alone,
-    `rows` x `inner` times `inner` x `outer`, on one thread: this CPU's ceiling for the model's matmuls."""
-    import statistics
-
-    import numpy as np
-    import onnxruntime
-    from onnx import TensorProto, helper, numpy_helper
-
-    from export import MICROSOFT
-
-    generator = np.random.default_rng(0)
-    weights = [numpy_helper.from_array(generator.integers(-127, 128, (inner, outer), dtype=np.int8), "weight"),
-               numpy_helper.from_array(np.array(0.01, dtype=np.float32), "scale"),
-               numpy_helper.from_array(np.array(0, dtype=np.int8), "zero_point")]
-    graph = helper.make_graph(
-        [helper.make_node("DynamicQuantizeMatMul", ["x", "weight", "scale", "zero_point"], ["y"], domain=MICROSOFT)],
-        "int8_matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, inner])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, outer])], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MICROSOFT, 1)])
-    model.ir_version = 8
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    options.enable_profiling, options.profile_file_prefix = True, str(profile_prefix)
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feed = {"x": generator.standard_normal((rows, inner), dtype=np.float32)}
-    for _ in range(runs):
-        session.run(None, feed)
-    # The median run: a host's slow patch moves a sum of a few hundred short runs.
-    micros = statistics.median(event["dur"] for event in _kernel_events(session))
-    return 2 * rows * inner * outer / micros / 1e3
 
 
 def _without_torch_env(directory: Path) -> dict[str, str]:

@@ -11,6 +11,8 @@ DEV_CANDIDATES = (ROOT / "data" / "KorQuAD_v1.0_dev.json",
                   ROOT.parent / "shared" / "data" / "KorQuAD_v1.0_dev.json")
 VOCAB_FILE = ROOT / "data" / "ko_vocab_32k.txt"
 
+PREDICT_QUESTIONS = 64   # the first dev questions (with their real, shared contexts) predict's rows answer
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], None]] = {}
 
 
@@ -51,6 +53,20 @@ def write_random_run(run: Path, config) -> None:
     (run / "config.json").write_text(json.dumps(config.to_dict()))
     torch.manual_seed(0)
     torch.save(QuestionAnswering(config).state_dict(), run / "korquad_1.bin")
+
+
+def export_onnx_beside(reader, run: Path) -> Path:
+    """`reader`'s model exported to ONNX (fp32 and int8, in its windows) as run/onnx."""
+    import export
+    import onnx_reader
+
+    config, onnx_dir = reader.models[0].config, run / "onnx"
+    onnx_dir.mkdir()
+    export.export_onnx(reader.models[0], VOCAB_FILE, onnx_reader.ExportSettings(
+        vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings, do_lower_case=True,
+        analyzer="mecab", **{name: getattr(reader, name) for name in export.DEFAULT_WINDOWS}), onnx_dir,
+        quantize=True)
+    return onnx_dir
 
 
 # --- features, decoding, oracle (issue 4) ------------------------------------------------
