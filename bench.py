@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+from cli import ArgumentParser, int_at_least, positive_int
 
 # Importing the row modules registers their @benchmark rows in BENCHMARKS.
 from benchmarks import (  # noqa: F401
@@ -23,8 +26,19 @@ ORDER = ("tokenize", "tokenize_long", "features", "feature_cache", "decode", "or
 WITHOUT_DEV = {"max_context"}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def batch_sizes(text: str) -> list[int]:
+    """An argparse type: comma-separated whole numbers, each at least 1."""
+    try:
+        sizes = [int(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"every batch size must be at least 1, got {text!r}")
+    return sizes
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dev", type=Path, default=None,
                         help="KorQuAD v1.0 dev JSON (if not given: data/ or ../shared/data/).")
     parser.add_argument("--checkpoint", type=Path, nargs="+", default=None,
@@ -32,13 +46,16 @@ def main() -> None:
                              "it is skipped).")
     parser.add_argument("--compare_rev", default=None,
                         help="train_scale: also measure the train.py of this git revision (e.g. HEAD~1), side by side.")
-    parser.add_argument("--steps", type=int, default=600, help="pretrain_reference: optimizer steps per run.")
-    parser.add_argument("--seeds", type=int, default=3, help="pretrain_reference: seeds per batch size.")
-    parser.add_argument("--batch_sizes", type=lambda text: [int(v) for v in text.split(",")], default=[16, 128],
+    # Checked here, not when pretrain_reference's turn comes after the other rows (a long run).
+    parser.add_argument("--steps", type=int_at_least(3), default=600,
+                        help="pretrain_reference: optimizer steps per run (held-out scores at a third, two thirds "
+                             "and the end).")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="pretrain_reference: seeds per batch size.")
+    parser.add_argument("--batch_sizes", type=batch_sizes, default=[16, 128],
                         help="pretrain_reference: comma-separated batch sizes (pairs per step).")
     parser.add_argument("--only", default="",
                         help="Comma-separated benchmark names (if not given: all): " + ", ".join(ORDER) + ".")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(ORDER)
     unknown = [n for n in names if n not in ORDER]
     if unknown:

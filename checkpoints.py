@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import onnx_reader
 from atomic_files import atomic_write
+from squad_examples import parse_json
 from tokenization import BertTokenizer, read_do_lower_case, read_vocab_tokens
 from cli import DEFAULT_CONFIG, DEFAULT_VOCAB, UsageError
 
@@ -225,7 +226,7 @@ def settings_from_run_dir(args: argparse.Namespace, run_dir: Path) -> None:
     if (run_dir / SAVED_ARGS_NAME).is_file():
         try:
             with open(run_dir / SAVED_ARGS_NAME, encoding="utf-8-sig") as f:
-                saved_args = json.load(f)
+                saved_args = parse_json(f.read())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UsageError(f"{run_dir / SAVED_ARGS_NAME}: not readable JSON ({err}); pass --vocab_file "
                              f"and --analyzer, or remove the file") from None
@@ -245,6 +246,46 @@ def settings_from_run_dir(args: argparse.Namespace, run_dir: Path) -> None:
         args.analyzer = saved_args.get("analyzer", "mecab")
     if getattr(args, "version_2_with_negative", False) is None:
         args.version_2_with_negative = saved_args.get("version_2_with_negative", False) is True
+
+
+# Files a model directory (a training run, an ONNX export, a transformers model) is read from.
+MODEL_DIR_FILES = (SAVED_CONFIG_NAME, SAVED_ARGS_NAME, SAVED_VOCAB_NAME, *HUB_FILES, onnx_reader.SETTINGS_NAME,
+                   onnx_reader.MODEL_NAME, onnx_reader.INT8_MODEL_NAME)
+
+
+def checkpoint_inputs(checkpoint: str | os.PathLike) -> list[tuple[str, Path]]:
+    """The files a `--checkpoint` value may be read from, as `refuse_output_over_input` takes them: the file
+    itself, or a directory's checkpoints; the config, training arguments, vocab and ONNX files beside them;
+    and the vocab and config its training_args.json names. Empty for a hub id or a missing path."""
+    path = Path(checkpoint)
+    directory = path if path.is_dir() else path.parent
+    if not directory.is_dir():
+        return []
+    try:
+        children = list(directory.iterdir()) if path.is_dir() else []
+    except OSError:   # unreadable: loading it fails with its own message
+        children = []
+    files = [path] if path.is_file() else [child for child in children if CHECKPOINT_NAME.fullmatch(child.name)
+                                            or PRETRAIN_CHECKPOINT_NAME.fullmatch(child.name)]
+    files += [directory / name for name in MODEL_DIR_FILES]
+    try:
+        saved_args = parse_json((directory / SAVED_ARGS_NAME).read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        saved_args = None   # unreadable: settings_from_run_dir says so, if the run is read at all
+    if isinstance(saved_args, dict):
+        files += [Path(value) for value in (saved_args.get("vocab_file"), saved_args.get("model_config"))
+                  if isinstance(value, str)]
+    return [(f"a file of --checkpoint {checkpoint},", file) for file in files if file.is_file()]
+
+
+def model_inputs(args: argparse.Namespace) -> list[tuple[str, str | os.PathLike | None]]:
+    """The model files a run reads, as `refuse_output_over_input` takes them: every --checkpoint and the
+    files read with it (`checkpoint_inputs`), --model_config and --vocab_file, and the default config and
+    vocab that stand in for them (`args.checkpoint` a list, as eval.py and predict.py parse it)."""
+    return [*(("--checkpoint", path) for path in args.checkpoint),
+            *(entry for path in args.checkpoint for entry in checkpoint_inputs(path)),
+            ("--model_config", args.model_config), ("--vocab_file", args.vocab_file),
+            ("the default --model_config", DEFAULT_CONFIG), ("the default --vocab_file", DEFAULT_VOCAB)]
 
 
 def fetch_hub_model(checkpoint: str) -> str:

@@ -70,8 +70,8 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= `minimum`."""
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number >= `minimum` (and <= `maximum`, if given)."""
     def parse(value: str) -> int:
         try:
             number = int(value)
@@ -79,6 +79,8 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
         if number < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        if maximum is not None and number > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {number}")
         return number
     return parse
 
@@ -96,22 +98,25 @@ def finite_float(low: float = -math.inf, high: float = math.inf, low_inclusive: 
         too_low = number < low if low_inclusive else number <= low
         too_high = number > high if high_inclusive else number >= high
         if not math.isfinite(number) or too_low or too_high:
-            raise argparse.ArgumentTypeError(f"expected a finite number {allowed}, got {value!r}")
+            raise argparse.ArgumentTypeError(f"expected a finite number{allowed}, got {value!r}")
         return number
     bounds = ([f"{'>=' if low_inclusive else '>'} {low:g}"] if math.isfinite(low) else []) + (
         [f"{'<=' if high_inclusive else '<'} {high:g}"] if math.isfinite(high) else [])
-    allowed = " and ".join(bounds)
+    allowed = " " + " and ".join(bounds) if bounds else ""
     return parse
 
 
 positive_int = int_at_least(1)
+# The seeds every generator takes (numpy's legacy RandomState is the narrowest); a negative or huge one
+# would otherwise raise only once training starts, after the features are built.
+random_seed = int_at_least(0, 2**32 - 1)
 positive_float = finite_float(0.0, low_inclusive=False)
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """The flags for turning KorQuAD JSON into features, shared by every entry point (baseline names and defaults)."""
     add_window_args(parser)
-    parser.add_argument("--seed", type=int, default=42, help="Random seed for initialisation and shuffling.")
+    parser.add_argument("--seed", type=random_seed, default=42, help="Random seed for initialisation and shuffling.")
     parser.add_argument("--cache_dir", default=None,
                         help="Where feature caches go (if not given: cache/ beside the data file).")
     parser.add_argument("--overwrite_cache", action="store_true", help="Rebuild cached features.")
@@ -238,13 +243,6 @@ def refuse_output_over_input(output_flag: str, outputs: Iterable[str | os.PathLi
             if is_same_file(output, path):
                 raise UsageError(f"{output_flag}: writing {output} would overwrite {input_flag} {path} (the same "
                                  f"file); choose another {output_flag}")
-
-
-def model_inputs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
-    """The model files a run reads, as `refuse_output_over_input` takes them: every --checkpoint,
-    --model_config and --vocab_file (`args.checkpoint` a list, as eval.py and predict.py parse it)."""
-    return [*(("--checkpoint", path) for path in args.checkpoint), ("--model_config", args.model_config),
-            ("--vocab_file", args.vocab_file)]
 
 
 def setup_logging(quiet: bool = False) -> None:

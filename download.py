@@ -88,6 +88,8 @@ def check_content(path: Path, name: str) -> None:
             content = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VerificationError(f"{path}: not valid KorQuAD JSON ({e})") from None
+    except RecursionError:
+        raise VerificationError(f"{path}: not valid KorQuAD JSON (nested too deeply)") from None
     if not isinstance(content, dict) or not isinstance(content.get("data"), list) or not content["data"]:
         raise VerificationError(f"{path}: JSON has no non-empty 'data' list, so it is not a KorQuAD file")
 
@@ -228,6 +230,13 @@ def parse_file_keys(value: str) -> list[str]:
     return keys
 
 
+def base_url(value: str) -> str:
+    """An http(s):// or file:// URL (for argparse): urllib refuses anything else only at the first request."""
+    if not value.lower().startswith(("http://", "https://", "file://")):
+        raise argparse.ArgumentTypeError(f"expected an http(s):// or file:// URL, got {value!r}")
+    return value
+
+
 def non_negative_int(value: str) -> int:
     """An int >= 0 (for argparse)."""
     if not value.isdigit():
@@ -252,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Where the files go (default: data/ beside this script).")
     parser.add_argument("--files", type=parse_file_keys, default=list(FILES),
                         help="Comma-separated subset of: " + ", ".join(FILES) + " (default: all).")
-    parser.add_argument("--base_url", default=DEFAULT_BASE_URL,
+    parser.add_argument("--base_url", type=base_url, default=DEFAULT_BASE_URL,
                         help=f"Where the files are published (default: {DEFAULT_BASE_URL}).")
     parser.add_argument("--retries", type=non_negative_int, default=2,
                         help="Resume attempts after a broken connection (default: 2).")
@@ -280,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.data_dir.exists() and not args.data_dir.is_dir():
         parser.error(f"--data_dir {args.data_dir} exists and is not a directory")
+    try:  # before any download, once (each download_file would fail on its own, not naming the flag); a
+        # read-only directory that already holds verified files is fine
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--data_dir {args.data_dir}: cannot create it ({e.strerror or e})")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     failed = False
     # One file failing does not stop the others: dev alone is enough to evaluate.
@@ -288,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             downloaded = download_file(name, args.data_dir, args.base_url, retries=args.retries,
                                        timeout=args.timeout, progress=not args.no_progress)
-        except OSError as e:  # DownloadError, or the data directory cannot be created or written
+        except OSError as e:  # DownloadError, or the data directory cannot be written (a full disk)
             print(f"download.py: error: {e}", file=sys.stderr)
             failed = True
             continue

@@ -30,13 +30,11 @@ from pathlib import Path
 import korquad2
 import onnx_reader
 from cli import (ArgumentParser, TUNED_THRESHOLDS, UsageError, add_data_args, add_no_answer_args, check_data_args,
-                 check_version_2, model_inputs, positive_int, prepare_output_dir, refuse_output_over_input, run_cli,
-                 setup_logging)
+                 check_version_2, positive_int, prepare_output_dir, refuse_output_over_input, run_cli, setup_logging)
 from devices import add_compile_args, autocast_dtype, check_compile_args, pick_device
-from checkpoints import build_tokenizer, explicit_flags, resolve_finetuned_settings
+from checkpoints import WINDOW_FLAGS, build_tokenizer, explicit_flags, model_inputs, resolve_finetuned_settings
 from scoring import (average_logits, check_metric_dataset, ensemble_logits, has_answers, score, score_no_answer,
                      tuned_threshold)
-from checkpoints import WINDOW_FLAGS
 from decoding import abstain, decode_predictions, null_odds, write_null_files, write_predictions
 from korquad_utils import load_or_build_features
 from squad_examples import SquadExample

@@ -102,6 +102,8 @@ def _load_json(path: str, what: str) -> Any:
         raise ValueError(f"{what} {path}: cannot read: {error.strerror or error}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{what} {path}: not valid JSON: {error}") from None
+    except RecursionError:  # json's parser recurses once per nested [ or {
+        raise ValueError(f"{what} {path}: not valid JSON: nested too deeply") from None
 
 
 def check_dataset(dataset: Any, path: str) -> None:

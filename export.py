@@ -38,14 +38,13 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 import onnx_reader
-from cli import (ArgumentParser, ROOT, UsageError, add_no_answer_args, check_version_2, prepare_output_dir, run_cli,
-                 setup_logging)
+from cli import (ArgumentParser, ROOT, UsageError, add_no_answer_args, check_version_2, prepare_output_dir,
+                 refuse_output_over_input, run_cli, setup_logging)
 from checkpoints import (ANALYZER_CONFIG_KEY, CHECKPOINT_NAME, SAVED_ARGS_NAME, SAVED_VOCAB_NAME, build_tokenizer,
-                         json_bytes, load_finetuned, resolve_finetuned_settings)
-from cli import model_inputs, refuse_output_over_input
+                         json_bytes, load_finetuned, model_inputs, resolve_finetuned_settings)
 from atomic_files import atomic_write, atomic_write_files
 from korquad_utils import collate_features, convert_examples_to_features
-from squad_examples import read_squad_examples
+from squad_examples import parse_json, read_squad_examples
 from long_run import pid_is_alive, remove_dead_temp_files
 from modeling import (TRANSFORMERS_CONFIG, BertForPreTraining, QuestionAnswering, config_to_transformers,
                       load_checkpoint, read_state_dict, to_transformers_pretraining_state, to_transformers_state)
@@ -163,7 +162,7 @@ def training_windows(checkpoint: Path) -> dict[str, int]:
     values: dict = {}
     if saved.is_file() and not Path(checkpoint).is_dir():
         try:
-            values = json.loads(saved.read_text(encoding="utf-8-sig"))
+            values = parse_json(saved.read_text(encoding="utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             values = {}
     return {name: value if isinstance(value := values.get(name), int) and value > 0 else default
@@ -427,20 +426,27 @@ def remove_dead_scratch(output_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def already_onnx(checkpoint: str | Path) -> UsageError:
+    return UsageError(f"--checkpoint {checkpoint} is an ONNX export already; export its PyTorch checkpoint")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.quiet)
+    if onnx_reader.find_export(args.checkpoint) is not None:
+        raise already_onnx(args.checkpoint)
+    # Before the checkpoint is looked for: an output over the model read is refused whatever else is wrong.
+    check_output_dir(Path(args.output_dir), Path(args.checkpoint))
     args.checkpoint = [args.checkpoint]
     refuse_output_over_input("--output_dir", [Path(args.output_dir) / name for name in WRITTEN_FILES[args.format]],
                              model_inputs(args))
     config = resolve_finetuned_settings(args)
-    if isinstance(config, onnx_reader.ExportSettings):
-        raise UsageError(f"--checkpoint {args.checkpoint[0]} is an ONNX export already; export its PyTorch checkpoint")
+    if isinstance(config, onnx_reader.ExportSettings):   # a hub model id that named one
+        raise already_onnx(args.checkpoint[0])
     check_version_2(args)
     if args.analyzer not in ANALYZER_NAMES:
         raise UsageError(f"--analyzer {args.analyzer!r} (given, or the training run's) is not one of "
                          f"{', '.join(ANALYZER_NAMES)}")
-    check_output_dir(Path(args.output_dir), Path(args.checkpoint[0]))
     vocab_tokens = read_vocab_tokens(args.vocab_file)
     build_vocab(vocab_tokens, args.vocab_file)  # checks the special tokens are there
     vocab_size = len(vocab_tokens)

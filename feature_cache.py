@@ -27,7 +27,7 @@ from feature_table import TABLE_ARRAYS, FeatureTable
 logger = logging.getLogger("korquad_utils")
 
 # Bump whenever reading, tokenising or windowing changes what the features contain.
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 # The feature cache's index file: key, settings, and each array's shape, type and checksum.
 TABLE_INDEX = "table.json"
 

@@ -255,9 +255,18 @@ class StopSignals:
 
 
 def read_log(log_file: Path) -> list[dict]:
-    if not log_file.is_file():
-        return []
-    return [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """training_log.jsonl's records. Its lines are appended in place: a torn last line (a crash mid-append) is
+    dropped with a warning; any other line that is not JSON (or not UTF-8) is refused, naming it."""
+    lines = log_file.read_bytes().splitlines() if log_file.is_file() else []
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError from a damaged byte
+            if any(rest.strip() for rest in lines[number:]):
+                raise UsageError(f"{log_file}: line {number} is not valid JSON; repair or delete that line") from None
+            logger.warning("%s: line %d is torn (the run was killed while writing it); dropped", log_file, number)
+    return records
 
 
 def plot_training_curves(records: Sequence[dict], path: Path) -> None:
@@ -490,12 +499,10 @@ def step_seed(seed: int, epoch: int, step_in_epoch: int, rank: int) -> int:
 
 
 def keep_log_until(log_file: Path, last_step: int) -> None:
-    """Drop log lines past `last_step` (all of them for a fresh run; what a resumed run will redo)."""
-    if not log_file.is_file():
-        return
-    lines = log_file.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
-    atomic_write(log_file, lambda file: file.write("".join(line + "\n" for line in kept).encode("utf-8")))
+    """Drop log lines past `last_step` (all for a fresh run; what a resumed run will redo) and a torn last line."""
+    if log_file.is_file():  # json.dumps, as train.py and pretrain.py write each line: kept lines stay the same
+        kept = [record for record in read_log(log_file) if record["step"] <= last_step]
+        atomic_write(log_file, lambda file: file.write("".join(f"{json.dumps(r)}\n" for r in kept).encode("utf-8")))
 
 
 def read_loss(loss_sum: torch.Tensor, count: int, first_bad_step: torch.Tensor, ctx: Distributed) -> float:

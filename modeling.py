@@ -97,6 +97,8 @@ class Config:
             raise ConfigError(f"{path}: model config file not found") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"{path}: not a readable JSON config ({err})") from None
+        except RecursionError:   # json's parser recurses once per nested [ or {
+            raise ConfigError(f"{path}: not a readable JSON config (nested too deeply)") from None
         return cls.from_dict(values, source=str(path))
 
     def to_dict(self) -> dict:
@@ -526,6 +528,11 @@ def _check_and_load(model: nn.Module, state: dict[str, torch.Tensor], may_be_mis
         problems.append(f"missing {len(missing)} tensor(s): {', '.join(_first(missing))}")
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(_first(unexpected))}")
+    # A diverged or damaged checkpoint would otherwise answer "" to every question, or train to a NaN loss.
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        problems.append(f"{len(non_finite)} tensor(s) hold NaN or infinite values: {', '.join(_first(non_finite))} "
+                        f"(a diverged or damaged checkpoint)")
     if problems:
         raise CheckpointError(f"{path}: " + " | ".join(problems))
     model.load_state_dict(state, strict=not may_be_missing)
@@ -613,7 +620,7 @@ def is_transformers_dir(path: str | os.PathLike) -> bool:
         return False
     try:
         values = json.loads(config_file.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return True  # read_transformers_dir says what is wrong with it
     return isinstance(values, dict) and "num_attention_heads" in values
 
@@ -686,6 +693,8 @@ def read_transformers_config(directory: str | os.PathLike) -> dict:
         return json.loads(config_file.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{config_file}: not a readable JSON config ({err})") from None
+    except RecursionError:
+        raise ConfigError(f"{config_file}: not a readable JSON config (nested too deeply)") from None
 
 
 def read_transformers_dir(path: str | os.PathLike,

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from feature_table import FeatureTable
 from korquad_utils import collate_features, make_length_grouped_batches
+from squad_examples import parse_json
 
 logger = logging.getLogger("korquad")
 
@@ -102,7 +103,7 @@ def read_settings(export_dir: Path) -> ExportSettings:
     """The export's `onnx_reader.json`, checked field by field."""
     source = export_dir / SETTINGS_NAME
     try:
-        raw = json.loads(source.read_text(encoding="utf-8-sig"))
+        raw = parse_json(source.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise OnnxExportError(f"{source}: not readable JSON ({err})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:

@@ -37,17 +37,16 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import korquad2
 import onnx_reader
 from cli import (ArgumentParser, UsageError, add_device_args, add_no_answer_args, add_window_args, check_data_args,
-                 check_version_2, positive_int, run_cli, setup_logging)
+                 check_version_2, positive_int, refuse_output_over_input, run_cli, setup_logging)
 from devices import add_compile_args, autocast_dtype, check_compile_args, compile_model, pick_device
-from checkpoints import build_tokenizer, explicit_flags, load_finetuned, resolve_finetuned_settings
+from checkpoints import (WINDOW_FLAGS, build_tokenizer, explicit_flags, load_finetuned, model_inputs,
+                         resolve_finetuned_settings)
 from scoring import average_logits, predict_logits
-from cli import model_inputs, refuse_output_over_input
-from checkpoints import WINDOW_FLAGS
 from atomic_files import atomic_write
 from decoding import decode_predictions, no_answer_probability, null_odds
 from korquad_utils import convert_examples_to_features
-from squad_examples import SquadExample, squad_examples_from_json
-from tokenization import BertTokenizer
+from squad_examples import JSONTooDeepError, SquadExample, parse_json, squad_examples_from_json
+from tokenization import BertTokenizer, is_blank
 
 # torch is imported where a PyTorch model needs it: an ONNX export answers without torch installed.
 if TYPE_CHECKING:
@@ -81,14 +80,14 @@ def check_question(record: Any) -> dict[str, Any]:
             raise InputError(f"missing \"{field}\"")
         if not isinstance(record[field], str):
             raise InputError(f"\"{field}\" must be a string, got {type(record[field]).__name__}")
-        if not record[field].strip():
-            raise InputError(f"\"{field}\" is empty")
         checked[field] = record[field]
     for field, value in checked.items():
         try:  # what is echoed back must be writable: JSON's \\ud800 escapes give lone surrogates
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise InputError(f"\"{field}\" holds a lone surrogate (not Unicode text)") from None
+        if field != "id" and is_blank(value):
+            raise InputError(f"\"{field}\" is empty")
     return checked
 
 
@@ -274,7 +273,9 @@ def json_lines_items(lines: Iterable[str]) -> Iterator[Item]:
             continue
         where = f"input line {number}"
         try:
-            yield where, check_question(json.loads(line))
+            yield where, check_question(parse_json(line))
+        except JSONTooDeepError as err:
+            yield where, InputError(f"not JSON ({err})")
         except json.JSONDecodeError as err:
             yield where, InputError(f"not JSON ({err.msg} at column {err.colno})")
         except InputError as err:
@@ -285,7 +286,7 @@ def input_items(path: str, version_2_with_negative: bool = False) -> list[Item] 
     """The questions of --input: a KorQuAD/SQuAD file when the whole input is one, else JSON lines."""
     text = read_input_text(path)
     try:
-        whole = json.loads(text)
+        whole = parse_json(text)
     except json.JSONDecodeError:
         whole = None
     if isinstance(whole, dict) and "data" in whole:
@@ -325,7 +326,7 @@ def interactive_items(context: str | None, stdin: BinaryIO) -> Iterator[Item]:
             if isinstance(line, UnicodeDecodeError):
                 raise UsageError(f"--interactive: stdin line {number} (the context): "
                                  f"not UTF-8 text (byte {line.start} of the line)")
-            if line.strip():
+            if not is_blank(line):
                 context = line
                 break
         else:
@@ -406,7 +407,7 @@ def read_html_page(args: argparse.Namespace) -> korquad2.HtmlPage:
         page = korquad2.parse_page(read_context(args))
     except korquad2.HtmlPageError as err:
         raise UsageError(f"{flag}: HTML does not parse: {err}") from None
-    if not page.text.strip():
+    if is_blank(page.text):
         raise UsageError(f"{flag}: the HTML page holds no text")
     return page
 
@@ -437,9 +438,9 @@ def cut_answer_from_html(answer: dict[str, Any], page: korquad2.HtmlPage) -> Non
 def check_question_flag(question: str, context: str | None, context_flag: str = "--context") -> dict[str, Any]:
     if context is None:
         raise UsageError("--question needs --context or --context_file")
-    if not question.strip():
+    if is_blank(question):
         raise UsageError("--question is empty")
-    if not context.strip():
+    if is_blank(context):
         raise UsageError(f"{context_flag} is empty")
     return {"question": question, "context": context}
 

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cli import (ArgumentParser, USER_ERRORS, UsageError, add_device_args, finite_float, positive_float, positive_int,
-                 prepare_output_dir, run_cli, setup_logging)
+                 prepare_output_dir, random_seed, run_cli, setup_logging)
 from devices import add_compile_args, autocast_context, autocast_dtype, check_compile_args, compile_model
 from checkpoints import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, build_tokenizer, check_checkpoint_file, copy_vocab_into,
                          fetch_hub_model, resolve_model_settings, write_json_atomic)
@@ -118,7 +118,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="Continue from the newest training_state.pt in --output_dir, mid-epoch if it was "
                              "written there.")
-    parser.add_argument("--seed", type=int, default=42, help="Random seed: initialisation, pairs, masks, order.")
+    parser.add_argument("--seed", type=random_seed, default=42,
+                        help="Random seed: initialisation, pairs, masks, order.")
     parser.add_argument("--cache_dir", default=None,
                         help="Where the token file goes (if not given: cache/ beside the first train file).")
     parser.add_argument("--overwrite_cache", action="store_true", help="Tokenize the corpus again.")

@@ -27,11 +27,12 @@ from cli import UsageError
 from korquad_utils import atomic_write, bucket_width
 from long_run import file_digest
 from modeling import IGNORE_LABEL
+from squad_examples import parse_json
 from tokenization import CLS, MASK, SEP, SPECIAL_TOKENS
 
 logger = logging.getLogger("korquad")
 
-TOKEN_CACHE_VERSION = 1
+TOKEN_CACHE_VERSION = 2
 MAX_NGRAM = 3
 NGRAM_PROBABILITIES = np.array([1 / n for n in range(1, MAX_NGRAM + 1)]) / sum(1 / n for n in range(1, MAX_NGRAM + 1))
 EVAL_EPOCH = 2 ** 32 - 1   # the held-out pairs' masks: drawn once, the same at every evaluation
@@ -92,7 +93,7 @@ def read_documents(path: Path) -> Iterator[list[str]]:
 def _json_documents(path: Path) -> Iterator[list[str]]:
     """KorQuAD/SQuAD JSON: each distinct context is a document, split into sentences."""
     try:
-        dataset = json.loads(path.read_bytes().decode("utf-8-sig"))
+        dataset = parse_json(path.read_bytes().decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UsageError(f"--train_files {path}: not readable JSON ({err})") from None
     articles = dataset.get("data") if isinstance(dataset, dict) else None

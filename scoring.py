@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -18,7 +18,7 @@ import evaluate_v2_0
 from decoding import abstain, decode_predictions, null_odds
 from feature_table import FeatureTable
 from korquad_utils import collate_features, make_length_grouped_batches
-from squad_examples import SquadExample
+from squad_examples import KorquadFormatError, SquadExample, load_json_file
 from cli import UsageError
 from devices import autocast_context, compile_model
 from checkpoints import load_finetuned
@@ -134,22 +134,40 @@ def score(predict_file: str | os.PathLike, predictions: dict[str, str]) -> dict[
 
 
 def read_dataset(predict_file: str | os.PathLike) -> dict:
-    with open(predict_file, encoding="utf-8-sig") as f:
-        return json.load(f)
+    return load_json_file(Path(predict_file))
 
 
 def check_metric_dataset(predict_file: str | os.PathLike, metric: str) -> None:
-    """Refuse, before any work, a file the chosen metric cannot score (KLUE needs `question_type`)."""
+    """Refuse, before any work, a file the chosen metric cannot score (KLUE needs `question_type`, KorQuAD
+    v1.0 an 'answers' list on every question of a file with answers)."""
+    if metric == "korquad" and not Path(predict_file).is_dir():  # a directory: KorQuAD 2.x, scored by korquad2
+        check_answers_everywhere(read_dataset(predict_file), str(predict_file))
     checker = {"squad2": evaluate_v2_0.check_dataset, "klue": evaluate_klue_mrc.check_dataset}.get(metric)
     if checker is not None:
-        try:
-            dataset = read_dataset(predict_file)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UsageError(f"--predict_file {predict_file}: not valid UTF-8 JSON ({err})") from None
+        dataset = read_dataset(predict_file)
         try:
             checker(dataset, str(predict_file))
         except ValueError as err:
             raise UsageError(f"--metric {metric}: {err}") from None
+
+
+def check_answers_everywhere(dataset: Any, name: str) -> None:
+    """Refuse a file where some questions have answers and another has no 'answers' list: the v1.0 metric
+    cannot score it, and would stop only after the prediction pass. A file without any answers is a test
+    set (predicted, not scored); other faults of its structure are the example reader's to name."""
+    questions = [qa for article in _list_of(dataset, "data") for paragraph in _list_of(article, "paragraphs")
+                 for qa in _list_of(paragraph, "qas") if isinstance(qa, dict)]
+    lacking = next((qa for qa in questions if "answers" not in qa), None)
+    if lacking is not None and any(qa.get("answers") for qa in questions):
+        raise KorquadFormatError(f"{name}: question {lacking.get('id')}: no 'answers' list, though other questions "
+                                 f"have answers; the KorQuAD v1.0 metric cannot score it (add its answers, or "
+                                 f"leave the question out)")
+
+
+def _list_of(record: Any, key: str) -> list:
+    """`record[key]` if that is a list, else [] (a malformed file: the example reader names its fault)."""
+    value = record.get(key) if isinstance(record, dict) else None
+    return value if isinstance(value, list) else []
 
 
 def score_no_answer(predict_file: str | os.PathLike, metric: str, span_predictions: dict[str, str],

@@ -39,6 +39,7 @@ from typing import Any
 from cli import ArgumentParser, UsageError, int_at_least, positive_float, positive_int, run_cli, setup_logging
 import korquad2
 from predict import InputError, Reader, add_reader_args, check_numbers, check_question, cut_answer_from_html
+from tokenization import is_blank
 
 try:
     import uvicorn
@@ -394,7 +395,7 @@ def html_page(item: dict[str, Any], where: str, limits: Limits) -> korquad2.Html
         page = korquad2.parse_page(markup)
     except korquad2.HtmlPageError as error:
         raise RequestError(400, f"{where}\"context\": HTML does not parse: {error}") from None
-    if not page.text.strip():
+    if is_blank(page.text):
         raise RequestError(400, f"{where}\"context\": the HTML page holds no text")
     return page
 
@@ -586,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_reader_args(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="Address to listen on; 0.0.0.0 makes the server reachable from other machines.")
-    parser.add_argument("--port", type=int_at_least(0), default=8000, help="Port to listen on (0: any free one).")
+    parser.add_argument("--port", type=int_at_least(0, 65535), default=8000,
+                        help="Port to listen on (0: any free one).")
     parser.add_argument("--queue_size", type=positive_int, default=256,
                         help="Questions that may wait for the model; past that, requests get 503 at once.")
     parser.add_argument("--max_batch", type=positive_int, default=32,

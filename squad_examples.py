@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenization import is_blank
+
 # The baseline's logger name (this was part of korquad_utils): its warnings read and filter as before.
 logger = logging.getLogger("korquad_utils")
 
@@ -57,15 +59,36 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+class JSONTooDeepError(json.JSONDecodeError):
+    """JSON nested deeper than the parser can recurse; it has no line or column that would help."""
+
+    def __init__(self) -> None:
+        super().__init__("nested too deeply", "", 0)
+
+    def __str__(self) -> str:
+        return self.msg
+
+
+def parse_json(document: str | bytes) -> Any:
+    """`json.loads` for user input: JSON nested too deeply comes as a JSONDecodeError (`JSONTooDeepError`),
+    as any other bad JSON does, where json.loads raises RecursionError (not a ValueError: a traceback)."""
+    try:
+        return json.loads(document)
+    except RecursionError:
+        raise JSONTooDeepError() from None
+
+
 def load_json_file(path: Path) -> Any:
     """A JSON file's content (a BOM allowed), or KorquadFormatError naming the file and what is wrong."""
     try:
         with open(path, encoding="utf-8-sig") as file:  # -sig: a BOM (Windows Notepad) is fine too
-            return json.load(file)
+            return parse_json(file.read())
     except OSError as error:
         raise KorquadFormatError(f"{path}: cannot read: {error.strerror or error}") from None
     except UnicodeDecodeError:
         raise KorquadFormatError(f"{path}: not UTF-8 text") from None
+    except JSONTooDeepError as error:
+        raise KorquadFormatError(f"{path}: not valid JSON ({error})") from None
     except json.JSONDecodeError as error:
         raise KorquadFormatError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} "
                                  f"column {error.colno})") from None
@@ -187,6 +210,10 @@ def squad_examples_from_json(dataset: Any, name: str, is_training: bool,
                                        _read_answers(qa, where, is_training))
                 if version_2_with_negative:
                     _read_unanswerable(qa, example, where)
+                if is_training and is_blank(example.question_text):   # nothing to learn from
+                    logger.warning("%s: the question is blank; question skipped", where)
+                    skipped += 1
+                    continue
                 if is_training and not example.is_impossible:
                     span = _training_span(context, example.answers)
                     if isinstance(span, str):

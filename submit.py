@@ -23,7 +23,7 @@ import eval as evaluate_script
 import onnx_reader
 from cli import (ArgumentParser, ROOT, UsageError, add_no_answer_args, check_data_args, check_version_2,
                  refuse_output_over_input, run_cli, setup_logging)
-from checkpoints import explicit_flags, json_bytes, resolve_finetuned_settings
+from checkpoints import checkpoint_inputs, explicit_flags, json_bytes, resolve_finetuned_settings
 from atomic_files import atomic_write
 from decoding import abstain
 
@@ -61,7 +61,8 @@ def check_output(own: argparse.Namespace) -> Path:
         raise UsageError(f"OUTPUT.json {path} is a directory")
     if not target.parent.is_dir():
         raise UsageError(f"OUTPUT.json {path}: directory {target.parent} does not exist")
-    refuse_output_over_input("OUTPUT.json", [path], [("INPUT.json", own.input), ("--checkpoint", own.checkpoint)])
+    refuse_output_over_input("OUTPUT.json", [path], [("INPUT.json", own.input), ("--checkpoint", own.checkpoint),
+                                                     *checkpoint_inputs(own.checkpoint)])
     return path
 
 

@@ -106,6 +106,8 @@ def read_do_lower_case(model_dir: str | os.PathLike[str]) -> bool:
         settings = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TokenizerError(f"{path}: not readable JSON ({_one_line(error)})") from None
+    except RecursionError:
+        raise TokenizerError(f"{path}: not readable JSON (nested too deeply)") from None
     value = settings.get("do_lower_case", True) if isinstance(settings, dict) else None
     if not isinstance(value, bool):
         raise TokenizerError(f"{path}: do_lower_case must be true or false, not {value!r}")
@@ -122,28 +124,46 @@ def is_separator(char: str) -> bool:
             or unicodedata.category(char) in ("Cc", "Cf", "Cs"))
 
 
-class _SeparatorTable(dict):
-    """str.translate table mapping separators to a space, filled lazily per code point."""
+def is_blank(text: str) -> bool:
+    """Whether `text` holds nothing but separators (spaces of any kind, control and zero-width characters),
+    so that it has no pieces."""
+    return all(map(is_separator, text))
 
-    def __missing__(self, code: int) -> int:
-        value = 0x20 if is_separator(chr(code)) else code
+
+class _SeparatorTable(dict):
+    """str.translate table for `clean`, filled lazily per code point: format characters deleted, other
+    separators mapped to a space."""
+
+    def __missing__(self, code: int) -> int | None:
+        char = chr(code)
+        value = None if _is_format(char) else 0x20 if is_separator(char) else code
         self[code] = value
         return value
+
+
+def _is_format(char: str) -> bool:
+    """Zero-width spaces and joiners, BOM, soft hyphen, direction marks: characters that render as nothing."""
+    return unicodedata.category(char) == "Cf"
 
 
 _SEPARATORS_TO_SPACE = _SeparatorTable()
 
 
-def clean(text: str) -> str:
-    """Replace each separator character with one space, so every index stays where it was.
+def clean(text: str) -> tuple[str, list[int] | None]:
+    """Replace each separator character with one space, and drop format characters.
 
-    Dropped characters separate words instead of gluing their neighbours together: a piece
-    never spans a character it does not spell, which keeps offsets exact.
+    A control character or an unusual space separates words (it keeps its index, as a space); a format
+    character such as a zero-width space or a soft hyphen inside a word is dropped, so `대한<ZWSP>민국` reads
+    as `대한민국`, as transformers' BertTokenizer reads it. Returns the cleaned text and, only when
+    characters were dropped, the index in `text` of each of its characters; otherwise None.
     """
     # Only a space among the separators is printable, so most texts need no per-character work.
     if text.isprintable() and "\ufffd" not in text:
-        return text
-    return text.translate(_SEPARATORS_TO_SPACE)
+        return text, None
+    cleaned = text.translate(_SEPARATORS_TO_SPACE)
+    if len(cleaned) == len(text):
+        return cleaned, None
+    return cleaned, [index for index, char in enumerate(text) if not _is_format(char)]
 
 
 def bert_clean(text: str) -> tuple[str, list[int] | None]:
@@ -602,7 +622,7 @@ class BertTokenizer:
         return list(self._cached_tokenize(text))
 
     def _tokenize_text(self, text: str) -> tuple[Piece, ...]:
-        cleaned, kept = bert_clean(text) if self.analyzer_name == "none" else (clean(text), None)
+        cleaned, kept = bert_clean(text) if self.analyzer_name == "none" else clean(text)
         composed, sources = compose(cleaned)
         normalized, lower_origin = lower_case(composed) if self.do_lower_case else (composed, None)
         if not normalized.strip(" "):

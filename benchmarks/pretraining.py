@@ -266,9 +266,6 @@ def bench_pretrain_reference(args: argparse.Namespace) -> None:
     from modeling import Config, QuestionAnswering, to_transformers_pretraining_state
     from tokenization import BertTokenizer
 
-    if args.steps < 3 or args.seeds < 1 or min(args.batch_sizes) < 1:
-        sys.exit("bench.py pretrain_reference: --steps must be at least 3 (held-out scores at a third, two thirds "
-                 "and the end), --seeds and --batch_sizes at least 1")
     steps, checkpoints = args.steps, sorted({args.steps * k // 3 for k in (1, 2, 3)})
     config = Config(**_REFERENCE_TINY)
     results: dict[tuple, list[tuple[float, float]]] = {}

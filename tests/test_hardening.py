@@ -1,8 +1,9 @@
 """Hostile-user hardening (issue 13): decomposed Hangul, window ownership, empty answer lists, flags
 checked before work, unreadable checkpoints, download flags, directories given as checkpoints,
-byte-order marks, a very long context, and --help of every entry point."""
+byte-order marks, a very long context, --help of every entry point, and JSON nested too deeply."""
 from __future__ import annotations
 
+import argparse
 import json
 import pickle
 import re
@@ -20,6 +21,7 @@ import evaluate_v1_0
 import korquad_utils as ku
 from conftest import DATA_FLAGS, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_in_process, run_script
 from modeling import CheckpointError, Config, QuestionAnswering, read_state_dict
+from squad_examples import KorquadFormatError
 from test_korquad_utils import WINDOW_SETTINGS, WORDS, WhitespaceTokenizer, _char_span, _qa, _write_squad
 from tokenization import BertTokenizer, read_vocab_tokens
 
@@ -180,13 +182,34 @@ def test_eval_predicts_a_question_without_answers_and_scores_the_rest(tiny_setup
     assert emptied["id"] in predictions and len(predictions) == 24
 
 
+def test_eval_refuses_a_file_where_only_some_questions_lack_answers_before_predicting(tiny_setup, tmp_path):
+    import eval as eval_cli
+
+    dataset = json.loads((tiny_setup / "train.json").read_text(encoding="utf-8"))
+    questions = [qa for paragraph in dataset["data"][0]["paragraphs"] for qa in paragraph["qas"]]
+    del questions[1]["answers"]
+    predict_file = tmp_path / "predict.json"
+    predict_file.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
+    torch.save(QuestionAnswering(Config(**TINY_CONFIG)).state_dict(), tmp_path / "model.bin")
+    with pytest.raises(KorquadFormatError, match=rf"^{re.escape(str(predict_file))}: question {questions[1]['id']}: "
+                                                 r"no 'answers' list, though other questions have answers"):
+        eval_cli.main([f"--checkpoint={tmp_path / 'model.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
+                       f"--output_dir={tmp_path / 'out'}", f"--predict_file={predict_file}", *DATA_FLAGS,
+                       "--no_cuda", "--quiet", f"--cache_dir={tmp_path / 'cache'}"])
+    assert not (tmp_path / "out").exists()  # refused before the output directory, let alone predictions
+    for qa in questions:  # none with answers: a test set, predicted and not scored
+        qa.pop("answers", None)
+    scoring.check_answers_everywhere(dataset, "test.json")
+
+
 # --- 4. flags checked before any work --------------------------------------------------------------
 
 @pytest.mark.parametrize("flag, value", [
     ("--learning_rate", "nan"), ("--learning_rate", "0"), ("--num_train_epochs", "nan"),
     ("--num_train_epochs", "inf"), ("--warmup_proportion", "nan"), ("--adam_epsilon", "-1e-6"),
     ("--max_grad_norm", "inf"), ("--weight_decay", "nan"), ("--n_best_size", "0"), ("--eval_batch_size", "0"),
-    ("--preprocess_workers", "0"), ("--doc_stride", "-5"),
+    ("--preprocess_workers", "0"), ("--doc_stride", "-5"), ("--seed", "-1"), ("--seed", str(2**32)),
+    ("--seed", "1e3"),
 ])
 def test_train_refuses_bad_numbers_while_reading_its_flags(flag, value, capsys):
     import train
@@ -195,6 +218,24 @@ def test_train_refuses_bad_numbers_while_reading_its_flags(flag, value, capsys):
         train.parse_args([flag, value])
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("value, says", [("-1", "must be at least 0, got -1"),
+                                         (str(10**23), f"must be at most {2**32 - 1}, got {10**23}")])
+def test_pretrain_refuses_a_seed_numpy_cannot_take_while_reading_its_flags(value, says, capsys):
+    import pretrain
+
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.parse_args(["--train_files=corpus.txt", "--output_dir=out", f"--seed={value}"])
+    assert exit_info.value.code == 2
+    assert f"argument --seed: {says}" in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("low, high, says", [(-float("inf"), float("inf"), "expected a finite number, got 'nan'"),
+                                             (0.0, 1.0, "expected a finite number >= 0 and <= 1, got 'nan'")])
+def test_finite_float_says_its_bounds_without_a_stray_space(low, high, says):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"^{re.escape(says)}$"):
+        cli.finite_float(low, high)("nan")
 
 
 @pytest.mark.parametrize("flag, value", [("--n_best_size", "0"), ("--train_batch_size", "-1"),
@@ -256,12 +297,32 @@ def test_unreadable_checkpoints_say_what_the_file_is_not(tmp_path, name, says):
 @pytest.mark.parametrize("flags, fragment", [
     (["--timeout", "-1"], "--timeout"), (["--timeout", "nan"], "--timeout"), (["--timeout", "0"], "--timeout"),
     (["--data_dir", str(SAMPLE_FILE)], "is not a directory"),
+    (["--base_url", "notaurl"], "argument --base_url: expected an http(s):// or file:// URL, got 'notaurl'"),
+    pytest.param(["--data_dir", "/proc/x"], "--data_dir /proc/x: cannot create it",
+                 marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")),
 ])
 def test_download_refuses_bad_flags_in_one_line(flags, fragment, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        download.main(flags + ["--base_url", "http://127.0.0.1:9/none"])
+        download.main(["--base_url", "http://127.0.0.1:9/none", *flags])
     assert exit_info.value.code == 2
-    assert fragment in capsys.readouterr().err.splitlines()[-1]
+    err = capsys.readouterr().err
+    assert fragment in err.splitlines()[-1] and err.count("error:") == 1 and "[Errno" not in err
+
+
+@pytest.mark.parametrize("flag, says", [
+    ("--steps=-1", "argument --steps: must be at least 3, got -1"),
+    ("--seeds=0", "argument --seeds: must be at least 1, got 0"),
+    ("--batch_sizes=a,b", "argument --batch_sizes: expected comma-separated whole numbers, got 'a,b'"),
+    ("--batch_sizes=16,0", "argument --batch_sizes: every batch size must be at least 1, got '16,0'"),
+])
+def test_bench_refuses_bad_pretrain_reference_flags_before_any_row_runs(flag, says, capsys):
+    import bench
+
+    with pytest.raises(SystemExit) as exit_info:  # a row that ran would print its provenance first
+        bench.main([flag, "--only=max_context"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert len(captured.err.splitlines()) == 1 and says in captured.err
 
 
 # --- 8. a directory given as --checkpoint ----------------------------------------------------------
@@ -314,6 +375,30 @@ def test_a_byte_order_mark_is_accepted_on_every_input(tmp_path, capsys):
     config.write_bytes(b"\xef\xbb\xbf" + json.dumps(TINY_CONFIG).encode())
     assert Config.from_json_file(config) == Config(**TINY_CONFIG)
     assert scoring.score(dataset, {})["exact_match"] == 0.0
+
+
+# --- 15. JSON nested too deeply ----------------------------------------------------------------------
+
+def test_json_nested_too_deeply_is_one_line_naming_the_file_in_every_reader(tmp_path):
+    """json.loads raises RecursionError on it, which is no ValueError: every reader let it out as a traceback."""
+    import evaluate_klue_mrc
+    import evaluate_korquad_v2
+    import evaluate_v2_0
+    import predict
+    from modeling import ConfigError
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    # The reader of --train_file, --predict_file, submit.py's INPUT.json, and eval.py's scoring.
+    with pytest.raises(KorquadFormatError, match=rf"^{re.escape(str(deep))}: not valid JSON \(nested too deeply\)$"):
+        scoring.read_dataset(deep)
+    with pytest.raises(ConfigError, match=r": not a readable JSON config \(nested too deeply\)$"):
+        Config.from_json_file(deep)  # --model_config
+    assert [str(item) for _where, item in predict.json_lines_items([deep.read_text()])] == [
+        "not JSON (nested too deeply)"]
+    for scorer in (evaluate_v1_0, evaluate_v2_0, evaluate_korquad_v2, evaluate_klue_mrc):
+        with pytest.raises(ValueError, match=rf"^dataset {re.escape(str(deep))}: not valid JSON: nested too deeply$"):
+            scorer._load_json(str(deep), "dataset")
 
 
 # --- 14. --help of every entry point --------------------------------------------------------------

@@ -547,3 +547,16 @@ def test_answers_print_as_utf8_whatever_the_locale_of_stdout(run_dir):
     assert result.returncode == 0 and result.stderr == b""
     answer = json.loads(result.stdout.decode("utf-8"))
     assert CONTEXT[answer["start"]:answer["end"]] == answer["answer"]
+
+
+def test_zero_width_characters_inside_words_give_the_answers_of_the_text_without_them(reader):
+    def marked(text: str) -> str:   # a zero-width space or word joiner after every fifth character
+        return "".join(char + ("\u200b\u2060"[index % 2] if index % 5 == 4 else "") for index, char in
+                       enumerate(text))
+
+    question = "훈민정음은 언제 창제되었나?"
+    clean, odd = reader(question, CONTEXT, top_k=3), reader(marked(question), marked(CONTEXT), top_k=3)
+    for ours, theirs in zip([clean, *clean["answers"]], [odd, *odd["answers"]]):
+        assert theirs["answer"].replace("\u200b", "").replace("\u2060", "") == ours["answer"]
+        assert marked(CONTEXT)[theirs["start"]:theirs["end"]] == theirs["answer"]
+        assert theirs["probability"] == pytest.approx(ours["probability"], abs=1e-6)

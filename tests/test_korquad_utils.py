@@ -110,14 +110,15 @@ def test_read_keeps_all_answers_and_training_span(tmp_path):
 
 def test_mismatched_answer_is_skipped_for_training_with_a_warning(tmp_path, caplog):
     path = _write_squad(tmp_path / "d.json", [{"context": "서울은 대한민국의 수도", "qas": [
-        _qa("good", "?", "서울", 0), _qa("bad", "?", "서울", 4), _qa("none", "?")]}])
+        _qa("good", "?", "서울", 0), _qa("bad", "?", "서울", 4), _qa("none", "?"),
+        _qa("blank", "\u3000\u200b", "서울", 0)]}])
     with caplog.at_level(logging.WARNING, logger="korquad_utils"):
         examples = ku.read_squad_examples(path, is_training=True)
     assert [ex.qas_id for ex in examples] == ["good"]
     assert "question bad" in caplog.text and "question none" in caplog.text
-    assert "skipped 2 of 3" in caplog.text
+    assert "question blank: the question is blank" in caplog.text and "skipped 3 of 4" in caplog.text
     # Prediction ignores answer positions: every question stays.
-    assert len(ku.read_squad_examples(path, is_training=False)) == 3
+    assert len(ku.read_squad_examples(path, is_training=False)) == 4
 
 
 @pytest.mark.parametrize("content, fragment", [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -295,6 +296,24 @@ def test_a_setting_only_the_interrupted_run_had_is_a_difference():
         check_same_settings(common, {**common, "--teacher_targets": "abcdef0123456789"}, {},
                             {"--teacher_targets": "new"})
     check_same_settings(common, dict(common), {}, {})  # the same settings resume
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume_and_a_damaged_earlier_one_is_named(tmp_path, caplog):
+    """training_log.jsonl is appended in place: kill -9 mid-append leaves half a last line."""
+    from long_run import keep_log_until, read_log
+    from cli import UsageError
+
+    log = tmp_path / "training_log.jsonl"
+    lines = [json.dumps({"epoch": 0, "step": step, "loss": 1.0 / step}) + "\n" for step in (1, 2, 3)]
+    log.write_text("".join(lines) + '{"epoch": 0, "step"\n')
+    with caplog.at_level("WARNING", logger="korquad"):
+        keep_log_until(log, 2)
+    assert log.read_text() == "".join(lines[:2]) and "line 4 is torn" in caplog.text
+    for damaged in (lines[1][:-5] + "\n", lines[1].replace("step", "st\udcffep")):  # cut short; a byte not UTF-8
+        log.write_bytes("".join([lines[0], damaged, lines[2]]).encode("utf-8", "surrogateescape"))
+        for call in (lambda: read_log(log), lambda: keep_log_until(log, 3)):
+            with pytest.raises(UsageError, match=f"^{re.escape(str(log))}: line 2 is not valid JSON"):
+                call()
 
 
 class Foreign:

@@ -217,18 +217,23 @@ def test_verification_refuses_a_graph_with_nan_logits(output):
         export.verify(model, graph.SerializeToString(), "model.onnx", batch, export.FP32_TOLERANCE)
 
 
-def test_export_of_a_checkpoint_with_a_nan_weight_is_one_line_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("weight", [float("nan"), 3e38])
+def test_export_of_a_checkpoint_with_a_nan_weight_is_one_line_and_writes_nothing(tmp_path, weight):
+    """A NaN weight is refused as the checkpoint loads; a finite one whose logits overflow, by the check
+    of the sample windows."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(TINY_CONFIG))
     model = tiny_model(4)
     with torch.no_grad():
-        model.qa_outputs.weight[1, 0] = float("nan")   # the end logits only
+        model.qa_outputs.weight[1, :] = weight   # the end logits only
     torch.save(model.state_dict(), run / "korquad_1.bin")
     out = tmp_path / "out"
     result = run_in_process("export.py", *export_flags(run, out, "--vocab_file", str(VOCAB_FILE), "--analyzer", "none"))
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == [
+        f"export.py: error: {run / 'korquad_1.bin'}: 1 tensor(s) hold NaN or infinite values: qa_outputs.weight (a "
+        f"diverged or damaged checkpoint)" if weight != weight else
         "export.py: error: model.onnx: the checkpoint's own end_logits are NaN or infinite on the sample windows; "
         "nothing written"]
     assert not out.exists() or list(out.iterdir()) == []

@@ -136,16 +136,18 @@ def test_odd_text_keeps_offsets_in_the_text_as_given(reader):
     assert_offsets_slice_the_context(answer, context)
 
 
-def test_no_possible_span_is_an_empty_answer(reader):
-    # A zero-width space is text, but no piece of it can be an answer.
-    assert reader("무엇인가?", "\u200b", top_k=3) == {"answer": "", "start": None, "end": None, "probability": 0.0,
-                                                   "answers": []}
+@pytest.mark.parametrize("context", ["", "\u200b", "\u3000\ufeff\n"])
+def test_a_context_without_any_piece_is_refused_as_empty(reader, context):
+    from predict import InputError
+
+    with pytest.raises(InputError, match='"context" is empty'):
+        reader("무엇인가?", context, top_k=3)
 
 
 def test_bad_lines_are_reported_and_the_others_answered(run_dir):
     lines = ['{"id": "ok1", "question": "수도는?", "context": "서울은 수도이다."}',
              'this is not JSON',
-             '{"id": "q3", "question": "", "context": "서울은 수도이다."}',
+             '{"id": "q3", "question": "\\u3000\\u200b", "context": "서울은 수도이다."}',
              '{"id": "q4", "question": "수도는?"}',
              '["a", "list"]',
              '{"id": "ok6", "question": "수도는?", "context": "부산은 도시이다."}']
@@ -161,6 +163,7 @@ def test_bad_lines_are_reported_and_the_others_answered(run_dir):
 @pytest.mark.parametrize("flags, message", [
     (["--question=수도는?"], "--question needs --context or --context_file"),
     (["--question= ", "--context=서울"], "--question is empty"),
+    (["--question=수도는?", "--context=\u200b\u3000\ufeff"], "--context is empty"),
     (["--question=수도는?", "--context_file=/nonexistent/doc.txt"], "/nonexistent/doc.txt"),
     (["--input=/nonexistent/in.jsonl"], "/nonexistent/in.jsonl"),
     (["--input=-", "--output=/nonexistent/dir/out.jsonl"], "/nonexistent/dir does not exist"),
@@ -193,3 +196,26 @@ def test_a_reader_that_stops_early_ends_the_run_quietly(run_dir):
     process.stdout.close()
     assert process.wait(timeout=120) != 0
     assert process.stderr.read() == ""
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_checkpoint_holding_nan_or_infinite_weights_is_refused_in_one_line(run_dir, tmp_path, bad):
+    """A diverged run's checkpoint would answer "" to everything (and export so); it is named at load."""
+    import shutil
+
+    from modeling import CheckpointError, load_checkpoint
+
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    state = torch.load(run / "korquad_10.bin", weights_only=True)
+    state["qa_outputs.weight"][0, 0] = bad
+    torch.save(state, run / "korquad_10.bin")
+    result = run_in_process("predict.py", f"--checkpoint={run}", "--question=누가?", "--context=세종대왕",
+                            *DATA_FLAGS, "--no_cuda", "--quiet")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"predict.py: error: {run / 'korquad_10.bin'}: 1 tensor(s) hold NaN or "
+                                          f"infinite values: qa_outputs.weight (a diverged or damaged checkpoint)"]
+    encoder = {name.removeprefix("bert."): tensor for name, tensor in state.items() if name.startswith("bert.")}
+    encoder["embeddings.word_embeddings.weight"][3, 1] = bad
+    torch.save(encoder, tmp_path / "pretrained.bin")
+    with pytest.raises(CheckpointError, match="embeddings.word_embeddings.weight .*diverged or damaged"):
+        load_checkpoint(QuestionAnswering(Config(**TINY_CONFIG)), tmp_path / "pretrained.bin")

@@ -288,7 +288,7 @@ BAD_REQUESTS = {   # kind: (method, path, content type, body, status, part of th
                           '"question" must be a string, got a number'),
     "context null": ("POST", "/answer", "application/json", json_body({**GOOD, "context": None}), 400,
                      '"context" must be a string, got null'),
-    "blank question": ("POST", "/answer", "application/json", json_body({**GOOD, "question": " \n"}), 400,
+    "blank question": ("POST", "/answer", "application/json", json_body({**GOOD, "question": " \n\u200b\u3000"}), 400,
                        '"question" is empty'),
     "a bare string": ("POST", "/answer", "application/json", json_body("수도는?"), 400, "got a string"),
     "empty list": ("POST", "/answer", "application/json", b"[]", 400, "empty list"),
@@ -703,14 +703,17 @@ def test_a_taken_port_and_impossible_limits_are_refused_before_the_model_loads(t
         serve.build_parser().parse_args([f"--checkpoint={missing}", "--max_wait_ms=-1"])
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1", "soon"])
-def test_a_bad_header_timeout_is_one_line_naming_the_flag(value, capsys):
+@pytest.mark.parametrize("flag, value", [
+    *(("--header_timeout", value) for value in ("nan", "inf", "0", "-1", "soon")),
+    ("--port", "65536"), ("--port", "70000"), ("--port", "-1"),   # 70000 would listen on 70000 - 65536
+])
+def test_a_bad_header_timeout_or_port_is_one_line_naming_the_flag(flag, value, capsys):
     import serve
 
     with pytest.raises(SystemExit) as exit_info:
-        serve.build_parser().parse_args(["--checkpoint=unused", f"--header_timeout={value}"])
+        serve.build_parser().parse_args(["--checkpoint=unused", f"{flag}={value}"])
     lines = capsys.readouterr().err.splitlines()
-    assert exit_info.value.code == 2 and len(lines) == 1 and "--header_timeout" in lines[0], lines
+    assert exit_info.value.code == 2 and len(lines) == 1 and f"argument {flag}: " in lines[0], lines
 
 
 def test_a_missing_package_is_one_line_naming_it(run_dir, tmp_path):

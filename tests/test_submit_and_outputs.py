@@ -117,6 +117,33 @@ def test_predict_refuses_an_output_that_is_an_input(tmp_path, flag):
     assert source.read_text(encoding="utf-8").startswith('{"question": "누가?"')
 
 
+@pytest.mark.parametrize("command", ["predict", "submit"])
+@pytest.mark.parametrize("name", ["korquad_1.bin", "korquad_2.bin", "config.json", "training_args.json",
+                                  "vocab named by training_args.json", "model_int8.onnx", "onnx_reader.json"])
+def test_an_output_over_a_file_read_with_a_checkpoint_directory_is_refused(tmp_path, command, name):
+    """A run directory (or an ONNX export) as --checkpoint: every file read from it, or named by its
+    training_args.json, is an input too."""
+    import predict
+    import submit
+
+    run = tmp_path / "run"
+    run.mkdir()
+    vocab = tmp_path / "elsewhere_vocab.txt"
+    for path in (run / "korquad_1.bin", run / "korquad_2.bin", run / "config.json", run / "model_int8.onnx",
+                 run / "onnx_reader.json", vocab):
+        path.write_bytes(b"model")
+    (run / "training_args.json").write_text(json.dumps({"vocab_file": str(vocab)}), encoding="utf-8")
+    output = vocab if name.startswith("vocab") else run / name
+    before = output.read_bytes()
+    (tmp_path / "X.json").write_text(QUESTIONS, encoding="utf-8")
+    with pytest.raises(UsageError, match=rf"would overwrite a file of --checkpoint {run}, {output} \(the same file\)"):
+        if command == "predict":
+            predict.main([f"--checkpoint={run}", "--question=누가?", "--context=세종대왕", f"--output={output}"])
+        else:
+            submit.main([str(tmp_path / "X.json"), str(output), f"--checkpoint={run}"])
+    assert output.read_bytes() == before
+
+
 @pytest.mark.parametrize("target", ["teacher_targets.npz", "teacher_targets.json"])
 def test_distill_refuses_targets_over_its_train_file(tmp_path, target):
     import distill

@@ -141,10 +141,22 @@ def test_missing_java_says_what_to_install(monkeypatch):
 
 # --- stage 1: clean ------------------------------------------------------------------------
 
-def test_clean_turns_every_separator_into_one_space_in_place():
-    text = "a\tb\nc\u202fd\u3000e\xa0f\x00g\x07h\u200bi\ufeffj\ufffdk\u2028l"
-    assert clean(text) == "a b c d e f g h i j k l"
-    assert clean("가나 다") == "가나 다"
+def test_clean_spaces_separators_in_place_and_drops_format_characters():
+    text = "a\tb\nc\u202fd\u3000e\xa0f\x00g\x07h\ufffdi\u2028j"
+    assert clean(text) == ("a b c d e f g h i j", None)
+    assert clean("가나 다") == ("가나 다", None)
+    # Zero-width space, word joiner, BOM, soft hyphen: dropped, each kept character's index in the text.
+    assert clean("대한\u200b민\u2060국\ufeff의\u00ad") == ("대한민국의", [0, 1, 3, 5, 7])
+
+
+@pytest.mark.parametrize("mark", ["\u200b", "\u2060", "\ufeff", "\u00ad", "\u200d"])
+def test_a_zero_width_character_inside_a_word_gives_the_pieces_of_the_word(mecab_tokenizer, mark):
+    text = "대한민국의 수도는 서울이다."
+    marked = text[:2] + mark + text[2:8] + mark + text[8:]
+    shift = [0, 0] + [1] * 6 + [2] * (len(text) - 8 + 1)   # a clean index's shift in the marked text
+    expected = [(piece, start + shift[start], end + shift[end - 1]) for piece, start, end in
+                mecab_tokenizer.tokenize_with_offsets(text)]
+    assert mecab_tokenizer.tokenize_with_offsets(marked) == expected
 
 
 def test_control_characters_and_unusual_spaces_split_words_with_exact_offsets(small_vocab_file):
