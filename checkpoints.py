@@ -109,7 +109,13 @@ def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
         if onnx_reader.find_export(path) is not None:
             resolved.append(path)
             continue
-        from modeling import is_transformers_dir
+        if not path.exists():
+            raise UsageError(f"--checkpoint {path}: file not found")
+        try:
+            from modeling import is_transformers_dir
+        except ImportError:   # a deployment with only the ONNX requirements
+            raise UsageError(f"--checkpoint {path} is not an ONNX export; a PyTorch checkpoint needs torch "
+                             f"(pip install torch)") from None
         if is_transformers_dir(path):
             pass
         elif path.is_dir():
@@ -120,7 +126,7 @@ def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
                                  f"file, or a directory with config.json and model.safetensors/pytorch_model.bin)")
             path = newest
         elif not path.is_file():
-            raise UsageError(f"--checkpoint {path}: file not found")
+            raise UsageError(f"--checkpoint {path}: not a regular file")
         resolved.append(path)
     return resolved
 

@@ -123,6 +123,14 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocess_workers", type=positive_int, default=1, help="Processes for tokenization.")
     add_device_args(parser)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # torch.distributed.launch
+    # The original baseline's flags that have nothing left to do, taken so that its command lines run unchanged:
+    # lower-casing comes with the model (its run or vocab), logging detail from --quiet, and mixed precision
+    # from torch's autocast (apex's opt levels are gone). Their own dests: nothing reads them.
+    parser.add_argument("--do_lower_case", dest="baseline_do_lower_case", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--verbose_logging", dest="baseline_verbose_logging", action="store_true",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--fp16_opt_level", dest="baseline_fp16_opt_level", choices=("O0", "O1", "O2", "O3"),
+                        help=argparse.SUPPRESS)
 
 
 def add_window_args(parser: argparse.ArgumentParser) -> None:

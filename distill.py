@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from cli import (ArgumentParser, USER_ERRORS, UsageError, add_data_args, check_data_args, finite_float,
@@ -45,6 +46,7 @@ from teacher_targets import (TEACHER_TARGETS_FORMAT, TEACHER_TARGETS_JSON, TEACH
                              sha256_of_file, teacher_targets_are_current, write_teacher_targets)
 from long_run import DirectoryLocked, RunLock, file_digest, remove_dead_temp_files
 from modeling import Config, is_transformers_dir, read_transformers_config
+import onnx_reader
 
 logger = logging.getLogger("korquad")
 
@@ -177,11 +179,36 @@ def check_transformers_teacher(directory: Path, teacher: str, args: argparse.Nam
     if not getattr(tokenizer, "is_fast", False):
         raise UsageError(f"--teacher {teacher}: its tokenizer ({type(tokenizer).__name__}) is a slow one without "
                          f"character offsets; distillation needs a fast tokenizer (tokenizer.json)")
+    # Without its vocabulary file transformers builds a tokenizer of only the special tokens, and every
+    # token the teacher sees is [UNK]; a vocab_size rounded up for speed stays well within half.
+    vocab_size = config.get("vocab_size")
+    if isinstance(vocab_size, int) and len(tokenizer) < vocab_size / 2:
+        raise UsageError(f"--teacher {teacher}: its tokenizer has {len(tokenizer)} entries but its config.json says "
+                         f"vocab_size {vocab_size}; the directory lacks its vocabulary (vocab.txt or tokenizer.json)")
+    weights = directory / "model.safetensors"
+    if weights.is_file():  # its header covers every byte: a truncated or damaged file is refused before any work
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except SafetensorError as err:
+            raise unreadable_weights(teacher, directory, err) from None
     limit = window_limit(config, tokenizer, args)
     if limit - args.max_query_length - tokenizer.num_special_tokens_to_add(pair=True) < 1:
         raise UsageError(f"--teacher {teacher}: its windows of {limit} tokens leave no room for the context after "
                          f"--max_query_length {args.max_query_length}; lower --max_query_length")
     return tokenizer
+
+
+def unreadable_weights(teacher: str, directory: Path, err: Exception) -> UsageError:
+    return UsageError(f"--teacher {teacher}: {directory / 'model.safetensors'}: not a readable safetensors file "
+                      f"({' '.join(str(err).split())[:200]})")
+
+
+def is_onnx_export(path: Path) -> bool:
+    """A .onnx file, or a directory export.py --format onnx wrote (complete or not; a transformers directory
+    that also holds a .onnx file is not one)."""
+    return path.suffix == ".onnx" or path.is_dir() and ((path / onnx_reader.SETTINGS_NAME).is_file() or (
+        any(path.glob("*.onnx")) and not (path / "config.json").is_file()))
 
 
 def window_limit(config: dict, tokenizer, args: argparse.Namespace) -> int:
@@ -200,6 +227,8 @@ def load_transformers_model(directory: Path, teacher: str, device: torch.device,
     except (OSError, ValueError, KeyError) as err:
         raise UsageError(f"--teacher {teacher}: not a transformers question-answering model "
                          f"({' '.join(str(err).split())[:200]})") from None
+    except SafetensorError as err:
+        raise unreadable_weights(teacher, directory, err) from None
     if info.get("missing_keys"):
         raise UsageError(f"--teacher {teacher}: no trained question-answering head (missing "
                          f"{', '.join(sorted(info['missing_keys'])[:3])}); pass a model fine-tuned for extractive QA")
@@ -332,6 +361,9 @@ def targets_key(train_sha: str, teacher_digests: Sequence[str], settings: dict) 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.quiet)
+    if Path(args.train_file).is_dir():  # train.py --teacher_targets identifies its --train_file by one file's bytes
+        raise UsageError(f"--train_file {args.train_file}: a directory (a KorQuAD 2.x dataset?); distill.py and "
+                         f"train.py --teacher_targets take one train file, so pass one of its .json files")
     if not Path(args.train_file).is_file():
         raise UsageError(f"--train_file {args.train_file}: file not found")
     refuse_output_over_input("--output_dir", [Path(args.output_dir) / TEACHER_TARGETS_NPZ,
@@ -340,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Every teacher is resolved and checked before any model runs.
     teachers = []  # (name, kind, path, tokenizer for transformers or our run's settings, digest)
     for teacher in args.teacher:
+        if is_onnx_export(Path(teacher)):
+            raise UsageError(f"--teacher {teacher}: an ONNX export cannot be a teacher (it gives no PyTorch model to "
+                             f"run); pass the checkpoint or run directory it was exported from, or a transformers "
+                             f"model directory")
         # A transformers directory or hub id goes through transformers; anything else is a checkpoint or run of ours.
         directory = Path(fetch_hub_model(teacher))
         if is_transformers_dir(directory):

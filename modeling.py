@@ -335,8 +335,9 @@ def distill_loss(logits: torch.Tensor, targets: torch.Tensor, attention_mask: to
     """T^2 x KL(teacher_T || student_T) over the real tokens, averaged over the rows that have a target.
 
     `targets` are the teacher's probabilities at temperature 1; teacher_T = targets^(1/T), renormalised
-    (= softmax(teacher logits / T)). A row of zeros has no target (a filler row) and is left out.
-    Padding is excluded from both distributions, as in `span_loss`.
+    (= softmax(teacher logits / T)), computed in log space so that a small T cannot underflow it to zero.
+    A row of zeros has no target (a filler row) and is left out. Padding is excluded from both
+    distributions, as in `span_loss`.
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 under autocast; float64 stays
     scaled = logits.to(dtype) / temperature
@@ -345,12 +346,15 @@ def distill_loss(logits: torch.Tensor, targets: torch.Tensor, attention_mask: to
         scaled = scaled.masked_fill(attention_mask == 0, torch.finfo(scaled.dtype).min)
         targets = targets.masked_fill(attention_mask == 0, 0.0)
     log_student = F.log_softmax(scaled, dim=-1)
-    sharpened = targets.pow(1.0 / temperature)
-    row_mass = sharpened.sum(dim=-1, keepdim=True)
-    teacher = sharpened / row_mass.clamp(min=torch.finfo(sharpened.dtype).tiny)
-    kl = torch.where(teacher > 0, teacher * (torch.log(teacher.clamp(min=torch.finfo(teacher.dtype).tiny))
-                                               - log_student), 0.0).sum(dim=-1)
-    has_target = (row_mass.squeeze(-1) > 0).float()
+    has_target = targets.sum(dim=-1) > 0
+    log_targets = torch.where(targets > 0, targets.clamp(min=torch.finfo(dtype).tiny).log(), -torch.inf)
+    # Each row's largest entry at 0 before dividing by T, so that a tiny T leaves it finite; a filler row
+    # gets a finite stand-in and no weight.
+    log_targets = torch.where(has_target.unsqueeze(-1), log_targets - log_targets.amax(dim=-1, keepdim=True), 0.0)
+    log_teacher = F.log_softmax(log_targets / temperature, dim=-1)
+    teacher = log_teacher.exp()
+    kl = torch.where(teacher > 0, teacher * (log_teacher - log_student), 0.0).sum(dim=-1)
+    has_target = has_target.to(dtype)
     return temperature ** 2 * (kl * has_target).sum() / has_target.sum().clamp(min=1)
 
 

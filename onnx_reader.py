@@ -83,10 +83,17 @@ def model_digest(data: bytes) -> dict[str, int]:
 
 def find_export(path: str | os.PathLike) -> Path | None:
     """The export directory `path` names (the directory itself, or the directory of one of its .onnx
-    files), or None when `path` is not an ONNX export."""
+    files), or None when `path` is not an ONNX export. A .onnx file, or a directory of our model files
+    (and no config.json of another format), without onnx_reader.json beside it is an OnnxExportError."""
     path = Path(path)
     directory = path if path.is_dir() else path.parent if path.suffix == ".onnx" and path.is_file() else None
-    return directory if directory is not None and (directory / SETTINGS_NAME).is_file() else None
+    if directory is None or (directory / SETTINGS_NAME).is_file():
+        return directory
+    if path.is_file() or (any((directory / name).is_file() for name in (MODEL_NAME, INT8_MODEL_NAME))
+                          and not (directory / "config.json").is_file()):
+        raise OnnxExportError(f"--checkpoint {path}: an ONNX export without its {SETTINGS_NAME} (copied in part?); "
+                              f"export it again with export.py --format onnx")
+    return None
 
 
 def model_file(path: str | os.PathLike) -> Path:

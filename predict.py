@@ -391,8 +391,8 @@ def question_items(args: argparse.Namespace) -> Iterable[Item]:
 def read_context(args: argparse.Namespace) -> str | None:
     if args.context_file is None:
         return args.context
-    try:
-        with open(args.context_file, encoding="utf-8-sig") as file:
+    try:  # as given (a BOM, CRLF and lone CR kept): answers' offsets index the file's text
+        with open(args.context_file, encoding="utf-8", newline="") as file:
             return file.read()
     except UnicodeDecodeError:
         raise UsageError(f"--context_file {args.context_file}: not UTF-8 text") from None

@@ -48,6 +48,7 @@ from devices import add_compile_args, autocast_context, autocast_dtype, check_co
 from checkpoints import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, build_tokenizer, check_checkpoint_file, copy_vocab_into,
                          fetch_hub_model, resolve_model_settings, write_json_atomic)
 from cli import refuse_output_over_input
+import korquad2
 from korquad_utils import atomic_write, make_length_grouped_batches
 from long_run import (CheckpointWriteError, DirectoryLocked, Distributed, RunLock, StopSignals, TrainingDiverged,
                       TrainingStopped, build_optimizer, check_same_settings, file_digest, keep_log_until,
@@ -128,13 +129,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_device_args(parser)
     add_compile_args(parser)
     args = parser.parse_args(argv)
-    if args.max_predictions_per_seq is None:
-        args.max_predictions_per_seq = 4 * math.ceil(args.max_seq_length * args.masked_lm_prob / 4)
     if args.max_steps is None and args.num_train_epochs is None:
         args.num_train_epochs = 1.0
     if args.max_seq_length < 5:
         parser.error(f"argument --max_seq_length: must be at least 5 ([CLS] A [SEP] B [SEP]), got "
                      f"{args.max_seq_length}")
+    pieces = args.max_seq_length - 3
+    if args.max_predictions_per_seq is not None:
+        if args.max_predictions_per_seq > pieces:
+            parser.error(f"argument --max_predictions_per_seq: {args.max_predictions_per_seq} is more than the "
+                         f"{pieces} pieces of a pair (--max_seq_length {args.max_seq_length} - 3)")
+    else:
+        args.max_predictions_per_seq = 4 * math.ceil(args.max_seq_length * args.masked_lm_prob / 4)
+        if args.max_predictions_per_seq > pieces:  # name the flags the user gave, not the derived one
+            parser.error(f"--masked_lm_prob {args.masked_lm_prob} x --max_seq_length {args.max_seq_length}, rounded "
+                         f"up to a multiple of 4, is {args.max_predictions_per_seq} masked pieces, more than the "
+                         f"{pieces} pieces of a pair; pass --max_predictions_per_seq at most {pieces}")
     if args.checkpoint.lower() != "none" and Path(args.checkpoint).exists():
         check_checkpoint_file(args.checkpoint)  # says what to pass instead of a directory
     return args
@@ -146,7 +156,8 @@ def run_settings(args: argparse.Namespace, files: Sequence[Path], config: Config
     return {"--train_files": [file_digest("--train_files", f) for f in files],
             "--vocab_file": file_digest("--vocab_file", args.vocab_file), "--analyzer": args.analyzer,
             "lower-casing": do_lower_case, "--max_seq_length": args.max_seq_length,
-            "--max_predictions_per_seq": args.max_predictions_per_seq, "--masked_lm_prob": args.masked_lm_prob,
+            # Ahead of --max_predictions_per_seq, derived from it if not given: a refused resume names this one.
+            "--masked_lm_prob": args.masked_lm_prob, "--max_predictions_per_seq": args.max_predictions_per_seq,
             "--held_out_share": args.held_out_share, "model config": config.to_dict(),
             "global batch (--train_batch_size x ranks)": args.train_batch_size * world_size,
             "--max_steps": args.max_steps, "--num_train_epochs": args.num_train_epochs,
@@ -360,6 +371,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run_pretraining(args: argparse.Namespace, ctx: Distributed, device: torch.device) -> None:
     files = expand_train_files(args.train_files)
+    for file in files:  # the corpus reader knows only 1.0/SQuAD's 'paragraphs'; say why a 2.x file is no corpus
+        if file.suffix.lower() == ".json" and korquad2.is_dataset_path(file):
+            raise UsageError(f"--train_files {file}: a KorQuAD 2.x file (HTML pages) is not supported as a "
+                             f"pre-training corpus; pass KorQuAD 1.0/SQuAD JSON or text files")
     if args.checkpoint.lower() != "none":
         args.checkpoint = fetch_hub_model(args.checkpoint)
         if not Path(args.checkpoint).exists():
@@ -375,9 +390,6 @@ def run_pretraining(args: argparse.Namespace, ctx: Distributed, device: torch.de
     if args.max_seq_length > config.max_position_embeddings:
         raise UsageError(f"--max_seq_length {args.max_seq_length} is larger than the model's "
                          f"max_position_embeddings {config.max_position_embeddings}")
-    if args.max_predictions_per_seq > args.max_seq_length - 3:
-        raise UsageError(f"--max_predictions_per_seq {args.max_predictions_per_seq} is more than the pieces of a "
-                         f"pair (--max_seq_length {args.max_seq_length} - 3)")
     check_compile_args(args, device)
     output_dir = prepare_output_dir(args.output_dir)
     lock = RunLock(output_dir)

@@ -286,8 +286,9 @@ def mask_pieces(ids: np.ndarray, candidate: np.ndarray, continuation: np.ndarray
     `candidate`: which positions may be masked ([CLS]/[SEP]/[PAD] may not). A word is a candidate piece
     and the `##` continuations after it. About `masked_lm_prob` of the candidate pieces are masked (at
     most `max_predictions`), as spans of n = 1..3 whole words drawn with probability 1/n; a span that
-    would overshoot the share is taken only when that lands nearer to it. Each masked piece becomes
-    [MASK] (80%), a piece from `random_ids` (10%) or stays (10%).
+    would overshoot the share is taken only when that lands nearer to it. At least one word is masked
+    (only a word longer than `max_predictions` is cut). Each masked piece becomes [MASK] (80%), a piece from
+    `random_ids` (10%) or stays (10%).
 
     Returns the masked ids, the masked positions (ascending), the original ids there (the labels), and
     the span lengths in words.
@@ -319,9 +320,14 @@ def mask_pieces(ids: np.ndarray, candidate: np.ndarray, continuation: np.ndarray
         covered[first:first + n] = 1
         chosen.append((first, n))
         count = total
+    if not chosen:
+        # The first span drawn did not fit (a short pair of long words, or a small max_predictions): one word that
+        # fits, else the first pieces of one, so that no pair is without labels (a batch of such pairs has a NaN loss).
+        fitting = np.flatnonzero(word_length <= max_predictions)
+        chosen.append((int(fitting[rng.integers(len(fitting))]) if len(fitting) else int(rng.integers(num_words)), 1))
     masked = np.sort(np.concatenate([np.arange(word_first[w], word_first[w] + word_length[w])
-                                     for first, n in chosen for w in range(first, first + n)] or [[]])
-                     ).astype(np.int64)
+                                     for first, n in chosen for w in range(first, first + n)])
+                     ).astype(np.int64)[:max_predictions]
     labels = ids[masked]
     output = ids.copy()
     roll = rng.random(len(masked))

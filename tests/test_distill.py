@@ -70,7 +70,9 @@ def test_kd_term_equals_the_transformers_squad_distillation_formula():
     torch.manual_seed(0)
     logits = [torch.randn(5, 40, dtype=torch.float64) * 3 for _ in range(4)]
     mask = torch.ones(5, 40, dtype=torch.long)
-    for dtype, temperature in [(dtype, t) for dtype in (torch.float64, torch.float32) for t in (0.5, 1.0, 2.0, 4.0)]:
+    # A small T too: the teacher's sharpened targets are computed in log space (a power of the probabilities
+    # underflowed to zero there, and the rows were dropped as fillers).
+    for dtype, temperature in [(dtype, t) for dtype in (torch.float64, torch.float32) for t in (0.02, 0.5, 1.0, 2.0, 4.0)]:
         student_start, student_end, teacher_start, teacher_end = (x.to(dtype) for x in logits)
         kl = torch.nn.KLDivLoss(reduction="batchmean")
 
@@ -82,6 +84,16 @@ def test_kd_term_equals_the_transformers_squad_distillation_formula():
                 + distill_loss(student_end, torch.softmax(teacher_end, -1), mask, temperature)) / 2
         # float32 rounds a value near 10 at about 1e-6: there, the same to float32 precision.
         assert abs(ours.item() - expected.item()) < (1e-6 if dtype == torch.float64 else 1e-6 * expected.item())
+
+
+def test_kd_term_at_a_small_temperature_keeps_a_flat_teachers_rows():
+    """0.1^(1/0.02) underflows float32: the rows of a flat teacher were dropped as fillers, the term 0."""
+    torch.manual_seed(2)
+    student, teacher = torch.randn(3, 10) * 3, torch.full((3, 10), 0.1)
+    temperature = 0.02
+    expected = torch.nn.KLDivLoss(reduction="batchmean")(torch.log_softmax(student.double() / temperature, -1),
+                                                         teacher.double()) * temperature ** 2
+    assert distill_loss(student, teacher, None, temperature).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_kd_term_ignores_padding_and_rows_without_targets():
@@ -364,6 +376,36 @@ def test_transformers_dir_without_a_qa_head_is_one_line(tmp_path):
     result = run_in_process("distill.py", f"--teacher={tmp_path / 'encoder'}", f"--train_file={SAMPLE_FILE}",
                             f"--output_dir={tmp_path / 'out'}", "--no_cuda")
     one_line_error(result, "--teacher", "not a question-answering model")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("truncated model.safetensors", "model.safetensors: not a readable safetensors file"),
+    ("no vocab.txt", "its tokenizer has 5 entries but its config.json says vocab_size 32000")])
+def test_damaged_or_vocabless_transformers_teacher_is_one_line_before_any_work(tmp_path, damage, fragment):
+    teacher = tiny_transformers_model(tmp_path / "qa")
+    if damage == "no vocab.txt":  # transformers would build a tokenizer of the special tokens only: all [UNK]
+        (teacher / "vocab.txt").unlink()
+    else:
+        os.truncate(teacher / "model.safetensors", 1000)
+    result = run_in_process("distill.py", f"--teacher={teacher}", f"--train_file={SAMPLE_FILE}",
+                            f"--output_dir={tmp_path / 'out'}", "--no_cuda")
+    one_line_error(result, f"--teacher {teacher}", fragment)
+    assert result.returncode == 1 and not (tmp_path / "out").exists()
+
+
+def test_onnx_teacher_and_korquad2_directory_train_file_are_one_line(tmp_path):
+    export = tmp_path / "onnx"  # what export.py --format onnx writes; refused by its files, never read
+    export.mkdir()
+    for name in ("model.onnx", "onnx_reader.json", "vocab.txt"):
+        (export / name).write_text("")
+    for teacher in (export, export / "model.onnx"):
+        result = run_in_process("distill.py", f"--teacher={teacher}", f"--train_file={SAMPLE_FILE}",
+                                f"--output_dir={tmp_path / 'out'}", "--no_cuda")
+        one_line_error(result, f"--teacher {teacher}", "an ONNX export cannot be a teacher")
+    result = run_in_process("distill.py", f"--teacher={export}", f"--train_file={ROOT / 'data' / 'korquad2_sample'}",
+                            f"--output_dir={tmp_path / 'out'}", "--no_cuda")
+    one_line_error(result, "--train_file", "a directory (a KorQuAD 2.x dataset?)", "pass one of its .json files")
     assert not (tmp_path / "out").exists()
 
 

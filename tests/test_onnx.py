@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -241,8 +242,15 @@ def test_predict_answers_from_an_export_without_torch(run_dir, export_dir, tmp_p
     answer, reference = json.loads(result.stdout), json.loads(with_torch.stdout)
     assert (answer["answer"], answer["start"], answer["end"]) == (reference["answer"], reference["start"],
                                                                  reference["end"])
-    # The shim works: the PyTorch checkpoint cannot be read there.
-    assert run_script("predict.py", "--checkpoint", str(run_dir), *flags, env=no_torch).returncode != 0
+    # Without torch, a PyTorch checkpoint and an export missing its onnx_reader.json are one line each.
+    partial = Path(shutil.copytree(export_dir, tmp_path / "partial"))
+    (partial / "onnx_reader.json").unlink()
+    for checkpoint, says in ((run_dir, "is not an ONNX export; a PyTorch checkpoint needs torch (pip install torch)"),
+                             (partial, "an ONNX export without its onnx_reader.json"),
+                             (partial / "model.onnx", "an ONNX export without its onnx_reader.json")):
+        refused = run_script("predict.py", "--checkpoint", str(checkpoint), *flags, env=no_torch)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 1 and len(lines) == 1 and says in lines[0], refused.stderr
 
 
 def test_an_export_without_onnxruntime_is_one_line(export_dir, run_dir, tmp_path):

@@ -219,3 +219,15 @@ def test_a_checkpoint_holding_nan_or_infinite_weights_is_refused_in_one_line(run
     torch.save(encoder, tmp_path / "pretrained.bin")
     with pytest.raises(CheckpointError, match="embeddings.word_embeddings.weight .*diverged or damaged"):
         load_checkpoint(QuestionAnswering(Config(**TINY_CONFIG)), tmp_path / "pretrained.bin")
+
+
+def test_a_context_file_is_read_as_given_so_that_offsets_index_its_text(run_dir, tmp_path):
+    """A BOM, CRLF and a lone CR are kept: the answer is the file's text[start:end], as for --context."""
+    text = "\ufeff세종대왕이 1443년\r\n훈민정음을 창제하였다.\r한글은 과학적이다.\r\n"
+    path = tmp_path / "context.txt"
+    path.write_bytes(text.encode("utf-8"))
+    from_file, given = (json.loads(predict(f"--checkpoint={run_dir}", "--question=누가 창제하였나?", "--top_k=3",
+                                           flag).stdout) for flag in (f"--context_file={path}", f"--context={text}"))
+    assert from_file == given
+    for answer in [from_file, *from_file["answers"]]:
+        assert text[answer["start"]:answer["end"]] == answer["answer"]

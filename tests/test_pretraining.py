@@ -166,6 +166,24 @@ def test_masking_statistics_over_a_corpus():
     assert abs(swaps / total - 0.5) <= 0.02, swaps / total
 
 
+@pytest.mark.parametrize("max_predictions", [1, 2, 3, 20])
+def test_every_pair_gets_a_masked_piece_even_when_the_first_span_drawn_does_not_fit(max_predictions):
+    """Three words of three pieces: a first draw that overshot ended the masking with nothing masked, and a batch
+    of such pairs had a NaN loss. A word that fits is masked instead, or the first pieces of one."""
+    continuation = np.zeros(100, dtype=bool)
+    continuation[50:] = True   # ids from 50 on are ## pieces
+    ids = np.array([1, 10, 60, 61, 11, 62, 63, 12, 64, 65, 2])
+    candidate = np.ones(len(ids), dtype=bool)
+    candidate[[0, -1]] = False
+    for seed in range(40):
+        _, positions, labels, _ = pretraining_data.mask_pieces(
+            ids, candidate, continuation, np.random.default_rng(seed), mask_id=3, random_ids=np.arange(10, 20),
+            max_predictions=max_predictions)
+        assert 1 <= len(positions) <= max_predictions and np.array_equal(labels, ids[positions])
+        if max_predictions >= 3:   # whole words
+            assert len(positions) % 3 == 0 and np.all(ids[positions[::3]] < 50)
+
+
 def test_masks_are_dynamic_and_reproducible():
     maker = _sample_pairs()
     first = maker.example(0, epoch=0)
@@ -253,6 +271,34 @@ def test_bad_corpus_is_one_line_naming_the_file(tmp_path, content, expected):
     with pytest.raises(UsageError) as error:
         pretrain.main(flags)
     assert expected in str(error.value) and str(corpus) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_korquad2_file_is_refused_as_a_corpus_in_one_line(tmp_path):
+    from cli import UsageError
+    corpus = ROOT / "data" / "korquad2_sample" / "korquad2.1_train_00.json"
+    with pytest.raises(UsageError, match="a KorQuAD 2.x file .* not supported as a pre-training corpus") as error:
+        pretrain.main(["--train_files", str(corpus), f"--output_dir={tmp_path / 'out'}", "--checkpoint=none", *FLAGS])
+    assert str(corpus) in str(error.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, given", [(["--masked_lm_prob=1", "--max_seq_length=64"], "--masked_lm_prob 1.0"),
+                                          (["--max_seq_length=5"], "--max_seq_length 5")])
+def test_too_many_derived_predictions_name_the_flags_given(flags, given, capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--train_files", "x.txt", "--output_dir=x", *flags])
+    message = capsys.readouterr().err
+    assert given in message and "pass --max_predictions_per_seq at most" in message, message
+
+
+def test_a_resume_with_another_masked_lm_prob_names_it(tmp_path):
+    """Not the --max_predictions_per_seq derived from it, which differs too."""
+    from cli import UsageError
+    from long_run import check_same_settings
+    flags = ["--train_files", str(SAMPLE_FILE), "--output_dir=x", f"--vocab_file={VOCAB_FILE}", "--analyzer=none"]
+    settings = [pretrain.run_settings(pretrain.parse_args([*flags, *extra]), [SAMPLE_FILE], Config(**TINY_CONFIG),
+                                      False, 1) for extra in ([], ["--masked_lm_prob=0.3"])]
+    with pytest.raises(UsageError, match="--resume: --masked_lm_prob was 0.15 in the interrupted run, now 0.3"):
+        check_same_settings(*settings, {}, {})
 
 
 def test_a_line_longer_than_the_window_is_cut_with_one_warning(tmp_path):

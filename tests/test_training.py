@@ -40,8 +40,10 @@ def train_flags(setup: Path, output_dir: Path, epochs: int, batch_size: int = 8,
 
 def test_train_then_eval_fits_the_questions_it_saw(tiny_setup, tmp_path):
     out = tmp_path / "output"
+    # The original baseline's flags that no longer do anything are taken, so its command lines still run.
     trained = run_script("train.py", *train_flags(tiny_setup, out, epochs=30), "--save_total_limit=2",
-                         f"--eval_file={tiny_setup / 'train.json'}", timeout=600)  # 30 evaluations and curves
+                         f"--eval_file={tiny_setup / 'train.json'}", "--verbose_logging", "--fp16_opt_level=O1",
+                         timeout=600)  # 30 evaluations and curves
     assert trained.returncode == 0, trained.stderr
     summary = json.loads(trained.stdout.strip().splitlines()[-1])
     assert {"exact_match", "f1", "best_epoch"} <= set(summary)
@@ -59,7 +61,8 @@ def test_train_then_eval_fits_the_questions_it_saw(tiny_setup, tmp_path):
     debug = tmp_path / "debug"
     evaluated = run_script("eval.py", f"--checkpoint={out / 'korquad_29.bin'}", f"--output_dir={debug}",
                            f"--predict_file={tiny_setup / 'train.json'}", *DATA_FLAGS, "--train_batch_size=16",
-                           "--n_best_size=20", "--seed=42", f"--cache_dir={tiny_setup / 'cache'}")
+                           "--n_best_size=20", "--seed=42", f"--cache_dir={tiny_setup / 'cache'}", "--do_lower_case",
+                           "--verbose_logging")
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert set(result) == {"exact_match", "f1"}
