@@ -90,8 +90,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_seq_length", type=positive_int, default=512,
                         help="Pieces per pair, [CLS] and two [SEP] included.")
     parser.add_argument("--max_predictions_per_seq", type=positive_int, default=None,
-                        help="Most masked pieces per pair (if not given: 15%% of --max_seq_length rounded up to a "
-                             "multiple of 4: 20 at 128, 80 at 512).")
+                        help="Most masked pieces per pair (if not given: --masked_lm_prob of --max_seq_length rounded "
+                             "up to a multiple of 4, at most the pieces of a pair: 20 at 128, 80 at 512).")
     parser.add_argument("--masked_lm_prob", type=finite_float(0.0, 1.0, low_inclusive=False), default=0.15,
                         help="Share of the pieces masked.")
     steps = parser.add_mutually_exclusive_group()
@@ -140,11 +140,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"argument --max_predictions_per_seq: {args.max_predictions_per_seq} is more than the "
                          f"{pieces} pieces of a pair (--max_seq_length {args.max_seq_length} - 3)")
     else:
-        args.max_predictions_per_seq = 4 * math.ceil(args.max_seq_length * args.masked_lm_prob / 4)
-        if args.max_predictions_per_seq > pieces:  # name the flags the user gave, not the derived one
-            parser.error(f"--masked_lm_prob {args.masked_lm_prob} x --max_seq_length {args.max_seq_length}, rounded "
-                         f"up to a multiple of 4, is {args.max_predictions_per_seq} masked pieces, more than the "
-                         f"{pieces} pieces of a pair; pass --max_predictions_per_seq at most {pieces}")
+        # A default derived from the flags given: never more than a pair holds (a short --max_seq_length, or
+        # a --masked_lm_prob near 1, would otherwise be refused over a flag the user did not give).
+        args.max_predictions_per_seq = min(pieces, 4 * math.ceil(args.max_seq_length * args.masked_lm_prob / 4))
     if args.checkpoint.lower() != "none" and Path(args.checkpoint).exists():
         check_checkpoint_file(args.checkpoint)  # says what to pass instead of a directory
     return args
