@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,7 +131,25 @@ def has_answers(examples: Sequence[SquadExample]) -> bool:
 
 def score(predict_file: str | os.PathLike, predictions: dict[str, str]) -> dict[str, float]:
     """EM/F1 from the official KorQuAD v1.0 metric."""
-    return evaluate_v1_0.evaluate(read_dataset(predict_file)["data"], predictions)
+    return evaluate_v1_0.evaluate(scored_articles(predict_file), composed(predictions))
+
+
+def scored_articles(predict_file: str | os.PathLike) -> list:
+    """The file's articles as the metrics read them, in NFC (`composed`)."""
+    return composed(read_dataset(predict_file)["data"])
+
+
+def composed(value: Any) -> Any:
+    """`value` (parsed JSON) with every string in Unicode NFC. The metrics count characters: a dataset written in
+    NFD (and answers cut from its contexts) would otherwise score otherwise than the same text composed, as the
+    official data is. NFC text is returned as it is."""
+    if isinstance(value, str):
+        return value if unicodedata.is_normalized("NFC", value) else unicodedata.normalize("NFC", value)
+    if isinstance(value, list):
+        return [composed(item) for item in value]
+    if isinstance(value, dict):
+        return {key: composed(item) for key, item in value.items()}
+    return value
 
 
 def read_dataset(predict_file: str | os.PathLike) -> dict:
@@ -177,7 +196,7 @@ def score_no_answer(predict_file: str | os.PathLike, metric: str, span_predictio
     squad2: evaluate_v2_0's dict, its best_* keys tuned over `odds` on the span predictions (so the
     best threshold is in --null_score_diff_threshold's units); klue: evaluate_klue_mrc's; korquad:
     v1.0's EM/F1 (questions without answers left out)."""
-    dataset = read_dataset(predict_file)["data"]
+    dataset, span_predictions = scored_articles(predict_file), composed(span_predictions)
     if metric == "squad2":
         return evaluate_v2_0.evaluate(dataset, span_predictions, odds, threshold)
     predictions = span_predictions if odds is None else abstain(span_predictions, odds, threshold)
@@ -189,7 +208,7 @@ def score_no_answer(predict_file: str | os.PathLike, metric: str, span_predictio
 def tuned_threshold(predict_file: str | os.PathLike, span_predictions: dict[str, str], odds: dict[str, float],
                     which: str = "best_f1") -> float:
     """The --null_score_diff_threshold that maximises F1 (or EM) on `predict_file`, as SQuAD 2.0 defines it."""
-    scores = evaluate_v2_0.evaluate(read_dataset(predict_file)["data"], span_predictions, odds)
+    scores = evaluate_v2_0.evaluate(scored_articles(predict_file), composed(span_predictions), odds)
     return scores[f"{which}_thresh"]
 
 

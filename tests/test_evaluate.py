@@ -136,3 +136,23 @@ def test_several_gold_answers_each_metric_takes_its_best():
     assert evaluate(dataset, {"q": "중구"}) == {"exact_match": 0.0, "f1": pytest.approx(80.0)}
     # "시청" is exact for the last gold only; F1 is then 100 too, not an average over the golds.
     assert evaluate(dataset, {"q": "시청"}) == {"exact_match": 100.0, "f1": 100.0}
+
+
+def test_a_dataset_written_in_nfd_scores_as_the_same_text_composed(tmp_path):
+    """The metric counts characters: eval.py scores in NFC, so decomposed Hangul (answers cut from an NFD context)
+    gets the clean text's EM/F1 rather than one over jamo."""
+    import unicodedata
+
+    from scoring import score
+
+    dataset = {"version": "KorQuAD_v1.0", "data": [{"title": "t", "paragraphs": [{
+        "context": "훈민정음은 1443년 세종대왕이 창제하였다.", "qas": [
+            {"id": "a", "question": "언제?", "answers": [{"text": "1443년", "answer_start": 6}]},
+            {"id": "b", "question": "누가?", "answers": [{"text": "세종대왕이", "answer_start": 12}]}]}]}]}
+    predictions = {"a": "1443년 세종대왕이", "b": "세종대왕"}   # over jamo, F1 53.8 and 90.9 instead of 66.7 and 88.9
+    clean, decomposed = tmp_path / "clean.json", tmp_path / "nfd.json"
+    clean.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
+    decomposed.write_text(unicodedata.normalize("NFD", json.dumps(dataset, ensure_ascii=False)), encoding="utf-8")
+    expected = score(clean, predictions)
+    assert 50 < expected["f1"] < 100
+    assert score(decomposed, {k: unicodedata.normalize("NFD", v) for k, v in predictions.items()}) == expected
