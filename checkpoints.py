@@ -254,9 +254,9 @@ def settings_from_run_dir(args: argparse.Namespace, run_dir: Path) -> None:
         args.version_2_with_negative = saved_args.get("version_2_with_negative", False) is True
 
 
-# Files a model directory (a training run, an ONNX export, a transformers model) is read from.
-MODEL_DIR_FILES = (SAVED_CONFIG_NAME, SAVED_ARGS_NAME, SAVED_VOCAB_NAME, *HUB_FILES, onnx_reader.SETTINGS_NAME,
-                   onnx_reader.MODEL_NAME, onnx_reader.INT8_MODEL_NAME)
+# Files a model directory (a training run, an ONNX export, a transformers model) is read from, each once.
+MODEL_DIR_FILES = tuple(dict.fromkeys((SAVED_CONFIG_NAME, SAVED_ARGS_NAME, SAVED_VOCAB_NAME, *HUB_FILES,
+                                       onnx_reader.SETTINGS_NAME, onnx_reader.MODEL_NAME, onnx_reader.INT8_MODEL_NAME)))
 
 
 def checkpoint_inputs(checkpoint: str | os.PathLike) -> list[tuple[str, Path]]:
