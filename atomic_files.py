@@ -5,9 +5,11 @@ cache's index are written this way, so that a reader (or a crash half-way) never
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -18,31 +20,57 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     atomic_write_files({path: write})
 
 
+def writes_through(path: str | os.PathLike) -> bool:
+    """Whether `path` exists and is neither a regular file nor a directory: a device (/dev/null), a FIFO,
+    /dev/stdout on a pipe. A rename would replace it with a plain file, so it is written straight through."""
+    try:
+        mode = os.stat(path).st_mode   # through symlinks: /dev/stdout is one
+    except OSError:
+        return False   # missing (created by the rename) or unreadable (the write names the error)
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+@contextlib.contextmanager
+def errors_named(target: str | os.PathLike, written: str | os.PathLike) -> Iterator[None]:
+    """An OSError about `written` (the file actually opened) re-raised naming `target`, the file asked for."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename not in (None, str(written)):
+            raise  # about another file (a source being copied): it names that one
+        raise OSError(error.errno, error.strerror or str(error), str(target)) from None
+
+
 def atomic_write_files(files: dict[str | os.PathLike, Callable[[IO[bytes]], None]]) -> None:
     """Write files that belong together (a model directory, predictions with their n-best lists)
     whole or not at all: each goes to a temporary file beside it, and only once every one of them
     is on disk are they renamed into place. A failed write (a full disk) replaces none of them, and
     its OSError names the file being written, not its temporary name. A path that is a symlink is
-    written through to its target (the rename would otherwise replace the link with a plain file)."""
+    written through to its target (the rename would otherwise replace the link with a plain file);
+    a device or FIFO (`writes_through`) is written straight through, after the temporary files."""
     written: list[tuple[Path, Path]] = []
+    through = {target: write for target, write in files.items() if writes_through(target)}
     try:
         for target, write in files.items():
+            if target in through:
+                continue
             path = Path(os.path.realpath(target)) if Path(target).is_symlink() else Path(target)
             temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
             written.append((temp, path))
-            try:
-                # os.open with mode 0o666 lets the user's umask decide the final permissions, as for a plain open().
-                with os.fdopen(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
-                    write(file)
-                    file.flush()
-                    os.fsync(file.fileno())  # the data is on disk before the name points at it
-            except OSError as error:
-                if error.filename not in (None, str(temp)):
-                    raise  # about another file (a source being copied): it names that one
-                raise OSError(error.errno, error.strerror or str(error), str(target)) from None
+            # os.open with mode 0o666 lets the user's umask decide the final permissions, as for a plain open().
+            with errors_named(target, temp), os.fdopen(
+                    os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())  # the data is on disk before the name points at it
+        for target, write in through.items():   # no fsync: a pipe or device has no disk to wait for
+            with errors_named(target, target), open(target, "wb") as file:
+                write(file)
         for temp, path in written:
             os.replace(temp, path)
     except BaseException:
         for temp, _path in written:
-            temp.unlink(missing_ok=True)
+            # A read-only mount refuses even the unlink of a missing file: the error being raised is the one to see.
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
         raise

@@ -28,6 +28,7 @@ import codecs
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,15 +38,16 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import korquad2
 import onnx_reader
 from cli import (ArgumentParser, UsageError, add_device_args, add_no_answer_args, add_window_args, check_data_args,
-                 check_version_2, positive_int, refuse_output_over_input, run_cli, setup_logging)
+                 check_version_2, int_at_least, positive_int, refuse_output_over_input, run_cli, setup_logging)
 from devices import add_compile_args, autocast_dtype, check_compile_args, compile_model, pick_device
 from checkpoints import (WINDOW_FLAGS, build_tokenizer, explicit_flags, load_finetuned, model_inputs,
                          resolve_finetuned_settings)
 from scoring import average_logits, predict_logits
-from atomic_files import atomic_write
+from atomic_files import atomic_write, writes_through
 from decoding import decode_predictions, no_answer_probability, null_odds
 from korquad_utils import convert_examples_to_features
-from squad_examples import JSONTooDeepError, SquadExample, parse_json, squad_examples_from_json
+from squad_examples import (JSONNumberError, JSONTooDeepError, KorquadFormatError, SquadExample, parse_json,
+                            squad_examples_from_json)
 from tokenization import BertTokenizer, is_blank
 
 # torch is imported where a PyTorch model needs it: an ONNX export answers without torch installed.
@@ -62,6 +64,9 @@ CHUNK_QUESTIONS = 1024
 # 1.5x slower (its activations outgrow the caches): `python3 bench.py --only predict`.
 CUDA_BATCH_SIZE = 32
 CPU_BATCH_SIZE = 8
+# --top_k above n_best_size widens the n-best search; this keeps decoding bounded. serve.py's MAX_TOP_K is the
+# same bound for a request's "top_k" (serve.py imports this module, so the constant cannot come from there).
+MAX_TOP_K = 100
 
 
 class InputError(ValueError):
@@ -273,7 +278,9 @@ def json_lines_items(lines: Iterable[str]) -> Iterator[Item]:
             continue
         where = f"input line {number}"
         try:
-            yield where, check_question(parse_json(line))
+            yield where, check_question(parse_json(line, finite=True))
+        except JSONNumberError as err:   # NaN or 1e999 would be echoed back as output that is not JSON
+            yield where, InputError(str(err))
         except JSONTooDeepError as err:
             yield where, InputError(f"not JSON ({err})")
         except json.JSONDecodeError as err:
@@ -287,12 +294,26 @@ def input_items(path: str, version_2_with_negative: bool = False) -> list[Item] 
     text = read_input_text(path)
     try:
         whole = parse_json(text)
+    except JSONNumberError as err:
+        if is_korquad_document(text):   # refused whole, as eval.py refuses it; a JSON line fails alone
+            raise KorquadFormatError(f"{'stdin' if path == '-' else path}: not valid JSON ({err})") from None
+        whole = None
     except json.JSONDecodeError:
         whole = None
     if isinstance(whole, dict) and "data" in whole:
         return korquad_items(path, whole, version_2_with_negative)
     # "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085, which JSON strings may hold raw.
     return json_lines_items(text.split("\n"))
+
+
+def is_korquad_document(text: str) -> bool:
+    """Whether `text` is one JSON object with "data", even with a whole number too long for int()
+    (parse_int=float reads any length)."""
+    try:
+        whole = json.loads(text, parse_int=float)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(whole, dict) and "data" in whole
 
 
 def stdin_lines(stdin: BinaryIO) -> Iterator[tuple[int, str | UnicodeDecodeError]]:
@@ -357,7 +378,7 @@ def answer_items(reader: Reader, items: Iterable[Item], emit: Callable[[str], No
 
     def flush() -> None:
         for answer in reader.answer_all(chunk, top_k=top_k, progress=progress):
-            emit(json.dumps(answer, ensure_ascii=False))
+            emit(json.dumps(answer, ensure_ascii=False, allow_nan=False))   # strict JSON, whatever came in
         chunk.clear()
 
     for where, item in items:
@@ -488,8 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "and each answer is cut from the HTML (a whole table or list as its HTML), with "
                              "start/end offsets into the HTML.")
     parser.add_argument("--output", metavar="FILE", help="Write the JSON lines here (if not given: stdout).")
-    parser.add_argument("--top_k", type=positive_int, default=None,
-                        help="Also list the K best answers as `answers` (if not given: the best one only).")
+    parser.add_argument("--top_k", type=int_at_least(1, MAX_TOP_K), default=None,
+                        help=f"Also list the K best answers as `answers`, K up to {MAX_TOP_K} (if not given: "
+                             "the best one only).")
     parser.add_argument("--quiet", action="store_true", help="Warnings only.")
     return parser
 
@@ -516,21 +538,41 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_output(path: str | None) -> Path | None:
-    """Refuse an --output that cannot be written, before the model loads."""
+def check_output(path: str | None, flag: str = "--output") -> Path | None:
+    """Refuse an output file (`flag`) that cannot be written, before the model loads (submit.py's too)."""
     if path is None:
         return None
+    if not path:
+        raise UsageError(f"{flag} '' is not a file name")
     output = Path(path)
+    if writes_through(output):   # /dev/null, a FIFO, /dev/stdout on a pipe: opened as it is, never replaced
+        if not os.access(output, os.W_OK):
+            raise UsageError(f"{flag} {output} is not writable")
+        return output
     # A symlink is written through to its target (atomic_write renames beside the target).
     target = Path(os.path.realpath(output)) if output.is_symlink() else output
     via = f" (a symlink to {target})" if target != output else ""
     if target.is_dir():
-        raise UsageError(f"--output {output}{via} is a directory")
+        raise UsageError(f"{flag} {output}{via} is a directory")
     if not target.parent.is_dir():
-        raise UsageError(f"--output {output}{via}: directory {target.parent} does not exist")
+        raise UsageError(f"{flag} {output}{via}: directory {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK):
-        raise UsageError(f"--output {output}{via}: directory {target.parent} is not writable")
+        raise UsageError(f"{flag} {output}{via}: directory {target.parent} is not writable")
     return output
+
+
+def refuse_output_over_stdin(output: Path | None, stdin_flag: str) -> None:
+    """Refuse a stdin redirected from the --output file (`< FILE`), which the answers would replace: stdin
+    has no path for refuse_output_over_input, so its open file is compared with the output's."""
+    if output is None:
+        return
+    try:
+        stdin, written = os.fstat(0), os.stat(output)
+    except OSError:
+        return   # no stdin, or no output file yet: nothing to overwrite
+    if stat.S_ISREG(written.st_mode) and os.path.samestat(stdin, written):
+        raise UsageError(f"--output: writing {output} would overwrite {stdin_flag} (stdin, the same file); "
+                         f"choose another --output")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -541,6 +583,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     refuse_output_over_input("--output", [output] if output else [], [
         ("--input", None if args.input == "-" else args.input), ("--context_file", args.context_file),
         *model_inputs(args)])
+    if args.input == "-" or args.interactive:
+        refuse_output_over_stdin(output, "--input -" if args.input == "-" else "--interactive")
     page = read_html_page(args) if args.html else None
     if page is not None:  # the model reads the page's text; answers go back to the HTML
         args.context, args.context_file = page.text, None

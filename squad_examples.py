@@ -8,7 +8,9 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,13 +71,78 @@ class JSONTooDeepError(json.JSONDecodeError):
         return self.msg
 
 
-def parse_json(document: str | bytes) -> Any:
-    """`json.loads` for user input: JSON nested too deeply comes as a JSONDecodeError (`JSONTooDeepError`),
-    as any other bad JSON does, where json.loads raises RecursionError (not a ValueError: a traceback)."""
+class JSONNumberError(json.JSONDecodeError):
+    """A number the reader cannot take: a whole number past Python's digit limit for int(), or (asked for
+    finite numbers) NaN, ±Infinity or a float beyond a double's range. No line or column: the hooks lack them."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description, "", 0)
+
+    def __str__(self) -> str:
+        return self.msg
+
+
+def whole_number(digits: str) -> int:
     try:
-        return json.loads(document)
+        return int(digits)
+    except ValueError:   # more digits than sys.get_int_max_str_digits() allows: not a JSONDecodeError
+        raise JSONNumberError(f"a whole number of {len(digits.lstrip('-'))} digits, more than the "
+                              f"{sys.get_int_max_str_digits()} Python reads") from None
+
+
+@dataclass
+class _NotFinite:
+    """Stands in for NaN, ±Infinity or 1e999 while parsing, until the object holding it names its field."""
+    description: str
+
+
+def _not_json_constant(text: str) -> _NotFinite:
+    return _NotFinite(f"{text}, which is not JSON")
+
+
+def _finite_float(text: str) -> float | _NotFinite:
+    number = float(text)
+    if math.isfinite(number):
+        return number
+    return _NotFinite(f"{text if len(text) <= 20 else text[:17] + '...'}, a number beyond the range of a double")
+
+
+def _not_finite_in(value: Any) -> _NotFinite | None:
+    """The first _NotFinite in `value` or the lists it holds (objects have checked their own fields)."""
+    pending = [value]
+    while pending:   # without recursion: lists may nest as deep as json.loads allows
+        item = pending.pop()
+        if isinstance(item, _NotFinite):
+            return item
+        if isinstance(item, list):
+            pending.extend(item)
+    return None
+
+
+def _finite_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    for key, value in pairs:
+        found = _not_finite_in(value)
+        if found is not None:
+            raise JSONNumberError(f"{json.dumps(key, ensure_ascii=False)} holds {found.description}")
+    return dict(pairs)
+
+
+def parse_json(document: str | bytes, finite: bool = False) -> Any:
+    """`json.loads` for user input, where every problem is a JSONDecodeError: JSON nested too deeply
+    (`JSONTooDeepError`, where json.loads raises RecursionError) and a whole number past Python's digit
+    limit (`JSONNumberError`, where json.loads raises a plain ValueError). With `finite`, NaN, ±Infinity and
+    floats beyond a double (1e999), which strict JSON cannot carry, are a JSONNumberError naming their field."""
+    hooks: dict[str, Any] = {"parse_int": whole_number}
+    if finite:
+        hooks.update(parse_constant=_not_json_constant, parse_float=_finite_float, object_pairs_hook=_finite_object)
+    try:
+        value = json.loads(document, **hooks)
     except RecursionError:
         raise JSONTooDeepError() from None
+    found = _not_finite_in(value) if finite else None
+    if found is not None:
+        raise JSONNumberError(found.description)
+    return value
 
 
 def load_json_file(path: Path) -> Any:
@@ -87,7 +154,7 @@ def load_json_file(path: Path) -> Any:
         raise KorquadFormatError(f"{path}: cannot read: {error.strerror or error}") from None
     except UnicodeDecodeError:
         raise KorquadFormatError(f"{path}: not UTF-8 text") from None
-    except JSONTooDeepError as error:
+    except (JSONTooDeepError, JSONNumberError) as error:
         raise KorquadFormatError(f"{path}: not valid JSON ({error})") from None
     except json.JSONDecodeError as error:
         raise KorquadFormatError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} "

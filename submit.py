@@ -21,7 +21,8 @@ from pathlib import Path
 
 import eval as evaluate_script
 import onnx_reader
-from cli import (ArgumentParser, ROOT, UsageError, add_no_answer_args, check_data_args, check_version_2,
+import predict
+from cli import (ArgumentParser, ROOT, add_no_answer_args, check_data_args, check_version_2,
                  refuse_output_over_input, run_cli, setup_logging)
 from checkpoints import checkpoint_inputs, explicit_flags, json_bytes, resolve_finetuned_settings
 from atomic_files import atomic_write
@@ -55,12 +56,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def check_output(own: argparse.Namespace) -> Path:
     """Refuse an OUTPUT.json that cannot be written, or that is INPUT.json or the checkpoint, before any work."""
-    path = Path(own.output)
-    target = path.resolve()
-    if target.is_dir():
-        raise UsageError(f"OUTPUT.json {path} is a directory")
-    if not target.parent.is_dir():
-        raise UsageError(f"OUTPUT.json {path}: directory {target.parent} does not exist")
+    path = predict.check_output(own.output, "OUTPUT.json")
     refuse_output_over_input("OUTPUT.json", [path], [("INPUT.json", own.input), ("--checkpoint", own.checkpoint),
                                                      *checkpoint_inputs(own.checkpoint)])
     return path

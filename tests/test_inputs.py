@@ -560,3 +560,35 @@ def test_zero_width_characters_inside_words_give_the_answers_of_the_text_without
         assert theirs["answer"].replace("\u200b", "").replace("\u2060", "") == ours["answer"]
         assert marked(CONTEXT)[theirs["start"]:theirs["end"]] == theirs["answer"]
         assert theirs["probability"] == pytest.approx(ours["probability"], abs=1e-6)
+
+
+def test_numbers_strict_json_or_int_cannot_carry_fail_their_line_only(run_dir, monkeypatch, capsys):
+    """NaN, ±Infinity and 1e999 would be echoed back as output no strict JSON parser reads (serve.py refuses
+    them too); a whole number past int()'s digit limit is a ValueError json.loads does not turn into bad JSON."""
+    lines = ['{"id": NaN, "question": "누가?", "context": "세종대왕이 만들었다."}',
+             '{"id": [1, 1e999], "question": "누가?", "context": "세종대왕이 만들었다."}',
+             '{"question": "누가?", "context": "세종대왕이 만들었다.", "extra": {"deep": -Infinity}}',
+             '{"id": ' + "9" * 5000 + ', "question": "누가?", "context": "세종대왕이 만들었다."}',
+             _line(id="ok", question="누가?", context=CONTEXT)]
+    status, answers, errors = _predict(monkeypatch, capsys, "\n".join(lines).encode(),
+                                       f"--checkpoint={run_dir}", "--input=-")
+    assert errors == ['predict.py: input line 1: "id" holds NaN, which is not JSON',
+                      'predict.py: input line 2: "id" holds 1e999, a number beyond the range of a double',
+                      'predict.py: input line 3: "deep" holds -Infinity, which is not JSON',
+                      "predict.py: input line 4: a whole number of 5000 digits, more than the "
+                      f"{__import__('sys').get_int_max_str_digits()} Python reads"]
+    assert [answer["id"] for answer in answers] == ["ok"] and status == 1
+
+
+def test_a_korquad_file_with_a_too_long_whole_number_is_refused_naming_the_file(run_dir, monkeypatch, capsys,
+                                                                                 tmp_path):
+    from squad_examples import KorquadFormatError, load_json_file
+
+    document = tmp_path / "dev.json"
+    document.write_text('{"version": "1", "data": [{"title": "t", "paragraphs": [{"context": "c", "qas": [{"id": '
+                        '"q", "question": "q", "answers": [{"text": "c", "answer_start": ' + "9" * 5000 + '}]}]}]}]}')
+    message = rf"^{document}: not valid JSON \(a whole number of 5000 digits, more than the \d+ Python reads\)$"
+    with pytest.raises(KorquadFormatError, match=message):
+        load_json_file(document)   # eval.py's and train.py's reader
+    with pytest.raises(KorquadFormatError, match=message):
+        _predict(monkeypatch, capsys, b"", f"--checkpoint={run_dir}", f"--input={document}")

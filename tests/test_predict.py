@@ -168,6 +168,8 @@ def test_bad_lines_are_reported_and_the_others_answered(run_dir):
     (["--input=/nonexistent/in.jsonl"], "/nonexistent/in.jsonl"),
     (["--input=-", "--output=/nonexistent/dir/out.jsonl"], "/nonexistent/dir does not exist"),
     (["--input=-", "--top_k=0"], "argument --top_k: must be at least 1"),
+    (["--input=-", "--top_k=101"], "argument --top_k: must be at most 100"),   # serve.py's bound
+    (["--input=-", "--output="], "--output '' is not a file name"),
 ])
 def test_bad_flags_are_one_clear_line(run_dir, flags, message):
     result = predict(f"--checkpoint={run_dir}", *flags, input="")
@@ -231,3 +233,26 @@ def test_a_context_file_is_read_as_given_so_that_offsets_index_its_text(run_dir,
     assert from_file == given
     for answer in [from_file, *from_file["answers"]]:
         assert text[answer["start"]:answer["end"]] == answer["answer"]
+
+
+def test_output_dev_stdout_on_a_pipe_is_written_through(run_dir):
+    """/dev/stdout on a pipe cannot be renamed over (there is no directory to write a temporary file in)."""
+    result = predict(f"--checkpoint={run_dir}", "--question=수도는?", "--context=서울은 수도이다.",
+                     "--output=/dev/stdout")
+    assert result.returncode == 0 and result.stderr == ""
+    assert json_lines(result.stdout)[0]["answer"]
+
+
+@pytest.mark.parametrize("source", [["--input=-"], ["--interactive", "--context=서울은 수도이다."]])
+def test_stdin_redirected_from_the_output_is_refused_before_any_work(tmp_path, source):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"question": "수도는?", "context": "서울은 수도이다."}\n', encoding="utf-8")
+    with open(questions, "rb") as stdin:
+        result = subprocess.run([sys.executable, str(ROOT / "predict.py"), f"--checkpoint={tmp_path / 'missing.bin'}",
+                                 *source, f"--output={questions}", "--quiet"], stdin=stdin, capture_output=True,
+                                text=True, cwd=ROOT, timeout=120)
+    flag = "--input -" if source == ["--input=-"] else "--interactive"
+    assert result.returncode == 1 and result.stderr == (
+        f"predict.py: error: --output: writing {questions} would overwrite {flag} (stdin, the same file); "
+        f"choose another --output\n")
+    assert questions.read_text(encoding="utf-8").startswith('{"question"')

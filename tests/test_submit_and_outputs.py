@@ -311,3 +311,57 @@ def test_eval_applies_the_threshold_its_flag_names(tmp_path, monkeypatch, capsys
     assert json.loads((tmp_path / "out" / "predictions.json").read_text(encoding="utf-8")) == expected
     assert scores["exact"] == pytest.approx(scores["best_exact"])   # both thresholds reach the best EM here
     assert scores["f1"] == pytest.approx(scores["best_f1"] if tuned == "best_f1" else 100 * 2 / 3)
+
+
+# --- 4. outputs that are not regular files, and failures while writing -------------------------------
+
+def test_a_fifo_output_is_written_through_not_replaced(tmp_path):
+    """A rename over a FIFO (or /dev/null) would replace it with a plain file, and its reader would get nothing."""
+    import stat
+    import threading
+
+    from atomic_files import atomic_write, writes_through
+
+    fifo = tmp_path / "answers.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    atomic_write(fifo, lambda file: file.write(b'{"answer": "x"}\n'))
+    reader.join(timeout=10)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and received == [b'{"answer": "x"}\n']
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["answers.fifo"]
+    assert writes_through("/dev/null") and not writes_through(tmp_path) and not writes_through(tmp_path / "new")
+
+
+def test_a_failed_cleanup_does_not_hide_the_write_error(tmp_path, monkeypatch):
+    """On a read-only mount even unlinking a missing temporary file fails: the error raised must stay the write's."""
+    import errno
+
+    from atomic_files import atomic_write
+
+    def read_only_unlink(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    def full_disk(file):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "unlink", read_only_unlink)
+    with pytest.raises(OSError) as error:
+        atomic_write(tmp_path / "out.json", full_disk)
+    assert (error.value.errno, error.value.filename) == (errno.ENOSPC, str(tmp_path / "out.json"))
+
+
+def test_submit_refuses_an_unwritable_output_directory_before_any_work(tmp_path, monkeypatch):
+    """As predict.py: found before the model loads (here: a checkpoint that does not exist), not after the work.
+    Root may write anywhere, so the directory's answer to os.access is what is faked."""
+    import submit
+
+    (tmp_path / "dev.json").write_text(QUESTIONS, encoding="utf-8")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    with pytest.raises(UsageError, match=rf"^OUTPUT.json {locked / 'out.json'}: directory {locked} is not writable"):
+        submit.main([str(tmp_path / "dev.json"), str(locked / "out.json"),
+                     f"--checkpoint={tmp_path / 'missing.bin'}"])
