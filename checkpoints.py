@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 import warnings
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 import onnx_reader
 from atomic_files import atomic_write
 from squad_examples import parse_json
-from tokenization import BertTokenizer, read_do_lower_case, read_vocab_tokens
+from tokenization import TOKENIZER_JSON, BertTokenizer, read_do_lower_case, read_vocab_tokens, vocab_file_bytes
 from cli import DEFAULT_CONFIG, DEFAULT_VOCAB, UsageError
 
 if TYPE_CHECKING:
@@ -35,7 +34,10 @@ SAVED_VOCAB_NAME = "vocab.txt"             # train.py copies the vocab here, so 
 ANALYZER_CONFIG_KEY = "korquad_analyzer"   # recorded in an exported transformers config.json
 # A hub model id such as `monologg/koelectra-small-v3-discriminator` (a local path wins).
 HUB_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-HUB_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer_config.json")
+# Patterns for snapshot_download: a file the model lacks is simply not fetched (transformers 5 saves tokenizer.json
+# without vocab.txt; older models have vocab.txt only).
+HUB_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt", TOKENIZER_JSON,
+             "tokenizer_config.json")
 
 
 def check_checkpoint_file(path: str, flag: str = "--checkpoint") -> None:
@@ -58,8 +60,14 @@ def build_tokenizer(vocab_file: str | os.PathLike, analyzer: str, config: Config
                     do_lower_case: bool = True) -> BertTokenizer:
     """The morpheme-level tokenizer, checked against the model's vocabulary size."""
     tokenizer = BertTokenizer(str(vocab_file), analyzer=analyzer, do_lower_case=do_lower_case)
-    if len(tokenizer.vocab) != config.vocab_size:
-        raise UsageError(f"vocab file {vocab_file} has {len(tokenizer.vocab)} entries but the model config says "
+    # Ids are line numbers, so the line count must match: a repeated line still takes an id, and the last
+    # lines' ids would fall outside the embedding table.
+    if len(tokenizer) != config.vocab_size:
+        repeated = next((token for index, token in tokenizer.ids_to_tokens.items()
+                         if tokenizer.vocab[token] != index), None)
+        detail = (f" ({len(tokenizer.vocab)} distinct: {repeated!r} is repeated, at lines "
+                  f"{tokenizer.vocab[repeated] + 1} and later)" if repeated is not None else "")
+        raise UsageError(f"vocab file {vocab_file} has {len(tokenizer)} entries{detail} but the model config says "
                          f"vocab_size {config.vocab_size}")
     return tokenizer
 
@@ -377,9 +385,13 @@ def settings_from_model_dir(args: argparse.Namespace, model_dir: str | os.PathLi
     raw_config = read_transformers_config(model_dir)
     config = config_from_transformers(raw_config, str(model_dir / "config.json"))
     if args.vocab_file is None:
-        if not (model_dir / SAVED_VOCAB_NAME).is_file():
-            raise UsageError(f"--checkpoint {model_dir}: no vocab.txt in the model directory; pass --vocab_file")
-        args.vocab_file = str(model_dir / SAVED_VOCAB_NAME)
+        # tokenizer.json alone is what transformers 5 saves; read_vocab_tokens reads its WordPiece vocab.
+        vocab = next((model_dir / name for name in (SAVED_VOCAB_NAME, TOKENIZER_JSON) if (model_dir / name).is_file()),
+                     None)
+        if vocab is None:
+            raise UsageError(f"--checkpoint {model_dir}: no vocab.txt nor tokenizer.json in the model directory; "
+                             f"pass --vocab_file")
+        args.vocab_file = str(vocab)
     args.do_lower_case = read_do_lower_case(model_dir)
     if args.analyzer is None:
         args.analyzer = raw_config.get(ANALYZER_CONFIG_KEY, "mecab")
@@ -452,8 +464,9 @@ def resolve_model_settings(args: argparse.Namespace, checkpoint: str) -> Config:
 
 
 def copy_vocab_into(vocab_file: str | os.PathLike, directory: Path) -> None:
-    """Copy the vocab into a run or model directory as vocab.txt (atomically), so it works once moved."""
+    """Copy the vocab into a run or model directory as vocab.txt (atomically), so it works once moved
+    (a tokenizer.json's vocab is written one token a line)."""
     target = directory / SAVED_VOCAB_NAME
     if Path(vocab_file).resolve() != target.resolve():
-        with open(vocab_file, "rb") as source:
-            atomic_write(target, lambda file: shutil.copyfileobj(source, file))
+        data = vocab_file_bytes(vocab_file)
+        atomic_write(target, lambda file: file.write(data))

@@ -48,7 +48,7 @@ from squad_examples import parse_json, read_squad_examples
 from long_run import pid_is_alive, remove_dead_temp_files
 from modeling import (TRANSFORMERS_CONFIG, BertForPreTraining, QuestionAnswering, config_to_transformers,
                       load_checkpoint, read_state_dict, to_transformers_pretraining_state, to_transformers_state)
-from tokenization import ANALYZER_NAMES, build_vocab, read_vocab_tokens
+from tokenization import ANALYZER_NAMES, TOKENIZER_JSON, build_vocab, read_vocab_tokens, vocab_file_bytes
 
 logger = logging.getLogger("korquad")
 
@@ -57,6 +57,11 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 # What each --format writes in --output_dir.
 WRITTEN_FILES = {"transformers": (TRANSFORMERS_CONFIG, WEIGHTS_NAME, SAVED_VOCAB_NAME, TOKENIZER_CONFIG_NAME),
                  "onnx": (onnx_reader.MODEL_NAME, onnx_reader.INT8_MODEL_NAME, SAVED_VOCAB_NAME, onnx_reader.SETTINGS_NAME)}
+# Files an earlier save_pretrained (or another export tool) may have left in --output_dir that transformers reads
+# in preference to ours (tokenizer.json over vocab.txt, an index or .bin beside our safetensors): deleted first.
+STALE_TRANSFORMERS_FILES = (TOKENIZER_JSON, "special_tokens_map.json", "added_tokens.json",
+                            "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+STALE_SHARDS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -106,12 +111,19 @@ def export(model: QuestionAnswering | BertForPreTraining, vocab_file: str | Path
         config = config_to_transformers(model.config, **{ANALYZER_CONFIG_KEY: analyzer})
         state = to_transformers_state(model)
     weights = safetensors_bytes(state, metadata={"format": "pt"})
-    vocab = Path(vocab_file).read_bytes()
+    vocab = vocab_file_bytes(vocab_file)
     # strip_accents false: transformers would otherwise NFD-strip with lower-casing, breaking Hangul into jamo.
     tokenizer_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": do_lower_case, "strip_accents": False,
                         "tokenize_chinese_chars": True, "model_max_length": model.config.max_position_embeddings,
                         "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                         "mask_token": "[MASK]"}
+    # Removed before the write: a failed write then leaves the old model with its own vocab.txt, never the new
+    # model beside another model's tokenizer.json.
+    for stale in [*(output_dir / name for name in STALE_TRANSFORMERS_FILES),
+                  *(path for pattern in STALE_SHARDS for path in output_dir.glob(pattern))]:
+        if stale.is_file() or stale.is_symlink():
+            logger.info("removing %s: transformers would read it instead of the export's files", stale)
+            stale.unlink()
     # All four or none: a config.json beside another export's weights would describe the wrong model.
     atomic_write_files({output_dir / TRANSFORMERS_CONFIG: lambda file: file.write(json_bytes(config)),
                         output_dir / WEIGHTS_NAME: lambda file: file.write(weights),
@@ -375,7 +387,7 @@ def verify(model: QuestionAnswering, model_bytes: bytes, name: str, batch: dict[
     difference = float(np.max([np.abs(g[real] - e[real]).max() for g, e in zip(batched + alone, expected * 2)]))
     rows, width = batch["input_ids"].shape
     print(f"{name}: max start/end logit difference to the eager model {difference:.2e} "
-          f"on {rows} sample windows of up to {width} pieces, in one run and one a run (allowed {tolerance:g})")
+          f"on {rows} sample windows of up to {width} pieces, in one run and one window a run (allowed {tolerance:g})")
     if not difference <= tolerance:
         raise UsageError(f"{name}: logits differ from the eager model's by {difference:.3g} (allowed {tolerance:g}); "
                          f"nothing written")
@@ -405,7 +417,7 @@ def export_onnx(model: QuestionAnswering, vocab_file: str | Path, settings: onnx
         models[onnx_reader.INT8_MODEL_NAME] = int8_bytes
     settings.models = {name: onnx_reader.model_digest(data) for name, data in models.items()}
     files = {output_dir / name: (lambda file, data=model_bytes: file.write(data)) for name, model_bytes in models.items()}
-    vocab = Path(vocab_file).read_bytes()
+    vocab = vocab_file_bytes(vocab_file)
     files[output_dir / SAVED_VOCAB_NAME] = lambda file: file.write(vocab)
     atomic_write_files(files)
     # The settings last and on their own: a process killed between the renames above leaves the previous
@@ -438,8 +450,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Before the checkpoint is looked for: an output over the model read is refused whatever else is wrong.
     check_output_dir(Path(args.output_dir), Path(args.checkpoint))
     args.checkpoint = [args.checkpoint]
-    refuse_output_over_input("--output_dir", [Path(args.output_dir) / name for name in WRITTEN_FILES[args.format]],
-                             model_inputs(args))
+    # The stale files an export deletes count as written: a --vocab_file among them would be lost.
+    replaced = (*WRITTEN_FILES[args.format], *(STALE_TRANSFORMERS_FILES if args.format == "transformers" else ()))
+    refuse_output_over_input("--output_dir", [Path(args.output_dir) / name for name in replaced], model_inputs(args))
     config = resolve_finetuned_settings(args)
     if isinstance(config, onnx_reader.ExportSettings):   # a hub model id that named one
         raise already_onnx(args.checkpoint[0])

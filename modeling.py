@@ -618,15 +618,26 @@ _LAYER_NAMES_BACK = {ours: theirs for theirs, ours in _LAYER_NAMES.items()}
 
 
 def is_transformers_dir(path: str | os.PathLike) -> bool:
-    """True for a directory holding a transformers `config.json` (ours, from train.py, has no `num_attention_heads`)."""
-    config_file = Path(path) / TRANSFORMERS_CONFIG
+    """True for a directory holding a transformers `config.json`: one with `num_attention_heads` (ours, from
+    train.py, names it num_heads), or any other transformers config (DistilBERT's, ...) beside transformers
+    weights, so that config_from_transformers names what is not supported."""
+    directory = Path(path)
+    config_file = directory / TRANSFORMERS_CONFIG
     if not config_file.is_file():
         return False
     try:
         values = json.loads(config_file.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return True  # read_transformers_dir says what is wrong with it
-    return isinstance(values, dict) and "num_attention_heads" in values
+    if not isinstance(values, dict):
+        return False
+    if "num_attention_heads" in values:
+        return True
+    # Our run's config.json (Config.to_dict) may hold model_type but never architectures or
+    # transformers_version, and sits beside korquad_N.bin, not transformers weights.
+    has_weights = any((directory / name).is_file() or (directory / f"{name}.index.json").is_file()
+                      for name in TRANSFORMERS_WEIGHTS)
+    return has_weights and any(key in values for key in ("model_type", "architectures", "transformers_version"))
 
 
 def config_from_transformers(values: dict, source: str = TRANSFORMERS_CONFIG) -> Config:

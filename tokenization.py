@@ -65,8 +65,12 @@ class TokenizerError(ValueError):
 
 # --- vocab ---------------------------------------------------------------------------------
 
+TOKENIZER_JSON = "tokenizer.json"   # transformers' fast tokenizer file: what transformers 5 saves, without vocab.txt
+
+
 def read_vocab_tokens(vocab_file: str | os.PathLike[str]) -> list[str]:
-    """The tokens of a WordPiece vocab file, one per line; a token's id is its line number."""
+    """The tokens of a WordPiece vocab file, one per line (a token's id is its line number), or of a
+    transformers tokenizer.json (any `*.json`: its WordPiece `model.vocab`, in id order)."""
     path = Path(vocab_file)
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not part of [PAD]
@@ -76,13 +80,54 @@ def read_vocab_tokens(vocab_file: str | os.PathLike[str]) -> list[str]:
         raise TokenizerError(f"vocab file is not UTF-8 text: {path}") from None
     except OSError as error:
         raise TokenizerError(f"cannot read vocab file {path}: {error.strerror or error}") from None
-    # Split on "\n" only: str.splitlines would also break tokens at \x1c, \x85, \u2028 and the like.
-    tokens = [line.rstrip("\r") for line in text.split("\n")]
-    if tokens and tokens[-1] == "":
-        tokens.pop()
+    if path.suffix == ".json":
+        tokens = _tokenizer_json_tokens(text, path)
+    else:
+        # Split on "\n" only: str.splitlines would also break tokens at \x1c, \x85, \u2028 and the like.
+        tokens = [line.rstrip("\r") for line in text.split("\n")]
+        if tokens and tokens[-1] == "":
+            tokens.pop()
     if not any(token.strip() for token in tokens):
         raise TokenizerError(f"vocab file is empty: {path}")
     return tokens
+
+
+def _tokenizer_json_tokens(text: str, path: Path) -> list[str]:
+    """The WordPiece vocab of a tokenizer.json's `model.vocab` (token -> id), ordered by id."""
+    data = _parse_json(text, path)
+    model = data.get("model") if isinstance(data, dict) else None
+    kind = model.get("type") if isinstance(model, dict) else None
+    if kind != "WordPiece" or not isinstance(model.get("vocab"), dict):
+        raise TokenizerError(f"{path}: model.type is {kind!r}, not a WordPiece tokenizer with a model.vocab; "
+                             f"pass a vocab.txt")
+    vocab: dict = model["vocab"]
+    ids = list(vocab.values())
+    if not all(type(index) is int for index in ids) or sorted(ids) != list(range(len(ids))):
+        raise TokenizerError(f"{path}: model.vocab ids are not 0..{len(ids) - 1}, each once (gaps, repeats or "
+                             f"non-integers); pass a vocab.txt")
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    # Copied into a run or export as vocab.txt lines (vocab_file_bytes): a line break would shift every later id.
+    broken = next((token for token in tokens if "\n" in token or "\r" in token), None)
+    if broken is not None:
+        raise TokenizerError(f"{path}: model.vocab token {broken!r} holds a line break; pass a vocab.txt")
+    return tokens
+
+
+def vocab_file_bytes(vocab_file: str | os.PathLike[str]) -> bytes:
+    """The contents of vocab.txt for `vocab_file`: the file itself, or a tokenizer.json's vocab one token a line."""
+    path = Path(vocab_file)
+    if path.suffix == ".json":
+        return "".join(f"{token}\n" for token in read_vocab_tokens(path)).encode("utf-8")
+    return path.read_bytes()
+
+
+def _parse_json(text: str, path: Path) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TokenizerError(f"{path}: not readable JSON ({_one_line(error)})") from None
+    except RecursionError:
+        raise TokenizerError(f"{path}: not readable JSON (nested too deeply)") from None
 
 
 def build_vocab(tokens: Sequence[str], vocab_file: str | os.PathLike[str]) -> dict[str, int]:
@@ -97,23 +142,48 @@ def build_vocab(tokens: Sequence[str], vocab_file: str | os.PathLike[str]) -> di
 
 
 def read_do_lower_case(model_dir: str | os.PathLike[str]) -> bool:
-    """`do_lower_case` from a transformers model directory's tokenizer_config.json
-    (transformers' own default, True, when the file or key is absent)."""
-    path = Path(model_dir) / "tokenizer_config.json"
-    if not path.is_file():
-        return True
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TokenizerError(f"{path}: not readable JSON ({_one_line(error)})") from None
-    except RecursionError:
-        raise TokenizerError(f"{path}: not readable JSON (nested too deeply)") from None
-    value = settings.get("do_lower_case", True) if isinstance(settings, dict) else None
+    """`do_lower_case` of a transformers model directory: tokenizer_config.json's, else the `lowercase` of
+    tokenizer.json's BertNormalizer, else transformers' default (True). Warns where transformers would strip
+    accents, which this toolkit never does."""
+    directory = Path(model_dir)
+    config_path = directory / "tokenizer_config.json"
+    settings = _read_json_file(config_path) if config_path.is_file() else {}
+    if not isinstance(settings, dict):
+        raise TokenizerError(f"{config_path}: expected a JSON object")
+    normalizer = _bert_normalizer(directory / TOKENIZER_JSON)
+    source = config_path if "do_lower_case" in settings or not normalizer else directory / TOKENIZER_JSON
+    value = settings.get("do_lower_case", normalizer.get("lowercase", True))
     if not isinstance(value, bool):
-        raise TokenizerError(f"{path}: do_lower_case must be true or false, not {value!r}")
-    if settings.get("strip_accents"):
-        logger.warning("%s: strip_accents is ignored (NFD accent stripping would break Hangul into jamo)", path)
+        key = "do_lower_case" if source == config_path else "normalizer.lowercase"
+        raise TokenizerError(f"{source}: {key} must be true or false, not {value!r}")
+    strip_accents = settings.get("strip_accents")
+    if strip_accents is None:
+        strip_accents = normalizer.get("strip_accents")
+    # transformers strips accents when strip_accents is unset and lower-casing is on (mBERT uncased's jamo vocab).
+    if strip_accents or (strip_accents is None and value):
+        why = "strip_accents is true" if strip_accents else "do_lower_case without strip_accents: false"
+        logger.warning("%s: transformers strips accents here (%s), breaking Hangul into jamo; this toolkit keeps "
+                       "Hangul composed, so text is not tokenized as in this model's training", directory, why)
     return value
+
+
+def _read_json_file(path: Path) -> object:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise TokenizerError(f"{path}: not readable JSON ({_one_line(error)})") from None
+    return _parse_json(text, path)
+
+
+def _bert_normalizer(path: Path) -> dict:
+    """tokenizer.json's BertNormalizer settings (alone or in a Sequence); empty without one."""
+    if not path.is_file():
+        return {}
+    data = _read_json_file(path)
+    normalizer = data.get("normalizer") if isinstance(data, dict) else None
+    parts = normalizer.get("normalizers") if isinstance(normalizer, dict) and normalizer.get("type") == "Sequence" \
+        else [normalizer]
+    return next((part for part in parts or () if isinstance(part, dict) and part.get("type") == "BertNormalizer"), {})
 
 
 # --- stage 1: clean ------------------------------------------------------------------------

@@ -219,6 +219,53 @@ def test_export_loads_in_transformers_with_the_same_logits_and_reimports(tmp_pat
     assert set(to_transformers_state(ours)) == set(theirs.state_dict())
 
 
+def test_a_dir_with_tokenizer_json_and_no_vocab_txt_is_read_and_exported(tmp_path, caplog):
+    # As transformers 5's save_pretrained leaves it: the vocab and the normalizer only in tokenizer.json.
+    model = bert_qa()
+    model_dir = save_transformers_dir(model, tmp_path / "v5", False, "safetensors")
+    hf_tokenizer(False, tmp_path).save_pretrained(str(model_dir))
+    (model_dir / "vocab.txt").unlink()
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"strip_accents": False}))
+
+    from checkpoints import copy_vocab_into, resolve_model_settings
+
+    args = types.SimpleNamespace(model_config=None, vocab_file=None, analyzer=None)
+    with caplog.at_level(logging.WARNING):
+        resolve_model_settings(args, str(model_dir))
+    assert args.vocab_file == str(model_dir / "tokenizer.json") and args.do_lower_case is False
+    assert "jamo" not in caplog.text
+    assert BertTokenizer(args.vocab_file, analyzer="none").vocab == BertTokenizer(VOCAB_FILE, analyzer="none").vocab
+    copy_vocab_into(args.vocab_file, tmp_path)  # what a run directory gets
+    assert (tmp_path / "vocab.txt").read_text(encoding="utf-8").split() == Path(VOCAB_FILE).read_text(
+        encoding="utf-8").split()
+
+    exported = run_script("export.py", f"--checkpoint={model_dir}", f"--output_dir={tmp_path / 'hf'}",
+                          "--analyzer=none")
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "hf" / "vocab.txt").read_bytes() == (tmp_path / "vocab.txt").read_bytes()
+
+
+def test_export_into_an_earlier_model_dir_removes_what_transformers_would_read_instead(tmp_path):
+    model_dir = save_transformers_dir(bert_qa(), tmp_path / "model", True, "safetensors")
+    out = tmp_path / "hf"
+    out.mkdir()
+    stale = ["tokenizer.json", "special_tokens_map.json", "added_tokens.json", "pytorch_model.bin",
+             "model.safetensors.index.json", "model-00001-of-00002.safetensors"]
+    for name in stale:
+        (out / name).write_text("{}")
+    (out / "README.md").write_text("kept")
+    exported = run_script("export.py", f"--checkpoint={model_dir}", f"--output_dir={out}", "--analyzer=none")
+    assert exported.returncode == 0, exported.stderr
+    assert not [name for name in stale if (out / name).exists()] and (out / "README.md").is_file()
+    assert len(transformers.AutoTokenizer.from_pretrained(str(out))) == 32000
+    # A --vocab_file among the files it would delete is refused before anything is touched.
+    (out / "tokenizer.json").write_bytes((model_dir / "vocab.txt").read_bytes())
+    refused = run_script("export.py", f"--checkpoint={model_dir}", f"--output_dir={out}", "--analyzer=none",
+                         f"--vocab_file={out / 'tokenizer.json'}")
+    assert refused.returncode == 1 and "would overwrite --vocab_file" in refused.stderr
+    assert (out / "tokenizer.json").is_file()
+
+
 def unsupported_dir(tmp_path: Path, change: str) -> Path:
     model = bert_qa()
     model_dir = save_transformers_dir(model, tmp_path / change, True, "safetensors")
@@ -227,6 +274,10 @@ def unsupported_dir(tmp_path: Path, change: str) -> Path:
         values["position_embedding_type"] = "relative_key"
     elif change == "roberta":
         values["model_type"] = "roberta"
+    elif change == "distilbert":  # DistilBERT names its heads n_heads
+        values.update(model_type="distilbert", n_heads=values.pop("num_attention_heads"))
+    elif change == "no_heads":
+        del values["num_attention_heads"]
     else:
         values["intermediate_size"] = 48  # the weights say 64
     (model_dir / "config.json").write_text(json.dumps(values))
@@ -236,6 +287,8 @@ def unsupported_dir(tmp_path: Path, change: str) -> Path:
 @pytest.mark.parametrize("change, message", [
     ("relative_positions", "position_embedding_type 'relative_key' is not supported"),
     ("roberta", "model_type 'roberta' is not supported"),
+    ("distilbert", "model_type 'distilbert' is not supported"),
+    ("no_heads", "missing key(s) ['num_attention_heads']"),
     ("shapes", "intermediate_size 48"),
 ])
 def test_unsupported_transformers_dir_is_one_line(tmp_path, change, message):
@@ -260,7 +313,7 @@ def test_hub_id_downloads_through_huggingface_hub(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
     assert fetch_hub_model("someone/koelectra-small") == str(model_dir)
-    assert calls[0][0] == "someone/koelectra-small" and "vocab.txt" in calls[0][1]
+    assert calls[0][0] == "someone/koelectra-small" and {"vocab.txt", "tokenizer.json"} <= set(calls[0][1])
     # Local paths are never sent to the hub.
     assert fetch_hub_model(str(model_dir)) == str(model_dir)
     assert fetch_hub_model("pretrain_ckpt/bert_small_ckpt.bin") == "pretrain_ckpt/bert_small_ckpt.bin"

@@ -269,3 +269,17 @@ def test_config_file_keys(tmp_path, config_file):
         Config.from_json_file(tmp_path / "typo.json")
     (tmp_path / "round.json").write_text(json.dumps(config.to_dict()))
     assert Config.from_json_file(tmp_path / "round.json") == config
+
+
+def test_only_transformers_configs_make_a_transformers_dir(tmp_path):
+    from modeling import is_transformers_dir
+
+    # Our run: Config.to_dict() (with model_type) beside korquad_N.bin.
+    (tmp_path / "config.json").write_text(json.dumps(Config(**TINY, model_type="electra").to_dict()))
+    (tmp_path / "korquad_0.bin").write_bytes(b"")
+    assert not is_transformers_dir(tmp_path)
+    # A DistilBERT directory has no num_attention_heads, but is still read as a transformers one (and refused there).
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "distilbert", "n_heads": 4, "dim": 32}))
+    assert not is_transformers_dir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert is_transformers_dir(tmp_path)

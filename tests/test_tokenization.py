@@ -111,6 +111,58 @@ def test_vocab_without_a_special_token_names_it(tmp_path):
         BertTokenizer(path, analyzer="none")
 
 
+def test_a_repeated_vocab_line_is_refused_naming_the_token(tmp_path):
+    from types import SimpleNamespace
+
+    from checkpoints import build_tokenizer
+    from cli import UsageError
+
+    # Ids are line numbers: 12 lines hold 11 distinct tokens, and the last id (11) is past a vocab_size of 11.
+    path = tmp_path / "dup_vocab.txt"
+    path.write_text("\n".join([*SMALL_VOCAB[:-1], "un", "."]) + "\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"dup_vocab.txt has 12 entries \(11 distinct: 'un' is repeated, at lines 6 "
+                                         r"and later\) but the model config says vocab_size 11"):
+        build_tokenizer(path, "none", SimpleNamespace(vocab_size=len(SMALL_VOCAB)))
+
+
+def tokenizer_json(vocab: dict[str, int], normalizer: dict | None = None) -> str:
+    return json.dumps({"normalizer": normalizer, "model": {"type": "WordPiece", "vocab": vocab}})
+
+
+def test_a_tokenizer_json_vocab_reads_in_id_order_and_writes_as_vocab_txt(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(tokenizer_json({token: index for index, token in reversed(list(enumerate(SMALL_VOCAB)))}))
+    assert tokenization.read_vocab_tokens(path) == SMALL_VOCAB
+    assert tokenization.vocab_file_bytes(path) == ("\n".join(SMALL_VOCAB) + "\n").encode("utf-8")
+    assert BertTokenizer(path, analyzer="none").tokenize("unaffable") == ["un", "##aff", "##able"]
+    path.write_text(tokenizer_json({token: index * 2 for index, token in enumerate(SMALL_VOCAB)}))
+    with pytest.raises(TokenizerError, match=r"tokenizer.json: model.vocab ids are not 0..10, each once"):
+        tokenization.read_vocab_tokens(path)
+    path.write_text(json.dumps({"model": {"type": "BPE", "vocab": {}}}))
+    with pytest.raises(TokenizerError, match=r"tokenizer.json: model.type is 'BPE', not a WordPiece tokenizer"):
+        tokenization.read_vocab_tokens(path)
+
+
+@pytest.mark.parametrize("tokenizer_config, normalizer, lower, warns", [
+    ({"do_lower_case": True, "strip_accents": False}, None, True, False),
+    ({"do_lower_case": True}, None, True, True),            # transformers strips accents when lower-casing
+    ({"do_lower_case": False}, None, False, False),
+    (None, {"type": "BertNormalizer", "lowercase": False, "strip_accents": None}, False, False),
+    ({}, {"type": "Sequence", "normalizers": [{"type": "BertNormalizer", "lowercase": True, "strip_accents": False}]},
+     True, False),
+    ({"strip_accents": True, "do_lower_case": False}, None, False, True),
+])
+def test_lower_casing_and_accent_stripping_of_a_model_dir(tmp_path, caplog, tokenizer_config, normalizer, lower,
+                                                         warns):
+    if tokenizer_config is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    if normalizer is not None:
+        (tmp_path / "tokenizer.json").write_text(tokenizer_json({"[PAD]": 0}, normalizer))
+    with caplog.at_level(logging.WARNING, logger=tokenization.logger.name):
+        assert tokenization.read_do_lower_case(tmp_path) is lower
+    assert ("breaking Hangul into jamo" in caplog.text) is warns
+
+
 def test_bad_analyzer_and_max_len_are_rejected(small_vocab_file):
     with pytest.raises(TokenizerError, match="unknown analyzer 'mecub'; choose one of: mecab, okt"):
         BertTokenizer(small_vocab_file, analyzer="mecub")
