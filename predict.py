@@ -64,8 +64,7 @@ CHUNK_QUESTIONS = 1024
 # 1.5x slower (its activations outgrow the caches): `python3 bench.py --only predict`.
 CUDA_BATCH_SIZE = 32
 CPU_BATCH_SIZE = 8
-# --top_k above n_best_size widens the n-best search; this keeps decoding bounded. serve.py's MAX_TOP_K is the
-# same bound for a request's "top_k" (serve.py imports this module, so the constant cannot come from there).
+# --top_k (and a serve.py request's "top_k") above n_best_size widens the n-best search; this keeps decoding bounded.
 MAX_TOP_K = 100
 
 

@@ -16,7 +16,7 @@ over several. A full queue answers 503 at once; a request that times out leaves 
 that has not sent a request's line and headers within --header_timeout is closed (408), so that slow clients
 cannot hold --max_connections. Numbers strict JSON cannot carry (NaN, Infinity, 1e999, whole numbers past
 Python's 4,300-digit limit) get 400 naming the field. SIGTERM (or Ctrl-C) stops accepting connections,
-answers every request already accepted, then exits 0.
+answers every request already accepted, then exits 0; a second Ctrl-C forces quit, dropping requests in flight (exit 1).
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import collections
 import contextlib
 import json
 import logging
-import math
 import signal
 import socket
 import sys
@@ -38,7 +37,9 @@ from typing import Any
 
 from cli import ArgumentParser, UsageError, int_at_least, positive_float, positive_int, run_cli, setup_logging
 import korquad2
-from predict import InputError, Reader, add_reader_args, check_numbers, check_question, cut_answer_from_html
+from squad_examples import finite_float_or_marker, int_or_marker, not_json_constant, unusable_number_in
+from predict import (MAX_TOP_K, InputError, Reader, add_reader_args, check_numbers, check_question,
+                     cut_answer_from_html)
 from tokenization import is_blank
 
 try:
@@ -57,19 +58,24 @@ logger = logging.getLogger("korquad")
 
 PROG = "serve.py"
 FIELDS = ("question", "context", "id", "top_k", "html")
-MAX_TOP_K = 100   # top_k above n_best_size widens the n-best search; this keeps one request's decoding bounded
+MAX_WAIT_MS = 60_000   # a batch that waits longer than this for company is never worth it
 
 
 class RequestError(Exception):
     """A request the server refuses: an HTTP status and a message naming what is wrong."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 class QueueFull(Exception):
     """No room for a request's questions (or the server is stopping): answered with 503 at once."""
+
+
+class WorkerStopped(Exception):
+    """The worker thread has died (a bug): nothing can be answered any more, so every request gets 503."""
 
 
 # --- the batching worker ---------------------------------------------------------------------
@@ -128,6 +134,8 @@ class Batcher:
         self._jobs: collections.deque[Job] = collections.deque()
         self._changed = threading.Condition()
         self._stopping = False
+        self._open: set[Job] = set()   # submitted and not yet resolved: failed at once if the worker dies
+        self.dead = False
         self._thread = threading.Thread(target=self._work, name="reader", daemon=True)
 
     def start(self) -> None:
@@ -145,15 +153,23 @@ class Batcher:
         loop = asyncio.get_running_loop()
         job = Job(records, top_ks, loop, loop.create_future())
         with self._changed:
+            if self.dead:
+                raise WorkerStopped(WORKER_STOPPED)
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             if self.queued + len(records) > self.queue_size:
                 raise QueueFull(f"the server is busy ({self.queued} questions queued, room for "
                                 f"{self.queue_size}); retry shortly")
             self._jobs.append(job)
+            self._open.add(job)
             self.queued += len(records)
             self._changed.notify()
+        job.future.add_done_callback(lambda _: self._forget(job))
         return job
+
+    def _forget(self, job: Job) -> None:
+        with self._changed:
+            self._open.discard(job)
 
     def abandon(self, job: Job) -> None:
         """Give up a job (its request timed out, or one of its questions failed): its questions still queued
@@ -191,8 +207,18 @@ class Batcher:
                 self._changed.wait(remaining)
 
     def _work(self) -> None:
-        while (batch := self._take()) is not None:
-            self._answer([piece for piece in batch if not piece.job.abandoned])
+        try:
+            while (batch := self._take()) is not None:
+                self._answer([piece for piece in batch if not piece.job.abandoned])
+        except BaseException:   # a bug in the worker itself: say so, and fail fast rather than time out
+            logger.exception("the worker thread stopped; every request gets 503 from now on")
+            with self._changed:
+                self.dead = True
+                waiting = list(self._open)
+                self._jobs.clear()
+                self.queued = 0
+            for job in waiting:
+                deliver(job, WorkerStopped(WORKER_STOPPED))
 
     def _answer(self, pieces: list[Piece]) -> None:
         if not pieces:
@@ -218,6 +244,9 @@ class Batcher:
                 deliver(piece.job, piece.job.answers)
 
 
+WORKER_STOPPED = "the server's worker thread has stopped (its log says why); restart the server"
+
+
 def deliver(job: Job, outcome: list[dict[str, Any]] | BaseException) -> None:
     """Hand a job's answers (or its error) to the request waiting in the event loop."""
     def resolve() -> None:
@@ -241,17 +270,20 @@ class Limits:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, at most `limit` bytes (413 beyond). A longer body is read to its end and dropped,
-    so that the client, still sending, receives the 413 rather than a reset connection."""
+    """The request body, at most `limit` bytes (413 beyond). A declared Content-Length past the limit gets
+    413 before any of the body is read (so no 100 Continue invites it), and the connection is closed; a longer
+    chunked body is read to its end and dropped, so that the client, still sending, receives the 413 rather
+    than a reset connection."""
+    too_large = f"the request body is larger than {limit} bytes (--max_body_bytes)"
     declared = request.headers.get("content-length")
-    too_large = declared is not None and declared.isdigit() and int(declared) > limit
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, too_large, {"Connection": "close"})
     body = bytearray()
     async for chunk in request.stream():
-        if not too_large:
+        if len(body) <= limit:
             body += chunk
-            too_large = len(body) > limit
-    if too_large:
-        raise RequestError(413, f"the request body is larger than {limit} bytes (--max_body_bytes)")
+    if len(body) > limit:
+        raise RequestError(413, too_large)
     return bytes(body)
 
 
@@ -296,50 +328,6 @@ def parse_payload(body: bytes, limits: Limits) -> tuple[list[dict[str, Any]], li
                                 f"{limits.max_items} (--max_items)")
     checked = [check_item(item, f"item {number}: ", limits) for number, item in enumerate(payload)]
     return [record for record, _ in checked], [top_k for _, top_k in checked], False
-
-
-class UnusableNumber:
-    """Stands in for a number json.loads would accept but this server cannot take: NaN or ±Infinity (not
-    JSON, and the answer echoing them could not be strict JSON), a float beyond a double's range (1e999) or
-    a whole number past Python's digit limit for int(). check_item refuses it, naming the field."""
-
-    def __init__(self, description: str) -> None:
-        self.description = description
-
-
-def not_json_constant(text: str) -> UnusableNumber:
-    return UnusableNumber(f"{text}, which is not JSON")
-
-
-def finite_float_or_marker(text: str) -> float | UnusableNumber:
-    number = float(text)
-    if math.isfinite(number):
-        return number
-    shown = text if len(text) <= 20 else text[:17] + "..."
-    return UnusableNumber(f"{shown}, a number beyond the range of a double")
-
-
-def int_or_marker(text: str) -> int | UnusableNumber:
-    try:
-        return int(text)
-    except ValueError:   # more digits than sys.get_int_max_str_digits() allows
-        return UnusableNumber(f"a whole number of {len(text.lstrip('-'))} digits, more than the "
-                              f"{sys.get_int_max_str_digits()} this server reads")
-
-
-def unusable_number_in(value: Any) -> UnusableNumber | None:
-    """The first UnusableNumber anywhere in a parsed JSON value (walked without recursion: an "id" may nest
-    as deep as json.loads allows)."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, UnusableNumber):
-            return item
-        if isinstance(item, dict):
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return None
 
 
 def check_item(item: Any, where: str, limits: Limits) -> tuple[dict[str, Any], int | None]:
@@ -432,6 +420,9 @@ def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout:
         except QueueFull as full:
             counts["refused"] += 1
             return error_response(503, str(full), {"Retry-After": "1"})
+        except WorkerStopped as stopped:
+            counts["failed"] += 1
+            return error_response(503, str(stopped))
         counts["accepted"] += 1
         try:
             answers = await asyncio.wait_for(job.future, max(0.0, request_timeout - (time.monotonic() - began)))
@@ -440,6 +431,9 @@ def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout:
             counts["timed_out"] += 1
             return error_response(504, f"not answered within {request_timeout:g} s (--request_timeout); "
                                        f"the server is overloaded")
+        except WorkerStopped as stopped:
+            counts["failed"] += 1
+            return error_response(503, str(stopped))
         except Exception:   # logged by the worker, with its traceback; the client gets one line
             counts["failed"] += 1
             return error_response(500, "answering this request failed (the server's log says why)")
@@ -450,6 +444,8 @@ def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout:
         return JSONResponse(answers[0] if single else answers)
 
     async def health(request: Request) -> JSONResponse:
+        if batcher.dead:
+            return JSONResponse({"status": "worker stopped", "queued": 0, **counts}, status_code=503)
         return JSONResponse({"status": "ok", "queued": batcher.queued, **counts})
 
     async def page(request: Request) -> HTMLResponse:
@@ -457,7 +453,7 @@ def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout:
 
     async def refused(request: Request, error: RequestError) -> JSONResponse:
         counts["bad_requests"] += 1
-        return error_response(error.status, str(error))
+        return error_response(error.status, str(error), error.headers)
 
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         counts["bad_requests"] += 1
@@ -484,11 +480,14 @@ def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout:
             batcher.stop()   # uvicorn calls this after the requests in flight have their answers
             logger.info("stopped: %s", ", ".join(f"{count} {name}" for name, count in counts.items()))
 
-    return Starlette(routes=[Route("/", page, methods=["GET"]), Route("/health", health, methods=["GET"]),
-                             Route("/answer", answer, methods=["POST"])],
-                     exception_handlers={RequestError: refused, HTTPException: http_error,
-                                         ClientDisconnect: client_gone, Exception: server_error},
-                     lifespan=lifespan)
+    app = Starlette(routes=[Route("/", page, methods=["GET"]), Route("/health", health, methods=["GET"]),
+                            Route("/answer", answer, methods=["POST"])],
+                    exception_handlers={RequestError: refused, HTTPException: http_error,
+                                        ClientDisconnect: client_gone, Exception: server_error},
+                    lifespan=lifespan)
+    # No 307 from /answer/ to /answer: its Location would be built from the client's Host header.
+    app.router.redirect_slashes = False
+    return app
 
 
 # The page: plain HTML and a little JavaScript, served as it is (no build step, nothing fetched elsewhere).
@@ -593,8 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Questions that may wait for the model; past that, requests get 503 at once.")
     parser.add_argument("--max_batch", type=positive_int, default=32,
                         help="Questions answered together, from as many requests as fit.")
-    parser.add_argument("--max_wait_ms", type=int_at_least(0), default=5,
-                        help="How long the worker waits for more requests to fill a batch.")
+    parser.add_argument("--max_wait_ms", type=int_at_least(0, MAX_WAIT_MS), default=5,
+                        help="How long the worker waits for more requests to fill a batch; less than "
+                             "--request_timeout.")
     parser.add_argument("--max_items", type=positive_int, default=64, help="Questions in one request, at most.")
     parser.add_argument("--max_body_bytes", type=positive_int, default=4 * 2**20,
                         help="Largest request body; larger ones get 413.")
@@ -635,23 +635,73 @@ def header_timeout_protocol(header_timeout: float) -> type[asyncio.Protocol]:
     """uvicorn's HTTP/1.1 protocol (h11), closing a connection that has not sent a whole request line and
     headers within `header_timeout` seconds of opening, or of the previous answer on it. uvicorn has no such
     limit (its keep-alive timer stops at a request's first byte) and counts these connections against
-    --max_connections, so a few clients sending a byte now and then would keep every other client at 503."""
+    --max_connections, so a few clients sending a byte now and then would keep every other client at 503.
+    It also answers what uvicorn answers in plain text (bad framing, the connection limit) as JSON, and
+    still answers a client that half-closes its side after sending its request."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    message = json.dumps({"error": f"the request line and headers did not arrive within {header_timeout:g} s "
-                                   f"(--header_timeout)"}).encode("utf-8")
+    def error_body(message: str) -> bytes:
+        return json.dumps({"error": message}).encode("utf-8")
+
+    message = error_body(f"the request line and headers did not arrive within {header_timeout:g} s "
+                         f"(--header_timeout)")
     overdue = (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(message), message))
+    malformed = error_body("not a valid HTTP/1.1 request (its request line, headers, Content-Length or chunked "
+                           "framing)")
+    busy = error_body("too many open connections (--max_connections); retry shortly")
+    busy_headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(busy)),
+                    (b"connection", b"close"), (b"retry-after", b"1")]
 
     class HeaderTimeoutProtocol(H11Protocol):
         header_timer: asyncio.TimerHandle | None = None
+        half_closed = False   # the client has sent its last byte (shutdown(SHUT_WR)) and waits for the answer
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # The connection limit is checked in limited() instead, where the 503 can be JSON.
+            self.connection_limit, self.limit_concurrency = self.limit_concurrency, None
+            self.app = self.limited(self.app)
+
+        def limited(self, app: Any) -> Any:
+            async def guarded(scope: Any, receive: Any, send: Any) -> None:
+                # As uvicorn counts: this request's own task is in self.tasks by now, hence the "> limit".
+                if self.connection_limit is not None and (len(self.connections) >= self.connection_limit
+                                                          or len(self.tasks) > self.connection_limit):
+                    self.logger.warning("Exceeded concurrency limit.")
+                    await send({"type": "http.response.start", "status": 503, "headers": busy_headers})
+                    await send({"type": "http.response.body", "body": busy})
+                    return
+                await app(scope, receive, send)
+            return guarded
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's own, with a JSON body of a stated length (uvicorn's is text, chunked on HTTP/1.1).
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(malformed)),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                          h11.Data(data=malformed), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+        def eof_received(self) -> bool | None:
+            # asyncio closes the transport when this returns a false value: do so unless a whole request is
+            # being answered, whose answer can still be written (and then the connection is closed).
+            if self.cycle is not None and not self.cycle.response_complete and not self.cycle.more_body:
+                self.half_closed = True
+                return True
+            return None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             self.await_headers()
 
         def on_response_complete(self) -> None:
-            self.await_headers()   # the next request's line and headers are due from now on
+            if self.half_closed:
+                self.transport.close()   # the client can send no more requests: this answer was the last
+            else:
+                self.await_headers()   # the next request's line and headers are due from now on
             super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -695,12 +745,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.max_items > args.queue_size:
         raise UsageError(f"--max_items {args.max_items} is larger than --queue_size {args.queue_size}: "
                          f"such a request could never be queued")
+    if args.max_wait_ms >= args.request_timeout * 1000:
+        raise UsageError(f"--max_wait_ms {args.max_wait_ms} is not shorter than --request_timeout "
+                         f"{args.request_timeout:g} s: a lone request would time out waiting for its batch")
     setup_logging(args.quiet)
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     if not (host.startswith("127.") or host == "::1"):
         logger.warning("listening on %s: anyone who can reach this machine can use the server (no authentication)",
                        host)
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):   # loading a model can take a while
+        signal.signal(stop_signal, stopped_while_loading)
     reader = Reader.from_args(args)
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     config = server_config(reader, args, announce=f"{PROG}: serving on {url}")
@@ -708,7 +763,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     # there before; a handler that ignores it lets the process end with status 0 after the clean shutdown.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda number, frame: None)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if server.force_exit:   # a second Ctrl-C during the graceful shutdown: uvicorn dropped what was in flight
+        sys.exit(f"{PROG}: forced to quit by a second SIGINT; requests still being answered were dropped")
+
+
+def stopped_while_loading(number: int, frame: Any) -> None:
+    """Before the server runs, SIGTERM/SIGINT end the process at once, with one line and status 128 + signal."""
+    print(f"{PROG}: stopped by {signal.Signals(number).name} before serving", file=sys.stderr, flush=True)
+    sys.exit(128 + number)
 
 
 if __name__ == "__main__":

@@ -83,45 +83,57 @@ class JSONNumberError(json.JSONDecodeError):
 
 
 def whole_number(digits: str) -> int:
-    try:
-        return int(digits)
-    except ValueError:   # more digits than sys.get_int_max_str_digits() allows: not a JSONDecodeError
-        raise JSONNumberError(f"a whole number of {len(digits.lstrip('-'))} digits, more than the "
-                              f"{sys.get_int_max_str_digits()} Python reads") from None
+    number = int_or_marker(digits)
+    if isinstance(number, UnusableNumber):   # json.loads would raise a plain ValueError: not a JSONDecodeError
+        raise JSONNumberError(number.description)
+    return number
 
 
 @dataclass
-class _NotFinite:
-    """Stands in for NaN, ±Infinity or 1e999 while parsing, until the object holding it names its field."""
+class UnusableNumber:
+    """Stands in, while parsing, for a number json.loads would accept but a reader cannot take: NaN or
+    ±Infinity (not JSON, and an answer echoing them could not be strict JSON), a float beyond a double's range
+    (1e999) or a whole number past Python's digit limit for int(); the field holding it is named later."""
     description: str
 
 
-def _not_json_constant(text: str) -> _NotFinite:
-    return _NotFinite(f"{text}, which is not JSON")
+def not_json_constant(text: str) -> UnusableNumber:
+    return UnusableNumber(f"{text}, which is not JSON")
 
 
-def _finite_float(text: str) -> float | _NotFinite:
+def finite_float_or_marker(text: str) -> float | UnusableNumber:
     number = float(text)
     if math.isfinite(number):
         return number
-    return _NotFinite(f"{text if len(text) <= 20 else text[:17] + '...'}, a number beyond the range of a double")
+    return UnusableNumber(f"{text if len(text) <= 20 else text[:17] + '...'}, a number beyond the range of a double")
 
 
-def _not_finite_in(value: Any) -> _NotFinite | None:
-    """The first _NotFinite in `value` or the lists it holds (objects have checked their own fields)."""
+def int_or_marker(digits: str) -> int | UnusableNumber:
+    try:
+        return int(digits)
+    except ValueError:   # more digits than sys.get_int_max_str_digits() allows
+        return UnusableNumber(f"a whole number of {len(digits.lstrip('-'))} digits, more than the "
+                              f"{sys.get_int_max_str_digits()} Python reads")
+
+
+def unusable_number_in(value: Any) -> UnusableNumber | None:
+    """The first UnusableNumber anywhere in a parsed JSON value (walked without recursion: an "id" may nest
+    as deep as json.loads allows)."""
     pending = [value]
-    while pending:   # without recursion: lists may nest as deep as json.loads allows
+    while pending:
         item = pending.pop()
-        if isinstance(item, _NotFinite):
+        if isinstance(item, UnusableNumber):
             return item
-        if isinstance(item, list):
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
             pending.extend(item)
     return None
 
 
 def _finite_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     for key, value in pairs:
-        found = _not_finite_in(value)
+        found = unusable_number_in(value)
         if found is not None:
             raise JSONNumberError(f"{json.dumps(key, ensure_ascii=False)} holds {found.description}")
     return dict(pairs)
@@ -134,12 +146,13 @@ def parse_json(document: str | bytes, finite: bool = False) -> Any:
     floats beyond a double (1e999), which strict JSON cannot carry, are a JSONNumberError naming their field."""
     hooks: dict[str, Any] = {"parse_int": whole_number}
     if finite:
-        hooks.update(parse_constant=_not_json_constant, parse_float=_finite_float, object_pairs_hook=_finite_object)
+        hooks.update(parse_constant=not_json_constant, parse_float=finite_float_or_marker, parse_int=int_or_marker,
+                     object_pairs_hook=_finite_object)
     try:
         value = json.loads(document, **hooks)
     except RecursionError:
         raise JSONTooDeepError() from None
-    found = _not_finite_in(value) if finite else None
+    found = unusable_number_in(value) if finite else None
     if found is not None:
         raise JSONNumberError(found.description)
     return value

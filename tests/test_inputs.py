@@ -575,7 +575,7 @@ def test_numbers_strict_json_or_int_cannot_carry_fail_their_line_only(run_dir, m
     assert errors == ['predict.py: input line 1: "id" holds NaN, which is not JSON',
                       'predict.py: input line 2: "id" holds 1e999, a number beyond the range of a double',
                       'predict.py: input line 3: "deep" holds -Infinity, which is not JSON',
-                      "predict.py: input line 4: a whole number of 5000 digits, more than the "
+                      "predict.py: input line 4: \"id\" holds a whole number of 5000 digits, more than the "
                       f"{__import__('sys').get_int_max_str_digits()} Python reads"]
     assert [answer["id"] for answer in answers] == ["ok"] and status == 1
 

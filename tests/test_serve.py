@@ -320,6 +320,9 @@ BAD_REQUESTS = {   # kind: (method, path, content type, body, status, part of th
     "PUT /answer": ("PUT", "/answer", "application/json", json_body(GOOD), 405, "use POST"),
     "POST /": ("POST", "/", "application/json", json_body(GOOD), 405, "not allowed"),
     "unknown path": ("GET", "/answers", None, b"", 404, "POST /answer"),
+    # No 307 to the same path without its slash: its Location would name the client's Host header.
+    "POST /answer/": ("POST", "/answer/", "application/json", json_body(GOOD), 404, "no page /answer/"),
+    "GET /health/": ("GET", "/health/", None, b"", 404, "no page /health/"),
 }
 
 
@@ -385,9 +388,14 @@ def test_a_body_too_large_without_content_length_gets_413(server):
     assert response.status == 413 and "--max_body_bytes" in json.loads(response.read())["error"]
 
 
+class WorkerBug(BaseException):
+    """A failure that no `except Exception` catches: it ends the worker thread."""
+
+
 class ScriptedReader:
     """A stand-in Reader: "slow" questions take 0.6 s, "hold" ones wait for `release`, "boom" ones raise,
-    others answer at once with their context's first character. `batches` lists the questions of every call."""
+    "fatal" ones end the worker thread, others answer at once with their context's first character. `batches`
+    lists the questions of every call."""
     n_best_size = 20
 
     def __init__(self) -> None:
@@ -398,6 +406,8 @@ class ScriptedReader:
         self.batches.append(sorted(record["question"] for record in records))
         if any(record["question"] == "boom" for record in records):
             raise RuntimeError("a bug met on this question")
+        if any(record["question"] == "fatal" for record in records):
+            raise WorkerBug("the worker itself breaks")
         if any(record["question"] == "slow" for record in records):
             time.sleep(0.6)
         if any(record["question"] == "hold" for record in records):
@@ -559,7 +569,9 @@ def test_max_connections_connections_are_served_at_once_and_one_more_is_not(scri
         open_connections.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
         connection = local_connection(port)   # a 4th
         connection.request("GET", "/health")
-        assert connection.getresponse().status == 503
+        response = connection.getresponse()
+        assert response.status == 503 and response.headers["Retry-After"] == "1"
+        assert "--max_connections" in json.loads(response.read())["error"]
 
 
 TRICKLED = b"POST /answer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 40\r\n"
@@ -632,6 +644,81 @@ def test_connections_that_never_finish_their_headers_are_closed_and_others_answe
         assert response.status == 200, response.read()
 
 
+def raw_exchange(port: int, request: bytes, half_close: bool = False) -> tuple[float, bytes]:
+    """Send `request` on a new connection (then shutdown(SHUT_WR) if `half_close`) and read until the server
+    closes it: (seconds taken, all it sent)."""
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return time.monotonic() - began, received
+
+
+def json_error_of(answer: bytes) -> tuple[int, dict[str, str], dict]:
+    """(status, headers in lower case, JSON body) of one whole HTTP/1.1 answer with a Content-Length."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    assert headers["content-type"] == "application/json" and len(body) == int(headers["content-length"]), answer
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+POST_HEAD = b"POST /answer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+MALFORMED = {   # kind: a request uvicorn's parser (h11) refuses before the app sees it
+    "negative Content-Length": POST_HEAD + b"Content-Length: -5\r\n\r\n",
+    "Content-Length not a number": POST_HEAD + b"Content-Length: abc\r\n\r\n",
+    "bad chunk size": POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "garbage request line": b"HELLO\r\n\r\n",
+    # Unended, so that h11 sees more than its 16 KiB limit on an incomplete head (a whole one read at once passes).
+    "huge header": b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20_000,
+}
+
+
+@pytest.mark.parametrize("kind", MALFORMED)
+def test_malformed_http_gets_a_400_json_error(scripted_server, kind):
+    port, _ = scripted_server()
+    status, headers, body = json_error_of(raw_exchange(port, MALFORMED[kind])[1])
+    assert status == 400 and headers["connection"] == "close" and "not a valid HTTP/1.1 request" in body["error"]
+
+
+def test_a_declared_body_over_max_body_bytes_gets_413_at_once_without_100_continue(scripted_server):
+    port, _ = scripted_server("--request_timeout=5")
+    # Only the headers: the body is never sent, so waiting for it would end in a 408 after 5 s.
+    seconds, answer = raw_exchange(port, POST_HEAD + b"Content-Length: %d\r\nExpect: 100-continue\r\n\r\n"
+                                   % (LIMITS["max_body_bytes"] + 1))
+    assert answer.startswith(b"HTTP/1.1 413 ") and seconds < 2, answer
+    status, headers, body = json_error_of(answer)
+    assert headers["connection"] == "close" and "--max_body_bytes" in body["error"]
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_a_client_that_half_closes_after_its_request_gets_its_answer(scripted_server, version):
+    port, _ = scripted_server()
+    body = json_body(plain_question("q"))
+    request = (b"POST /answer HTTP/%s\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (version.encode(), len(body), body))
+    seconds, answer = raw_exchange(port, request, half_close=True)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'"probability":1.0}'), answer
+    assert seconds < 2   # and the server closed the connection after the answer, not at a timeout
+
+
+def test_a_dead_worker_gets_503_at_once_and_health_says_so(scripted_server):
+    port, _ = scripted_server("--request_timeout=5")
+    began = time.monotonic()
+    status, body = post(local_connection(port), plain_question("fatal"))
+    assert status == 503 and "worker thread has stopped" in body["error"] and time.monotonic() - began < 2
+    connection = local_connection(port)
+    connection.request("GET", "/health")
+    response = connection.getresponse()
+    assert response.status == 503 and json.loads(response.read())["status"] == "worker stopped"
+    began = time.monotonic()
+    assert post(local_connection(port), plain_question("q"))[0] == 503 and time.monotonic() - began < 1
+
+
 # --- shutting down ---------------------------------------------------------------------------
 
 def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(run_dir, reader, tmp_path):
@@ -681,6 +768,70 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(run_dir, 
     assert "Traceback" not in log
 
 
+# serve.main around a stand-in Reader that takes LOAD_S to load and ANSWER_S to answer: signals at any moment.
+FAKE_SERVE = f"""
+import os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+sys.argv[0] = "serve.py"
+import cli, serve
+
+class SlowReader:
+    n_best_size = 20
+
+    @classmethod
+    def from_args(cls, args):
+        print("loading", flush=True)
+        time.sleep(float(os.environ["LOAD_S"]))
+        return cls()
+
+    def answer_all(self, records, top_k=None):
+        time.sleep(float(os.environ["ANSWER_S"]))
+        return [dict(answer="", start=None, end=None, probability=1.0) for record in records]
+
+serve.Reader = SlowReader
+cli.run_cli(serve.main)
+"""
+
+
+def fake_server(load_s: float, answer_s: float) -> subprocess.Popen:
+    """FAKE_SERVE in its own process on a free port of 127.0.0.1, once it has printed "loading"."""
+    process = subprocess.Popen([sys.executable, "-c", FAKE_SERVE, "--checkpoint=unused", "--port=0"],
+                               cwd=ROOT, env={**os.environ, "LOAD_S": str(load_s), "ANSWER_S": str(answer_s)},
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert select.select([process.stdout], [], [], 60)[0] and process.stdout.readline() == "loading\n"
+    return process
+
+
+def test_sigterm_while_the_model_loads_is_one_line(tmp_path):
+    process = fake_server(load_s=30, answer_s=0)
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(timeout=10) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    assert process.stderr.read().splitlines() == ["serve.py: stopped by SIGTERM before serving"]
+
+
+def test_a_second_sigint_forces_quit_and_exits_non_zero():
+    process = fake_server(load_s=0, answer_s=2)
+    try:
+        assert select.select([process.stdout], [], [], 30)[0], "not serving"
+        port = int(re.search(r":(\d+)$", process.stdout.readline().strip()).group(1))
+        body = json_body(plain_question("q"))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(POST_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(0.5)   # the worker is answering it
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            process.send_signal(signal.SIGINT)
+            returncode = process.wait(timeout=15)
+    finally:
+        process.kill()
+    assert returncode == 1
+    assert process.stderr.read().splitlines()[-1] == ("serve.py: forced to quit by a second SIGINT; requests "
+                                                      "still being answered were dropped")
+
+
 # --- flags -----------------------------------------------------------------------------------
 
 def test_a_taken_port_and_impossible_limits_are_refused_before_the_model_loads(tmp_path):
@@ -699,8 +850,12 @@ def test_a_taken_port_and_impossible_limits_are_refused_before_the_model_loads(t
         taken.close()
     with pytest.raises(UsageError, match="--max_items 10 is larger than --queue_size 5"):
         serve.main([f"--checkpoint={missing}", "--max_items=10", "--queue_size=5"])
-    with pytest.raises(SystemExit):
-        serve.build_parser().parse_args([f"--checkpoint={missing}", "--max_wait_ms=-1"])
+    with pytest.raises(UsageError, match="--max_wait_ms 500 is not shorter than --request_timeout 0.5 s"):
+        serve.main([f"--checkpoint={missing}", "--max_wait_ms=500", "--request_timeout=0.5"])
+    # Past threading.TIMEOUT_MAX the worker's wait would raise (OverflowError) and end the thread.
+    for value in ("-1", "10000000000000"):
+        with pytest.raises(SystemExit):
+            serve.build_parser().parse_args([f"--checkpoint={missing}", f"--max_wait_ms={value}"])
 
 
 @pytest.mark.parametrize("flag, value", [
