@@ -129,7 +129,15 @@ def read_settings(export_dir: Path) -> ExportSettings:
         if problem:
             raise OnnxExportError(f"{source}: \"{setting.name}\" must be {problem}, got {value!r}")
         values[setting.name] = value
-    return ExportSettings(**values)
+    settings = ExportSettings(**values)
+    # Checked here, naming the file: cli.check_data_args would blame flags the user never gave.
+    window = settings.max_seq_length - settings.max_query_length - 3
+    if not (settings.max_seq_length <= settings.max_position_embeddings and settings.doc_stride < window):
+        raise OnnxExportError(f"{source}: its windows (max_seq_length {settings.max_seq_length}, max_query_length "
+                              f"{settings.max_query_length}, doc_stride {settings.doc_stride}) do not fit "
+                              f"max_position_embeddings {settings.max_position_embeddings} with [CLS]/[SEP]/[SEP]; "
+                              f"export it again with export.py --format onnx")
+    return settings
 
 
 VERSION_2_FIELDS = ("version_2_with_negative", "null_score_diff_threshold", "models")
