@@ -785,6 +785,7 @@ class SlowReader:
         return cls()
 
     def answer_all(self, records, top_k=None):
+        print("answering", flush=True)
         time.sleep(float(os.environ["ANSWER_S"]))
         return [dict(answer="", start=None, end=None, probability=1.0) for record in records]
 
@@ -820,7 +821,7 @@ def test_a_second_sigint_forces_quit_and_exits_non_zero():
         body = json_body(plain_question("q"))
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(POST_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            time.sleep(0.5)   # the worker is answering it
+            assert select.select([process.stdout], [], [], 10)[0] and process.stdout.readline() == "answering\n"
             process.send_signal(signal.SIGINT)
             time.sleep(0.3)
             process.send_signal(signal.SIGINT)
