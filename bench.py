@@ -7,6 +7,7 @@ benchmarks/, one module per kind of figure; this file chooses which run, in what
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from cli import ArgumentParser, int_at_least, positive_int
 # Importing the row modules registers their @benchmark rows in BENCHMARKS.
 from benchmarks import (  # noqa: F401
     answering, distillation, korquad2, onnx_profile, oracles, pipeline, pretraining, serving, training)
-from benchmarks.harness import BENCHMARKS, DEV_CANDIDATES, print_provenance
+from benchmarks.harness import BENCHMARKS, DEV_CANDIDATES, ROOT, print_provenance
 
 # Every row, in the order a plain `python3 bench.py` runs them and --help lists them.
 ORDER = ("tokenize", "tokenize_long", "features", "feature_cache", "decode", "oracle", "oracle_v2", "max_context",
@@ -37,6 +38,20 @@ def batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def check_revision(revision: str) -> None:
+    """Exit in one line unless `revision` names a commit of this checkout's git repository (train_scale
+    archives it only after its own long runs)."""
+    found = False
+    if revision and not revision.startswith("-"):  # git would read "-x" as an option, here and in `git archive`
+        try:
+            found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet",
+                                    f"{revision}^{{commit}}"], capture_output=True, text=True).returncode == 0
+        except OSError as err:  # no git on PATH
+            sys.exit(f"bench.py: --compare_rev needs git ({err.strerror or err})")
+    if not found:
+        sys.exit(f"bench.py: --compare_rev {revision!r}: not a commit of the git repository at {ROOT}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dev", type=Path, default=None,
@@ -53,16 +68,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=positive_int, default=3, help="pretrain_reference: seeds per batch size.")
     parser.add_argument("--batch_sizes", type=batch_sizes, default=[16, 128],
                         help="pretrain_reference: comma-separated batch sizes (pairs per step).")
-    parser.add_argument("--only", default="",
+    parser.add_argument("--only", default=None,
                         help="Comma-separated benchmark names (if not given: all): " + ", ".join(ORDER) + ".")
     args = parser.parse_args(argv)
-    names = [n for n in args.only.split(",") if n] or list(ORDER)
+    names = list(ORDER) if args.only is None else [n for n in args.only.split(",") if n]
+    if not names:  # an empty --only (an unset shell variable) is not a request for every row: hours of them
+        sys.exit(f"bench.py: --only {args.only!r} names no benchmark (leave --only out to run them all)")
     unknown = [n for n in names if n not in ORDER]
     if unknown:
         sys.exit(f"bench.py: unknown benchmark(s) for --only: {', '.join(unknown)}")
     missing = [str(path) for path in args.checkpoint or [] if not path.exists()]
     if missing:
         sys.exit(f"bench.py: --checkpoint {missing[0]}: no such file or directory")
+    if args.compare_rev is not None:
+        check_revision(args.compare_rev)
     if args.dev is None:
         args.dev = next((p for p in DEV_CANDIDATES if p.is_file()), None)
     if (args.dev is None or not args.dev.is_file()) and not set(names) <= WITHOUT_DEV:

@@ -24,6 +24,23 @@ def benchmark(name: str):
     return register
 
 
+def skipped_without(row: str, *modules: str) -> bool:
+    """Whether `row` cannot run because one of `modules` cannot be imported; if so, it says so in one line
+    (checked first in the row, before any of its work)."""
+    import importlib
+
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        needed = "it is" if len(missing) == 1 else "they are"
+        print(f"{row}: skipped (pip install {' '.join(missing)}; {needed} needed for this benchmark only)")
+    return bool(missing)
+
+
 def dev_contexts(dev_file: Path) -> list[str]:
     """The distinct paragraph contexts of a KorQuAD file, in file order."""
     import json
@@ -125,9 +142,17 @@ def print_provenance() -> None:
     versions = []
     for package in ("torch", "onnxruntime", "transformers", "numpy"):
         try:
-            versions.append(f"{package} {importlib.metadata.version(package)}")
+            version = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
+            version = None
+        # Installed metadata does not make a package importable (removed files, a blocked import): the rows
+        # that need it are then skipped, and its version is not one any figure was measured with.
+        if version is None and not _importable(package):
             versions.append(f"{package} not installed")
+        elif not _importable(package):
+            versions.append(f"{package} not importable ({version} installed)")
+        else:
+            versions.append(f"{package} {version or '(no version metadata)'}")
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"provenance.date: {datetime.date.today().isoformat()}")
     print(f"provenance.cpu: {model}, {os.cpu_count()} logical cores, "
@@ -140,3 +165,14 @@ def print_provenance() -> None:
     except ImportError:
         torch_threads = "no torch"
     print(f"provenance.threads: torch {torch_threads}, OMP_NUM_THREADS={threads}, usable cores {usable}")
+
+
+def _importable(module: str) -> bool:
+    """Whether `module` can be found for import, without importing it."""
+    import importlib.util
+    import sys
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: already imported, without a spec (so it is importable)
+        return module in sys.modules and sys.modules[module] is not None

@@ -8,7 +8,7 @@ import collections
 from pathlib import Path
 
 from benchmarks.harness import (PREDICT_QUESTIONS, ROOT, benchmark, dev_questions, export_onnx_beside,
-                                kq_median_seconds, write_random_run)
+                                kq_median_seconds, skipped_without, write_random_run)
 
 
 @benchmark("onnx_profile")
@@ -18,6 +18,8 @@ def bench_onnx_profile(args: argparse.Namespace) -> None:
     (fp32, int8); then the time per window unpadded and with one padding piece (the attention's masked branch);
     then the int8 matmuls' rate in the model against one such matmul alone (this CPU's ceiling for them), and
     one layer's attention products alone in fp32 and in int8 (what an int8 attention core would gain)."""
+    if skipped_without("onnx_profile", "onnx", "onnxruntime"):  # the export writes with onnx, ORT runs it
+        return
     import tempfile
 
     import numpy as np

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.harness import ROOT, VOCAB_FILE, benchmark, dev_contexts
+from benchmarks.harness import ROOT, VOCAB_FILE, benchmark, dev_contexts, skipped_without
 
 
 # --- pre-training (issue 22) -------------------------------------------------------------
@@ -254,6 +254,8 @@ def _held_out_scores(forward, batches: list[dict]) -> tuple[float, float]:
 def bench_pretrain_reference(args: argparse.Namespace) -> None:
     """Ours against transformers' BertForPreTraining on the same masked batches, from the same encoder weights,
     with the same AdamW, schedule and clipping: held-out masked-piece accuracy and MLM loss along the way."""
+    if skipped_without("pretrain_reference", "transformers"):
+        return
     import statistics
     import tempfile
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import socket
 import threading
@@ -233,3 +234,32 @@ def test_unknown_file_key_is_a_one_line_usage_error(tmp_path, capsys):
         download.main(["--data_dir", str(tmp_path), "--files", "train,test"])
     assert exit_info.value.code == 2
     assert "--files" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_resuming_a_part_from_a_file_url_restarts_and_logs_cleanly(dev_bytes, tmp_path, caplog):
+    # A file:// response has no HTTP status (None) and ignores Range: the restart is logged without a
+    # "--- Logging error ---" (pytest's log handler raises on a message that cannot be formatted).
+    served, data_dir = tmp_path / "served", tmp_path / "data"
+    served.mkdir()
+    data_dir.mkdir()
+    (served / DEV).write_bytes(dev_bytes)
+    download.part_path(data_dir / DEV).write_bytes(dev_bytes[:1000])
+    caplog.set_level(logging.INFO, logger=download.logger.name)
+    assert download.download_file(DEV, data_dir, served.as_uri(), retries=0, timeout=10.0, progress=False)
+    assert (data_dir / DEV).read_bytes() == dev_bytes
+    assert sorted(p.name for p in data_dir.iterdir()) == [DEV]
+    assert "did not resume at byte 1000 (no HTTP status); downloading from the start" in caplog.text
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--timeout=nan"], "argument --timeout: expected a number of seconds > 0 (got 'nan')"),
+    (["--retries=-1"], "argument --retries: expected a whole number >= 0 (got '-1')"),
+    (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+])
+def test_flag_errors_are_one_line_naming_the_flag_like_the_other_entry_points(flags, fragment, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        download.main(["--data_dir", str(tmp_path / "data"), *flags])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not (tmp_path / "data").exists()  # before any work
+    assert captured.err == f"download.py: error: {fragment} (see download.py --help)\n"
