@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_predictions(predictions, nbest, output_dir)
         logger.info("wrote %s and %s", output_dir / "predictions.json", output_dir / "nbest_predictions.json")
         scores = None
-        if has_answers(examples):
+        if has_answers(examples, metric):
             scores = score(args.predict_file, predictions) if metric == "korquad" else \
                 korquad2.score(args.predict_file, predictions) if metric == "korquad2" else \
                 score_no_answer(args.predict_file, metric, predictions, None)
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "(threshold %.6g: %d of %d questions answered \"\")", output_dir, threshold,
                     sum(value > threshold for value in odds.values()), len(odds))
         scores = score_no_answer(args.predict_file, metric, predictions, odds, threshold) \
-            if has_answers(examples) else None
+            if has_answers(examples, metric) else None
     if scores is None:
         print(f"{args.predict_file} has no answers (a test set?): predictions written, scoring skipped",
               file=sys.stderr)

@@ -168,8 +168,10 @@ def require_onnx() -> None:
                          ) from None
 
 
-def training_windows(checkpoint: Path) -> dict[str, int]:
-    """The window settings of the training run beside `checkpoint` (predict.py's defaults where it has none)."""
+def training_windows(checkpoint: Path, max_positions: int | None = None) -> dict[str, int]:
+    """The window settings of the training run beside `checkpoint` (predict.py's defaults where it has none),
+    capped at the model's `max_positions` (a bare checkpoint or transformers model with fewer positions than
+    the default window)."""
     saved = Path(checkpoint).parent / SAVED_ARGS_NAME
     values: dict = {}
     if saved.is_file() and not Path(checkpoint).is_dir():
@@ -177,8 +179,28 @@ def training_windows(checkpoint: Path) -> dict[str, int]:
             values = parse_json(saved.read_text(encoding="utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             values = {}
-    return {name: value if isinstance(value := values.get(name), int) and value > 0 else default
-            for name, default in DEFAULT_WINDOWS.items()}
+    windows = {name: value if isinstance(value := values.get(name), int) and value > 0 else default
+               for name, default in DEFAULT_WINDOWS.items()}
+    if max_positions is None or windows["max_seq_length"] <= max_positions:
+        return windows
+    return capped_windows(windows, max_positions, checkpoint)
+
+
+def capped_windows(windows: dict[str, int], max_positions: int, checkpoint: Path) -> dict[str, int]:
+    """`windows` shrunk to `max_positions` pieces: the question and stride in the same proportion (at least
+    1, the stride below the context's share), so the recorded settings pass the reader's checks."""
+    length = windows["max_seq_length"]
+    query = max(1, windows["max_query_length"] * max_positions // length)
+    context = max_positions - query - 3
+    if context < 2:
+        raise UsageError(f"--checkpoint {checkpoint}: the model's max_position_embeddings {max_positions} leaves "
+                         f"no room for a question and context window")
+    stride = min(max(1, windows["doc_stride"] * max_positions // length), context - 1)
+    capped = {**windows, "max_seq_length": max_positions, "doc_stride": stride, "max_query_length": query}
+    logger.warning("--checkpoint %s: the model has %d positions, fewer than the %d-piece window; exporting "
+                   "max_seq_length %d, doc_stride %d, max_query_length %d", checkpoint, max_positions, length,
+                   max_positions, stride, query)
+    return capped
 
 
 def onnx_graph(model: QuestionAnswering, fp16_word_lookup: bool = False):
@@ -483,7 +505,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.format == "onnx":
         settings = onnx_reader.ExportSettings(
             vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,
-            do_lower_case=args.do_lower_case, analyzer=args.analyzer, **training_windows(args.checkpoint[0]),
+            do_lower_case=args.do_lower_case, analyzer=args.analyzer,
+            **training_windows(args.checkpoint[0], config.max_position_embeddings),
             version_2_with_negative=args.version_2_with_negative,
             null_score_diff_threshold=args.null_score_diff_threshold)
         export_onnx(model, args.vocab_file, settings, output_dir, quantize=args.quantize == "int8",

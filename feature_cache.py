@@ -54,12 +54,17 @@ def feature_cache_key(input_file: str | os.PathLike, tokenizer: Any, max_seq_len
     """sha256 over everything the features depend on: the data and vocab contents, and the settings."""
     settings = tokenizer_settings(tokenizer)
     digest = hashlib.sha256(f"korquad-features-v{CACHE_VERSION}\0".encode())
-    if os.path.isdir(input_file):  # a KorQuAD 2.x directory: its files, and the HTML reader's version
-        import korquad2
+    import korquad2
 
+    if os.path.isdir(input_file):  # a KorQuAD 2.x directory: its files, and the HTML reader's version
         digest.update(korquad2.dataset_digest(input_file).encode())
     else:
         _hash_file(digest, input_file)
+        # A file may be KorQuAD 2.x too, whose text the HTML reader extracts; telling would mean parsing the
+        # file, which a cache hit never does, so every file's key has the reader's version, from version 2 on
+        # (the keys written while it was 1 stay valid).
+        if korquad2.READER_VERSION != 1:
+            digest.update(f"korquad2-reader-v{korquad2.READER_VERSION}\0".encode())
     _hash_file(digest, settings["vocab_file"])
     key_settings = {"analyzer": settings["analyzer"], "do_lower_case": settings["do_lower_case"],
                     "max_seq_length": max_seq_length, "doc_stride": doc_stride,
@@ -98,7 +103,7 @@ def read_cached_table(directory: Path, key: str, num_examples: int | None) -> Fe
     index_path = directory / TABLE_INDEX
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # none yet, or a --cache_dir that is a file (said on writing)
         return None
     except (OSError, ValueError) as error:
         logger.warning("feature cache %s is unreadable (%s); rebuilding", index_path, error)
@@ -135,23 +140,29 @@ def _cache_key(directory: Path) -> str | None:
     return index.get("key") if isinstance(index, dict) else None
 
 
-def _is_writable_dir(directory: Path) -> bool:
-    """Whether `directory` (or, if missing, its nearest existing parent) may be written to.
+def _unwritable(directory: Path) -> str | None:
+    """Why `directory` (or, if missing, its nearest existing parent) may not be written to; None if it may.
 
     Checks the write bits as well as os.access: root may write anywhere, but a directory without
     any write bit (a shared, read-only data folder) is meant to be left alone.
     """
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent
-    return directory.is_dir() and os.access(directory, os.W_OK) and bool(directory.stat().st_mode & 0o222)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if os.access(existing, os.W_OK) and existing.stat().st_mode & 0o222:
+        return None
+    return f"{existing} is not writable" if existing == directory else \
+        f"{directory} does not exist and {existing}, where it would be made, is not writable"
 
 
 def write_cached_table(table: FeatureTable, directory: Path, key: str, metadata: dict[str, Any]) -> bool:
     """Write the table as one `.npy` file per array plus `table.json` (key, shapes, checksums) into a
     temporary directory, then rename it into place: readers see the old cache or the new one, whole."""
-    if not _is_writable_dir(directory.parent):
-        logger.warning("%s is not writable: features are not cached (pass cache_dir to cache them elsewhere)",
-                       directory.parent)
+    problem = _unwritable(directory.parent)
+    if problem:
+        logger.warning("%s: features are not cached (pass --cache_dir a writable directory to cache them)", problem)
         return False
     temp = directory.with_name(f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     old = directory.with_name(f".{directory.name}.{os.getpid()}.{secrets.token_hex(4)}.old.tmp")

@@ -68,12 +68,30 @@ def _run_in_worker(task: tuple[Callable[[Any, str], Any], str]) -> Any:
     return function(_WORKER_TOKENIZER, text)
 
 
+_CHUNK_SIZE = 16  # texts per task a worker takes
+
+
+def pool_size(num_workers: int, num_tasks: int) -> int:
+    """--preprocess_workers clamped to this machine's CPUs and the chunks of work there are: each worker of a
+    Pool is forked up front, so a typo (=4000) would fork that many copies of a torch-loaded process."""
+    chunks = max(1, -(-num_tasks // _CHUNK_SIZE))
+    cpus = os.cpu_count() or 1
+    size = max(1, min(num_workers, cpus, chunks))
+    if size < num_workers:
+        (logger.warning if num_workers > cpus else logger.info)(
+            "--preprocess_workers %d: using %d process(es) (%d CPU(s), %d chunk(s) of %d texts to tokenize)",
+            num_workers, size, cpus, chunks, _CHUNK_SIZE)
+    return size
+
+
 def _tokenize_all(tokenizer: Any, contexts: list[str], questions: list[str], num_workers: int,
                   progress: bool) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[list[int]]]:
     """Tokenize each distinct context (with offsets) and question, in `num_workers` processes."""
     global _WORKER_TOKENIZER
     tasks = [(_tokenize_context, text) for text in contexts] + [(_tokenize_question, text) for text in questions]
     bar = tqdm(total=len(tasks), desc="tokenizing", unit="text", disable=not progress)
+    if num_workers > 1:
+        num_workers = pool_size(num_workers, len(tasks))
     if num_workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
         logger.warning("num_workers=%d needs the 'fork' start method, absent here; using one process",
                        num_workers)
@@ -90,7 +108,7 @@ def _tokenize_all(tokenizer: Any, contexts: list[str], questions: list[str], num
             # (and copy) every page of the inherited heap.
             gc.freeze()
             with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-                for result in pool.imap(_run_in_worker, tasks, chunksize=16):
+                for result in pool.imap(_run_in_worker, tasks, chunksize=_CHUNK_SIZE):
                     results.append(result)
                     bar.update()
     finally:
@@ -181,6 +199,7 @@ def _build_feature_table(examples: Sequence[SquadExample], tokenizer: Any, max_s
     windows_by_shape: dict[tuple[int, int], tuple[list[tuple[int, int]], list[np.ndarray]]] = {}
     feature_rows: list[tuple[int, int, int, int, int, int]] = []
     max_context: list[np.ndarray] = []
+    unplaced = 0  # training questions whose answer no window holds whole
     for example_index, example in enumerate(examples):
         _, offsets = contexts[example_context[example_index]]
         prefix = len(example_query[example_index]) + 2     # [CLS] question [SEP]
@@ -192,12 +211,19 @@ def _build_feature_table(examples: Sequence[SquadExample], tokenizer: Any, max_s
         # An unanswerable question keeps (0, 0), [CLS], in every window, as do windows without the answer.
         answer = (_answer_pieces(offsets, example.start_char, example.end_char)
                   if is_training and not example.is_impossible else None)
+        placed = False
         for span_index, (doc_start, doc_length) in enumerate(windows):
             positions = (0, 0)
             if answer and doc_start <= answer[0] and answer[1] < doc_start + doc_length:
                 positions = (answer[0] - doc_start + prefix, answer[1] - doc_start + prefix)
+                placed = True
             feature_rows.append((example_index, span_index, doc_start, doc_length, *positions))
             max_context.append(flags[span_index])
+        unplaced += bool(answer) and not placed
+    if unplaced:
+        logger.warning("%d of %d training question(s) have an answer that fits in no window of --max_seq_length %d "
+                       "(--doc_stride %d): they train only to [CLS], no answer; a longer --max_seq_length fits more",
+                       unplaced, len(examples), max_seq_length, doc_stride)
     rows = np.array(feature_rows, dtype=np.int64).reshape(-1, 6)
     return FeatureTable({
         "special_ids": np.array([tokenizer.cls_token_id, tokenizer.sep_token_id], dtype=np.int64),

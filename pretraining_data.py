@@ -73,7 +73,7 @@ def read_documents(path: Path) -> Iterator[list[str]]:
         if kind:
             raise UsageError(f"--train_files {path}: a {kind}, not UTF-8 text; unpack it first")
         file.seek(0)
-        for number, raw in enumerate(file, 1):
+        for number, raw in enumerate(_lines(file), 1):
             if b"\0" in raw:
                 raise UsageError(f"--train_files {path}: line {number} holds a NUL byte: a binary file, not UTF-8 text")
             try:
@@ -88,6 +88,22 @@ def read_documents(path: Path) -> Iterator[list[str]]:
                 document = []
     if document:
         yield document
+
+
+def _lines(file) -> Iterator[bytes]:
+    """The lines of a binary file: ended by \n (or \r\n), or by \r in a file of old Mac OS's line endings
+    (\r and no \n in its first 64 KiB), which iterating the file would read as one line, one document."""
+    sample = file.read(1 << 16)
+    file.seek(0)
+    if b"\n" in sample or b"\r" not in sample:
+        yield from file
+        return
+    rest = b""
+    for block in iter(lambda: file.read(1 << 20), b""):
+        *lines, rest = (rest + block).split(b"\r")
+        yield from lines   # a later \r\n leaves its \n at the next line's start, which strip() removes
+    if rest:
+        yield rest
 
 
 def _json_documents(path: Path) -> Iterator[list[str]]:

@@ -41,6 +41,8 @@ class SquadExample:
     start_char: int | None = None
     end_char: int | None = None
     is_impossible: bool = False
+    # `is_impossible: true` in the file (not merely no answers): a gold "no answer" the SQuAD 2.0 metric scores.
+    marked_impossible: bool = False
     question_type: int | None = None
     plausible_answers: list[dict] = field(default_factory=list)
 
@@ -231,6 +233,7 @@ def _read_unanswerable(qa: dict, example: SquadExample, where: str) -> None:
         raise KorquadFormatError(f"{where}: 'is_impossible' is true but it has {len(example.answers)} answer(s); "
                                  f"an unanswerable question's answers go in 'plausible_answers'")
     example.is_impossible = impossible or not example.answers
+    example.marked_impossible = impossible
     question_type = qa.get("question_type")
     if question_type is not None and (isinstance(question_type, bool) or not isinstance(question_type, int)):
         raise KorquadFormatError(f"{where}: 'question_type' must be a whole number, got {question_type!r}")

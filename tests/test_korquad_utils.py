@@ -395,6 +395,28 @@ def test_unwritable_cache_dir_only_costs_the_cache(long_file, tokenizer, tmp_pat
     assert features and "not cached" in caplog.text
 
 
+
+def test_the_uncached_warning_names_the_flag_and_what_is_wrong(long_file, tokenizer, tmp_path, caplog):
+    """A --cache_dir that is a file is "not a directory" (and no "unreadable cache" warning before it); one
+    missing under an unwritable directory names that directory, the one that failed."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for cache_dir, problem in ((a_file, f"{a_file} is not a directory"),
+                                   (locked / "sub", f"{locked / 'sub'} does not exist and {locked}, where it would "
+                                                    f"be made, is not writable")):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="korquad_utils"):
+                _, features = _cached(long_file, tokenizer, cache_dir)
+            assert features and [r.getMessage() for r in caplog.records] == [
+                f"{problem}: features are not cached (pass --cache_dir a writable directory to cache them)"]
+    finally:
+        locked.chmod(0o755)
+
+
 # ----------------------------------------------------------------------------- batching
 
 
@@ -600,3 +622,46 @@ def test_the_data_path_runs_without_torch(tmp_path, long_file):
                             cwd=Path(__file__).parent)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["2", "False"]
+
+
+def test_preprocess_workers_are_clamped_to_the_cpus_and_the_work(monkeypatch, caplog, tokenizer):
+    """Every worker of a Pool forks up front: --preprocess_workers=4000 must not fork 4000 processes."""
+    monkeypatch.setattr(ku.os, "cpu_count", lambda: 2)
+    with caplog.at_level(logging.INFO, logger="korquad_utils"):
+        assert ku.pool_size(4000, 10_000) == 2
+        assert ku.pool_size(2, 20) == 2 and ku.pool_size(2, 16) == 1 and ku.pool_size(1, 5) == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "--preprocess_workers 4000: using 2 process(es) (2 CPU(s)" in warnings[0].getMessage()
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.INFO]
+
+    # One chunk of work: tokenized in this process, nothing forked.
+    def no_fork(*args, **kwargs):
+        raise AssertionError("forked a pool for one chunk of work")
+    monkeypatch.setattr(ku.multiprocessing, "get_context", no_fork)
+    contexts, questions = ku._tokenize_all(tokenizer, ["a b c"], ["q"], num_workers=4000, progress=False)
+    assert len(contexts) == 1 and len(questions) == 1
+
+
+def test_the_korquad2_reader_version_is_in_a_single_files_cache_key(monkeypatch, tokenizer):
+    """A reader change alters a 2.x file's extracted text: its cached windows must not be reused, for one file as
+    for a directory."""
+    import korquad2
+    file = ROOT / "data" / "korquad2_sample" / "korquad2.1_dev_00.json"
+    before = {path: ku.feature_cache_key(path, tokenizer, 192, 64, 32, False) for path in (file, file.parent)}
+    monkeypatch.setattr(korquad2, "READER_VERSION", korquad2.READER_VERSION + 1)
+    after = {path: ku.feature_cache_key(path, tokenizer, 192, 64, 32, False) for path in (file, file.parent)}
+    assert before[file] != after[file] and before[file.parent] != after[file.parent]
+
+
+def test_training_questions_whose_answer_fits_in_no_window_are_counted_in_one_warning(long_file, tokenizer, caplog):
+    """Such a question trains only to [CLS] in every window: a file of many (2.x tables at a short
+    --max_seq_length) would train on noise unseen."""
+    examples = ku.read_squad_examples(long_file, is_training=True)
+    with caplog.at_level(logging.WARNING, logger="korquad_utils"):
+        # 3 context pieces a window: the 4-word answer fits in none, the 1-word one does.
+        table = ku.convert_examples_to_features(examples, tokenizer, 8, 2, 2, is_training=True, progress=False)
+        assert all(tuple(p) == (0, 0) for p, e in zip(table.feature_positions, table.feature_example) if e == 0)
+        ku.convert_examples_to_features(examples, tokenizer, **WINDOW_SETTINGS, is_training=True, progress=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 of 2 training question(s) have an answer that fits in no window of --max_seq_length 8 (--doc_stride 2): "
+        "they train only to [CLS], no answer; a longer --max_seq_length fits more"]

@@ -251,3 +251,30 @@ def test_eval_bad_is_impossible_is_one_line(tiny_setup, tmp_path):
                             f"--predict_file={data}", f"--output_dir={tmp_path / 'out'}", "--null_score_diff_threshold=1",
                             *DATA_FLAGS, "--no_cuda", "--quiet")
     assert result.returncode == 1 and "only applies with --version_2_with_negative" in result.stderr
+
+
+def test_a_file_of_only_unanswerable_questions_is_scored_and_one_without_any_gold_is_not(tiny_setup, tmp_path):
+    """Questions marked `"is_impossible": true` are a gold "no answer" SQuAD 2.0 scores (the file that measures
+    false positives), with a fixed or a tuned threshold; a file with no answers and no mark stays a test set."""
+    import torch
+    from modeling import Config, QuestionAnswering
+    from scoring import has_answers
+    torch.save(QuestionAnswering(Config(**TINY_CONFIG)).state_dict(), tmp_path / "model.bin")
+    impossible = _write(tmp_path / "impossible.json", _one_paragraph(IMPOSSIBLE, {**IMPOSSIBLE, "id": "b2"}))
+    unmarked = _write(tmp_path / "unmarked.json", _one_paragraph(EMPTY))
+    flags = [f"--checkpoint={tmp_path / 'model.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
+             f"--output_dir={tmp_path / 'out'}", "--version_2_with_negative", *DATA_FLAGS, "--no_cuda", "--quiet",
+             f"--cache_dir={tmp_path / 'cache'}"]
+    for threshold in ("0", "best_exact"):
+        result = run_in_process("eval.py", *flags, f"--predict_file={impossible}",
+                                f"--null_score_diff_threshold={threshold}")
+        assert result.returncode == 0, result.stderr
+        scores = json.loads(result.stdout.strip().splitlines()[-1])
+        assert scores["total"] == scores["NoAns_total"] == 2 and "HasAns_total" not in scores
+    result = run_in_process("eval.py", *flags, f"--predict_file={unmarked}")
+    assert result.returncode == 0
+    assert "has no answers (a test set?): predictions written, scoring skipped" in result.stderr
+    examples = ku.read_squad_examples(impossible, is_training=False, version_2_with_negative=True)
+    assert has_answers(examples) and has_answers(examples, "klue") and not has_answers(examples, "korquad")
+    assert not has_answers(ku.read_squad_examples(impossible, is_training=False))  # read as version 1
+    assert not has_answers(ku.read_squad_examples(unmarked, is_training=False, version_2_with_negative=True))

@@ -239,6 +239,58 @@ def test_export_of_a_checkpoint_with_a_nan_weight_is_one_line_and_writes_nothing
     assert not out.exists() or list(out.iterdir()) == []
 
 
+def test_export_of_a_model_with_fewer_positions_than_the_default_window_caps_the_windows(tmp_path, capsys):
+    """A bare checkpoint of a 128-position model exports at 128-piece windows (not predict.py's default 512,
+    which once indexed past the position table in a traceback), says so in one line, and the export answers."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**TINY_CONFIG, "max_position_embeddings": 128}))
+    torch.save(_model_at(128).state_dict(), run / "korquad_1.bin")
+    out = tmp_path / "out"
+    result = run_in_process("export.py", *export_flags(run, out, "--vocab_file", str(VOCAB_FILE), "--analyzer", "none"))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "positions" in line]
+    assert len(warnings) == 1 and "128 positions, fewer than the 512-piece window" in warnings[0], result.stderr
+    settings = json.loads((out / "onnx_reader.json").read_text(encoding="utf-8"))
+    assert (settings["max_seq_length"], settings["doc_stride"], settings["max_query_length"]) == (128, 32, 24)
+    data = tmp_path / "one.json"
+    qa = {"id": "q1", "question": "대한민국의 수도는?", "answers": [{"text": "서울", "answer_start": 10}]}
+    paragraph = {"context": "대한민국의 수도는 서울이다. " * 40, "qas": [qa]}   # longer than one 128-piece window
+    data.write_text(json.dumps({"version": "1", "data": [{"title": "t", "paragraphs": [paragraph]}]},
+                               ensure_ascii=False), encoding="utf-8")
+    capsys.readouterr()
+    lines = predict_lines(capsys, "--checkpoint", str(out), "--input", str(data))
+    assert [line["id"] for line in lines] == ["q1"]
+
+
+@pytest.mark.parametrize("positions", [6, 16, 64, 128, 511])
+def test_capped_windows_pass_the_readers_checks(tmp_path, positions):
+    import argparse
+    import export
+    from cli import check_data_args
+    from modeling import Config
+
+    windows = export.training_windows(tmp_path / "run", positions)
+    check_data_args(argparse.Namespace(**windows), Config(**{**TINY_CONFIG, "max_position_embeddings": positions}))
+    assert windows["max_seq_length"] == positions
+    assert export.training_windows(tmp_path / "run", 512) == export.DEFAULT_WINDOWS
+
+
+def test_a_model_with_too_few_positions_for_any_window_is_one_line(tmp_path):
+    import export
+    from cli import UsageError
+
+    with pytest.raises(UsageError, match=r"^--checkpoint \S+: the model's max_position_embeddings 5 leaves no room"):
+        export.training_windows(tmp_path / "run", 5)
+
+
+def _model_at(positions: int):
+    from modeling import Config, QuestionAnswering
+
+    torch.manual_seed(5)
+    return QuestionAnswering(Config(**{**TINY_CONFIG, "max_position_embeddings": positions})).eval()
+
+
 # --- a killed export, damaged files ----------------------------------------------------------------
 
 KILL_AT_REPLACE = """

@@ -554,3 +554,24 @@ def test_kill_9_during_a_state_save_leaves_the_previous_state_to_resume_from(tmp
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(tmp_path / "run" / "training_state.pt", weights_only=True)["global_step"] == 3
     assert not list((tmp_path / "run").glob(".*.tmp"))  # the dead writer's temporary file is gone
+
+
+def test_a_corpus_with_carriage_return_line_endings_keeps_its_lines_and_documents(tmp_path):
+    """Old Mac OS's lone \r ends a line as \n and \r\n do (iterating a file splits on \n only: such a corpus was
+    one line, one document); \r\n stays one line break."""
+    text = "첫 문장.\n둘째 문장.\n\n다른 문서.\n\n\n셋째 문서 첫 줄.\n끝.\n"
+    read = {}
+    for name, ending in (("lf", "\n"), ("crlf", "\r\n"), ("cr", "\r")):
+        path = tmp_path / f"{name}.txt"
+        path.write_bytes(text.replace("\n", ending).encode("utf-8"))
+        read[name] = list(pretraining_data.read_documents(path))
+    assert read["lf"] == [["첫 문장.", "둘째 문장."], ["다른 문서."], ["셋째 문서 첫 줄.", "끝."]]
+    assert read["crlf"] == read["cr"] == read["lf"]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"one\rtwo\r\xff\r")
+    with pytest.raises(pretraining_data.UsageError, match=r"line 3 is not UTF-8"):
+        list(pretraining_data.read_documents(bad))
+    # A stray \r inside a \n corpus's line is left as it was read.
+    stray = tmp_path / "stray.txt"
+    stray.write_bytes("가\r나\n\n다\n".encode())
+    assert list(pretraining_data.read_documents(stray)) == [["가\r나"], ["다"]]
