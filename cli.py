@@ -111,6 +111,8 @@ positive_int = int_at_least(1)
 # would otherwise raise only once training starts, after the features are built.
 random_seed = int_at_least(0, 2**32 - 1)
 positive_float = finite_float(0.0, low_inclusive=False)
+# A learning rate: any positive value past 1e3 only diverges, and past float32's range torch cannot hold it.
+learning_rate = finite_float(0.0, 1e3, low_inclusive=False)
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -172,10 +174,18 @@ def add_no_answer_args(parser: argparse.ArgumentParser, remembered: bool = False
 
 
 def check_version_2(args: argparse.Namespace) -> None:
-    """Refuse a threshold given without the version-2 reading it applies to."""
+    """Refuse a threshold given without the version-2 reading it applies to, and the version-2 reading
+    of a KorQuAD 2.x dataset (HTML pages, whose reader has no unanswerable questions)."""
     if not args.version_2_with_negative and args.null_score_diff_threshold != 0.0:
         raise UsageError("--null_score_diff_threshold only applies with --version_2_with_negative (a model trained "
                          "with it remembers it)")
+    if args.version_2_with_negative:
+        import korquad2
+        for flag in ("--train_file", "--eval_file", "--predict_file"):
+            path = getattr(args, flag[2:], None)
+            if path is not None and Path(path).exists() and korquad2.is_dataset_path(path):
+                raise UsageError(f"--version_2_with_negative does not apply to {flag} {path}, a KorQuAD 2.x dataset "
+                                 "(its questions all have answers)")
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:

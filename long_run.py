@@ -430,7 +430,7 @@ def check_same_settings(saved: dict, current: dict, saved_paths: dict, current_p
     advice = "resume with the interrupted run's settings, or train into a new --output_dir"
     # A setting only one of the runs has (a teacher, --version_2_with_negative) differs too.
     for name in [*current, *(name for name in saved if name not in current)]:
-        was, now = saved.get(name), current.get(name)
+        was, now = ("not given" if value is None else value for value in (saved.get(name), current.get(name)))
         if was == now:
             continue
         if name not in current:

@@ -42,8 +42,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cli import (ArgumentParser, USER_ERRORS, UsageError, add_device_args, finite_float, positive_float, positive_int,
-                 prepare_output_dir, random_seed, run_cli, setup_logging)
+from cli import (ArgumentParser, USER_ERRORS, UsageError, add_device_args, finite_float, learning_rate, positive_float,
+                 positive_int, prepare_output_dir, random_seed, run_cli, setup_logging)
 from devices import add_compile_args, autocast_context, autocast_dtype, check_compile_args, compile_model
 from checkpoints import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, build_tokenizer, check_checkpoint_file, copy_vocab_into,
                          fetch_hub_model, resolve_model_settings, write_json_atomic)
@@ -99,7 +99,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     steps.add_argument("--num_train_epochs", type=positive_float, default=None,
                        help="Epochs to train (if neither this nor --max_steps is given: 1).")
     parser.add_argument("--train_batch_size", type=positive_int, default=32, help="Pairs per step on each rank.")
-    parser.add_argument("--learning_rate", type=positive_float, default=1e-4, help="Peak AdamW learning rate.")
+    parser.add_argument("--learning_rate", type=learning_rate, default=1e-4, help="Peak AdamW learning rate.")
     parser.add_argument("--warmup_proportion", type=finite_float(0.0, 1.0, high_inclusive=False), default=0.01,
                         help="Share of the steps over which the learning rate rises linearly.")
     parser.add_argument("--weight_decay", type=finite_float(0.0), default=0.01,
@@ -362,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.quiet or not ctx.is_main)
     try:
         run_pretraining(args, ctx, device)
+        # Ranks leave together: one that tears gloo down while rank 0 still writes its last files can abort
+        # (SIGABRT, "terminate called without an active exception") and fail a run that succeeded.
+        ctx.barrier()
     finally:
         if ctx.enabled:
             dist.destroy_process_group()
@@ -389,6 +392,14 @@ def run_pretraining(args: argparse.Namespace, ctx: Distributed, device: torch.de
         raise UsageError(f"--max_seq_length {args.max_seq_length} is larger than the model's "
                          f"max_position_embeddings {config.max_position_embeddings}")
     check_compile_args(args, device)
+    # The args and config alone are what a run killed before its first step leaves: nothing to lose.
+    run_files = [path for path in written
+                 if path.is_file() and path.name not in (SAVED_ARGS_NAME, SAVED_CONFIG_NAME)]
+    if args.resume and run_files and not (Path(args.output_dir) / STATE_NAME).is_file():
+        # Starting afresh there would leave the old run's later checkpoints beside the new run's.
+        raise UsageError(f"--resume: --output_dir {args.output_dir} holds a pre-training run "
+                         f"({', '.join(sorted(p.name for p in run_files))}) but no {STATE_NAME} to resume "
+                         f"from; run without --resume to start a new run there, or choose another --output_dir")
     output_dir = prepare_output_dir(args.output_dir)
     lock = RunLock(output_dir)
     ctx.on_main(lock.acquire)

@@ -125,8 +125,12 @@ def predict_logits(model: torch.nn.Module, features: FeatureTable, batch_size: i
     return starts, ends
 
 
-def has_answers(examples: Sequence[SquadExample]) -> bool:
-    return any(example.answers for example in examples)
+def has_answers(examples: Sequence[SquadExample], metric: str = "squad2") -> bool:
+    """Whether `examples` hold a gold to score against: an answer, or (read with --version_2_with_negative,
+    for the SQuAD 2.0 and KLUE metrics) a question marked `"is_impossible": true`, whose gold is "no answer".
+    A file without answers or the mark (a test set) has none; KorQuAD's metrics score answers only."""
+    counts_marked = metric not in ("korquad", "korquad2")
+    return any(example.answers or counts_marked and example.marked_impossible for example in examples)
 
 
 def score(predict_file: str | os.PathLike, predictions: dict[str, str]) -> dict[str, float]:
@@ -225,7 +229,8 @@ def evaluate_model_with_odds(model: torch.nn.Module, examples: Sequence[SquadExa
                              ) -> tuple[dict[str, str], dict[str, list[dict]], dict[str, float]]:
     """`evaluate_model`'s span predictions and n-best lists, and each question's `null_odds`."""
     starts, ends = predict_logits(model, features, batch_size, device, amp_dtype,
-                                  pad_to_multiple=args.compile_bucket if args.compile else None)
+                                  pad_to_multiple=args.compile_bucket if args.compile else None,
+                                  show_progress=not getattr(args, "quiet", False))
     predictions, nbest = decode_predictions(examples, features, starts, ends, n_best_size=args.n_best_size,
                                             max_answer_length=args.max_answer_length)
     return predictions, nbest, null_odds(examples, features.feature_example, starts, ends, nbest)

@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cli import (ArgumentParser, USER_ERRORS, UsageError, add_data_args, add_no_answer_args, check_data_args,
-                 check_version_2, finite_float, positive_float, positive_int, prepare_output_dir, run_cli,
-                 setup_logging)
+                 check_version_2, finite_float, learning_rate, positive_float, positive_int, prepare_output_dir,
+                 run_cli, setup_logging)
 from devices import (add_compile_args, autocast_context, autocast_dtype, check_compile_args, compile_model,
                      compile_padding)
 from checkpoints import (CHECKPOINT_NAME, SAVED_ARGS_NAME, SAVED_CONFIG_NAME, build_tokenizer, check_checkpoint_file,
@@ -93,7 +93,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--train_batch_size", type=positive_int, default=16, help="Features per step on each rank.")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
                         help="Micro-batches per optimizer step.")
-    parser.add_argument("--learning_rate", type=positive_float, default=5e-5, help="Peak AdamW learning rate.")
+    parser.add_argument("--learning_rate", type=learning_rate, default=5e-5, help="Peak AdamW learning rate.")
     parser.add_argument("--num_train_epochs", type=positive_float, default=4.0,
                         help="Epochs to train (a fraction ends mid-epoch).")
     parser.add_argument("--max_steps", type=positive_int, default=None,
@@ -137,13 +137,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--distill_alpha", type=finite_float(0.0, 1.0), default=0.5,
                         help="With --teacher_targets: loss = (1 - alpha) x gold cross-entropy + alpha x T^2 x "
                              "KL(teacher_T || student_T); 1 = teacher only (gold answers not needed).")
-    parser.add_argument("--distill_temperature", type=positive_float, default=2.0,
+    parser.add_argument("--distill_temperature", type=finite_float(1e-3, 1e3), default=2.0,
                         help="With --teacher_targets: the temperature T of both distributions in the KL term.")
     add_data_args(parser)
     add_compile_args(parser)
     args = parser.parse_args(argv)
     if args.resume and args.overwrite_output_dir:
         parser.error("--resume continues the run in --output_dir, --overwrite_output_dir replaces it: pass one")
+    if args.teacher_targets is None:
+        for flag in ("--distill_alpha", "--distill_temperature"):
+            if getattr(args, flag[2:]) != parser.get_default(flag[2:]):
+                parser.error(f"{flag} only applies with --teacher_targets")
     if Path(args.checkpoint).is_dir():
         check_checkpoint_file(args.checkpoint)  # says what to pass instead of a directory
     return args
@@ -155,11 +159,51 @@ def epoch_batches(features: FeatureTable, args: argparse.Namespace, ctx: Distrib
     below 1 those with their answer plus that share of the others (the same draw on every rank)."""
     if args.negative_window_ratio >= 1:
         return rank_batches(features.lengths, args, ctx, epoch)
-    has_answer = features.feature_positions[:, 0] > 0
-    draw = np.random.default_rng([args.seed, epoch]).random(len(has_answer))
-    kept = np.flatnonzero(has_answer | (draw < args.negative_window_ratio))
+    kept = epoch_windows(features, args, epoch)
     batches, weights = rank_batches(features.lengths[kept], args, ctx, epoch)
     return [kept[batch] for batch in batches], weights
+
+
+def epoch_windows(features: FeatureTable, args: argparse.Namespace, epoch: int) -> np.ndarray:
+    """The windows `epoch` trains on under --negative_window_ratio below 1: those with their answer
+    plus that share of the others (the same draw on every rank)."""
+    has_answer = features.feature_positions[:, 0] > 0
+    draw = np.random.default_rng([args.seed, epoch]).random(len(has_answer))
+    return np.flatnonzero(has_answer | (draw < args.negative_window_ratio))
+
+
+def plan_steps(features: FeatureTable, args: argparse.Namespace, ctx: Distributed) -> tuple[int, int, int]:
+    """(optimizer steps of epoch 0, total optimizer steps, epochs to run).
+
+    Every epoch has the same steps, unless --negative_window_ratio below 1 draws each epoch's windows
+    afresh: then each epoch's own count decides, so --max_steps runs exactly that many steps and the
+    learning rate ends at 0. An epoch 0 without a single optimizer step is refused."""
+    def steps_of(epoch: int) -> int:
+        return len(epoch_batches(features, args, ctx, epoch)[0]) // args.gradient_accumulation_steps
+
+    first = steps_of(0)
+    if first == 0:
+        shares = ctx.world_size * args.gradient_accumulation_steps
+        windows = len(features) if args.negative_window_ratio >= 1 else len(epoch_windows(features, args, 0))
+        drawn = "" if args.negative_window_ratio >= 1 else \
+            f" (with --negative_window_ratio {args.negative_window_ratio:g})"
+        raise UsageError(f"--train_file {args.train_file} gives {windows} windows{drawn}, fewer than the {shares} "
+                         f"shares of one global batch (--train_batch_size {args.train_batch_size} x "
+                         f"{ctx.world_size} ranks x --gradient_accumulation_steps "
+                         f"{args.gradient_accumulation_steps}): no optimizer step would run")
+    if args.negative_window_ratio >= 1:
+        if args.max_steps:
+            return first, args.max_steps, math.ceil(args.max_steps / first)
+        return first, max(1, int(first * args.num_train_epochs)), math.ceil(args.num_train_epochs)
+    counts = [first]
+    if args.max_steps:
+        while sum(counts) < args.max_steps:
+            counts.append(steps_of(len(counts)))
+        return first, args.max_steps, len(counts)
+    whole, part = divmod(args.num_train_epochs, 1)
+    counts += [steps_of(epoch) for epoch in range(1, math.ceil(args.num_train_epochs))]
+    total = sum(counts[:int(whole)]) + (int(counts[int(whole)] * part) if part else 0)
+    return first, max(1, total), math.ceil(args.num_train_epochs)
 
 
 def rank_batches(lengths: Sequence[int], args: argparse.Namespace, ctx: Distributed,
@@ -345,7 +389,8 @@ class TrainingRun:
 
 
 def load_resume_state(run_dir: Path, settings: dict, paths: dict) -> dict | None:
-    """The newest resumable state in `run_dir`, if its settings match this run's (None: nothing to resume)."""
+    """The newest resumable state in `run_dir`, if its settings match this run's (None: nothing to resume;
+    `check_output_dir` has refused a directory holding a run without a state)."""
     path = run_dir / STATE_NAME
     if not path.is_file():
         logger.warning("--resume: no %s in %s, starting from the first epoch", STATE_NAME, run_dir)
@@ -541,10 +586,15 @@ def check_output_dir(args: argparse.Namespace) -> None:
         raise UsageError(f"--output_dir {out} holds a transformers model (config.json): training would write its "
                          f"own config.json over it; choose another --output_dir")
     run_files = files_of_a_run(out)
+    shown = ", ".join(p.name for p in run_files[:3]) + (", ..." if len(run_files) > 3 else "")
     if run_files and not (args.resume or args.overwrite_output_dir):
-        shown = ", ".join(p.name for p in run_files[:3]) + (", ..." if len(run_files) > 3 else "")
         raise UsageError(f"--output_dir {out} holds a training run ({shown}); pass --resume to continue it, "
                          f"--overwrite_output_dir to replace it, or choose another --output_dir")
+    trained = [p for p in run_files if p.name != SAVED_ARGS_NAME]  # the args alone: killed before its first step
+    if trained and args.resume and not (out / STATE_NAME).is_file():
+        # Starting afresh there would leave the old run's later checkpoints beside the new run's.
+        raise UsageError(f"--resume: --output_dir {out} holds a training run ({shown}) but no {STATE_NAME} to "
+                         f"resume from; pass --overwrite_output_dir to replace it, or choose another --output_dir")
     if args.overwrite_output_dir and source.is_file() and source.resolve() in {p.resolve() for p in run_files}:
         raise UsageError(f"--checkpoint {source} is one of the files --overwrite_output_dir would delete from "
                          f"{out}; copy it elsewhere first or choose another --output_dir")
@@ -557,6 +607,19 @@ def remove_previous_run(output_dir: Path) -> None:
         path.unlink(missing_ok=True)
     if old:
         logger.info("--overwrite_output_dir: removed %d file(s) of the previous run in %s", len(old), output_dir)
+
+
+def check_eval_file(path: str) -> None:
+    """--eval_file found and readable now, not after the train features are built."""
+    eval_path = Path(path)
+    if not eval_path.exists():
+        raise UsageError(f"--eval_file {path}: not found")
+    if eval_path.is_file():
+        try:
+            with open(eval_path, "rb") as file:
+                file.read(1)
+        except OSError as err:
+            raise UsageError(f"--eval_file {path}: cannot read it ({err.strerror or err})") from None
 
 
 def import_summary_writer():
@@ -573,6 +636,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.quiet or not ctx.is_main)
     try:
         run_training(args, ctx, device)
+        # Ranks leave together: one that tears gloo down while rank 0 still writes its last files can abort
+        # (SIGABRT, "terminate called without an active exception") and fail a run that succeeded.
+        ctx.barrier()
     finally:
         if ctx.enabled:
             dist.destroy_process_group()
@@ -583,8 +649,11 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
         args.checkpoint = fetch_hub_model(args.checkpoint)
     config = resolve_model_settings(args, args.checkpoint)
     check_data_args(args, config)
+    if args.eval_file:
+        check_eval_file(args.eval_file)
     check_version_2(args)
     check_compile_args(args, device)
+    autocast_dtype(args, device)  # a precision this device lacks is said before --output_dir is made
     if args.checkpoint.lower() != "none" and not Path(args.checkpoint).exists():
         raise UsageError(f"--checkpoint {args.checkpoint}: file not found; download the pretrained checkpoint "
                          f"as pretrain_ckpt/README.md says, or pass --checkpoint none to train from scratch")
@@ -641,6 +710,7 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
             **window_settings))
     if not len(features):
         raise UsageError(f"--train_file {args.train_file}: no usable training questions")
+    optimizer_steps_per_epoch, total_steps, num_epochs = plan_steps(features, args, ctx)
     teacher = teacher_for(args, targets, examples, features) if targets is not None else None
     eval_data = None
     if args.eval_file:
@@ -666,13 +736,6 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
     # The span head never reads the pooler; frozen, it keeps its pretrained weights and DDP
     # does not wait for gradients that never come.
     model.bert.pooler.requires_grad_(False)
-    optimizer_steps_per_epoch = len(epoch_batches(features, args, ctx, 0)[0]) // args.gradient_accumulation_steps
-    if args.max_steps:
-        total_steps = args.max_steps
-        num_epochs = math.ceil(total_steps / max(1, optimizer_steps_per_epoch))
-    else:
-        total_steps = max(1, int(optimizer_steps_per_epoch * args.num_train_epochs))
-        num_epochs = math.ceil(args.num_train_epochs)
 
     model.to(device)
     optimizer = build_optimizer(model, args, device)

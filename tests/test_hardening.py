@@ -209,7 +209,8 @@ def test_eval_refuses_a_file_where_only_some_questions_lack_answers_before_predi
     ("--num_train_epochs", "inf"), ("--warmup_proportion", "nan"), ("--adam_epsilon", "-1e-6"),
     ("--max_grad_norm", "inf"), ("--weight_decay", "nan"), ("--n_best_size", "0"), ("--eval_batch_size", "0"),
     ("--preprocess_workers", "0"), ("--doc_stride", "-5"), ("--seed", "-1"), ("--seed", str(2**32)),
-    ("--seed", "1e3"),
+    ("--seed", "1e3"), ("--learning_rate", "1e300"), ("--learning_rate", "1e4"), ("--distill_temperature", "1e300"),
+    ("--distill_temperature", "1e20"), ("--distill_temperature", "1e-300"),
 ])
 def test_train_refuses_bad_numbers_while_reading_its_flags(flag, value, capsys):
     import train
@@ -488,3 +489,151 @@ def test_help_formatter_shows_a_default_once():
     assert "A number. (default: 3)" in text
     assert "A path (if not given: beside the data)." in text and "default: None" not in text
     assert "default: False" not in text
+
+
+# --- audit 4a/4b: runs that could not work, refused before the work -------------------------------
+
+def _train_flags(setup: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [f"--output_dir={output_dir}", f"--checkpoint={setup / 'pretrained.bin'}",
+            f"--model_config={setup / 'tiny.json'}", f"--train_file={setup / 'train.json'}", *DATA_FLAGS,
+            "--train_batch_size=4", "--learning_rate=2e-3", "--num_train_epochs=2", "--seed=42", "--no_cuda",
+            "--quiet", f"--cache_dir={setup / 'cache'}", "--logging_steps=1", *extra]
+
+
+def test_a_global_batch_with_more_shares_than_the_epoch_has_windows_is_refused(tiny_setup, tmp_path):
+    import train
+
+    out = tmp_path / "out"
+    with pytest.raises(cli.UsageError, match=r"--train_file \S+train\.json gives \d+ windows, fewer than the 200 "
+                                             r"shares of one global batch \(--train_batch_size 1 x 1 ranks x "
+                                             r"--gradient_accumulation_steps 200\): no optimizer step would run"):
+        train.main(_train_flags(tiny_setup, out, "--train_batch_size=1", "--gradient_accumulation_steps=200"))
+    assert not list(out.glob("korquad_*.bin")) and not (out / "training_args.json").exists()
+
+
+def test_resume_into_a_run_without_its_state_is_refused_and_an_empty_dir_starts(tiny_setup, tmp_path):
+    import train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "korquad_1.bin").write_bytes(b"the old run's last epoch")
+    (out / "training_log.jsonl").write_text('{"epoch": 0, "step": 1, "loss": 5.0, "lr": 0.001}\n')
+    with pytest.raises(cli.UsageError, match=r"--resume: --output_dir \S+run holds a training run \(training_log"
+                                             r"\.jsonl, korquad_1\.bin\) but no training_state\.pt to resume from; "
+                                             r"pass --overwrite_output_dir"):
+        train.main(_train_flags(tiny_setup, out, "--resume"))
+    assert (out / "korquad_1.bin").read_bytes() == b"the old run's last epoch"
+    assert len((out / "training_log.jsonl").read_text().splitlines()) == 1
+    fresh = tmp_path / "fresh"   # a new directory (the "always --resume" notebook): warned, and trained
+    train.main(_train_flags(tiny_setup, fresh, "--resume", "--max_steps=1"))
+    assert (fresh / "korquad_0.bin").is_file()
+    # A run killed while building its features leaves only its args: --resume starts it afresh.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "training_args.json").write_text("{}")
+    train.main(_train_flags(tiny_setup, killed, "--resume", "--max_steps=1"))
+    assert (killed / "korquad_0.bin").is_file()
+
+
+def test_pretrain_resume_into_a_run_without_its_state_is_refused(tmp_path):
+    import pretrain
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pretrain_0.bin").write_bytes(b"the old run's checkpoint")
+    with pytest.raises(cli.UsageError, match=r"--resume: --output_dir \S+run holds a pre-training run "
+                                             r"\(pretrain_0\.bin\) but no training_state\.pt to resume from"):
+        pretrain.main(["--train_files", str(SAMPLE_FILE), f"--output_dir={out}", "--checkpoint=none",
+                       "--max_seq_length=64", "--no_cuda", "--quiet", "--resume"])
+    assert (out / "pretrain_0.bin").read_bytes() == b"the old run's checkpoint"
+
+
+KORQUAD2_DIR = Path(cli.ROOT) / "data" / "korquad2_sample"
+
+
+@pytest.mark.parametrize("flag, path", [("train_file", KORQUAD2_DIR),
+                                        ("eval_file", KORQUAD2_DIR / "korquad2.1_dev_00.json"),
+                                        ("predict_file", KORQUAD2_DIR / "korquad2.1_dev_00.json")])
+def test_version_2_on_a_korquad2_dataset_is_refused_up_front(flag, path):
+    args = argparse.Namespace(version_2_with_negative=True, null_score_diff_threshold=0.0, **{flag: str(path)})
+    with pytest.raises(cli.UsageError, match=f"--version_2_with_negative does not apply to --{flag} "
+                                             f"{re.escape(str(path))}, a KorQuAD 2.x dataset"):
+        cli.check_version_2(args)
+    cli.check_version_2(argparse.Namespace(version_2_with_negative=True, null_score_diff_threshold=0.0,
+                                           **{flag: str(SAMPLE_FILE)}))  # a 1.0 file reads either way
+
+
+def test_train_refuses_version_2_on_korquad2_before_its_output_dir(tiny_setup, tmp_path):
+    import train
+
+    with pytest.raises(cli.UsageError, match="does not apply to --train_file"):
+        train.main(_train_flags(tiny_setup, tmp_path / "out", f"--train_file={KORQUAD2_DIR}",
+                                "--version_2_with_negative"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_eval_file_is_named_before_the_train_features_and_the_output_dir(tiny_setup, tmp_path):
+    import train
+
+    flags = _train_flags(tiny_setup, tmp_path / "out", f"--eval_file={tmp_path / 'missing.json'}",
+                         f"--cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(cli.UsageError, match=r"^--eval_file \S+missing\.json: not found$"):
+        train.main(flags)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("extra", [["--max_steps=34"], []])
+def test_a_negative_window_ratio_runs_every_planned_step_down_to_a_learning_rate_of_0(extra, tiny_setup, tmp_path):
+    """Each epoch draws its own windows (here 17, then 16 steps): --max_steps runs exactly that many steps, and
+    without it the two epochs' own steps; either way the linear decay ends at 0."""
+    import train
+
+    out = tmp_path / "out"
+    train.main(_train_flags(tiny_setup, out, "--negative_window_ratio=0.5", "--logging_steps=100", *extra))
+    last = json.loads((out / "training_log.jsonl").read_text().splitlines()[-1])
+    assert last["lr"] == 0.0, last
+    if extra:
+        assert last["step"] == 34, last
+
+
+def test_fp16_on_a_cpu_is_refused_before_the_output_dir(tiny_setup, tmp_path):
+    import train
+
+    with pytest.raises(cli.UsageError, match="--fp16 needs a CUDA GPU"):
+        train.main(_train_flags(tiny_setup, tmp_path / "out", "--fp16"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--distill_alpha=1", "--distill_temperature=4"])
+def test_distill_flags_without_teacher_targets_are_refused(flag, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args([flag])
+    assert exit_info.value.code == 2
+    assert f"{flag.split('=')[0]} only applies with --teacher_targets" in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("value", ["1e300", "1e4"])
+def test_pretrain_refuses_a_learning_rate_beyond_any_use_while_reading_its_flags(value, capsys):
+    import pretrain
+
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.parse_args(["--train_files=corpus.txt", "--output_dir=out", f"--learning_rate={value}"])
+    assert exit_info.value.code == 2
+    assert "argument --learning_rate: expected a finite number > 0 and <= 1000" in \
+        capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_resume_refusal_says_not_given_for_a_flag_left_out():
+    from long_run import check_same_settings
+
+    with pytest.raises(cli.UsageError, match="--max_steps was 8 in the interrupted run, now not given;"):
+        check_same_settings({"--max_steps": 8}, {"--max_steps": None}, {}, {})
+
+
+def test_quiet_training_draws_no_progress_bar_for_its_evaluations(tiny_setup, tmp_path):
+    trained = run_script("train.py", *_train_flags(tiny_setup, tmp_path / "run", "--max_steps=2",
+                                                   f"--eval_file={tiny_setup / 'train.json'}"))
+    assert trained.returncode == 0, trained.stderr
+    assert "predict" not in trained.stderr and "%|" not in trained.stderr, trained.stderr
