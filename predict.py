@@ -288,6 +288,13 @@ def json_lines_items(lines: Iterable[str]) -> Iterator[Item]:
             yield where, err
 
 
+def checked_item(where: str, record: Any) -> Item:
+    try:
+        return where, check_question(record)
+    except InputError as err:
+        return where, err
+
+
 def input_items(path: str, version_2_with_negative: bool = False) -> list[Item] | Iterator[Item]:
     """The questions of --input: a KorQuAD/SQuAD file when the whole input is one, else JSON lines."""
     text = read_input_text(path)
@@ -301,6 +308,12 @@ def input_items(path: str, version_2_with_negative: bool = False) -> list[Item] 
         whole = None
     if isinstance(whole, dict) and "data" in whole:
         return korquad_items(path, whole, version_2_with_negative)
+    # One question pretty-printed over several lines, or a JSON array of them: read line by line, each of
+    # its lines would fail as a JSON line of its own.
+    if isinstance(whole, dict) and "\n" in text.strip():
+        return [checked_item("input", whole)]
+    if isinstance(whole, list):
+        return [checked_item(f"input item {number}", record) for number, record in enumerate(whole, start=1)]
     # "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085, which JSON strings may hold raw.
     return json_lines_items(text.split("\n"))
 
@@ -497,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--question", help="One question, about --context or --context_file.")
     source.add_argument("--input", metavar="FILE",
-                        help="JSON lines {\"id\", \"question\", \"context\"} or a KorQuAD/SQuAD file; - for stdin.")
+                        help="JSON lines {\"id\", \"question\", \"context\"} (or one such object, or a JSON array of "
+                             "them) or a KorQuAD/SQuAD file; - for stdin.")
     source.add_argument("--interactive", action="store_true",
                         help="Read a context (unless given), then answer one question per line until EOF.")
     text = parser.add_mutually_exclusive_group()

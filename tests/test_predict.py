@@ -256,3 +256,19 @@ def test_stdin_redirected_from_the_output_is_refused_before_any_work(tmp_path, s
         f"predict.py: error: --output: writing {questions} would overwrite {flag} (stdin, the same file); "
         f"choose another --output\n")
     assert questions.read_text(encoding="utf-8").startswith('{"question"')
+
+
+def test_a_pretty_printed_question_or_a_json_array_reads_as_the_same_json_lines(run_dir, tmp_path):
+    records = [{"id": "a", "question": "수도는?", "context": "대한민국의 수도는 서울이다."},
+               {"id": "b", "question": "강은?", "context": "서울에는 한강이 흐른다."}]
+    (tmp_path / "lines.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
+    (tmp_path / "one.json").write_text(json.dumps(records[0], ensure_ascii=False, indent=2), "utf-8")
+    (tmp_path / "array.json").write_text(json.dumps([*records, {"id": "c"}], ensure_ascii=False, indent=2), "utf-8")
+    answered = {name: predict(f"--checkpoint={run_dir}", f"--input={tmp_path / name}")
+                for name in ("lines.jsonl", "one.json", "array.json")}
+    assert answered["lines.jsonl"].returncode == answered["one.json"].returncode == 0
+    expected = json_lines(answered["lines.jsonl"].stdout)
+    assert json_lines(answered["one.json"].stdout) == expected[:1]
+    # An array answers each of its objects; a bad one fails alone, named by its place.
+    assert json_lines(answered["array.json"].stdout)[:2] == expected
+    assert "input item 3" in answered["array.json"].stderr and 'missing "question"' in answered["array.json"].stderr
