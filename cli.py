@@ -122,7 +122,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache_dir", default=None,
                         help="Where feature caches go (if not given: cache/ beside the data file).")
     parser.add_argument("--overwrite_cache", action="store_true", help="Rebuild cached features.")
-    parser.add_argument("--preprocess_workers", type=positive_int, default=1, help="Processes for tokenization.")
+    parser.add_argument("--preprocess_workers", type=positive_int, default=1,
+                        help="Processes for tokenization (at most this machine's CPUs).")
     add_device_args(parser)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # torch.distributed.launch
     # The original baseline's flags that have nothing left to do, taken so that its command lines run unchanged:
