@@ -372,7 +372,8 @@ class TrainingRun:
                       "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                       "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                       "scaler": self.scaler.state_dict(), "settings": self.settings, "paths": self.paths,
-                      "loss_sum": loss_sum, "loss_count": loss_count}, self.output_dir / STATE_NAME)
+                      "loss_sum": loss_sum, "loss_count": loss_count, "precision": precision_name(self.amp_dtype)},
+                     self.output_dir / STATE_NAME)
 
     def stopped(self, global_step: int) -> TrainingStopped:
         sig = self.stop.requested
@@ -386,6 +387,10 @@ class TrainingRun:
             plot_training_curves(read_log(self.log_file), self.output_dir / CURVES_NAME)
         except ImportError:
             logger.warning("matplotlib is not installed: no %s (pip install matplotlib)", CURVES_NAME)
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
 
 
 def load_resume_state(run_dir: Path, settings: dict, paths: dict) -> dict | None:
@@ -743,6 +748,10 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start_epoch, first_step, global_step, pending_loss = 0, 0, 0, (0.0, 0)
     if state is not None:
+        # Allowed (a bf16 run on an A100 resumed in fp16 on a T4), but said: the run then mixes number formats.
+        if state.get("precision", precision_name(amp_dtype)) != precision_name(amp_dtype):
+            logger.warning("--resume: the interrupted run trained in %s, this one goes on in %s",
+                           state["precision"], precision_name(amp_dtype))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] and scaler.is_enabled():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def test_resume_after_a_lost_session_ends_with_the_same_weights(precision, tiny_
             == (tmp_path / "straight" / "training_log.jsonl").read_text())
 
 
-def test_resume_on_another_precision_starts_a_fresh_scaler(tiny_setup, tmp_path, monkeypatch):
+def test_resume_on_another_precision_starts_a_fresh_scaler(tiny_setup, tmp_path, monkeypatch, caplog):
     """A bf16 run (an A100) resumed in fp16 (a T4) must not trip over the empty scaler state."""
     import train
 
@@ -120,8 +121,10 @@ def test_resume_on_another_precision_starts_a_fresh_scaler(tiny_setup, tmp_path,
     monkeypatch.setattr(train, "autocast_dtype", lambda args, device: torch.float16)
     with pytest.raises(train.UsageError, match="num_train_epochs was 1.0"):
         train.main(flags + ["--resume"])  # a changed schedule is refused...
-    train.main(flags + ["--num_train_epochs=1", "--resume"])  # ...the same one resumes (nothing left to do)
+    with caplog.at_level(logging.WARNING, logger="korquad"):
+        train.main(flags + ["--num_train_epochs=1", "--resume"])  # ...the same one resumes (nothing left to do)
     assert (tmp_path / "run" / "korquad_0.bin").is_file()
+    assert "the interrupted run trained in bf16, this one goes on in fp16" in caplog.text
 
 
 def test_gradient_accumulation_trains_like_the_whole_global_batch(tiny_setup, tmp_path):
