@@ -184,7 +184,9 @@ def check_version_2(args: argparse.Namespace) -> None:
         import korquad2
         for flag in ("--train_file", "--eval_file", "--predict_file"):
             path = getattr(args, flag[2:], None)
-            if path is not None and Path(path).exists() and korquad2.is_dataset_path(path):
+            if path is None or not Path(path).exists() or Path(path).is_dir() and not any(Path(path).glob("*.json")):
+                continue  # nothing of 2.x there: the data checks name what is wrong
+            if korquad2.is_dataset_path(path):
                 raise UsageError(f"--version_2_with_negative does not apply to {flag} {path}, a KorQuAD 2.x dataset "
                                  "(its questions all have answers)")
 

@@ -289,6 +289,8 @@ def json_lines_items(lines: Iterable[str]) -> Iterator[Item]:
 
 
 def checked_item(where: str, record: Any) -> Item:
+    if isinstance(record, dict) and "data" in record and "question" not in record:
+        return where, InputError("a KorQuAD/SQuAD file's object inside a JSON array: pass the file itself")
     try:
         return where, check_question(record)
     except InputError as err:

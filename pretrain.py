@@ -392,9 +392,8 @@ def run_pretraining(args: argparse.Namespace, ctx: Distributed, device: torch.de
         raise UsageError(f"--max_seq_length {args.max_seq_length} is larger than the model's "
                          f"max_position_embeddings {config.max_position_embeddings}")
     check_compile_args(args, device)
-    # The args and config alone are what a run killed before its first step leaves: nothing to lose.
-    run_files = [path for path in written
-                 if path.is_file() and path.name not in (SAVED_ARGS_NAME, SAVED_CONFIG_NAME)]
+    # Without a checkpoint (killed before its first save: args, config and log) a fresh start loses nothing.
+    run_files = [path for path in written if path.is_file() and path.name.startswith(CHECKPOINT_PREFIX)]
     if args.resume and run_files and not (Path(args.output_dir) / STATE_NAME).is_file():
         # Starting afresh there would leave the old run's later checkpoints beside the new run's.
         raise UsageError(f"--resume: --output_dir {args.output_dir} holds a pre-training run "

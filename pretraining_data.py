@@ -100,8 +100,13 @@ def _lines(file) -> Iterator[bytes]:
         return
     rest = b""
     for block in iter(lambda: file.read(1 << 20), b""):
-        *lines, rest = (rest + block).split(b"\r")
-        yield from lines   # a later \r\n leaves its \n at the next line's start, which strip() removes
+        # Any line end from here on (a file may switch to \n part way); a last line without its end, or
+        # ending in a \r whose \n may open the next block, waits for that block.
+        *lines, rest = (rest + block).splitlines(keepends=True)
+        if rest.endswith(b"\n"):
+            lines.append(rest)
+            rest = b""
+        yield from lines
     if rest:
         yield rest
 

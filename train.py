@@ -188,9 +188,9 @@ def plan_steps(features: FeatureTable, args: argparse.Namespace, ctx: Distribute
         drawn = "" if args.negative_window_ratio >= 1 else \
             f" (with --negative_window_ratio {args.negative_window_ratio:g})"
         raise UsageError(f"--train_file {args.train_file} gives {windows} windows{drawn}, fewer than the {shares} "
-                         f"shares of one global batch (--train_batch_size {args.train_batch_size} x "
-                         f"{ctx.world_size} ranks x --gradient_accumulation_steps "
-                         f"{args.gradient_accumulation_steps}): no optimizer step would run")
+                         f"shares one global batch is split into ({ctx.world_size} ranks x "
+                         f"--gradient_accumulation_steps {args.gradient_accumulation_steps}): no optimizer step "
+                         f"would run")
     if args.negative_window_ratio >= 1:
         if args.max_steps:
             return first, args.max_steps, math.ceil(args.max_steps / first)
@@ -595,7 +595,8 @@ def check_output_dir(args: argparse.Namespace) -> None:
     if run_files and not (args.resume or args.overwrite_output_dir):
         raise UsageError(f"--output_dir {out} holds a training run ({shown}); pass --resume to continue it, "
                          f"--overwrite_output_dir to replace it, or choose another --output_dir")
-    trained = [p for p in run_files if p.name != SAVED_ARGS_NAME]  # the args alone: killed before its first step
+    # Without a checkpoint (killed in its first epoch: args and log only) a fresh start loses nothing.
+    trained = [p for p in run_files if CHECKPOINT_NAME.fullmatch(p.name)]
     if trained and args.resume and not (out / STATE_NAME).is_file():
         # Starting afresh there would leave the old run's later checkpoints beside the new run's.
         raise UsageError(f"--resume: --output_dir {out} holds a training run ({shown}) but no {STATE_NAME} to "

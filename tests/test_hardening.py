@@ -505,7 +505,7 @@ def test_a_global_batch_with_more_shares_than_the_epoch_has_windows_is_refused(t
 
     out = tmp_path / "out"
     with pytest.raises(cli.UsageError, match=r"--train_file \S+train\.json gives \d+ windows, fewer than the 200 "
-                                             r"shares of one global batch \(--train_batch_size 1 x 1 ranks x "
+                                             r"shares one global batch is split into \(1 ranks x "
                                              r"--gradient_accumulation_steps 200\): no optimizer step would run"):
         train.main(_train_flags(tiny_setup, out, "--train_batch_size=1", "--gradient_accumulation_steps=200"))
     assert not list(out.glob("korquad_*.bin")) and not (out / "training_args.json").exists()
@@ -527,10 +527,11 @@ def test_resume_into_a_run_without_its_state_is_refused_and_an_empty_dir_starts(
     fresh = tmp_path / "fresh"   # a new directory (the "always --resume" notebook): warned, and trained
     train.main(_train_flags(tiny_setup, fresh, "--resume", "--max_steps=1"))
     assert (fresh / "korquad_0.bin").is_file()
-    # A run killed while building its features leaves only its args: --resume starts it afresh.
+    # A run killed in its first epoch leaves its args and log, no checkpoint: --resume starts it afresh.
     killed = tmp_path / "killed"
     killed.mkdir()
     (killed / "training_args.json").write_text("{}")
+    (killed / "training_log.jsonl").write_text('{"epoch": 0, "step": 1, "loss": 5.0, "lr": 0.001}\n')
     train.main(_train_flags(tiny_setup, killed, "--resume", "--max_steps=1"))
     assert (killed / "korquad_0.bin").is_file()
 
@@ -554,13 +555,16 @@ KORQUAD2_DIR = Path(cli.ROOT) / "data" / "korquad2_sample"
 @pytest.mark.parametrize("flag, path", [("train_file", KORQUAD2_DIR),
                                         ("eval_file", KORQUAD2_DIR / "korquad2.1_dev_00.json"),
                                         ("predict_file", KORQUAD2_DIR / "korquad2.1_dev_00.json")])
-def test_version_2_on_a_korquad2_dataset_is_refused_up_front(flag, path):
+def test_version_2_on_a_korquad2_dataset_is_refused_up_front(flag, path, tmp_path):
     args = argparse.Namespace(version_2_with_negative=True, null_score_diff_threshold=0.0, **{flag: str(path)})
     with pytest.raises(cli.UsageError, match=f"--version_2_with_negative does not apply to --{flag} "
                                              f"{re.escape(str(path))}, a KorQuAD 2.x dataset"):
         cli.check_version_2(args)
     cli.check_version_2(argparse.Namespace(version_2_with_negative=True, null_score_diff_threshold=0.0,
                                            **{flag: str(SAMPLE_FILE)}))  # a 1.0 file reads either way
+    # A directory without any JSON is no 2.x dataset: the data checks say what it lacks.
+    cli.check_version_2(argparse.Namespace(version_2_with_negative=True, null_score_diff_threshold=0.0,
+                                           **{flag: str(tmp_path)}))
 
 
 def test_train_refuses_version_2_on_korquad2_before_its_output_dir(tiny_setup, tmp_path):

@@ -263,7 +263,8 @@ def test_a_pretty_printed_question_or_a_json_array_reads_as_the_same_json_lines(
                {"id": "b", "question": "강은?", "context": "서울에는 한강이 흐른다."}]
     (tmp_path / "lines.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
     (tmp_path / "one.json").write_text(json.dumps(records[0], ensure_ascii=False, indent=2), "utf-8")
-    (tmp_path / "array.json").write_text(json.dumps([*records, {"id": "c"}], ensure_ascii=False, indent=2), "utf-8")
+    (tmp_path / "array.json").write_text(json.dumps([*records, {"id": "c"}, {"version": "1", "data": []}],
+                                                    ensure_ascii=False, indent=2), "utf-8")
     answered = {name: predict(f"--checkpoint={run_dir}", f"--input={tmp_path / name}")
                 for name in ("lines.jsonl", "one.json", "array.json")}
     assert answered["lines.jsonl"].returncode == answered["one.json"].returncode == 0
@@ -272,3 +273,4 @@ def test_a_pretty_printed_question_or_a_json_array_reads_as_the_same_json_lines(
     # An array answers each of its objects; a bad one fails alone, named by its place.
     assert json_lines(answered["array.json"].stdout)[:2] == expected
     assert "input item 3" in answered["array.json"].stderr and 'missing "question"' in answered["array.json"].stderr
+    assert "input item 4: a KorQuAD/SQuAD file's object inside a JSON array" in answered["array.json"].stderr

@@ -575,3 +575,13 @@ def test_a_corpus_with_carriage_return_line_endings_keeps_its_lines_and_document
     stray = tmp_path / "stray.txt"
     stray.write_bytes("가\r나\n\n다\n".encode())
     assert list(pretraining_data.read_documents(stray)) == [["가\r나"], ["다"]]
+
+
+def test_a_carriage_return_corpus_that_switches_to_newlines_keeps_every_line(tmp_path):
+    """\r-only for over the first 64 KiB (how the reader tells), then \n and \r\n (two files joined): each ends a line."""
+    head = "".join(f"문장 {i}.\r" for i in range(8000)) + "\r"      # one document, then a blank line
+    path = tmp_path / "joined.txt"
+    path.write_bytes((head + "다음 문서.\n둘째 줄.\r\n\r\n끝 문서.\n").encode("utf-8"))
+    documents = list(pretraining_data.read_documents(path))
+    assert len(head.encode("utf-8")) > 1 << 16
+    assert documents == [[f"문장 {i}." for i in range(8000)], ["다음 문서.", "둘째 줄."], ["끝 문서."]]
