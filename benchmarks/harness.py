@@ -147,9 +147,10 @@ def print_provenance() -> None:
             version = None
         # Installed metadata does not make a package importable (removed files, a blocked import): the rows
         # that need it are then skipped, and its version is not one any figure was measured with.
-        if version is None and not _importable(package):
+        importable = _importable(package)
+        if version is None and not importable:
             versions.append(f"{package} not installed")
-        elif not _importable(package):
+        elif not importable:
             versions.append(f"{package} not importable ({version} installed)")
         else:
             versions.append(f"{package} {version or '(no version metadata)'}")
