@@ -39,7 +39,8 @@ from devices import (add_compile_args, autocast_context, autocast_dtype, check_c
                      compile_padding)
 from checkpoints import (CHECKPOINT_NAME, SAVED_ARGS_NAME, SAVED_CONFIG_NAME, build_tokenizer, check_checkpoint_file,
                          copy_vocab_into, fetch_hub_model, resolve_model_settings, write_json_atomic)
-from scoring import evaluate_model, evaluate_model_with_odds, has_answers, score, score_no_answer
+from scoring import (check_metric_dataset, evaluate_model, evaluate_model_with_odds, has_answers, score,
+                     score_no_answer)
 from feature_table import FeatureTable
 from korquad_utils import collate_features, load_or_build_features, load_or_build_table, make_length_grouped_batches
 from teacher_targets import TeacherTargets, read_teacher_targets, teacher_batch_targets
@@ -655,9 +656,11 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
         args.checkpoint = fetch_hub_model(args.checkpoint)
     config = resolve_model_settings(args, args.checkpoint)
     check_data_args(args, config)
+    check_version_2(args)
     if args.eval_file:
         check_eval_file(args.eval_file)
-    check_version_2(args)
+        # A file the metric cannot score is said now, not after the first epoch (and again on every --resume).
+        check_metric_dataset(args.eval_file, "squad2" if args.version_2_with_negative else "korquad")
     check_compile_args(args, device)
     autocast_dtype(args, device)  # a precision this device lacks is said before --output_dir is made
     if args.checkpoint.lower() != "none" and not Path(args.checkpoint).exists():

@@ -586,6 +586,19 @@ def test_a_missing_eval_file_is_named_before_the_train_features_and_the_output_d
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
+def test_an_eval_file_the_metric_cannot_score_is_refused_before_the_first_epoch(tiny_setup, tmp_path):
+    """A question without an 'answers' list among answered ones: the v1.0 metric would fail only after an epoch."""
+    import train
+
+    dataset = json.loads((tiny_setup / "train.json").read_text(encoding="utf-8"))
+    del dataset["data"][0]["paragraphs"][0]["qas"][0]["answers"]
+    eval_file = tmp_path / "mixed.json"
+    eval_file.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(KorquadFormatError, match=r"mixed\.json: question \S+: no 'answers' list"):
+        train.main(_train_flags(tiny_setup, tmp_path / "out", f"--eval_file={eval_file}"))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("extra", [["--max_steps=34"], []])
 def test_a_negative_window_ratio_runs_every_planned_step_down_to_a_learning_rate_of_0(extra, tiny_setup, tmp_path):
     """Each epoch draws its own windows (here 17, then 16 steps): --max_steps runs exactly that many steps, and
