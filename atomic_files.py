@@ -6,6 +6,7 @@ cache's index are written this way, so that a reader (or a crash half-way) never
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import stat
@@ -74,3 +75,21 @@ def atomic_write_files(files: dict[str | os.PathLike, Callable[[IO[bytes]], None
             with contextlib.suppress(OSError):
                 temp.unlink(missing_ok=True)
         raise
+
+
+def save_torch_atomic(obj, path: Path) -> None:
+    """torch.save through a temporary file and a rename: `path` is never half-written."""
+    import torch  # here, so that a torch-less reader can use this module
+
+    atomic_write(path, lambda file: torch.save(obj, file))
+
+
+def json_bytes(obj) -> bytes:
+    """Indented UTF-8 JSON (Korean unescaped), as the toolkit writes its JSON files."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    """Indented UTF-8 JSON (Korean unescaped), written atomically."""
+    data = json_bytes(obj)
+    atomic_write(path, lambda file: file.write(data))

@@ -72,24 +72,6 @@ def build_tokenizer(vocab_file: str | os.PathLike, analyzer: str, config: Config
     return tokenizer
 
 
-def save_torch_atomic(obj, path: Path) -> None:
-    """torch.save through a temporary file and a rename: `path` is never half-written."""
-    import torch
-
-    atomic_write(path, lambda file: torch.save(obj, file))
-
-
-def json_bytes(obj) -> bytes:
-    """Indented UTF-8 JSON (Korean unescaped), as the toolkit writes its JSON files."""
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    """Indented UTF-8 JSON (Korean unescaped), written atomically."""
-    data = json_bytes(obj)
-    atomic_write(path, lambda file: file.write(data))
-
-
 CHECKPOINT_NAME = re.compile(r"korquad_(\d+)\.bin")   # train.py's per-epoch checkpoints
 PRETRAIN_CHECKPOINT_NAME = re.compile(r"pretrain_(\d+)\.bin")   # pretrain.py's (encoder + pre-training heads)
 
@@ -106,6 +88,60 @@ def newest_pretraining_checkpoint(path: str | os.PathLike) -> Path | None:
     """A pretrain.py run directory's newest `pretrain_N.bin` (None for anything else)."""
     path = Path(path)
     return newest_run_checkpoint(path, PRETRAIN_CHECKPOINT_NAME) if path.is_dir() else None
+
+
+STATE_NAME = "training_state.pt"    # what train.py and pretrain.py resume from
+LOG_NAME = "training_log.jsonl"
+CURVES_NAME = "training_curves.png"
+
+
+def files_of_a_run(output_dir: Path) -> list[Path]:
+    """What a train.py or pretrain.py run leaves there and a new run replaces: state, log, args, curves, checkpoints."""
+    if not output_dir.is_dir():
+        return []
+    epochs = {p: int(m.group(1)) for p in output_dir.iterdir()
+              if (m := CHECKPOINT_NAME.fullmatch(p.name) or PRETRAIN_CHECKPOINT_NAME.fullmatch(p.name))}
+    named = [output_dir / name for name in (STATE_NAME, LOG_NAME, SAVED_ARGS_NAME, CURVES_NAME)]
+    return [p for p in named if p.exists()] + sorted(epochs, key=lambda p: (p.name[0], epochs[p]))
+
+
+def check_output_dir(args: argparse.Namespace, run_kind: str) -> None:
+    """Refuse, before anything is written, an --output_dir whose contents `run_kind` would destroy: a transformers
+    model (the --checkpoint one too), or a run of either program unless --resume or --overwrite_output_dir."""
+    from modeling import is_transformers_dir
+    out, source = Path(args.output_dir), Path(args.checkpoint)
+    if not out.is_dir():
+        return
+    if args.checkpoint.lower() != "none" and source.is_dir() and source.resolve() == out.resolve():
+        raise UsageError(f"--output_dir {out} is the model directory given as --checkpoint: {run_kind} would write "
+                         f"its own config.json over the model's; choose another --output_dir")
+    if is_transformers_dir(out):
+        raise UsageError(f"--output_dir {out} holds a transformers model (config.json): {run_kind} would write its "
+                         f"own config.json over it; choose another --output_dir")
+    run_files = files_of_a_run(out)
+    shown = ", ".join(p.name for p in run_files[:3]) + (", ..." if len(run_files) > 3 else "")
+    kind = ("pre-training" if any(PRETRAIN_CHECKPOINT_NAME.fullmatch(p.name) for p in run_files) else
+            "training" if any(CHECKPOINT_NAME.fullmatch(p.name) for p in run_files) else run_kind)
+    if run_files and not (args.resume or args.overwrite_output_dir):
+        raise UsageError(f"--output_dir {out} holds a {kind} run ({shown}); pass --resume to continue it, "
+                         f"--overwrite_output_dir to replace it, or choose another --output_dir")
+    # Without a checkpoint (killed before its first save: args and log only) a fresh start loses nothing.
+    if args.resume and any(p.suffix == ".bin" for p in run_files) and not (out / STATE_NAME).is_file():
+        # Starting afresh there would leave the old run's later checkpoints beside the new run's.
+        raise UsageError(f"--resume: --output_dir {out} holds a {kind} run ({shown}) but no {STATE_NAME} to resume "
+                         f"from; pass --overwrite_output_dir to replace it, or choose another --output_dir")
+    if args.overwrite_output_dir and source.is_file() and source.resolve() in {p.resolve() for p in run_files}:
+        raise UsageError(f"--checkpoint {source} is one of the files --overwrite_output_dir would delete from "
+                         f"{out}; copy it elsewhere first or choose another --output_dir")
+
+
+def remove_previous_run(output_dir: Path) -> None:
+    """--overwrite_output_dir, once training starts: the old run's files go, so none is mistaken for the new run's."""
+    old = files_of_a_run(output_dir) + sorted((output_dir / "tensorboard").glob("events.out.tfevents.*"))
+    for path in old:
+        path.unlink(missing_ok=True)
+    if old:
+        logger.info("--overwrite_output_dir: removed %d file(s) of the previous run in %s", len(old), output_dir)
 
 
 def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:

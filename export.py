@@ -41,8 +41,8 @@ import onnx_reader
 from cli import (ArgumentParser, ROOT, UsageError, add_no_answer_args, check_version_2, prepare_output_dir,
                  refuse_output_over_input, run_cli, setup_logging)
 from checkpoints import (ANALYZER_CONFIG_KEY, CHECKPOINT_NAME, SAVED_ARGS_NAME, SAVED_VOCAB_NAME, build_tokenizer,
-                         json_bytes, load_finetuned, model_inputs, resolve_finetuned_settings)
-from atomic_files import atomic_write, atomic_write_files
+                         load_finetuned, model_inputs, resolve_finetuned_settings)
+from atomic_files import atomic_write, atomic_write_files, json_bytes
 from korquad_utils import collate_features, convert_examples_to_features
 from squad_examples import parse_json, read_squad_examples
 from long_run import pid_is_alive, remove_dead_temp_files

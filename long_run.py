@@ -32,8 +32,7 @@ import torch.distributed as dist
 
 from cli import UsageError
 from devices import pick_device
-from checkpoints import save_torch_atomic
-from atomic_files import atomic_write
+from atomic_files import atomic_write, save_torch_atomic
 
 logger = logging.getLogger("korquad")
 

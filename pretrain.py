@@ -45,11 +45,13 @@ from tqdm import tqdm
 from cli import (ArgumentParser, USER_ERRORS, UsageError, add_device_args, finite_float, learning_rate, positive_float,
                  positive_int, prepare_output_dir, random_seed, run_cli, setup_logging)
 from devices import add_compile_args, autocast_context, autocast_dtype, check_compile_args, compile_model
-from checkpoints import (SAVED_ARGS_NAME, SAVED_CONFIG_NAME, build_tokenizer, check_checkpoint_file, copy_vocab_into,
-                         fetch_hub_model, resolve_model_settings, write_json_atomic)
+from checkpoints import (CURVES_NAME, LOG_NAME, SAVED_ARGS_NAME, SAVED_CONFIG_NAME, STATE_NAME, build_tokenizer,
+                         check_checkpoint_file, check_output_dir, copy_vocab_into, fetch_hub_model,
+                         remove_previous_run, resolve_model_settings)
 from cli import refuse_output_over_input
 import korquad2
-from korquad_utils import atomic_write, make_length_grouped_batches
+from atomic_files import atomic_write, write_json_atomic
+from korquad_utils import make_length_grouped_batches
 from long_run import (CheckpointWriteError, DirectoryLocked, Distributed, RunLock, StopSignals, TrainingDiverged,
                       TrainingStopped, build_optimizer, check_same_settings, file_digest, keep_log_until,
                       linear_warmup_decay, read_log, read_loss, read_training_state, remove_dead_temp_files,
@@ -60,9 +62,6 @@ from pretraining_data import (EVAL_EPOCH, PairMaker, build_pair_makers, collate,
 
 logger = logging.getLogger("korquad")
 
-STATE_NAME = "training_state.pt"
-LOG_NAME = "training_log.jsonl"
-CURVES_NAME = "training_curves.png"
 CHECKPOINT_PREFIX = "pretrain_"      # pretrain_{epoch}.bin; checkpoints.PRETRAIN_CHECKPOINT_NAME finds them
 STATE_KEYS = ("epoch", "steps_in_epoch", "epoch_finished", "global_step", "model", "optimizer", "scheduler",
               "scaler", "settings", "paths", "loss_sum", "loss_count")
@@ -119,6 +118,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="Continue from the newest training_state.pt in --output_dir, mid-epoch if it was "
                              "written there.")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Replace the run already in --output_dir (its checkpoints, state and log go once the "
+                             "new run starts training); without it such a directory is refused.")
     parser.add_argument("--seed", type=random_seed, default=42,
                         help="Random seed: initialisation, pairs, masks, order.")
     parser.add_argument("--cache_dir", default=None,
@@ -129,6 +131,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_device_args(parser)
     add_compile_args(parser)
     args = parser.parse_args(argv)
+    if args.resume and args.overwrite_output_dir:
+        parser.error("--resume continues the run in --output_dir, --overwrite_output_dir replaces it: pass one")
     if args.max_steps is None and args.num_train_epochs is None:
         args.num_train_epochs = 1.0
     if args.max_seq_length < 5:
@@ -392,13 +396,7 @@ def run_pretraining(args: argparse.Namespace, ctx: Distributed, device: torch.de
         raise UsageError(f"--max_seq_length {args.max_seq_length} is larger than the model's "
                          f"max_position_embeddings {config.max_position_embeddings}")
     check_compile_args(args, device)
-    # Without a checkpoint (killed before its first save: args, config and log) a fresh start loses nothing.
-    run_files = [path for path in written if path.is_file() and path.name.startswith(CHECKPOINT_PREFIX)]
-    if args.resume and run_files and not (Path(args.output_dir) / STATE_NAME).is_file():
-        # Starting afresh there would leave the old run's later checkpoints beside the new run's.
-        raise UsageError(f"--resume: --output_dir {args.output_dir} holds a pre-training run "
-                         f"({', '.join(sorted(p.name for p in run_files))}) but no {STATE_NAME} to resume "
-                         f"from; run without --resume to start a new run there, or choose another --output_dir")
+    check_output_dir(args, "pre-training")
     output_dir = prepare_output_dir(args.output_dir)
     lock = RunLock(output_dir)
     ctx.on_main(lock.acquire)
@@ -463,6 +461,9 @@ def pretrain_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: t
     run = PretrainingRun(args, ctx, device, amp_dtype, output_dir, model, train_model, optimizer, scheduler, scaler,
                          settings, paths, total_steps, held_out, StopSignals())
     if ctx.is_main:
+        # Training starts now: only from here on does this run change what is in output_dir.
+        if args.overwrite_output_dir:
+            remove_previous_run(output_dir)
         keep_log_until(output_dir / LOG_NAME, global_step)
         write_json_atomic(config.to_dict(), output_dir / SAVED_CONFIG_NAME)
         copy_vocab_into(args.vocab_file, output_dir)

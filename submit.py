@@ -24,8 +24,8 @@ import onnx_reader
 import predict
 from cli import (ArgumentParser, ROOT, add_no_answer_args, check_data_args, check_version_2,
                  refuse_output_over_input, run_cli, setup_logging)
-from checkpoints import checkpoint_inputs, explicit_flags, json_bytes, resolve_finetuned_settings
-from atomic_files import atomic_write
+from checkpoints import checkpoint_inputs, explicit_flags, resolve_finetuned_settings
+from atomic_files import atomic_write, json_bytes
 from decoding import abstain
 
 logger = logging.getLogger("korquad")

@@ -37,24 +37,23 @@ from cli import (ArgumentParser, USER_ERRORS, UsageError, add_data_args, add_no_
                  run_cli, setup_logging)
 from devices import (add_compile_args, autocast_context, autocast_dtype, check_compile_args, compile_model,
                      compile_padding)
-from checkpoints import (CHECKPOINT_NAME, SAVED_ARGS_NAME, SAVED_CONFIG_NAME, build_tokenizer, check_checkpoint_file,
-                         copy_vocab_into, fetch_hub_model, resolve_model_settings, write_json_atomic)
+from checkpoints import (CURVES_NAME, LOG_NAME, SAVED_ARGS_NAME, SAVED_CONFIG_NAME, STATE_NAME, build_tokenizer,
+                         check_checkpoint_file, check_output_dir, copy_vocab_into, fetch_hub_model,
+                         remove_previous_run, resolve_model_settings)
 from scoring import (check_metric_dataset, evaluate_model, evaluate_model_with_odds, has_answers, score,
                      score_no_answer)
 from feature_table import FeatureTable
+from atomic_files import write_json_atomic
 from korquad_utils import collate_features, load_or_build_features, load_or_build_table, make_length_grouped_batches
 from teacher_targets import TeacherTargets, read_teacher_targets, teacher_batch_targets
 from long_run import (CheckpointWriteError, DirectoryLocked, Distributed, RunLock, StopSignals, TrainingDiverged,
                       TrainingStopped, build_optimizer, check_same_settings, file_digest, keep_log_until,
                       linear_warmup_decay, plot_training_curves, read_log, read_loss, read_training_state,
                       remove_dead_temp_files, save_checked, setup_distributed, step_seed)
-from modeling import Config, QuestionAnswering, count_parameters, is_transformers_dir, load_checkpoint
+from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
 
 logger = logging.getLogger("korquad")
 
-STATE_NAME = "training_state.pt"
-LOG_NAME = "training_log.jsonl"
-CURVES_NAME = "training_curves.png"
 STATE_KEYS = ("epoch", "steps_in_epoch", "epoch_finished", "global_step", "model", "optimizer", "scheduler",
               "scaler", "settings", "paths", "loss_sum", "loss_count")
 class EvaluationStopped(Exception):
@@ -568,54 +567,6 @@ def remove_old_checkpoints(output_dir: Path, last_epoch: int, limit: int, best: 
             (output_dir / f"korquad_{epoch}.bin").unlink(missing_ok=True)
 
 
-def files_of_a_run(output_dir: Path) -> list[Path]:
-    """What a training run leaves in its directory and a new run would replace: checkpoints, state, log, curves."""
-    if not output_dir.is_dir():
-        return []
-    checkpoints = sorted((p for p in output_dir.iterdir() if CHECKPOINT_NAME.fullmatch(p.name)),
-                         key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
-    named = [output_dir / name for name in (STATE_NAME, LOG_NAME, SAVED_ARGS_NAME, CURVES_NAME)]
-    return [p for p in named if p.exists()] + checkpoints
-
-
-def check_output_dir(args: argparse.Namespace) -> None:
-    """Refuse, before anything is written, an --output_dir whose contents training would destroy: the model
-    directory being fine-tuned or any other transformers model, or a run (unless --resume or --overwrite_output_dir)."""
-    out = Path(args.output_dir)
-    if not out.is_dir():
-        return
-    source = Path(args.checkpoint)
-    if args.checkpoint.lower() != "none" and source.is_dir() and source.resolve() == out.resolve():
-        raise UsageError(f"--output_dir {out} is the model directory given as --checkpoint: training would write "
-                         f"its own config.json over the model's; choose another --output_dir")
-    if is_transformers_dir(out):
-        raise UsageError(f"--output_dir {out} holds a transformers model (config.json): training would write its "
-                         f"own config.json over it; choose another --output_dir")
-    run_files = files_of_a_run(out)
-    shown = ", ".join(p.name for p in run_files[:3]) + (", ..." if len(run_files) > 3 else "")
-    if run_files and not (args.resume or args.overwrite_output_dir):
-        raise UsageError(f"--output_dir {out} holds a training run ({shown}); pass --resume to continue it, "
-                         f"--overwrite_output_dir to replace it, or choose another --output_dir")
-    # Without a checkpoint (killed in its first epoch: args and log only) a fresh start loses nothing.
-    trained = [p for p in run_files if CHECKPOINT_NAME.fullmatch(p.name)]
-    if trained and args.resume and not (out / STATE_NAME).is_file():
-        # Starting afresh there would leave the old run's later checkpoints beside the new run's.
-        raise UsageError(f"--resume: --output_dir {out} holds a training run ({shown}) but no {STATE_NAME} to "
-                         f"resume from; pass --overwrite_output_dir to replace it, or choose another --output_dir")
-    if args.overwrite_output_dir and source.is_file() and source.resolve() in {p.resolve() for p in run_files}:
-        raise UsageError(f"--checkpoint {source} is one of the files --overwrite_output_dir would delete from "
-                         f"{out}; copy it elsewhere first or choose another --output_dir")
-
-
-def remove_previous_run(output_dir: Path) -> None:
-    """--overwrite_output_dir, once training starts: the old run's files go, so none is mistaken for the new run's."""
-    old = files_of_a_run(output_dir) + sorted((output_dir / "tensorboard").glob("events.out.tfevents.*"))
-    for path in old:
-        path.unlink(missing_ok=True)
-    if old:
-        logger.info("--overwrite_output_dir: removed %d file(s) of the previous run in %s", len(old), output_dir)
-
-
 def check_eval_file(path: str) -> None:
     """--eval_file found and readable now, not after the train features are built."""
     eval_path = Path(path)
@@ -668,7 +619,7 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
                          f"as pretrain_ckpt/README.md says, or pass --checkpoint none to train from scratch")
     if args.tensorboard:
         import_summary_writer()  # a missing package is said now, not after the features are built
-    check_output_dir(args)
+    check_output_dir(args, "training")
     output_dir = prepare_output_dir(args.output_dir)
     # One writer per directory: rank 0 holds the lock for the whole job, before anything is written.
     lock = RunLock(output_dir)

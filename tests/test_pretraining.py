@@ -585,3 +585,25 @@ def test_a_carriage_return_corpus_that_switches_to_newlines_keeps_every_line(tmp
     documents = list(pretraining_data.read_documents(path))
     assert len(head.encode("utf-8")) > 1 << 16
     assert documents == [[f"문장 {i}." for i in range(8000)], ["다음 문서.", "둘째 줄."], ["끝 문서."]]
+
+
+def test_a_new_run_over_a_training_run_is_refused_and_one_over_an_old_run_replaces_it_whole(tmp_path):
+    """Without --resume or --overwrite_output_dir a run directory (here train.py's) is refused untouched; with
+    --overwrite_output_dir the old run's later checkpoints go, so train.py cannot pick one up as the new run's."""
+    from cli import UsageError
+
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "korquad_0.bin").write_bytes(b"a fine-tuned model")
+    (out / "training_args.json").write_text("{}")
+    flags = ["--train_files", str(SAMPLE_FILE), f"--output_dir={out}", "--checkpoint=none",
+             f"--model_config={tmp_path / 'tiny.json'}", f"--cache_dir={tmp_path / 'cache'}", *FLAGS, "--max_steps=1"]
+    with pytest.raises(UsageError, match=r"--output_dir \S+run holds a training run \(training_args\.json, "
+                                         r"korquad_0\.bin\); pass --resume to continue it, --overwrite_output_dir"):
+        pretrain.main(flags)
+    assert (out / "korquad_0.bin").read_bytes() == b"a fine-tuned model"
+    assert (out / "training_args.json").read_text() == "{}"
+    (out / "pretrain_2.bin").write_bytes(b"an older pre-training run's last epoch")
+    pretrain.main([*flags, "--overwrite_output_dir"])
+    assert sorted(p.name for p in out.glob("*.bin")) == ["pretrain_0.bin"]
