@@ -213,9 +213,13 @@ def check_data_args(args: argparse.Namespace, config: Config) -> None:
     if window < 1:
         raise UsageError(f"--max_seq_length {args.max_seq_length} leaves no room for the context after "
                          f"--max_query_length {args.max_query_length} and [CLS]/[SEP]/[SEP]")
-    if not 0 < args.doc_stride < window:
-        raise UsageError(f"--doc_stride {args.doc_stride} must be positive and smaller than the context window "
-                         f"({window} pieces = max_seq_length - max_query_length - 3)")
+    if args.doc_stride < 1:
+        raise UsageError(f"--doc_stride {args.doc_stride} must be at least 1")
+    if args.doc_stride >= window:  # taken, as the original baseline does: windows then follow each other
+        logging.getLogger("korquad").warning(
+            "--doc_stride %d is not smaller than the context window (%d pieces = max_seq_length - max_query_length "
+            "- 3): windows may not overlap, and an answer across a window border is then found in neither",
+            args.doc_stride, window)
     if args.max_answer_length < 1:
         raise UsageError("--max_answer_length must be at least 1")
 

@@ -586,6 +586,19 @@ def test_a_missing_eval_file_is_named_before_the_train_features_and_the_output_d
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_doc_stride_as_long_as_the_window_trains_on_windows_that_follow_each_other(tiny_setup, tmp_path, caplog):
+    """The original baseline takes such a stride (--max_seq_length 224 beside its default stride 128 and query 96)."""
+    import train
+
+    flags = _train_flags(tiny_setup, tmp_path / "out", "--max_steps=1")
+    flags = [f for f in flags if not f.startswith(("--max_seq_length", "--doc_stride"))]
+    train.main([*flags, "--max_seq_length=96", "--doc_stride=64"])  # a window of 96 - 32 - 3 = 61 pieces
+    assert (tmp_path / "out" / "korquad_0.bin").is_file()
+    assert "--doc_stride 64 is not smaller than the context window (61 pieces" in caplog.text
+    windows = ku._doc_windows(150, 61, 64)
+    assert windows == [(0, 61), (61, 61), (122, 28)]
+
+
 def test_an_eval_file_the_metric_cannot_score_is_refused_before_the_first_epoch(tiny_setup, tmp_path):
     """A question without an 'answers' list among answered ones: the v1.0 metric would fail only after an epoch."""
     import train

@@ -233,7 +233,7 @@ BAD_INPUT_CASES = {
     "checkpoint shapes": (["--checkpoint={wrong_ckpt}"], "embeddings.word_embeddings.weight"),
     "vocab size": (["--vocab_file={small_vocab}"], "vocab_size"),
     "max_seq_length": (["--max_seq_length=600"], "max_position_embeddings"),
-    "doc_stride": (["--doc_stride=200"], "--doc_stride"),
+    "doc_stride": (["--doc_stride=0"], "--doc_stride"),
     "output dir is a file": (["--output_dir={a_file}"], "--output_dir"),
 }
 
