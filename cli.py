@@ -69,6 +69,15 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        for dest in ("output_dir", "checkpoint"):  # Path("") is the current directory: never what was meant
+            given = getattr(parsed, dest, None)
+            if any(isinstance(value, str) and not value.strip() for value in
+                   (given if isinstance(given, list) else [given])):
+                self.error(f"argument --{dest}: expected a path, got an empty one")
+        return parsed, extras
+
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     """An argparse type: a whole number >= `minimum` (and <= `maximum`, if given)."""

@@ -667,3 +667,28 @@ def test_quiet_training_draws_no_progress_bar_for_its_evaluations(tiny_setup, tm
                                                    f"--eval_file={tiny_setup / 'train.json'}"))
     assert trained.returncode == 0, trained.stderr
     assert "predict" not in trained.stderr and "%|" not in trained.stderr, trained.stderr
+
+
+EMPTY_PATH_CASES = {
+    "export --output_dir": ["--checkpoint=run", "--output_dir="],
+    "export --checkpoint": ["--checkpoint=", "--output_dir=out"],
+    "eval --output_dir": ["--checkpoint=run", "--output_dir="],
+    "eval --checkpoint": ["--checkpoint", "run", "", "--output_dir=out"],
+    "train --output_dir": ["--output_dir="],
+    "train --checkpoint": ["--checkpoint= ", "--output_dir=out"],
+    "pretrain --output_dir": [f"--train_files={SAMPLE_FILE}", "--output_dir="],
+    "distill --output_dir": ["--teacher=run", f"--train_file={SAMPLE_FILE}", "--output_dir="],
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMPTY_PATH_CASES))
+def test_an_empty_path_is_refused_rather_than_read_as_the_current_directory(case, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    command, flag = case.split()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(command).main(EMPTY_PATH_CASES[case])
+    assert exit_info.value.code == 2
+    assert f"error: argument {flag}: expected a path, got an empty one" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
