@@ -51,6 +51,10 @@ _ALIGN_WINDOW_CHARS = 32
 _ALIGN_LOOKAHEAD_WORDS = 3
 
 _WORD = re.compile(r"[^ ]+")
+# A run this long without a space goes to a morpheme analyzer in parts: mecab takes an unknown run of one
+# character class (Latin letters, digits, kana) whole, in time quadratic in its length (10 s for 200k letters).
+LONG_RUN_CHARS = 1000
+_LONG_RUN = re.compile(r"[^ ]{%d,}" % (LONG_RUN_CHARS + 1))
 _ASTRAL = re.compile("[\U00010000-\U0010ffff]")
 _ASCII_PUNCTUATION = frozenset(string.punctuation)
 _CJK_IDEOGRAPH_RANGES = (
@@ -358,6 +362,9 @@ class MecabKoAnalyzer:
         return create_lattice if hasattr(getattr(self._mecab, "_tagger", None), "parse") else None
 
     def spans(self, text: str) -> list[Span]:
+        return spans_in_parts(self._spans_of_part, text)
+
+    def _spans_of_part(self, text: str) -> list[Span]:
         if self._create_lattice is None:
             return self._parse_spans(text)
         lattice = self._create_lattice(text)
@@ -371,6 +378,20 @@ class MecabKoAnalyzer:
         body = text.lstrip(" ")
         lead = len(text) - len(body)
         return [(morpheme.span.start + lead, morpheme.span.end + lead) for morpheme in self._mecab.parse(body)]
+
+
+def spans_in_parts(spans_of: Callable[[str], list[Span]], text: str) -> list[Span]:
+    """`spans_of(text)`, each run of more than LONG_RUN_CHARS characters without a space cut into parts of that
+    length, each analysed as a text of its own (a word that long is [UNK] to WordPiece whole anyway)."""
+    cuts = [cut for run in _LONG_RUN.finditer(text)
+            for cut in range(run.start() + LONG_RUN_CHARS, run.end(), LONG_RUN_CHARS)]
+    if not cuts:
+        return spans_of(text)
+    spans, start = [], 0
+    for end in (*cuts, len(text)):
+        spans.extend((first + start, last + start) for first, last in spans_of(text[start:end]))
+        start = end
+    return spans
 
 
 _MECAB_EOS = 3  # node.stat of the end-of-sentence node
@@ -410,6 +431,9 @@ class SurfaceAnalyzer:
         self._bmp_only = bmp_only
 
     def spans(self, text: str) -> list[Span]:
+        return spans_in_parts(self._spans_of_part, text)
+
+    def _spans_of_part(self, text: str) -> list[Span]:
         query = _ASTRAL.sub(" ", text) if self._bmp_only else text
         if not query.strip(" "):
             return []  # konlpy's Hannanum hangs on blank input, Komoran and Kkma throw.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import sys
 
@@ -398,3 +399,24 @@ def test_dev_contexts_unk_and_continuation_shares_and_exact_offsets(dev_file, me
     assert pieces_total > 250_000
     assert unknowns / pieces_total <= 0.002
     assert continuations / pieces_total <= 0.08
+
+
+def test_a_long_run_without_spaces_reaches_the_morpheme_analyzer_in_parts():
+    """mecab's time on one unknown run grows with its square: it only ever sees runs of LONG_RUN_CHARS at most,
+    and texts without such a run go to it whole, unchanged."""
+    seen: list[str] = []
+
+    def words(text: str) -> list[tuple[int, int]]:
+        seen.append(text)
+        return [match.span() for match in re.finditer(r"[^ ]+", text)]
+
+    limit = tokenization.LONG_RUN_CHARS
+    text = "서울 " + "a" * (2 * limit + 500) + " 부산"
+    spans = tokenization.spans_in_parts(words, text)
+    assert max(len(word) for part in seen for word in part.split(" ")) == limit
+    assert [text[start:end] for start, end in spans] == ["서울", "a" * limit, "a" * limit, "a" * 500, "부산"]
+    seen.clear()
+    assert tokenization.spans_in_parts(words, "서울 부산") == [(0, 2), (3, 5)] and seen == ["서울 부산"]
+    analyzer = tokenization.make_analyzer("mecab")
+    assert "".join(text[start:end] for start, end in analyzer.spans(text)) == text.replace(" ", "")
+
