@@ -280,9 +280,10 @@ def settings_from_run_dir(args: argparse.Namespace, run_dir: Path) -> None:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UsageError(f"{run_dir / SAVED_ARGS_NAME}: not readable JSON ({err}); pass --vocab_file "
                              f"and --analyzer, or remove the file") from None
-    if args.model_config is None:
-        saved_config = run_dir / SAVED_CONFIG_NAME
-        args.model_config = str(saved_config if saved_config.is_file() else DEFAULT_CONFIG)
+    if args.model_config is None:  # the run's copy, else the file it trained with, else the published one
+        recorded = saved_args.get("model_config")
+        args.model_config = str(next((path for path in (run_dir / SAVED_CONFIG_NAME, recorded)
+                                      if isinstance(path, (str, Path)) and Path(path).is_file()), DEFAULT_CONFIG))
     args.do_lower_case = saved_args.get("do_lower_case", True)
     if args.vocab_file is None and (run_dir / SAVED_VOCAB_NAME).is_file():
         args.vocab_file = str(run_dir / SAVED_VOCAB_NAME)

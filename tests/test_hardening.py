@@ -692,3 +692,18 @@ def test_an_empty_path_is_refused_rather_than_read_as_the_current_directory(case
     assert exit_info.value.code == 2
     assert f"error: argument {flag}: expected a path, got an empty one" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_run_directory_without_its_config_copy_reads_the_config_it_trained_with(tiny_setup, tmp_path):
+    from checkpoints import settings_from_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "training_args.json").write_text(json.dumps({"model_config": str(tiny_setup / "tiny.json")}))
+    args = argparse.Namespace(model_config=None, vocab_file=None, analyzer=None)
+    settings_from_run_dir(args, run)
+    assert args.model_config == str(tiny_setup / "tiny.json")
+    (run / "config.json").write_text(json.dumps(TINY_CONFIG))
+    args = argparse.Namespace(model_config=None, vocab_file=None, analyzer=None)
+    settings_from_run_dir(args, run)
+    assert args.model_config == str(run / "config.json")
