@@ -211,8 +211,35 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
                                 "else fp16).")
 
 
+def capped_windows(windows: dict[str, int], max_positions: int, source: str) -> dict[str, int]:
+    """`windows` shrunk to `max_positions` pieces: the question and stride in the same proportion (at least
+    1, the stride below the context's share), so the settings pass the window checks."""
+    length = windows["max_seq_length"]
+    query = max(1, windows["max_query_length"] * max_positions // length)
+    context = max_positions - query - 3
+    if context < 2:
+        raise UsageError(f"{source}: the model's max_position_embeddings {max_positions} leaves no room for a "
+                         f"question and context window")
+    stride = min(max(1, windows["doc_stride"] * max_positions // length), context - 1)
+    logging.getLogger("korquad").warning(
+        "%s: the model has %d positions, fewer than the %d-piece window; using max_seq_length %d, doc_stride %d, "
+        "max_query_length %d", source, max_positions, length, max_positions, stride, query)
+    return {**windows, "max_seq_length": max_positions, "doc_stride": stride, "max_query_length": query}
+
+
+WINDOW_SIZES = ("max_seq_length", "doc_stride", "max_query_length")
+
+
 def check_data_args(args: argparse.Namespace, config: Config) -> None:
-    """Refuse lengths that cannot produce valid windows, before any work is done."""
+    """Refuse lengths that cannot produce valid windows, before any work is done. Windows left at their defaults
+    (a reader's `args.explicit_flags` does not name them) are fitted to a model with fewer positions instead."""
+    given = getattr(args, "explicit_flags", {"max_seq_length"})
+    if args.max_seq_length > config.max_position_embeddings and "max_seq_length" not in given:
+        windows = capped_windows({name: getattr(args, name) for name in WINDOW_SIZES}, config.max_position_embeddings,
+                                 "--checkpoint")
+        for name in WINDOW_SIZES:
+            if name not in given:
+                setattr(args, name, windows[name])
     if args.max_seq_length > config.max_position_embeddings:
         raise UsageError(f"--max_seq_length {args.max_seq_length} is larger than the model's "
                          f"max_position_embeddings {config.max_position_embeddings}")

@@ -707,3 +707,22 @@ def test_a_run_directory_without_its_config_copy_reads_the_config_it_trained_wit
     args = argparse.Namespace(model_config=None, vocab_file=None, analyzer=None)
     settings_from_run_dir(args, run)
     assert args.model_config == str(run / "config.json")
+
+
+def test_a_model_with_fewer_positions_than_the_default_window_is_read_with_fitted_windows(tmp_path, capsys, caplog):
+    """No window flag given: the defaults (512 pieces) shrink to the model's 128 positions; given, it is refused."""
+    import predict
+
+    config = {**TINY_CONFIG, "max_position_embeddings": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "training_args.json").write_text(json.dumps({"vocab_file": str(VOCAB_FILE), "analyzer": "mecab"}))
+    torch.manual_seed(0)
+    torch.save(QuestionAnswering(Config(**config)).state_dict(), tmp_path / "korquad_0.bin")
+    context = "마을에 사람이 처음 정착한 시기는 조선 숙종 때인 1692년이다. " * 20
+    predict.main([f"--checkpoint={tmp_path}", "--question=언제인가?", f"--context={context}", "--no_cuda", "--quiet"])
+    answer = json.loads(capsys.readouterr().out)
+    assert context[answer["start"]:answer["end"]] == answer["answer"] != ""
+    assert "using max_seq_length 128, doc_stride 32, max_query_length 24" in caplog.text
+    with pytest.raises(cli.UsageError, match="--max_seq_length 192 is larger than the model's max_position_embeddings"):
+        predict.main([f"--checkpoint={tmp_path}", "--question=언제인가?", f"--context={context}", "--no_cuda",
+                      "--quiet", "--max_seq_length=192"])
