@@ -37,7 +37,8 @@ from tqdm import tqdm
 from cli import (ArgumentParser, USER_ERRORS, UsageError, add_data_args, check_data_args, finite_float,
                  prepare_output_dir, run_cli, setup_logging)
 from devices import autocast_context, autocast_dtype, pick_device
-from checkpoints import build_tokenizer, fetch_hub_model, load_finetuned, resolve_checkpoints, resolve_from_training_run
+from checkpoints import (build_tokenizer, check_checkpoint_file, fetch_hub_model, load_finetuned, resolve_checkpoints,
+                         resolve_from_training_run)
 from scoring import predict_logits
 from cli import refuse_output_over_input
 from korquad_utils import load_or_build_features, make_length_grouped_batches
@@ -378,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                              f"model directory")
         # A transformers directory or hub id goes through transformers; anything else is a checkpoint or run of ours.
         directory = Path(fetch_hub_model(teacher))
+        if not directory.exists():  # a local path: named by this program's flag ("--teacher X: file not found")
+            check_checkpoint_file(teacher, "--teacher")
         if is_transformers_dir(directory):
             teachers.append((teacher, "transformers", directory, check_transformers_teacher(directory, teacher, args),
                              transformers_digest(directory)))

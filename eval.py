@@ -43,16 +43,20 @@ logger = logging.getLogger("korquad")
 
 # What eval.py writes in --output_dir (write_predictions; write_null_files with --version_2_with_negative).
 OUTPUT_NAMES = ("predictions.json", "nbest_predictions.json", "null_odds.json", "na_probs.json")
+DEFAULT_CHECKPOINT = "output/korquad_3.bin"   # train.py's defaults write it
 
 
 # --- CLI -------------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description="Evaluate KorQuAD v1.0 checkpoints (several = an ensemble).")
-    parser.add_argument("--checkpoint", nargs="+", action="extend", required=True,
+    # default None, not the list: "extend" would add a given --checkpoint to a list default
+    parser.add_argument("--checkpoint", nargs="+", action="extend", default=None,
                         help="Fine-tuned checkpoint(s), training run directories (their newest korquad_N.bin), "
                              "transformers QA model directories, hub ids or ONNX exports (a directory or one of "
-                             "its .onnx files); several are ensembled by averaging their logits.")
+                             "its .onnx files); several are ensembled by averaging their logits "
+                             f"(default: {DEFAULT_CHECKPOINT}, the last epoch of train.py's defaults, as the "
+                             "baseline's eval.py).")
     parser.add_argument("--predict_file", default="data/KorQuAD_v1.0_dev.json",
                         help="KorQuAD-format JSON to predict (and score, if it has answers).")
     parser.add_argument("--output_dir", default="debug", help="Where predictions.json and nbest_predictions.json go.")
@@ -76,6 +80,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_data_args(parser)
     add_compile_args(parser)
     args = parser.parse_args(argv)
+    if args.checkpoint is None:
+        args.checkpoint = [DEFAULT_CHECKPOINT]
     # The threshold too: an ONNX export records one, which only a threshold given here replaces.
     args.explicit_flags = explicit_flags(parser, argv, (*WINDOW_FLAGS, "null_score_diff_threshold"))
     return args

@@ -1,6 +1,11 @@
 """The SQuAD 2.0 rules with KorQuAD's character-level EM/F1, as percentages.
 
 Usage: python3 evaluate_v2_0.py DATASET.json PREDICTIONS.json [--na-prob-file NA.json] [--na-prob-thresh 1.0]
+                                 [--out-file EVAL.json]
+
+The official evaluate-v2.0.py's flags and short forms work: `-n`, `-t`, `-o` (writes the JSON line printed
+to that file too); `--out-image-dir/-p` (precision-recall plots) and `--verbose/-v` are accepted and ignored,
+with a note.
 
 Question ids are `id`, or KLUE-MRC's `guid` where there is no `id`.
 
@@ -239,7 +244,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON {question id: no-answer probability or score} (e.g. null_odds.json)")
     parser.add_argument("--na-prob-thresh", "-t", type=_threshold, default=1.0,
                         help="predict '' where the no-answer probability exceeds this (default: 1.0)")
+    parser.add_argument("--out-file", "-o", default=None, help="also write the scores' JSON to this file")
+    parser.add_argument("--out-image-dir", "-p", default=None,
+                        help="accepted for the official script's command lines; no plots are drawn here")
+    parser.add_argument("--verbose", "-v", action="store_true", help="accepted for the official script's command "
+                                                                     "lines; changes nothing")
     args = parser.parse_args(argv)
+    for flag, given, why in (("--out-image-dir", args.out_image_dir is not None, "no precision-recall plots here"),
+                             ("--verbose", args.verbose, "it changes nothing here")):
+        if given:
+            print(f"evaluate_v2_0.py: note: {flag} is ignored ({why})", file=sys.stderr)
     try:
         dataset = _load_json(args.dataset_file, "dataset")
         check_dataset(dataset, args.dataset_file)
@@ -250,11 +264,21 @@ def main(argv: list[str] | None = None) -> int:
             na_probs = _load_json(args.na_prob_file, "--na-prob-file")
             _check_na_probs(na_probs, args.na_prob_file)
         scores = evaluate(dataset["data"], predictions, na_probs, args.na_prob_thresh)
+        if args.out_file is not None:
+            _write_scores(scores, args.out_file)
     except ValueError as error:
         print(f"evaluate_v2_0.py: error: {error}", file=sys.stderr)
         return 1
     print(json.dumps(scores))
     return 0
+
+
+def _write_scores(scores: Mapping[str, Any], path: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(json.dumps(scores) + "\n")
+    except OSError as error:
+        raise ValueError(f"--out-file {path}: cannot write: {error.strerror or error}") from None
 
 
 if __name__ == "__main__":

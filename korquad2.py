@@ -63,7 +63,8 @@ WHOLE_ELEMENT_TAGS = frozenset({"dl", "ol", "p", "table", "ul"})
 
 
 class HtmlPageError(ValueError):
-    """HTML this reader cannot map: an element never closed; the message says which and where."""
+    """HTML this reader cannot map: an element never closed (unless `parse_page(close_at_end=True)`);
+    the message says which and where."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ class HtmlPage:
     source_end: np.ndarray
     # (first, end) text span of a whole-element tag's trimmed text -> the outermost such element's HTML span.
     element_spans: dict[tuple[int, int], tuple[int, int]]
+    # With close_at_end: "<h2> at line 24 column 1 is never closed" when an element that needs an end tag was
+    # still open at the end of the page (closed there, as browsers and BeautifulSoup do); "" otherwise.
+    unclosed: str = ""
 
     def _trimmed(self, start: int, end: int) -> tuple[int, int]:
         """[start, end) without whitespace or added separators at either edge."""
@@ -274,25 +278,27 @@ class _PageParser(HTMLParser):
             end -= 1
         return (start, end) if start < end else None
 
-    def finish(self) -> HtmlPage:
+    def finish(self, close_at_end: bool) -> HtmlPage:
         self.close()
         unclosed = next((element for element in self.open if element.tag not in OPTIONAL_END_TAGS), None)
-        if unclosed is not None:
-            raise HtmlPageError(f"<{unclosed.tag}> at line {unclosed.line} column {unclosed.column + 1} "
-                                f"is never closed")
-        self._close_down_to(0, len(self.markup))
+        note = "" if unclosed is None else \
+            f"<{unclosed.tag}> at line {unclosed.line} column {unclosed.column + 1} is never closed"
+        if note and not close_at_end:
+            raise HtmlPageError(note)
+        self._close_down_to(0, len(self.markup))  # what is still open ends with the page, as in a browser
         while self.chars and (self.chars[-1].isspace()):
             for column in (self.chars, self.starts, self.ends):
                 column.pop()
         return HtmlPage(self.markup, "".join(self.chars), np.array(self.starts, dtype=np.int64),
-                        np.array(self.ends, dtype=np.int64), self.element_spans)
+                        np.array(self.ends, dtype=np.int64), self.element_spans, note)
 
 
-def parse_page(markup: str, options: ExtractOptions = DEFAULT_OPTIONS) -> HtmlPage:
-    """The text of an HTML page and its map back to the HTML; HtmlPageError for HTML it cannot map."""
+def parse_page(markup: str, options: ExtractOptions = DEFAULT_OPTIONS, close_at_end: bool = False) -> HtmlPage:
+    """The text of an HTML page and its map back to the HTML; HtmlPageError for HTML it cannot map. With
+    `close_at_end`, elements still open at the end are closed there, as a browser does (`HtmlPage.unclosed`)."""
     parser = _PageParser(markup, options)
     parser.feed(markup)
-    return parser.finish()
+    return parser.finish(close_at_end)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -357,8 +363,8 @@ def read_examples(path: str | os.PathLike, is_training: bool,
     """Every question of a KorQuAD 2.x file or directory, on its page's text.
 
     Refuses, naming file and question: HTML that cannot be mapped, an answer_start that does not point
-    at the answer text, a duplicate id. For training, an answer without any text (an image) is skipped
-    with a warning."""
+    at the answer text, a duplicate id. For training, such an answer_start or an answer without any text
+    (an image) is skipped with a warning. A page ending with elements still open is read, with a warning."""
     examples: list[HtmlExample] = []
     seen_ids: set[str] = set()
     for file in dataset_files(path):
@@ -380,12 +386,15 @@ def examples_from_dataset(dataset: Any, name: str, is_training: bool, options: E
         qas = document.get("qas")
         if not isinstance(qas, list):
             raise KorquadFormatError(f"{where}: missing 'qas' list")
+        first = qas[0].get("id") if qas and isinstance(qas[0], dict) else None
         try:
-            page = parse_page(context, options)
+            page = parse_page(context, options, close_at_end=True)  # one truncated page must not stop a dataset
         except HtmlPageError as error:
-            first = qas[0].get("id") if qas and isinstance(qas[0], dict) else None
             raise KorquadFormatError(f"{where} ({document.get('title')!r}, question {first}): HTML does not "
                                      f"parse: {error}") from None
+        if page.unclosed:
+            logger.warning("%s (%r, question %s): %s; closed at the end of the page", where,
+                           document.get("title"), first, page.unclosed)
         for qa in qas:
             example = _example(qa, page, where, is_training, seen_ids)
             if example is not None:
@@ -408,8 +417,12 @@ def _example(qa: Any, page: HtmlPage, where: str, is_training: bool, seen_ids: s
     if not isinstance(answer_start, int) or isinstance(answer_start, bool):
         raise KorquadFormatError(f"{where}: answer 'answer_start' must be a whole number, got {answer_start!r}")
     if answer_start < 0 or page.html[answer_start:answer_start + len(answer_text)] != answer_text:
-        raise KorquadFormatError(f"{where}: answer_start {answer_start} does not point at the answer text "
-                                 f"{_clip(answer_text)!r} in the HTML context")
+        problem = (f"answer_start {answer_start} does not point at the answer text {_clip(answer_text)!r} "
+                   f"in the HTML context")
+        if is_training:  # as KorQuAD 1.0 training does; a score would change, so evaluation refuses
+            logger.warning("%s: %s; question skipped", where, problem)
+            return None
+        raise KorquadFormatError(f"{where}: {problem}")
     span = page.text_span(answer_start, answer_start + len(answer_text))
     if span is None:
         if is_training:

@@ -1,11 +1,10 @@
-"""What keeps a long training run safe and visible, apart from the training itself: one writer per
-output directory (a lock file), removal of a killed process's temporary files, stop signals turned
-into a flag, and the training curves picture.
+"""What keeps a long training run safe and visible, apart from the training itself: one writer per output
+directory (a lock file), removal of a killed process's temporary files, stop signals turned into a flag, and
+the training curves picture.
 
-Nothing here knows about the model or the data; train.py and pretrain.py wire these into their
-loops, and share from here what both loops need: torchrun ranks, AdamW and its schedule, step seeds,
-checked checkpoint writes, resume checks and the loss read-out.
-"""
+Nothing here knows about the model or the data; train.py and pretrain.py wire these into their loops, and
+share from here what both loops need: torchrun ranks, AdamW and its schedule, step seeds, checked checkpoint
+writes, resume checks and the loss read-out."""
 from __future__ import annotations
 
 import argparse
@@ -62,10 +61,8 @@ def pid_is_alive(pid: int) -> bool:
 
 class RunLock:
     """`.train.lock` in the output directory: program, pid, host and a heartbeat of the one process writing there.
-
     A second run is refused while the holder lives; a lock whose process is dead (same host) or whose
-    heartbeat stopped (any host) is taken over, so a killed run needs no manual cleanup.
-    """
+    heartbeat stopped (any host) is taken over, so a killed run needs no manual cleanup."""
 
     def __init__(self, output_dir: Path, program: str = "train.py"):
         self.path = output_dir / LOCK_NAME
@@ -195,10 +192,8 @@ class RunLock:
 
     def _holder_is_alive(self, record: dict) -> bool:
         """Same host: its pid lives and its heartbeat (if any) is fresh; another host: its heartbeat is fresh.
-
         After a container restart pids are recycled: the recorded pid may be ours or some other live
-        process (pid 1), so a stale heartbeat wins over a live pid.
-        """
+        process (pid 1), so a stale heartbeat wins over a live pid."""
         pid, host, heartbeat = record.get("pid"), record.get("host"), record.get("heartbeat")
         has_heartbeat = isinstance(heartbeat, (int, float)) and not isinstance(heartbeat, bool)
         fresh = has_heartbeat and time.time() - heartbeat < STALE_AFTER_SECONDS
@@ -208,10 +203,8 @@ class RunLock:
 
 
 def remove_dead_temp_files(directory: Path) -> list[Path]:
-    """Delete temporary files that a killed process left in `directory` (up to a whole checkpoint each).
-
-    Only files whose writer is dead go: eval.py may be writing into the same directory right now.
-    """
+    """Delete temporary files that a killed process left in `directory` (up to a whole checkpoint each); only
+    files whose writer is dead go: eval.py may be writing into the same directory right now."""
     removed = []
     for path in directory.iterdir():
         match = TEMP_FILE.match(path.name)
@@ -224,11 +217,8 @@ def remove_dead_temp_files(directory: Path) -> list[Path]:
 
 
 class StopSignals:
-    """While active, SIGTERM and SIGINT only set `requested` (the loop stops at the next step or batch boundary).
-
-    Further signals change nothing: under torchrun or Slurm one stop arrives several times at once.
-    """
-
+    """While active, SIGTERM and SIGINT only set `requested` (the loop stops at the next step or batch boundary);
+    further signals change nothing: under torchrun or Slurm one stop arrives several times at once."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
@@ -255,16 +245,23 @@ class StopSignals:
 
 def read_log(log_file: Path) -> list[dict]:
     """training_log.jsonl's records. Its lines are appended in place: a torn last line (a crash mid-append) is
-    dropped with a warning; any other line that is not JSON (or not UTF-8) is refused, naming it."""
+    dropped with a warning; any other line that is not JSON (or not UTF-8), or not a record, is refused, naming it."""
     lines = log_file.read_bytes().splitlines() if log_file.is_file() else []
     records = []
     for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
-            records += [json.loads(line)] if line.strip() else []
+            record = json.loads(line)
         except ValueError:  # JSONDecodeError, or UnicodeDecodeError from a damaged byte
             if any(rest.strip() for rest in lines[number:]):
                 raise UsageError(f"{log_file}: line {number} is not valid JSON; repair or delete that line") from None
             logger.warning("%s: line %d is torn (the run was killed while writing it); dropped", log_file, number)
+            continue
+        if not isinstance(record, dict) or type(record.get("step")) is not int:
+            raise UsageError(f'{log_file}: line {number} is not a log record (a JSON object with a whole number '
+                             f'"step"); repair or delete that line')
+        records.append(record)
     return records
 
 
@@ -324,7 +321,6 @@ class TrainingStopped(Exception):
 @dataclass
 class Distributed:
     """Where this process stands in a torchrun job (a single process is rank 0 of 1)."""
-
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -456,7 +452,7 @@ def _setting_shown(name: str, settings: dict, paths: dict) -> str:
 
 def read_training_state(path: Path, keys: Sequence[str], writer: str) -> dict:
     """A training state written by `writer` (train.py, pretrain.py), read safely, with every one of `keys`;
-    anything else is refused with what it is not."""
+    anything else (the other program's state too) is refused with what it is not."""
     what = f"not a training state written by {writer}"
     remedy = "delete it to start over, or train into a new --output_dir"
     if path.stat().st_size == 0:
@@ -471,6 +467,11 @@ def read_training_state(path: Path, keys: Sequence[str], writer: str) -> dict:
         raise UsageError(f"{path}: {what} (damaged or not a torch file); {remedy}") from None
     if not isinstance(state, dict):
         raise UsageError(f"{path}: {what} (it holds a {type(state).__name__}); {remedy}")
+    paths = state["paths"] if isinstance(state.get("paths"), dict) else {}   # its input flag tells who wrote it
+    owner = "pretrain.py" if "--train_files" in paths else "train.py" if "--train_file" in paths else writer
+    if owner != writer:
+        raise UsageError(f"--resume: {path.parent} holds a {owner} run, not a {writer} run; resume it with "
+                         f"{owner}, or train into a new --output_dir")
     missing = [key for key in keys if key not in state]
     if missing:
         raise UsageError(f"{path}: {what} or by an older version (no {', '.join(missing)}); {remedy}")

@@ -54,6 +54,9 @@ from modeling import Config, QuestionAnswering, count_parameters, load_checkpoin
 
 logger = logging.getLogger("korquad")
 
+# Each epoch's steps are planned before training (with --negative_window_ratio < 1, by drawing its windows):
+# a fine-tuning run of more epochs than this is a typo, and planning it would run for hours or forever.
+MAX_EPOCHS = 10_000
 STATE_KEYS = ("epoch", "steps_in_epoch", "epoch_finished", "global_step", "model", "optimizer", "scheduler",
               "scaler", "settings", "paths", "loss_sum", "loss_count")
 class EvaluationStopped(Exception):
@@ -94,8 +97,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
                         help="Micro-batches per optimizer step.")
     parser.add_argument("--learning_rate", type=learning_rate, default=5e-5, help="Peak AdamW learning rate.")
-    parser.add_argument("--num_train_epochs", type=positive_float, default=4.0,
-                        help="Epochs to train (a fraction ends mid-epoch).")
+    parser.add_argument("--num_train_epochs", type=finite_float(0.0, MAX_EPOCHS, low_inclusive=False), default=4.0,
+                        help=f"Epochs to train (a fraction ends mid-epoch; at most {MAX_EPOCHS}).")
     parser.add_argument("--max_steps", type=positive_int, default=None,
                         help="Stop after this many optimizer steps, the learning-rate schedule spanning them "
                              "(overrides --num_train_epochs; if not given: the epochs decide).")
@@ -197,6 +200,9 @@ def plan_steps(features: FeatureTable, args: argparse.Namespace, ctx: Distribute
         return first, max(1, int(first * args.num_train_epochs)), math.ceil(args.num_train_epochs)
     counts = [first]
     if args.max_steps:
+        if args.max_steps > first * MAX_EPOCHS:
+            raise UsageError(f"--max_steps {args.max_steps} would take over {MAX_EPOCHS} epochs of about {first} "
+                             f"optimizer steps; train at most {MAX_EPOCHS} epochs")
         while sum(counts) < args.max_steps:
             counts.append(steps_of(len(counts)))
         return first, args.max_steps, len(counts)

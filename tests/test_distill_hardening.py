@@ -431,3 +431,13 @@ def test_the_first_steps_loss_is_the_alpha_mix_at_the_given_temperature(student,
     assert logged == pytest.approx(((1 - alpha) * gold + alpha * distilled).item(), rel=1e-5)
     # Neither term alone, nor the default temperature, gives that loss.
     assert abs(gold.item() - distilled.item()) > 1e-2 * logged
+
+
+def test_a_missing_teacher_is_named_by_the_teacher_flag(teacher, tmp_path):
+    """distill.py has no --checkpoint flag: the refusal names the one the user gave, before any model runs."""
+    missing = tmp_path / "missing_run"
+    result = run_in_process("distill.py", "--teacher", str(teacher / "run"), str(missing),
+                            f"--train_file={teacher / 'train.json'}", f"--output_dir={tmp_path / 'targets'}",
+                            *WINDOWS, "--no_cuda", "--quiet")
+    assert one_line_error(result) == f"distill.py: error: --teacher {missing}: file not found"
+    assert not (tmp_path / "targets").exists()

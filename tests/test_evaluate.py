@@ -156,3 +156,35 @@ def test_a_dataset_written_in_nfd_scores_as_the_same_text_composed(tmp_path):
     expected = score(clean, predictions)
     assert 50 < expected["f1"] < 100
     assert score(decomposed, {k: unicodedata.normalize("NFD", v) for k, v in predictions.items()}) == expected
+
+
+def test_eval_py_without_checkpoint_evaluates_output_korquad_3_bin_as_the_baseline_does(tiny_setup, tmp_path):
+    """The baseline's `python eval.py` after `python train.py` (both with their defaults) evaluates
+    output/korquad_3.bin; a --checkpoint given replaces that default, it does not join it in an ensemble."""
+    import importlib
+
+    import torch
+
+    from conftest import DATA_FLAGS, ROOT, TINY_CONFIG
+    from modeling import Config, QuestionAnswering
+
+    parse_args = importlib.import_module("eval").parse_args
+    assert parse_args([]).checkpoint == ["output/korquad_3.bin"]
+    assert parse_args(["--checkpoint=run1"]).checkpoint == ["run1"]
+    assert parse_args(["--checkpoint", "a", "b", "--checkpoint", "c"]).checkpoint == ["a", "b", "c"]
+
+    def eval_py(*flags: str) -> subprocess.CompletedProcess:   # run where a user would: output/ is relative
+        return subprocess.run([sys.executable, str(ROOT / "eval.py"), *flags], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+
+    flags = (f"--predict_file={tiny_setup / 'train.json'}", f"--model_config={tiny_setup / 'tiny.json'}",
+             f"--vocab_file={ROOT / 'data' / 'ko_vocab_32k.txt'}", *DATA_FLAGS, "--no_cuda", "--quiet")
+    missing = eval_py(*flags)
+    lines = [line for line in missing.stderr.splitlines() if line.strip()]
+    assert missing.returncode != 0 and lines == ["eval.py: error: --checkpoint output/korquad_3.bin: file not found"]
+    (tmp_path / "output").mkdir()
+    torch.save(QuestionAnswering(Config(**TINY_CONFIG)).state_dict(), tmp_path / "output" / "korquad_3.bin")
+    evaluated = eval_py(*flags)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert set(json.loads(evaluated.stdout.splitlines()[-1])) == {"exact_match", "f1"}
+    assert len(json.loads((tmp_path / "debug" / "predictions.json").read_text(encoding="utf-8"))) == 24

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -66,6 +67,15 @@ def test_an_element_never_closed_is_refused_with_where_it_opens():
     with pytest.raises(korquad2.HtmlPageError, match=r"<table> at line 2 column 3 is never closed"):
         korquad2.parse_page("<p>x</p>\n  <table><tr><td>a</td></tr>")
     korquad2.parse_page("<ul><li>a<li>b</ul><p>c")  # end tags HTML lets a page leave out
+
+
+def test_elements_still_open_at_the_end_of_the_page_are_closed_there_as_a_browser_does():
+    markup = "<p>x</p>\n  <table><tr><td>a</td><td>b</td></tr>\n<h2>끝"
+    page = korquad2.parse_page(markup, close_at_end=True)
+    assert page.text == "x\na | b\n끝"
+    assert page.unclosed == "<table> at line 2 column 3 is never closed"   # the outermost one, where it opens
+    assert page.html_answer(page.text.index("a"), len(page.text)) == markup[markup.index("<table>"):]
+    assert korquad2.parse_page("<ul><li>a<li>b</ul><p>c", close_at_end=True).unclosed == ""  # ends HTML may omit
 
 
 def _read(path: Path) -> list[korquad2.HtmlExample]:
@@ -143,19 +153,47 @@ def _document(context: str, answer_text: str, answer_start: int, qas_id: str = "
 
 
 @pytest.mark.parametrize("name, documents, expected", [
-    ("unclosed", [_document("<p>a</p><table><tr><td>가</td></tr>", "가", 19)],
-     "document 0 ('문서', question q-1): HTML does not parse: <table> at line 1 column 9 is never closed"),
     ("off", [_document("<p>가나다</p>", "나다", 3)],
      "question q-1: answer_start 3 does not point at the answer text '나다' in the HTML context"),
     ("duplicate", [_document("<p>가</p>", "가", 3), _document("<p>나</p>", "나", 3)],
      "question q-1: duplicate question id"),
 ])
 def test_bad_pages_are_refused_in_one_line_naming_file_and_question(tmp_path, name, documents, expected):
-    path = tmp_path / f"korquad2.1_train_{name}.json"
+    path = tmp_path / f"korquad2.1_dev_{name}.json"
     path.write_text(json.dumps(_dataset(documents), ensure_ascii=False), encoding="utf-8")
     with pytest.raises(KorquadFormatError) as raised:
-        read_squad_examples(tmp_path, is_training=True)
+        read_squad_examples(tmp_path, is_training=False)
     assert str(raised.value) == f"{path}: {expected}"
+
+
+def test_training_skips_a_question_whose_answer_start_misses_its_answer_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "korquad2.1_train_00.json"
+    documents = [_document("<p>가나다</p>", "나다", 3, "q-off"), _document("<p>라마바</p>", "마바", 4, "q-ok")]
+    path.write_text(json.dumps(_dataset(documents), ensure_ascii=False), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="korquad2"):
+        examples = read_squad_examples(path, is_training=True)
+    assert [(example.qas_id, example.answers[0]["text"]) for example in examples] == [("q-ok", "마바")]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{path}: question q-off: answer_start 3 does not point at the answer text '나다' in the HTML context; "
+        f"question skipped"]
+
+
+@pytest.mark.parametrize("is_training", [True, False])
+def test_a_truncated_page_is_read_with_one_warning_naming_its_document(tmp_path, caplog, is_training):
+    path = tmp_path / "korquad2.1_train_00.json"
+    context = "<p>a</p><table><tr><td>가</td></tr>\n<h2>나<div>다"   # the page stops inside <h2> and <div>
+    documents = [_document("<p>라마</p>", "라", 3, "q-0"), _document(context, "가", 23), _document(context, "다", 45, "q-2")]
+    path.write_text(json.dumps(_dataset(documents), ensure_ascii=False), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="korquad2"):
+        examples = read_squad_examples(path, is_training=is_training)
+    assert [(example.qas_id, example.context_text, example.answers[0]["text"]) for example in examples] == [
+        ("q-0", "라마", "라"), ("q-1", "a\n가\n나\n다", "가"), ("q-2", "a\n가\n나\n다", "다")]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{path}: document 1 ('문서', question q-1): <table> at line 1 column 9 is never closed; "
+        f"closed at the end of the page",
+        f"{path}: document 2 ('문서', question q-2): <table> at line 1 column 9 is never closed; "
+        f"closed at the end of the page"]
+    assert korquad2.oracle_predictions(examples) == {"q-0": "라", "q-1": "가", "q-2": "다"}
 
 
 def test_train_py_refuses_bad_2x_input_in_one_line(tiny_setup, tmp_path):
@@ -164,10 +202,10 @@ def test_train_py_refuses_bad_2x_input_in_one_line(tiny_setup, tmp_path):
     (empty / "notes.txt").write_text("no json here")
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "korquad2.1_train_00.json").write_text(json.dumps(_dataset([_document("<p>가나다</p>", "나다", 3)]),
+    (broken / "korquad2.1_train_00.json").write_text(json.dumps(_dataset([_document("<p>가</p>", "가", 3)] * 2),
                                                       ensure_ascii=False), encoding="utf-8")
     for train_file, expected in ((empty, f"{empty}: the directory holds no .json file"),
-                                 (broken, "question q-1: answer_start 3 does not point at the answer text")):
+                                 (broken, "question q-1: duplicate question id")):
         result = run_in_process("train.py", f"--train_file={train_file}", f"--output_dir={tmp_path / 'out'}",
                                 f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
                                 "--no_cuda", "--quiet", f"--cache_dir={tmp_path / 'cache'}")
@@ -205,6 +243,29 @@ def test_negative_window_ratio_keeps_every_answer_window_and_that_share_of_the_o
     assert 10 + 10 <= len(some) <= 10 + 45  # about 27 of the 90
     assert _trained_windows(0.3).tolist() == some.tolist()  # the same draw on every rank
     assert _trained_windows(0.3, epoch=1).tolist() != some.tolist()  # a fresh one each epoch
+
+
+def test_a_run_too_long_to_plan_with_fresh_windows_each_epoch_is_refused_in_one_line(tiny_setup, tmp_path):
+    """Each epoch's draw is planned before training: --num_train_epochs 1e300 once planned forever."""
+    import train
+    from cli import UsageError
+
+    args = argparse.Namespace(negative_window_ratio=0.3, seed=42, train_batch_size=4, gradient_accumulation_steps=1,
+                              max_steps=None, num_train_epochs=train.MAX_EPOCHS, train_file="train.json")
+    first, total, epochs = train.plan_steps(_Windows(), args, _OneRank())   # the most epochs: planned in full
+    assert epochs == train.MAX_EPOCHS and first * train.MAX_EPOCHS / 2 < total < first * train.MAX_EPOCHS * 2
+    args.num_train_epochs, args.max_steps = 1.0, first * train.MAX_EPOCHS + 1
+    with pytest.raises(UsageError, match=f"^--max_steps {args.max_steps} would take over {train.MAX_EPOCHS} epochs"):
+        train.plan_steps(_Windows(), args, _OneRank())
+    result = run_in_process("train.py", f"--train_file={tiny_setup / 'train.json'}", f"--output_dir={tmp_path / 'out'}",
+                            f"--checkpoint={tiny_setup / 'pretrained.bin'}",
+                            f"--model_config={tiny_setup / 'tiny.json'}", "--num_train_epochs=1e300",
+                            "--negative_window_ratio=0.5", "--no_cuda", "--quiet")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines == [f"train.py: error: argument --num_train_epochs: expected a finite number > 0 and <= "
+                     f"{train.MAX_EPOCHS}, got '1e300' (see train.py --help)"]
+    assert not (tmp_path / "out").exists()
 
 
 # --- a tiny model learns the generated pages -----------------------------------------------------

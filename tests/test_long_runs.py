@@ -725,3 +725,42 @@ def test_kill_9_between_micro_batches_and_after_a_save_then_resume_ends_like_an_
     train.main(run + ["--resume"])  # to the end in this process: the kills above were the real ones
     assert_same_end(straight_accumulated, out, tolerance=0.0, checkpoint="korquad_0.bin")  # tensor-identical
     assert (out / "training_log.jsonl").read_text() == (straight_accumulated / "training_log.jsonl").read_text()
+
+
+def test_a_log_line_that_is_json_but_not_a_record_is_named_not_a_traceback(tmp_path):
+    from long_run import keep_log_until, read_log
+    from cli import UsageError
+
+    log = tmp_path / "training_log.jsonl"
+    good = [json.dumps({"epoch": 0, "step": step, "loss": 1.0}) + "\n" for step in (1, 2)]
+    for odd in ("{}", "[1, 2]", "3", '{"epoch": 0, "step": "2"}', '{"step": 2.5}', "null"):
+        log.write_text(good[0] + odd + "\n" + good[1])
+        for call in (lambda: read_log(log), lambda: keep_log_until(log, 3)):
+            with pytest.raises(UsageError, match=f'^{re.escape(str(log))}: line 2 is not a log record \\(a JSON '
+                                                 f'object with a whole number "step"\\); repair or delete that line$'):
+                call()
+    log.write_text(good[0] + "\n" + good[1])   # a blank line is no record, and no damage either
+    assert [record["step"] for record in read_log(log)] == [1, 2]
+
+
+def test_resume_into_the_other_programs_run_directory_says_whose_run_it_is(setup, straight, tmp_path):
+    import pretrain
+    import train
+
+    pretrain_flags = ["--train_files", str(SAMPLE_FILE), f"--model_config={setup / 'tiny.json'}", "--checkpoint=none",
+                      "--max_seq_length=64", "--train_batch_size=4", "--max_steps=1", "--no_cuda", "--quiet",
+                      f"--cache_dir={tmp_path / 'cache'}"]
+    pretrained = tmp_path / "pretrained_run"
+    pretrain.main([*pretrain_flags, f"--output_dir={pretrained}"])
+    with pytest.raises(train.UsageError) as refused:
+        train.main(flags(setup, pretrained, "--resume"))
+    assert str(refused.value) == (f"--resume: {pretrained} holds a pretrain.py run, not a train.py run; resume it "
+                                  f"with pretrain.py, or train into a new --output_dir")
+    fine_tuned = tmp_path / "fine_tuned_run"
+    shutil.copytree(straight, fine_tuned)
+    before = {path.name: path.read_bytes() for path in fine_tuned.iterdir() if path.is_file()}
+    with pytest.raises(pretrain.UsageError) as refused:
+        pretrain.main([*pretrain_flags, f"--output_dir={fine_tuned}", "--resume"])
+    assert str(refused.value) == (f"--resume: {fine_tuned} holds a train.py run, not a pretrain.py run; resume it "
+                                  f"with train.py, or train into a new --output_dir")
+    assert {path.name: path.read_bytes() for path in fine_tuned.iterdir() if path.is_file()} == before

@@ -239,3 +239,25 @@ def test_klue_lower_cases_latin_letters_as_klue_does():
                   "answers": [{"text": "KorQuAD 데이터", "answer_start": 0}], "plausible_answers": []}]
     scores = evaluate_klue_mrc.evaluate(_klue_file(questions), {"a": "bert", "b": "korquad 데이터"})
     assert (scores["exact_match"], scores["rouge_w"]) == (100.0, 100.0)
+
+
+def test_evaluate_v2_cli_takes_the_official_scripts_flags(tmp_path):
+    """Command lines written for the official evaluate-v2.0.py: -o writes the scores' JSON there, -n/-t as
+    before, -p (plots) and -v are accepted and ignored with a note."""
+    data, preds, na = tmp_path / "data.json", tmp_path / "pred.json", tmp_path / "na.json"
+    data.write_text(json.dumps(DATASET, ensure_ascii=False), encoding="utf-8")
+    preds.write_text(json.dumps(PREDICTIONS, ensure_ascii=False), encoding="utf-8")
+    na.write_text(json.dumps(NA_PROBS))
+    out = tmp_path / "eval.json"
+    result = run_script("evaluate_v2_0.py", str(data), str(preds), "-o", str(out), "-n", str(na), "-t", "0.5",
+                        "-p", str(tmp_path / "plots"), "-v")
+    assert result.returncode == 0, result.stderr
+    expected = evaluate_v2_0.evaluate(DATASET, PREDICTIONS, NA_PROBS, 0.5)
+    assert json.loads(out.read_text(encoding="utf-8")) == json.loads(result.stdout) == expected
+    assert result.stderr.splitlines() == [
+        "evaluate_v2_0.py: note: --out-image-dir is ignored (no precision-recall plots here)",
+        "evaluate_v2_0.py: note: --verbose is ignored (it changes nothing here)"]
+    assert not (tmp_path / "plots").exists()
+    refused = run_script("evaluate_v2_0.py", str(data), str(preds), "--out-file", str(tmp_path / "no" / "e.json"))
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        f"evaluate_v2_0.py: error: --out-file {tmp_path / 'no' / 'e.json'}: cannot write: No such file or directory"]
