@@ -144,33 +144,33 @@ def remove_previous_run(output_dir: Path) -> None:
         logger.info("--overwrite_output_dir: removed %d file(s) of the previous run in %s", len(old), output_dir)
 
 
-def resolve_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
+def resolve_checkpoints(paths: Sequence[str | os.PathLike], flag: str = "--checkpoint") -> list[Path]:
     """Checkpoints for `--checkpoint` values: a file or a transformers model directory as it is, a
     hub model id downloaded (`fetch_hub_model`), a training run directory as its newest
-    `korquad_N.bin` (highest N). Several make an ensemble."""
+    `korquad_N.bin` (highest N). Several make an ensemble. Errors name `flag`."""
     resolved = []
-    for path in (Path(fetch_hub_model(str(value))) for value in paths):
+    for path in (Path(fetch_hub_model(str(value), flag)) for value in paths):
         if onnx_reader.find_export(path) is not None:
             resolved.append(path)
             continue
         if not path.exists():
-            raise UsageError(f"--checkpoint {path}: file not found")
+            raise UsageError(f"{flag} {path}: file not found")
         try:
             from modeling import is_transformers_dir
         except ImportError:   # a deployment with only the ONNX requirements
-            raise UsageError(f"--checkpoint {path} is not an ONNX export; a PyTorch checkpoint needs torch "
+            raise UsageError(f"{flag} {path} is not an ONNX export; a PyTorch checkpoint needs torch "
                              f"(pip install torch)") from None
         if is_transformers_dir(path):
             pass
         elif path.is_dir():
             newest = newest_run_checkpoint(path) or newest_pretraining_checkpoint(path)
             if newest is None:
-                raise UsageError(f"--checkpoint {path}: a directory without any korquad_N.bin checkpoint, nor a "
+                raise UsageError(f"{flag} {path}: a directory without any korquad_N.bin checkpoint, nor a "
                                  f"transformers model directory (pass a training run's output_dir, a checkpoint "
                                  f"file, or a directory with config.json and model.safetensors/pytorch_model.bin)")
             path = newest
         elif not path.is_file():
-            raise UsageError(f"--checkpoint {path}: not a regular file")
+            raise UsageError(f"{flag} {path}: not a regular file")
         resolved.append(path)
     return resolved
 
@@ -339,7 +339,7 @@ def model_inputs(args: argparse.Namespace) -> list[tuple[str, str | os.PathLike 
             ("the default --model_config", DEFAULT_CONFIG), ("the default --vocab_file", DEFAULT_VOCAB)]
 
 
-def fetch_hub_model(checkpoint: str) -> str:
+def fetch_hub_model(checkpoint: str, flag: str = "--checkpoint") -> str:
     """A local path as it is; a hub model id (not a local path) downloaded with huggingface_hub into its cache."""
     if Path(checkpoint).exists() or not HUB_MODEL_ID.fullmatch(checkpoint) or checkpoint.endswith(
             (".bin", ".pt", ".pth", ".safetensors")):
@@ -347,18 +347,18 @@ def fetch_hub_model(checkpoint: str) -> str:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise UsageError(f"--checkpoint {checkpoint}: no such file or directory; to use the hub model of that name, "
+        raise UsageError(f"{flag} {checkpoint}: no such file or directory; to use the hub model of that name, "
                          f"pip install huggingface_hub, or git clone https://huggingface.co/{checkpoint} and pass "
                          f"the directory") from None
     logger.info("downloading %s from the model hub", checkpoint)
     try:
-        return _download_while_progressing(checkpoint, lambda: snapshot_download(
+        return _download_while_progressing(checkpoint, flag, lambda: snapshot_download(
             repo_id=checkpoint, allow_patterns=list(HUB_FILES)))
     except UsageError:
         raise
     except Exception as err:  # network, authentication and not-found errors come in many types
         message = " ".join(str(err).split())[:200] or type(err).__name__
-        raise UsageError(f"--checkpoint {checkpoint}: not a local path, and the hub download failed ({message})"
+        raise UsageError(f"{flag} {checkpoint}: not a local path, and the hub download failed ({message})"
                          ) from None
 
 
@@ -368,7 +368,7 @@ def fetch_hub_model(checkpoint: str) -> str:
 HUB_STALL_SECONDS = 60.0
 
 
-def _download_while_progressing(checkpoint: str, download: Callable[[], str]) -> str:
+def _download_while_progressing(checkpoint: str, flag: str, download: Callable[[], str]) -> str:
     """`download()` in a daemon thread, abandoned once the repository's cache folder has not grown for
     HUB_STALL_SECONDS (a daemon thread does not keep the process alive after the error)."""
     import huggingface_hub
@@ -393,7 +393,7 @@ def _download_while_progressing(checkpoint: str, download: Callable[[], str]) ->
         if now_size != size:
             size, changed = now_size, time.monotonic()
         elif thread.is_alive() and time.monotonic() - changed > HUB_STALL_SECONDS:
-            raise UsageError(f"--checkpoint {checkpoint}: {endpoint} sent nothing for "
+            raise UsageError(f"{flag} {checkpoint}: {endpoint} sent nothing for "
                              f"{HUB_STALL_SECONDS:g} s; check the network (or HF_ENDPOINT), or download the model "
                              f"directory and pass its path")
     if "error" in result:

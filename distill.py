@@ -37,8 +37,7 @@ from tqdm import tqdm
 from cli import (ArgumentParser, USER_ERRORS, UsageError, add_data_args, check_data_args, finite_float,
                  prepare_output_dir, run_cli, setup_logging)
 from devices import autocast_context, autocast_dtype, pick_device
-from checkpoints import (build_tokenizer, check_checkpoint_file, fetch_hub_model, load_finetuned, resolve_checkpoints,
-                         resolve_from_training_run)
+from checkpoints import build_tokenizer, fetch_hub_model, load_finetuned, resolve_checkpoints, resolve_from_training_run
 from scoring import predict_logits
 from cli import refuse_output_over_input
 from korquad_utils import load_or_build_features, make_length_grouped_batches
@@ -378,14 +377,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                              f"run); pass the checkpoint or run directory it was exported from, or a transformers "
                              f"model directory")
         # A transformers directory or hub id goes through transformers; anything else is a checkpoint or run of ours.
-        directory = Path(fetch_hub_model(teacher))
-        if not directory.exists():  # a local path: named by this program's flag ("--teacher X: file not found")
-            check_checkpoint_file(teacher, "--teacher")
+        directory = Path(fetch_hub_model(teacher, "--teacher"))
         if is_transformers_dir(directory):
             teachers.append((teacher, "transformers", directory, check_transformers_teacher(directory, teacher, args),
                              transformers_digest(directory)))
         else:
-            checkpoint = resolve_checkpoints([teacher])[0]
+            checkpoint = resolve_checkpoints([teacher], "--teacher")[0]
             ours = our_teacher_settings(checkpoint, args)
             teachers.append((teacher, "korquad", checkpoint, ours, our_teacher_digest(ours)))
     output_dir = prepare_output_dir(args.output_dir)

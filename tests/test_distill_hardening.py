@@ -441,3 +441,8 @@ def test_a_missing_teacher_is_named_by_the_teacher_flag(teacher, tmp_path):
                             *WINDOWS, "--no_cuda", "--quiet")
     assert one_line_error(result) == f"distill.py: error: --teacher {missing}: file not found"
     assert not (tmp_path / "targets").exists()
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    result = run_in_process("distill.py", "--teacher", str(empty), f"--train_file={teacher / 'train.json'}",
+                            f"--output_dir={tmp_path / 'targets'}", *WINDOWS, "--no_cuda", "--quiet")
+    assert one_line_error(result).startswith(f"distill.py: error: --teacher {empty}: a directory without any korquad_N")
