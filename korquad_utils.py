@@ -257,8 +257,10 @@ def convert_examples_to_features(examples: Sequence[SquadExample], tokenizer: An
 def load_or_build_features(input_file: str | os.PathLike, tokenizer: Any, max_seq_length: int, doc_stride: int,
                            max_query_length: int, is_training: bool, cache_dir: str | os.PathLike | None = None,
                            overwrite_cache: bool = False, num_workers: int = 1, progress: bool = True,
-                           version_2_with_negative: bool = False) -> tuple[list[SquadExample], FeatureTable]:
-    """Examples read from `input_file`, and their feature table from the cache when it is current.
+                           version_2_with_negative: bool = False, examples: list[SquadExample] | None = None
+                           ) -> tuple[list[SquadExample], FeatureTable]:
+    """Examples read from `input_file` (or the `examples` already read from it), and their feature table from the
+    cache when it is current.
 
     The cache is a directory of `.npy` arrays plus `table.json` (no pickle) in `cache_dir`, by default
     `cache/` beside the data file, keyed by `feature_cache_key`. The table comes back memory-mapped
@@ -267,7 +269,8 @@ def load_or_build_features(input_file: str | os.PathLike, tokenizer: Any, max_se
     skipped with a warning and the table stays in memory. `version_2_with_negative` reads
     unanswerable questions (see `read_squad_examples`).
     """
-    examples = read_squad_examples(input_file, is_training, version_2_with_negative)
+    if examples is None:
+        examples = read_squad_examples(input_file, is_training, version_2_with_negative)
     return examples, _load_or_build_table(Path(input_file), examples, tokenizer, max_seq_length, doc_stride,
                                           max_query_length, is_training, version_2_with_negative, cache_dir,
                                           not overwrite_cache, num_workers, progress)

@@ -44,6 +44,7 @@ from scoring import (check_metric_dataset, evaluate_model, evaluate_model_with_o
                      score_no_answer)
 from feature_table import FeatureTable
 from atomic_files import write_json_atomic
+from squad_examples import read_squad_examples
 from korquad_utils import collate_features, load_or_build_features, load_or_build_table, make_length_grouped_batches
 from teacher_targets import TeacherTargets, read_teacher_targets, teacher_batch_targets
 from long_run import (CheckpointWriteError, DirectoryLocked, Distributed, RunLock, StopSignals, TrainingDiverged,
@@ -586,6 +587,14 @@ def check_eval_file(path: str) -> None:
             raise UsageError(f"--eval_file {path}: cannot read it ({err.strerror or err})") from None
 
 
+def read_eval_examples(args: argparse.Namespace) -> list:
+    """--eval_file's questions, read before the train features are built so that a fault in them is said first."""
+    examples = read_squad_examples(args.eval_file, False, args.version_2_with_negative)
+    if not has_answers(examples):
+        raise UsageError(f"--eval_file {args.eval_file} has no answers to score against")
+    return examples
+
+
 def import_summary_writer():
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -618,6 +627,7 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
         check_eval_file(args.eval_file)
         # A file the metric cannot score is said now, not after the first epoch (and again on every --resume).
         check_metric_dataset(args.eval_file, "squad2" if args.version_2_with_negative else "korquad")
+    eval_examples = ctx.on_main(lambda: read_eval_examples(args)) if args.eval_file else None  # rank 0 evaluates
     check_compile_args(args, device)
     autocast_dtype(args, device)  # a precision this device lacks is said before --output_dir is made
     if args.checkpoint.lower() != "none" and not Path(args.checkpoint).exists():
@@ -633,14 +643,14 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
     try:
         if ctx.is_main:
             remove_dead_temp_files(output_dir)
-        train_in_locked_dir(args, ctx, device, config, output_dir)
+        train_in_locked_dir(args, ctx, device, config, output_dir, eval_examples)
     finally:
         if ctx.is_main:
             lock.release()
 
 
 def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torch.device, config: Config,
-                        output_dir: Path) -> None:
+                        output_dir: Path, eval_examples: list | None) -> None:
     amp_dtype = autocast_dtype(args, device)
     tokenizer = build_tokenizer(args.vocab_file, args.analyzer, config, args.do_lower_case)
     targets = None
@@ -680,16 +690,11 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
     teacher = teacher_for(args, targets, examples, features) if targets is not None else None
     eval_data = None
     if args.eval_file:
-        def load_eval_data():
-            examples_and_features = load_or_build_features(
-                args.eval_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
-                is_training=False, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache,
-                num_workers=args.preprocess_workers, progress=not args.quiet,
-                version_2_with_negative=args.version_2_with_negative)
-            if not has_answers(examples_and_features[0]):
-                raise UsageError(f"--eval_file {args.eval_file} has no answers to score against")
-            return examples_and_features
-        eval_data = ctx.on_main(load_eval_data)  # only rank 0 evaluates
+        eval_data = ctx.on_main(lambda: load_or_build_features(
+            args.eval_file, tokenizer, args.max_seq_length, args.doc_stride, args.max_query_length,
+            is_training=False, cache_dir=args.cache_dir, overwrite_cache=args.overwrite_cache,
+            num_workers=args.preprocess_workers, progress=not args.quiet,
+            version_2_with_negative=args.version_2_with_negative, examples=eval_examples))
 
     torch.manual_seed(args.seed)
     model = QuestionAnswering(config)

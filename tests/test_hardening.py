@@ -726,3 +726,16 @@ def test_a_model_with_fewer_positions_than_the_default_window_is_read_with_fitte
     with pytest.raises(cli.UsageError, match="--max_seq_length 192 is larger than the model's max_position_embeddings"):
         predict.main([f"--checkpoint={tmp_path}", "--question=언제인가?", f"--context={context}", "--no_cuda",
                       "--quiet", "--max_seq_length=192"])
+
+
+def test_a_structural_fault_of_the_eval_file_is_named_before_the_train_features_are_built(tiny_setup, tmp_path):
+    import train
+
+    dataset = json.loads((tiny_setup / "train.json").read_text(encoding="utf-8"))
+    dataset["data"][0]["paragraphs"][0]["qas"][0]["question"] = None
+    eval_file = tmp_path / "bad_question.json"
+    eval_file.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(KorquadFormatError, match=r"bad_question\.json: question \S+: 'question' must be str"):
+        train.main(_train_flags(tiny_setup, tmp_path / "out", f"--eval_file={eval_file}",
+                                f"--cache_dir={tmp_path / 'cache'}"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
