@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+logger = logging.getLogger("korquad")
+
+
+# atomic_write names its temporary files `.{name}.{pid}.{random hex}.tmp`.
+TEMP_FILE = re.compile(r"\.(.+)\.(\d+)\.[0-9a-f]+\.tmp")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
@@ -93,3 +101,30 @@ def write_json_atomic(obj, path: Path) -> None:
     """Indented UTF-8 JSON (Korean unescaped), written atomically."""
     data = json_bytes(obj)
     atomic_write(path, lambda file: file.write(data))
+
+
+def pid_is_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, it is just someone else's
+        return True
+    return True
+
+
+def remove_dead_temp_files(directory: Path, name: str | None = None) -> list[Path]:
+    """Delete the temporary files a killed process left in `directory` (of the file `name` only, if given): up to
+    a whole checkpoint or all the answers so far each. Only those whose writer is dead go: another run may be
+    writing into the same directory right now."""
+    removed = []
+    for path in directory.glob(".*.tmp"):
+        match = TEMP_FILE.fullmatch(path.name)
+        if match and (name is None or match.group(1) == name) and path.is_file() \
+                and not pid_is_alive(int(match.group(2))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        logger.info("removed %d temporary file(s) of a killed run in %s", len(removed), directory)
+    return removed

@@ -44,7 +44,8 @@ from korquad_utils import load_or_build_features, make_length_grouped_batches
 from squad_examples import SquadExample, read_squad_examples
 from teacher_targets import (TEACHER_TARGETS_FORMAT, TEACHER_TARGETS_JSON, TEACHER_TARGETS_NPZ, TeacherTargets,
                              sha256_of_file, teacher_targets_are_current, write_teacher_targets)
-from long_run import DirectoryLocked, RunLock, file_digest, remove_dead_temp_files
+from atomic_files import remove_dead_temp_files
+from long_run import DirectoryLocked, RunLock, file_digest
 from modeling import Config, is_transformers_dir, read_transformers_config
 import onnx_reader
 

@@ -25,12 +25,13 @@ eval.py, predict.py and serve.py take the directory (or one of its .onnx files) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,14 +39,13 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 import onnx_reader
-from cli import (ArgumentParser, ROOT, UsageError, add_no_answer_args, check_version_2, prepare_output_dir,
-                 refuse_output_over_input, run_cli, setup_logging)
+from cli import (ArgumentParser, ROOT, UsageError, add_no_answer_args, capped_windows, check_version_2,
+                 prepare_output_dir, refuse_output_over_input, run_cli, setup_logging)
 from checkpoints import (ANALYZER_CONFIG_KEY, CHECKPOINT_NAME, SAVED_ARGS_NAME, SAVED_VOCAB_NAME, build_tokenizer,
                          load_finetuned, model_inputs, resolve_finetuned_settings)
-from atomic_files import atomic_write, atomic_write_files, json_bytes
+from atomic_files import atomic_write, atomic_write_files, json_bytes, pid_is_alive, remove_dead_temp_files
 from korquad_utils import collate_features, convert_examples_to_features
 from squad_examples import parse_json, read_squad_examples
-from long_run import pid_is_alive, remove_dead_temp_files
 from modeling import (TRANSFORMERS_CONFIG, BertForPreTraining, QuestionAnswering, config_to_transformers,
                       load_checkpoint, read_state_dict, to_transformers_pretraining_state, to_transformers_state)
 from tokenization import ANALYZER_NAMES, TOKENIZER_JSON, build_vocab, read_vocab_tokens, vocab_file_bytes
@@ -131,9 +131,16 @@ def export(model: QuestionAnswering | BertForPreTraining, vocab_file: str | Path
                         output_dir / TOKENIZER_CONFIG_NAME: lambda file: file.write(json_bytes(tokenizer_config))})
 
 
-def check_output_dir(output_dir: Path, checkpoint: Path) -> None:
-    """Refuse to export into the source model's directory or into a training run's: the export's
-    config.json would replace the one the run's checkpoints (or the source model) are read with."""
+# What marks a directory as each --format's export: another format's export there would replace its vocab.txt,
+# and readers would pick one of the two models.
+FORMAT_MARKERS = {"transformers": (TRANSFORMERS_CONFIG, WEIGHTS_NAME, "pytorch_model.bin"),
+                  "onnx": (onnx_reader.SETTINGS_NAME, "*.onnx")}
+
+
+def check_output_dir(output_dir: Path, checkpoint: Path, export_format: str) -> None:
+    """Refuse to export into the source model's directory, into a training run's, or over the other format's
+    export: the export's config.json would replace the one the run's checkpoints (or the source model) are read
+    with, and its vocab.txt the other export's."""
     source_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
     if output_dir.exists() and output_dir.resolve() == source_dir.resolve():
         raise UsageError(f"--output_dir {output_dir} is the directory of --checkpoint {checkpoint}; exporting "
@@ -144,6 +151,13 @@ def check_output_dir(output_dir: Path, checkpoint: Path) -> None:
         if run_files:
             raise UsageError(f"--output_dir {output_dir} holds a training run ({', '.join(run_files[:3])}); "
                              f"exporting there would overwrite its {TRANSFORMERS_CONFIG}: pass a new directory")
+        for other, markers in FORMAT_MARKERS.items():
+            found = sorted({path.name for marker in markers for path in output_dir.glob(marker) if path.is_file()})
+            if other != export_format and found:
+                kind = "an ONNX" if other == "onnx" else "a transformers"
+                raise UsageError(f"--output_dir {output_dir} holds {kind} export ({', '.join(found[:3])}); "
+                                 f"--format {export_format} there would replace its {SAVED_VOCAB_NAME} and mix "
+                                 f"two models: pass another --output_dir")
 
 
 # --- ONNX ------------------------------------------------------------------------------------
@@ -183,24 +197,7 @@ def training_windows(checkpoint: Path, max_positions: int | None = None) -> dict
                for name, default in DEFAULT_WINDOWS.items()}
     if max_positions is None or windows["max_seq_length"] <= max_positions:
         return windows
-    return capped_windows(windows, max_positions, checkpoint)
-
-
-def capped_windows(windows: dict[str, int], max_positions: int, checkpoint: Path) -> dict[str, int]:
-    """`windows` shrunk to `max_positions` pieces: the question and stride in the same proportion (at least
-    1, the stride below the context's share), so the recorded settings pass the reader's checks."""
-    length = windows["max_seq_length"]
-    query = max(1, windows["max_query_length"] * max_positions // length)
-    context = max_positions - query - 3
-    if context < 2:
-        raise UsageError(f"--checkpoint {checkpoint}: the model's max_position_embeddings {max_positions} leaves "
-                         f"no room for a question and context window")
-    stride = min(max(1, windows["doc_stride"] * max_positions // length), context - 1)
-    capped = {**windows, "max_seq_length": max_positions, "doc_stride": stride, "max_query_length": query}
-    logger.warning("--checkpoint %s: the model has %d positions, fewer than the %d-piece window; exporting "
-                   "max_seq_length %d, doc_stride %d, max_query_length %d", checkpoint, max_positions, length,
-                   max_positions, stride, query)
-    return capped
+    return capped_windows(windows, max_positions, f"--checkpoint {checkpoint}")
 
 
 def onnx_graph(model: QuestionAnswering, fp16_word_lookup: bool = False):
@@ -470,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if onnx_reader.find_export(args.checkpoint) is not None:
         raise already_onnx(args.checkpoint)
     # Before the checkpoint is looked for: an output over the model read is refused whatever else is wrong.
-    check_output_dir(Path(args.output_dir), Path(args.checkpoint))
+    check_output_dir(Path(args.output_dir), Path(args.checkpoint), args.format)
     args.checkpoint = [args.checkpoint]
     # The stale files an export deletes count as written: a --vocab_file among them would be lost.
     replaced = (*WRITTEN_FILES[args.format], *(STALE_TRANSFORMERS_FILES if args.format == "transformers" else ()))
@@ -491,7 +488,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.format == "onnx":
         onnx_reader.require_onnxruntime("export.py --format onnx")
         require_onnx()
-    output_dir = prepare_output_dir(args.output_dir)
+    # --output_dir is proved writable before the model loads; a refusal after that leaves no directory it made.
+    with removed_if_failed(Path(args.output_dir)):
+        output_dir = prepare_output_dir(args.output_dir)
+        write_export(args, config, read_model(args, config), output_dir)
+
+
+def read_model(args: argparse.Namespace, config) -> QuestionAnswering | BertForPreTraining:
+    """The checked model of --checkpoint: fine-tuned, or pretrain.py's (transformers format only)."""
     checkpoint = Path(args.checkpoint[0])
     is_pretraining = checkpoint.is_file() and any(name.startswith("cls.") for name in read_state_dict(checkpoint))
     if is_pretraining and args.format == "onnx":
@@ -500,8 +504,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     if is_pretraining:
         model = BertForPreTraining(config)  # pretrain.py's output: encoder and both pre-training heads
         load_checkpoint(model, checkpoint)
-    else:
-        model = load_finetuned(checkpoint, config, torch.device("cpu"))
+        return model
+    return load_finetuned(checkpoint, config, torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def removed_if_failed(output_dir: Path) -> Iterator[None]:
+    """The directories this run creates for `output_dir` removed again, where still empty, if the export fails
+    (a refused checkpoint, NaN logits on the check windows): a refusal leaves nothing behind."""
+    missing = [path for path in (output_dir, *output_dir.parents) if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        for path in missing:   # the directory itself first, then the parents made for it
+            with contextlib.suppress(OSError):
+                path.rmdir()   # only if empty: what another process put there stays
+        raise
+
+
+def write_export(args: argparse.Namespace, config, model, output_dir: Path) -> None:
+    """The checked `model` written in `output_dir` as --format says."""
     if args.format == "onnx":
         settings = onnx_reader.ExportSettings(
             vocab_size=config.vocab_size, max_position_embeddings=config.max_position_embeddings,

@@ -1,6 +1,5 @@
 """What keeps a long training run safe and visible, apart from the training itself: one writer per output
-directory (a lock file), removal of a killed process's temporary files, stop signals turned into a flag, and
-the training curves picture.
+directory (a lock file), stop signals turned into a flag, and the training curves picture.
 
 Nothing here knows about the model or the data; train.py and pretrain.py wire these into their loops, and
 share from here what both loops need: torchrun ranks, AdamW and its schedule, step seeds, checked checkpoint
@@ -14,7 +13,6 @@ import json
 import logging
 import os
 import pickle
-import re
 import secrets
 import signal
 import socket
@@ -31,7 +29,7 @@ import torch.distributed as dist
 
 from cli import UsageError
 from devices import pick_device
-from atomic_files import atomic_write, save_torch_atomic
+from atomic_files import atomic_write, pid_is_alive, save_torch_atomic
 
 logger = logging.getLogger("korquad")
 
@@ -40,23 +38,10 @@ LOCK_NAME = ".train.lock"
 # its heartbeat can: one older than this means it is gone.
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 10 * HEARTBEAT_SECONDS
-# atomic_files.atomic_write names its temporary files `.{name}.{pid}.{random hex}.tmp`.
-TEMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]+\.tmp$")
 
 
 class DirectoryLocked(RuntimeError):
     """Another live process is writing into the same output directory (a training run, distill.py)."""
-
-
-def pid_is_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, it is just someone else's
-        return True
-    return True
 
 
 class RunLock:
@@ -200,20 +185,6 @@ class RunLock:
         if host == self.host and isinstance(pid, int):
             return pid != self.pid and pid_is_alive(pid) and (fresh or not has_heartbeat)
         return host is not None and fresh
-
-
-def remove_dead_temp_files(directory: Path) -> list[Path]:
-    """Delete temporary files that a killed process left in `directory` (up to a whole checkpoint each); only
-    files whose writer is dead go: eval.py may be writing into the same directory right now."""
-    removed = []
-    for path in directory.iterdir():
-        match = TEMP_FILE.match(path.name)
-        if match and path.is_file() and not pid_is_alive(int(match.group(1))):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    if removed:
-        logger.info("removed %d temporary file(s) of a killed run in %s", len(removed), directory)
-    return removed
 
 
 class StopSignals:

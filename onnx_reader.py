@@ -217,14 +217,14 @@ def check_model_bytes(path: Path, data: bytes, settings: ExportSettings) -> None
 def apply_no_answer_settings(args: argparse.Namespace, settings: ExportSettings) -> None:
     """The export's no-answer decision into `args` where the flags leave it open, as checkpoints does for a
     training run: --version_2_with_negative not given (None) takes the export's, and so does
-    --null_score_diff_threshold (given: named in `args.explicit_flags`; a caller that records none
-    counts any value but the default 0 as given)."""
+    --null_score_diff_threshold unless `args.explicit_flags` (required: the flags given) names it."""
+    explicit = getattr(args, "explicit_flags", None)
+    if not isinstance(explicit, set):   # a guess from the value would take a threshold of 0 given as not given
+        raise TypeError("apply_no_answer_settings needs args.explicit_flags, the flags given "
+                        "(checkpoints.explicit_flags)")
     if getattr(args, "version_2_with_negative", False) is None:
         args.version_2_with_negative = settings.version_2_with_negative
-    explicit = getattr(args, "explicit_flags", None)
-    given = ("null_score_diff_threshold" in explicit if explicit is not None
-             else args.null_score_diff_threshold != 0.0)
-    if args.version_2_with_negative and not given:
+    if args.version_2_with_negative and "null_score_diff_threshold" not in explicit:
         args.null_score_diff_threshold = settings.null_score_diff_threshold
 
 

@@ -25,11 +25,16 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import json
 import logging
 import os
+import re
+import secrets
+import signal
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +48,7 @@ from devices import add_compile_args, autocast_dtype, check_compile_args, compil
 from checkpoints import (WINDOW_FLAGS, build_tokenizer, explicit_flags, load_finetuned, model_inputs,
                          resolve_finetuned_settings)
 from scoring import average_logits, predict_logits
-from atomic_files import atomic_write, writes_through
+from atomic_files import atomic_write, remove_dead_temp_files, writes_through
 from decoding import decode_predictions, no_answer_probability, null_odds
 from korquad_utils import convert_examples_to_features
 from squad_examples import (JSONNumberError, JSONTooDeepError, KorquadFormatError, SquadExample, parse_json,
@@ -66,6 +71,8 @@ CUDA_BATCH_SIZE = 32
 CPU_BATCH_SIZE = 8
 # --top_k (and a serve.py request's "top_k") above n_best_size widens the n-best search; this keeps decoding bounded.
 MAX_TOP_K = 100
+# The flags an ONNX export's onnx_reader.json fills in unless they are given: its windows and threshold.
+EXPORT_DEFAULTED_FLAGS = (*WINDOW_FLAGS, "null_score_diff_threshold")
 
 
 class InputError(ValueError):
@@ -136,7 +143,11 @@ class Reader:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Reader:
         """The Reader predict.py's flags describe; config, vocab, lower-casing and analyzer default
-        to the training run's or the transformers directory's."""
+        to the training run's or the transformers directory's. `args.explicit_flags` must name the flags given
+        (`given_flags`): an ONNX export's recorded settings replace the others."""
+        if not isinstance(getattr(args, "explicit_flags", None), set):
+            raise TypeError("Reader.from_args needs args.explicit_flags, the flags given (predict.given_flags): "
+                            "without it an ONNX export's settings would replace every window flag")
         config = resolve_finetuned_settings(args)
         check_data_args(args, config)
         if isinstance(config, onnx_reader.ExportSettings):
@@ -414,18 +425,20 @@ def answer_items(reader: Reader, items: Iterable[Item], emit: Callable[[str], No
 def question_items(args: argparse.Namespace) -> Iterable[Item]:
     """The questions the flags ask for (read now where cheap, so bad input fails before the model loads)."""
     context = read_context(args)
+    context_flag = "--context" if args.context_file is None else f"--context_file {args.context_file}"
     if args.question is not None:
-        context_flag = "--context" if args.context_file is None else f"--context_file {args.context_file}"
         return [("--question", check_question_flag(args.question, context, context_flag))]
     if args.input is not None:
         # A KLUE file's guid ids need the flag now, before the model (and the run's setting) is read.
         return input_items(args.input, args.version_2_with_negative is True)
+    if context is not None and is_blank(context):   # every question would be asked about it
+        raise UsageError(f"--interactive: {context_flag} is empty")
     return interactive_items(context, sys.stdin.buffer)
 
 
 def read_context(args: argparse.Namespace) -> str | None:
     if args.context_file is None:
-        return args.context
+        return None if args.context is None else check_flag_text(args.context, "--context")
     try:  # as given (a BOM, CRLF and lone CR kept): answers' offsets index the file's text
         with open(args.context_file, encoding="utf-8", newline="") as file:
             return file.read()
@@ -473,11 +486,26 @@ def cut_answer_from_html(answer: dict[str, Any], page: korquad2.HtmlPage) -> Non
 def check_question_flag(question: str, context: str | None, context_flag: str = "--context") -> dict[str, Any]:
     if context is None:
         raise UsageError("--question needs --context or --context_file")
+    check_flag_text(question, "--question")
     if is_blank(question):
         raise UsageError("--question is empty")
     if is_blank(context):
         raise UsageError(f"{context_flag} is empty")
     return {"question": question, "context": context}
+
+
+# Python reads command-line bytes that are not UTF-8 as lone surrogates U+DC80-U+DCFF (surrogateescape).
+NOT_UNICODE = re.compile("[\ud800-\udfff]")
+
+
+def check_flag_text(text: str, flag: str) -> str:
+    """`text` given as `flag` on the command line, or UsageError if it holds bytes that are not UTF-8."""
+    found = NOT_UNICODE.search(text)
+    if found is None:
+        return text
+    code = ord(found.group())
+    byte = f"byte 0x{code - 0xdc00:02x}" if 0xdc80 <= code <= 0xdcff else f"U+{code:04X}"
+    raise UsageError(f"{flag} is not UTF-8 text ({byte} at character {found.start()})")
 
 
 # --- CLI -------------------------------------------------------------------------------------
@@ -548,9 +576,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--input brings its own contexts; drop --context/--context_file")
     if args.html and args.context is None and args.context_file is None:
         parser.error("--html needs the page as --context or --context_file")
-    # The threshold too: an ONNX export records one, which only a threshold given here replaces.
-    args.explicit_flags = explicit_flags(parser, argv, (*WINDOW_FLAGS, "null_score_diff_threshold"))
+    args.explicit_flags = given_flags(parser, argv)
     return args
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """Which of EXPORT_DEFAULTED_FLAGS `argv` gives, for `args.explicit_flags` (serve.py's parser too): those
+    an ONNX export's recorded windows and threshold do not replace."""
+    return explicit_flags(parser, argv, EXPORT_DEFAULTED_FLAGS)
 
 
 def check_output(path: str | None, flag: str = "--output") -> Path | None:
@@ -559,6 +592,8 @@ def check_output(path: str | None, flag: str = "--output") -> Path | None:
         return None
     if not path:
         raise UsageError(f"{flag} '' is not a file name")
+    if path.endswith(("/", os.sep)):   # Path would drop the separator and write a file of that name
+        raise UsageError(f"{flag} {path} ends in a path separator: give a file name, not a directory")
     output = Path(path)
     if writes_through(output):   # /dev/null, a FIFO, /dev/stdout on a pipe: opened as it is, never replaced
         if not os.access(output, os.W_OK):
@@ -571,9 +606,35 @@ def check_output(path: str | None, flag: str = "--output") -> Path | None:
         raise UsageError(f"{flag} {output}{via} is a directory")
     if not target.parent.is_dir():
         raise UsageError(f"{flag} {output}{via}: directory {target.parent} does not exist")
-    if not os.access(target.parent, os.W_OK):
-        raise UsageError(f"{flag} {output}{via}: directory {target.parent} is not writable")
+    # A real write, not os.access: root passes os.access everywhere, and neither sees a read-only mount or /proc.
+    # Named as atomic_write names its temporary files, so that a run killed right here leaves nothing for good.
+    probe = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as err:
+        raise UsageError(f"{flag} {output}{via}: cannot write in {target.parent} ({err.strerror or err})") from None
+    probe.unlink()
+    remove_dead_temp_files(target.parent, target.name)  # the answers so far of a killed run
     return output
+
+
+@contextlib.contextmanager
+def sigterm_as_exit(output: Path) -> Iterator[None]:
+    """While active (in the main thread), SIGTERM ends the run through SystemExit, status 128 + 15, with one line:
+    the cleanup a KeyboardInterrupt gets (atomic_write's temporary file removed) instead of a plain death."""
+    if threading.current_thread() is not threading.main_thread():   # signal handlers live only there
+        yield
+        return
+
+    def stop(number: int, frame: Any) -> None:
+        print(f"{PROG}: stopped by SIGTERM before --output {output} was written whole", file=sys.stderr, flush=True)
+        raise SystemExit(128 + number)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def refuse_output_over_stdin(output: Path | None, stdin_flag: str) -> None:
@@ -621,7 +682,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             nonlocal failures
             failures = answer_items(reader, items, lambda line: file.write((line + "\n").encode("utf-8")),
                                     args.top_k, chunk_questions, progress)
-        atomic_write(output, write_all)
+        with sigterm_as_exit(output):   # the temporary file goes, as it does on Ctrl-C
+            atomic_write(output, write_all)
     if failures:
         sys.exit(f"{PROG}: {failures} question(s) could not be answered (see the lines above)")
 

@@ -50,12 +50,12 @@ from checkpoints import (CURVES_NAME, LOG_NAME, SAVED_ARGS_NAME, SAVED_CONFIG_NA
                          remove_previous_run, resolve_model_settings)
 from cli import refuse_output_over_input
 import korquad2
-from atomic_files import atomic_write, write_json_atomic
+from atomic_files import atomic_write, remove_dead_temp_files, write_json_atomic
 from korquad_utils import make_length_grouped_batches
 from long_run import (CheckpointWriteError, DirectoryLocked, Distributed, RunLock, StopSignals, TrainingDiverged,
                       TrainingStopped, build_optimizer, check_same_settings, file_digest, keep_log_until,
-                      linear_warmup_decay, read_log, read_loss, read_training_state, remove_dead_temp_files,
-                      save_checked, setup_distributed, step_seed)
+                      linear_warmup_decay, read_log, read_loss, read_training_state, save_checked,
+                      setup_distributed, step_seed)
 from modeling import IGNORE_LABEL, BertForPreTraining, Config, count_parameters, load_checkpoint, pretraining_loss
 from pretraining_data import (EVAL_EPOCH, PairMaker, build_pair_makers, collate, expand_train_files,
                               load_or_build_token_file, most_frequent_piece_accuracy)

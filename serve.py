@@ -38,7 +38,7 @@ from typing import Any
 from cli import ArgumentParser, UsageError, int_at_least, positive_float, positive_int, run_cli, setup_logging
 import korquad2
 from squad_examples import finite_float_or_marker, int_or_marker, not_json_constant, unusable_number_in
-from predict import (MAX_TOP_K, InputError, Reader, add_reader_args, check_numbers, check_question,
+from predict import (MAX_TOP_K, InputError, Reader, add_reader_args, check_numbers, check_question, given_flags,
                      cut_answer_from_html)
 from tokenization import is_blank
 
@@ -738,7 +738,10 @@ def server_config(reader: Reader, args: argparse.Namespace, announce: str | None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # As predict.py: window flags and a threshold given win over an ONNX export's recorded ones.
+    args.explicit_flags = given_flags(parser, argv)
     if MISSING_PACKAGE is not None:
         raise UsageError(f"{MISSING_PACKAGE} is not installed; serve.py needs: pip install -r requirements-serve.txt")
     check_numbers(args)

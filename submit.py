@@ -22,7 +22,7 @@ from pathlib import Path
 import eval as evaluate_script
 import onnx_reader
 import predict
-from cli import (ArgumentParser, ROOT, add_no_answer_args, check_data_args, check_version_2,
+from cli import (ArgumentParser, ROOT, WINDOW_SIZES, add_no_answer_args, check_data_args, check_version_2,
                  refuse_output_over_input, run_cli, setup_logging)
 from checkpoints import checkpoint_inputs, explicit_flags, resolve_finetuned_settings
 from atomic_files import atomic_write, json_bytes
@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = resolve_finetuned_settings(args)
         if isinstance(config, onnx_reader.ExportSettings):
             onnx_reader.apply_no_answer_settings(args, config)
+        args.explicit_flags -= set(WINDOW_SIZES)  # submit.py's fixed windows, fitted to a model with fewer positions
         check_data_args(args, config)
         check_version_2(args)
         _, predictions, nbest, odds = evaluate_script.predict_questions(args, config)

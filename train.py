@@ -43,14 +43,14 @@ from checkpoints import (CURVES_NAME, LOG_NAME, SAVED_ARGS_NAME, SAVED_CONFIG_NA
 from scoring import (check_metric_dataset, evaluate_model, evaluate_model_with_odds, has_answers, score,
                      score_no_answer)
 from feature_table import FeatureTable
-from atomic_files import write_json_atomic
+from atomic_files import remove_dead_temp_files, write_json_atomic
 from squad_examples import read_squad_examples
 from korquad_utils import collate_features, load_or_build_features, load_or_build_table, make_length_grouped_batches
 from teacher_targets import TeacherTargets, read_teacher_targets, teacher_batch_targets
 from long_run import (CheckpointWriteError, DirectoryLocked, Distributed, RunLock, StopSignals, TrainingDiverged,
                       TrainingStopped, build_optimizer, check_same_settings, file_digest, keep_log_until,
                       linear_warmup_decay, plot_training_curves, read_log, read_loss, read_training_state,
-                      remove_dead_temp_files, save_checked, setup_distributed, step_seed)
+                      save_checked, setup_distributed, step_seed)
 from modeling import Config, QuestionAnswering, count_parameters, load_checkpoint
 
 logger = logging.getLogger("korquad")

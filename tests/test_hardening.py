@@ -726,6 +726,12 @@ def test_a_model_with_fewer_positions_than_the_default_window_is_read_with_fitte
     with pytest.raises(cli.UsageError, match="--max_seq_length 192 is larger than the model's max_position_embeddings"):
         predict.main([f"--checkpoint={tmp_path}", "--question=언제인가?", f"--context={context}", "--no_cuda",
                       "--quiet", "--max_seq_length=192"])
+    import submit   # its windows are fixed (the contest baseline's 512), never given: fitted the same way
+
+    submit.main([str(SAMPLE_FILE), str(tmp_path / "submission.json"), f"--checkpoint={tmp_path}", "--quiet"])
+    predictions = json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))
+    assert len(predictions) == sum(len(p["qas"]) for a in json.loads(SAMPLE_FILE.read_text(encoding="utf-8"))["data"]
+                                   for p in a["paragraphs"])
 
 
 def test_a_structural_fault_of_the_eval_file_is_named_before_the_train_features_are_built(tiny_setup, tmp_path):

@@ -176,6 +176,48 @@ def test_the_reader_serve_uses_abstains_on_the_export_as_on_the_run(v2_run, expo
                       Reader.load(run, no_cuda=True, **WINDOWS).answer_all(questions))
 
 
+class Served(Exception):
+    """Raised in place of serving: serve.main built its reader (`args[0]`) and would listen now."""
+
+
+def served_reader(monkeypatch, *flags: str):
+    """The Reader serve.py would serve with `flags` (on a free port of 127.0.0.1), stopped before it serves."""
+    import serve
+
+    def stop_before_serving(reader, args, announce=None):
+        raise Served(reader)
+    monkeypatch.setattr(serve, "server_config", stop_before_serving)
+    monkeypatch.setattr(signal, "signal", lambda number, handler: None)   # pytest's own handlers stay
+    with pytest.raises(Served) as served:
+        serve.main([*flags, "--host=127.0.0.1", "--port=0", "--quiet"])
+    return served.value.args[0]
+
+
+def test_serve_takes_window_flags_and_a_threshold_given_over_the_exports(v2_run, exports, split_threshold,
+                                                                         monkeypatch):
+    """As predict.py: not given, the export's windows and threshold; given, the flags' (0 included), and a window
+    the model cannot hold is refused in one line before serving."""
+    from cli import UsageError
+    from predict import Reader
+
+    data, run = v2_run
+    dataset = json.loads(data.read_text(encoding="utf-8"))
+    questions = [(qa["question"], paragraph["context"]) for article in dataset["data"]
+                 for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+    recorded = served_reader(monkeypatch, f"--checkpoint={exports['split']}")
+    assert (recorded.max_seq_length, recorded.max_query_length, recorded.doc_stride) == (192, 32, 64)
+    assert recorded.null_score_diff_threshold == split_threshold
+    small = dict(max_seq_length=64, max_query_length=8, doc_stride=16)
+    given = served_reader(monkeypatch, f"--checkpoint={exports['split']}", "--null_score_diff_threshold=0",
+                          *(f"--{name}={value}" for name, value in small.items()))
+    assert (given.max_seq_length, given.max_query_length, given.doc_stride) == (64, 8, 16)
+    assert given.null_score_diff_threshold == 0.0
+    assert_same_lines(given.answer_all(questions), Reader.load(run, no_cuda=True, **{**WINDOWS, **small},
+                                                               null_score_diff_threshold=0.0).answer_all(questions))
+    with pytest.raises(UsageError, match="^--max_seq_length 600 is larger than the model's max_position_embeddings"):
+        served_reader(monkeypatch, f"--checkpoint={exports['split']}", "--max_seq_length=600")
+
+
 def test_int8_export_abstains_by_the_recorded_threshold(v2_run, exports, split_threshold):
     from predict import Reader
 
@@ -236,7 +278,7 @@ def test_export_of_a_checkpoint_with_a_nan_weight_is_one_line_and_writes_nothing
         f"diverged or damaged checkpoint)" if weight != weight else
         "export.py: error: model.onnx: the checkpoint's own end_logits are NaN or infinite on the sample windows; "
         "nothing written"]
-    assert not out.exists() or list(out.iterdir()) == []
+    assert not out.exists()   # not even an empty directory: this run made it, and removes it
 
 
 def test_export_of_a_model_with_fewer_positions_than_the_default_window_caps_the_windows(tmp_path, capsys):
@@ -541,6 +583,44 @@ def test_export_refuses_to_write_over_its_checkpoint_before_any_work(v2_run, exp
             export.main(export_flags(source, output_dir))
     assert checkpoint.read_bytes() == original
     assert not any(p.name.endswith(".onnx") for p in run.iterdir())
+
+
+def test_a_pretrain_checkpoint_as_onnx_is_one_line_and_leaves_no_directory(tmp_path):
+    from modeling import BertForPreTraining, Config
+
+    torch.manual_seed(5)
+    torch.save(BertForPreTraining(Config(**TINY_CONFIG)).state_dict(), tmp_path / "pretrain_1.bin")
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    out = tmp_path / "new" / "onnx"
+    result = run_in_process("export.py", *export_flags(tmp_path / "pretrain_1.bin", out, "--vocab_file",
+                                                       str(VOCAB_FILE), "--model_config", str(tmp_path / "tiny.json")))
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "is a pretrain.py checkpoint without a question-answering head" in result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_export_refuses_a_directory_holding_the_other_formats_export_before_writing(v2_run, exports, tmp_path):
+    """A transformers model and an ONNX export in one directory would share (and replace) one vocab.txt, and
+    readers would pick either model: each format refuses the other's directory, leaving it as it was."""
+    import export
+    from cli import UsageError
+
+    _, run = v2_run
+    transformers_dir = tmp_path / "transformers"
+    export.main(["--checkpoint", str(run), "--output_dir", str(transformers_dir), "--quiet"])
+    onnx_dir = tmp_path / "onnx"
+    shutil.copytree(exports["plain"], onnx_dir)
+    cases = [(export_flags(run, transformers_dir), transformers_dir,
+              rf"^--output_dir {transformers_dir} holds a transformers export \(config.json, model.safetensors\); "
+              r"--format onnx there would replace its vocab.txt"),
+             (["--checkpoint", str(run), "--output_dir", str(onnx_dir), "--quiet"], onnx_dir,
+              rf"^--output_dir {onnx_dir} holds an ONNX export \(model.onnx, onnx_reader.json\); "
+              r"--format transformers there would replace its vocab.txt")]
+    for flags, directory, message in cases:
+        before = {path.name: path.read_bytes() for path in directory.iterdir()}
+        with pytest.raises(UsageError, match=message):
+            export.main(flags)
+        assert {path.name: path.read_bytes() for path in directory.iterdir()} == before
 
 
 def test_submit_through_the_export_abstains_by_the_recorded_threshold(v2_run, exports, tmp_path, capsys):

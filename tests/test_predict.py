@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import unicodedata
 from pathlib import Path
 
@@ -170,6 +173,14 @@ def test_bad_lines_are_reported_and_the_others_answered(run_dir):
     (["--input=-", "--top_k=0"], "argument --top_k: must be at least 1"),
     (["--input=-", "--top_k=101"], "argument --top_k: must be at most 100"),   # serve.py's bound
     (["--input=-", "--output="], "--output '' is not a file name"),
+    # Command-line bytes that are not UTF-8 (Python reads them as lone surrogates): named before the model loads.
+    (["--question=누구", "--context=\udcff홍길동이다"], "--context is not UTF-8 text (byte 0xff at character 0)"),
+    (["--question=누구\udcff", "--context=홍길동이다"], "--question is not UTF-8 text (byte 0xff at character 2)"),
+    (["--interactive", "--context=\udcff홍길동"], "--context is not UTF-8 text (byte 0xff at character 0)"),
+    (["--interactive", "--context= \u3000"], "--interactive: --context is empty"),   # every question would fail
+    # A real write, not os.access (root passes it everywhere): /proc takes no new files.
+    (["--input=-", "--output=/proc/answers.jsonl"], "--output /proc/answers.jsonl: cannot write in /proc"),
+    (["--input=-", "--output=/nonexistent/answers/"], "--output /nonexistent/answers/ ends in a path separator"),
 ])
 def test_bad_flags_are_one_clear_line(run_dir, flags, message):
     result = predict(f"--checkpoint={run_dir}", *flags, input="")
@@ -185,6 +196,9 @@ def test_an_empty_context_file_is_named_and_an_empty_input_is_a_warning(run_dir,
     result = run_in_process("predict.py", f"--checkpoint={run_dir}", f"--input={empty}", *DATA_FLAGS, "--no_cuda")
     assert result.returncode == 0 and result.stdout == ""
     assert "the input holds no questions" in result.stderr
+    result = predict(f"--checkpoint={run_dir}", "--interactive", f"--context_file={empty}", input="수도는?\n")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"predict.py: error: --interactive: --context_file {empty} is empty"
 
 
 def test_a_reader_that_stops_early_ends_the_run_quietly(run_dir):
@@ -274,3 +288,46 @@ def test_a_pretty_printed_question_or_a_json_array_reads_as_the_same_json_lines(
     assert json_lines(answered["array.json"].stdout)[:2] == expected
     assert "input item 3" in answered["array.json"].stderr and 'missing "question"' in answered["array.json"].stderr
     assert "input item 4: a KorQuAD/SQuAD file's object inside a JSON array" in answered["array.json"].stderr
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(process.stdout)
+
+
+def test_temporary_answers_a_killed_run_left_are_removed_and_no_others(run_dir, tmp_path):
+    """kill -9 leaves the temporary file of the answers so far beside --output; the next run to that file removes
+    it, and leaves a live run's and another file's alone."""
+    output = tmp_path / "answers.jsonl"
+    pid = dead_pid()
+    dead = tmp_path / f".answers.jsonl.{pid}.0badcafe.tmp"
+    kept = [tmp_path / f".answers.jsonl.{os.getpid()}.0badcafe.tmp", tmp_path / f".other.jsonl.{pid}.0badcafe.tmp"]
+    for path in (dead, *kept):
+        path.write_text('{"answer": "so far"}\n')
+    result = predict(f"--checkpoint={run_dir}", "--question=수도는?", "--context=서울은 수도이다.", f"--output={output}")
+    assert result.returncode == 0, result.stderr
+    assert sorted(tmp_path.iterdir()) == sorted([output, *kept])
+
+
+def test_sigterm_while_answering_into_output_leaves_no_temporary_file(run_dir, tmp_path):
+    line = json.dumps({"question": "수도는?", "context": "서울은 대한민국의 수도이다. " * 3}, ensure_ascii=False)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text((line + "\n") * 20000, encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    process = subprocess.Popen([sys.executable, str(ROOT / "predict.py"), f"--checkpoint={run_dir}",
+                                f"--input={questions}", f"--output={out / 'answers.jsonl'}", *DATA_FLAGS, "--no_cuda",
+                                "--quiet"], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.iterdir()) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)   # until the answers are being written
+        assert process.poll() is None, "finished before it could be stopped"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    assert process.stderr.read().splitlines() == [
+        f"predict.py: stopped by SIGTERM before --output {out / 'answers.jsonl'} was written whole"]
+    assert list(out.iterdir()) == []

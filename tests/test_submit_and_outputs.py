@@ -353,15 +353,38 @@ def test_a_failed_cleanup_does_not_hide_the_write_error(tmp_path, monkeypatch):
 
 
 def test_submit_refuses_an_unwritable_output_directory_before_any_work(tmp_path, monkeypatch):
-    """As predict.py: found before the model loads (here: a checkpoint that does not exist), not after the work.
-    Root may write anywhere, so the directory's answer to os.access is what is faked."""
+    """As predict.py: found before the model loads (here: a checkpoint that does not exist), not after the work,
+    by a real write: root passes os.access everywhere, and nobody's os.access sees a read-only mount or /proc."""
+    import errno
+
     import submit
 
     (tmp_path / "dev.json").write_text(QUESTIONS, encoding="utf-8")
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
-    with pytest.raises(UsageError, match=rf"^OUTPUT.json {locked / 'out.json'}: directory {locked} is not writable"):
-        submit.main([str(tmp_path / "dev.json"), str(locked / "out.json"),
-                     f"--checkpoint={tmp_path / 'missing.bin'}"])
+    missing = f"--checkpoint={tmp_path / 'missing.bin'}"
+    with pytest.raises(UsageError, match=r"^OUTPUT.json /proc/out.json: cannot write in /proc \("):
+        submit.main([str(tmp_path / "dev.json"), "/proc/out.json", missing])
+    read_only = tmp_path / "read_only"   # what a read-only mount answers, whatever os.access says
+    read_only.mkdir()
+    real_open = os.open
+
+    def open_read_only(path, flags, *args, **kwargs):
+        if Path(path).parent == read_only and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", open_read_only)
+    assert os.access(read_only, os.W_OK)
+    with pytest.raises(UsageError, match=rf"^OUTPUT.json {read_only / 'out.json'}: cannot write in {read_only} "
+                                         r"\(Read-only file system\)$"):
+        submit.main([str(tmp_path / "dev.json"), str(read_only / "out.json"), missing])
+    assert list(read_only.iterdir()) == []
+
+
+def test_an_output_ending_in_a_path_separator_is_refused_not_written_as_a_file(tmp_path):
+    """`predictions/` means a directory; Path would drop the slash and write a file called predictions."""
+    import submit
+
+    (tmp_path / "dev.json").write_text(QUESTIONS, encoding="utf-8")
+    output = f"{tmp_path / 'predictions'}/"
+    with pytest.raises(UsageError, match=f"^OUTPUT.json {output} ends in a path separator"):
+        submit.main([str(tmp_path / "dev.json"), output, f"--checkpoint={tmp_path / 'missing.bin'}"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dev.json"]
