@@ -123,8 +123,9 @@ def check_output_dir(args: argparse.Namespace, run_kind: str) -> None:
     kind = ("pre-training" if any(PRETRAIN_CHECKPOINT_NAME.fullmatch(p.name) for p in run_files) else
             "training" if any(CHECKPOINT_NAME.fullmatch(p.name) for p in run_files) else run_kind)
     if run_files and not (args.resume or args.overwrite_output_dir):
-        raise UsageError(f"--output_dir {out} holds a {kind} run ({shown}); pass --resume to continue it, "
-                         f"--overwrite_output_dir to replace it, or choose another --output_dir")
+        resume = "--resume to continue it, " if kind == run_kind else ""  # only its own program resumes a run
+        raise UsageError(f"--output_dir {out} holds a {kind} run ({shown}); pass {resume}--overwrite_output_dir to "
+                         f"replace it, or choose another --output_dir")
     # Without a checkpoint (killed before its first save: args and log only) a fresh start loses nothing.
     if args.resume and any(p.suffix == ".bin" for p in run_files) and not (out / STATE_NAME).is_file():
         # Starting afresh there would leave the old run's later checkpoints beside the new run's.

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 from typing import NoReturn, TYPE_CHECKING
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import onnx_reader
 from squad_examples import KorquadFormatError
@@ -71,7 +71,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, extras = super().parse_known_args(args, namespace)
-        for dest in ("output_dir", "checkpoint"):  # Path("") is the current directory: never what was meant
+        for dest in ("output_dir", "checkpoint", "teacher"):  # Path("") is the current directory: never meant
             given = getattr(parsed, dest, None)
             if any(isinstance(value, str) and not value.strip() for value in
                    (given if isinstance(given, list) else [given])):
@@ -211,16 +211,20 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
                                 "else fp16).")
 
 
-def capped_windows(windows: dict[str, int], max_positions: int, source: str) -> dict[str, int]:
+def capped_windows(windows: dict[str, int], max_positions: int, source: str,
+                   keep: Collection[str] = ()) -> dict[str, int]:
     """`windows` shrunk to `max_positions` pieces: the question and stride in the same proportion (at least
-    1, the stride below the context's share), so the settings pass the window checks."""
+    1, the stride below the context's share), so the settings pass the window checks; those named in `keep`
+    (given as flags) stay as they are."""
     length = windows["max_seq_length"]
-    query = max(1, windows["max_query_length"] * max_positions // length)
+    query = windows["max_query_length"] if "max_query_length" in keep else \
+        max(1, windows["max_query_length"] * max_positions // length)
     context = max_positions - query - 3
-    if context < 2:
+    if context < 2 and "max_query_length" not in keep:  # a given one too long is the window checks' to name
         raise UsageError(f"{source}: the model's max_position_embeddings {max_positions} leaves no room for a "
                          f"question and context window")
-    stride = min(max(1, windows["doc_stride"] * max_positions // length), context - 1)
+    stride = windows["doc_stride"] if "doc_stride" in keep else \
+        min(max(1, windows["doc_stride"] * max_positions // length), max(1, context - 1))
     logging.getLogger("korquad").warning(
         "%s: the model has %d positions, fewer than the %d-piece window; using max_seq_length %d, doc_stride %d, "
         "max_query_length %d", source, max_positions, length, max_positions, stride, query)
@@ -236,10 +240,9 @@ def check_data_args(args: argparse.Namespace, config: Config) -> None:
     given = getattr(args, "explicit_flags", {"max_seq_length"})
     if args.max_seq_length > config.max_position_embeddings and "max_seq_length" not in given:
         windows = capped_windows({name: getattr(args, name) for name in WINDOW_SIZES}, config.max_position_embeddings,
-                                 "--checkpoint")
+                                 "--checkpoint", keep=given)
         for name in WINDOW_SIZES:
-            if name not in given:
-                setattr(args, name, windows[name])
+            setattr(args, name, windows[name])
     if args.max_seq_length > config.max_position_embeddings:
         raise UsageError(f"--max_seq_length {args.max_seq_length} is larger than the model's "
                          f"max_position_embeddings {config.max_position_embeddings}")

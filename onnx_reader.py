@@ -132,7 +132,7 @@ def read_settings(export_dir: Path) -> ExportSettings:
     settings = ExportSettings(**values)
     # Checked here, naming the file: cli.check_data_args would blame flags the user never gave.
     window = settings.max_seq_length - settings.max_query_length - 3
-    if not (settings.max_seq_length <= settings.max_position_embeddings and settings.doc_stride < window):
+    if not (settings.max_seq_length <= settings.max_position_embeddings and window >= 1 and settings.doc_stride >= 1):
         raise OnnxExportError(f"{source}: its windows (max_seq_length {settings.max_seq_length}, max_query_length "
                               f"{settings.max_query_length}, doc_stride {settings.doc_stride}) do not fit "
                               f"max_position_embeddings {settings.max_position_embeddings} with [CLS]/[SEP]/[SEP]; "

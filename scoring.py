@@ -160,9 +160,10 @@ def read_dataset(predict_file: str | os.PathLike) -> dict:
     return load_json_file(Path(predict_file))
 
 
-def check_metric_dataset(predict_file: str | os.PathLike, metric: str) -> None:
+def check_metric_dataset(predict_file: str | os.PathLike, metric: str, named: str | None = None) -> None:
     """Refuse, before any work, a file the chosen metric cannot score (KLUE needs `question_type`, KorQuAD
-    v1.0 an 'answers' list on every question of a file with answers)."""
+    v1.0 an 'answers' list on every question of a file with answers). The refusal names `named` (default:
+    the --metric flag)."""
     if metric == "korquad" and not Path(predict_file).is_dir():  # a directory: KorQuAD 2.x, scored by korquad2
         check_answers_everywhere(read_dataset(predict_file), str(predict_file))
     checker = {"squad2": evaluate_v2_0.check_dataset, "klue": evaluate_klue_mrc.check_dataset}.get(metric)
@@ -171,7 +172,7 @@ def check_metric_dataset(predict_file: str | os.PathLike, metric: str) -> None:
         try:
             checker(dataset, str(predict_file))
         except ValueError as err:
-            raise UsageError(f"--metric {metric}: {err}") from None
+            raise UsageError(f"{named or f'--metric {metric}'}: {err}") from None
 
 
 def check_answers_everywhere(dataset: Any, name: str) -> None:

@@ -588,7 +588,9 @@ def check_eval_file(path: str) -> None:
 
 
 def read_eval_examples(args: argparse.Namespace) -> list:
-    """--eval_file's questions, read before the train features are built so that a fault in them is said first."""
+    """--eval_file's questions, read before the train features are built so that a fault in them (or one the
+    metric cannot score) is said now, not after the first epoch and again on every --resume."""
+    check_metric_dataset(args.eval_file, "squad2" if args.version_2_with_negative else "korquad", "--eval_file")
     examples = read_squad_examples(args.eval_file, False, args.version_2_with_negative)
     if not has_answers(examples):
         raise UsageError(f"--eval_file {args.eval_file} has no answers to score against")
@@ -625,9 +627,6 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
     check_version_2(args)
     if args.eval_file:
         check_eval_file(args.eval_file)
-        # A file the metric cannot score is said now, not after the first epoch (and again on every --resume).
-        check_metric_dataset(args.eval_file, "squad2" if args.version_2_with_negative else "korquad")
-    eval_examples = ctx.on_main(lambda: read_eval_examples(args)) if args.eval_file else None  # rank 0 evaluates
     check_compile_args(args, device)
     autocast_dtype(args, device)  # a precision this device lacks is said before --output_dir is made
     if args.checkpoint.lower() != "none" and not Path(args.checkpoint).exists():
@@ -636,6 +635,7 @@ def run_training(args: argparse.Namespace, ctx: Distributed, device: torch.devic
     if args.tensorboard:
         import_summary_writer()  # a missing package is said now, not after the features are built
     check_output_dir(args, "training")
+    eval_examples = ctx.on_main(lambda: read_eval_examples(args)) if args.eval_file else None  # rank 0 evaluates
     output_dir = prepare_output_dir(args.output_dir)
     # One writer per directory: rank 0 holds the lock for the whole job, before anything is written.
     lock = RunLock(output_dir)

@@ -678,6 +678,7 @@ EMPTY_PATH_CASES = {
     "train --checkpoint": ["--checkpoint= ", "--output_dir=out"],
     "pretrain --output_dir": [f"--train_files={SAMPLE_FILE}", "--output_dir="],
     "distill --output_dir": ["--teacher=run", f"--train_file={SAMPLE_FILE}", "--output_dir="],
+    "distill --teacher": ["--teacher", "run", "", f"--train_file={SAMPLE_FILE}", "--output_dir=out"],
 }
 
 
@@ -726,12 +727,31 @@ def test_a_model_with_fewer_positions_than_the_default_window_is_read_with_fitte
     with pytest.raises(cli.UsageError, match="--max_seq_length 192 is larger than the model's max_position_embeddings"):
         predict.main([f"--checkpoint={tmp_path}", "--question=언제인가?", f"--context={context}", "--no_cuda",
                       "--quiet", "--max_seq_length=192"])
+    caplog.clear()   # a given question length is kept, and the fitted stride stays inside the window it leaves
+    predict.main([f"--checkpoint={tmp_path}", "--question=언제인가?", f"--context={context}", "--no_cuda", "--quiet",
+                  "--max_query_length=100"])
+    assert "using max_seq_length 128, doc_stride 24, max_query_length 100" in caplog.text
+    assert "not smaller than the context window" not in caplog.text
     import submit   # its windows are fixed (the contest baseline's 512), never given: fitted the same way
 
     submit.main([str(SAMPLE_FILE), str(tmp_path / "submission.json"), f"--checkpoint={tmp_path}", "--quiet"])
     predictions = json.loads((tmp_path / "submission.json").read_text(encoding="utf-8"))
     assert len(predictions) == sum(len(p["qas"]) for a in json.loads(SAMPLE_FILE.read_text(encoding="utf-8"))["data"]
                                    for p in a["paragraphs"])
+
+
+def test_a_version_2_eval_file_the_metric_cannot_score_names_the_eval_file_flag(tiny_setup, tmp_path):
+    """train.py has no --metric flag: the SQuAD 2.0 metric's refusal names --eval_file."""
+    import train
+
+    dataset = json.loads((tiny_setup / "train.json").read_text(encoding="utf-8"))
+    dataset["data"][0]["paragraphs"][0]["qas"][0]["answers"] = "not a list"
+    eval_file = tmp_path / "bad_answers.json"
+    eval_file.write_text(json.dumps(dataset, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(cli.UsageError, match=r"^--eval_file: dataset \S+bad_answers\.json: question \S+: 'answers' "
+                                             r"must be a list"):
+        train.main(_train_flags(tiny_setup, tmp_path / "out", f"--eval_file={eval_file}", "--version_2_with_negative"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_structural_fault_of_the_eval_file_is_named_before_the_train_features_are_built(tiny_setup, tmp_path):

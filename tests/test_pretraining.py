@@ -600,7 +600,7 @@ def test_a_new_run_over_a_training_run_is_refused_and_one_over_an_old_run_replac
     flags = ["--train_files", str(SAMPLE_FILE), f"--output_dir={out}", "--checkpoint=none",
              f"--model_config={tmp_path / 'tiny.json'}", f"--cache_dir={tmp_path / 'cache'}", *FLAGS, "--max_steps=1"]
     with pytest.raises(UsageError, match=r"--output_dir \S+run holds a training run \(training_args\.json, "
-                                         r"korquad_0\.bin\); pass --resume to continue it, --overwrite_output_dir"):
+                                         r"korquad_0\.bin\); pass --overwrite_output_dir to replace it"):
         pretrain.main(flags)
     assert (out / "korquad_0.bin").read_bytes() == b"a fine-tuned model"
     assert (out / "training_args.json").read_text() == "{}"
