@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import string
 import sys
@@ -255,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         if given:
             print(f"evaluate_v2_0.py: note: {flag} is ignored ({why})", file=sys.stderr)
     try:
+        if args.out_file is not None:
+            _check_out_file(args.out_file, [args.dataset_file, args.prediction_file, args.na_prob_file])
         dataset = _load_json(args.dataset_file, "dataset")
         check_dataset(dataset, args.dataset_file)
         predictions = _load_json(args.prediction_file, "predictions")
@@ -271,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(scores))
     return 0
+
+
+def _check_out_file(path: str, inputs: list[str | None]) -> None:
+    """Refuse an --out-file that is one of the inputs (the scores would replace it)."""
+    for given in inputs:
+        if given is not None and os.path.exists(path) and os.path.exists(given) and os.path.samefile(path, given):
+            raise ValueError(f"--out-file {path} is the input {given}; the scores would replace it")
 
 
 def _write_scores(scores: Mapping[str, Any], path: str) -> None:

@@ -261,3 +261,7 @@ def test_evaluate_v2_cli_takes_the_official_scripts_flags(tmp_path):
     refused = run_script("evaluate_v2_0.py", str(data), str(preds), "--out-file", str(tmp_path / "no" / "e.json"))
     assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
         f"evaluate_v2_0.py: error: --out-file {tmp_path / 'no' / 'e.json'}: cannot write: No such file or directory"]
+    over_input = run_script("evaluate_v2_0.py", str(data), str(preds), "-o", str(preds))
+    assert over_input.returncode == 1 and over_input.stderr.strip() == (
+        f"evaluate_v2_0.py: error: --out-file {preds} is the input {preds}; the scores would replace it")
+    assert json.loads(preds.read_text(encoding="utf-8")) == PREDICTIONS
