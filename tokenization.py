@@ -282,9 +282,23 @@ def compose(text: str) -> tuple[str, list[Span] | None]:
             continue
         composed = unicodedata.normalize("NFC", text[cluster_start:index])
         parts.append(composed)
-        spans.extend([(cluster_start, index)] * len(composed))
+        spans.extend(_cluster_spans(text, cluster_start, index, composed))
         cluster_start = index
     return "".join(parts), spans
+
+
+def _cluster_spans(text: str, start: int, end: int, composed: str) -> list[Span]:
+    """The source span of each character `text[start:end]` composed into: its own run where the cluster
+    decomposes character by character in order (a mark with no precomposed form stays a character of its own,
+    so it keeps its own span and pieces), else the whole cluster for each."""
+    spans, at = [], start
+    for char in composed:
+        source = unicodedata.normalize("NFD", char)
+        if text[at:at + len(source)] != source:
+            return [(start, end)] * len(composed)
+        spans.append((at, at + len(source)))
+        at += len(source)
+    return spans if at == end else [(start, end)] * len(composed)
 
 
 def _starts_cluster(text: str, cluster_start: int, index: int) -> bool:

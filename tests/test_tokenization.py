@@ -420,3 +420,18 @@ def test_a_long_run_without_spaces_reaches_the_morpheme_analyzer_in_parts():
     analyzer = tokenization.make_analyzer("mecab")
     assert "".join(text[start:end] for start, end in analyzer.spans(text)) == text.replace(" ", "")
 
+
+
+@pytest.mark.parametrize("text", ["молоко́ 우유", "서울은̈ 크다", "q̇ 서울 café"])
+def test_a_mark_without_a_precomposed_form_keeps_its_pieces_and_offsets_in_nfd_text(mecab_tokenizer, text):
+    """Where composing leaves a mark a character of its own, it keeps its own span: the NFD text gets the NFC text's
+    pieces, each cut from the NFD text at the same characters."""
+    import unicodedata
+
+    decomposed = unicodedata.normalize("NFD", text)
+    assert decomposed != text
+    composed_pieces = mecab_tokenizer.tokenize_with_offsets(text)
+    pieces = mecab_tokenizer.tokenize_with_offsets(decomposed)
+    assert [piece for piece, _, _ in pieces] == [piece for piece, _, _ in composed_pieces]
+    assert [unicodedata.normalize("NFC", decomposed[start:end]) for _, start, end in pieces] == [
+        text[start:end] for _, start, end in composed_pieces]
