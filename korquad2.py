@@ -368,7 +368,11 @@ def read_examples(path: str | os.PathLike, is_training: bool,
     examples: list[HtmlExample] = []
     seen_ids: set[str] = set()
     for file in dataset_files(path):
-        examples += examples_from_dataset(load_json_file(file), str(file), is_training, options, seen_ids)
+        dataset = load_json_file(file)
+        if Path(path).is_dir() and not is_korquad2(dataset):  # the user gave the directory, not this file
+            raise KorquadFormatError(f"{path}: a directory is read as a KorQuAD 2.x dataset, and {file.name} in it "
+                                     f"is not a KorQuAD 2.x file; pass a KorQuAD 1.0 file itself, not its directory")
+        examples += examples_from_dataset(dataset, str(file), is_training, options, seen_ids)
     return examples
 
 

@@ -330,3 +330,10 @@ def test_predict_html_refuses_a_page_it_cannot_read_before_loading_a_model(tmp_p
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode != 0 and len(lines) == 1, refused.stderr
     assert f"--context_file {page_file}: HTML does not parse" in lines[0]
+
+
+def test_a_directory_of_korquad_1_files_is_named_as_the_directory_given(tmp_path):
+    shutil.copy(SAMPLE_FILE, tmp_path / "KorQuAD_v1.0_sample.json")
+    with pytest.raises(KorquadFormatError, match=r"a directory is read as a KorQuAD 2\.x dataset, and "
+                                                 r"KorQuAD_v1\.0_sample\.json in it is not a KorQuAD 2\.x file"):
+        korquad2.read_examples(tmp_path, is_training=False)
