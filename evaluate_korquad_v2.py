@@ -32,8 +32,9 @@ from typing import Any
 
 try:
     from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
-except ImportError:  # named in one line by main(); the metric itself cannot run without it
+except ImportError:  # named in one line by main() (and by the toolkit before any work); the metric needs it
     BeautifulSoup = None
+MISSING_BS4 = "the KorQuAD 2.0 metric needs beautifulsoup4: pip install beautifulsoup4"
 
 _SPACED_MARKS = re.compile("['\"《》<>〈〉()‘’]")
 _ASCII_PUNCTUATION = frozenset(string.punctuation)
@@ -151,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("prediction_file", help="predictions JSON: {question id: answer text or HTML}")
     args = parser.parse_args(argv)
     if BeautifulSoup is None:
-        print("evaluate_korquad_v2.py: error: the KorQuAD 2.0 metric needs beautifulsoup4: "
-              "pip install beautifulsoup4", file=sys.stderr)
+        print(f"evaluate_korquad_v2.py: error: {MISSING_BS4}", file=sys.stderr)
         return 1
     try:
         documents = load_documents(args.dataset)

@@ -178,7 +178,7 @@ def require_onnx() -> None:
         import onnx  # noqa: F401
         import onnxruntime.quantization  # noqa: F401
     except ImportError:
-        raise UsageError("export.py --format onnx needs onnx and onnxruntime: pip install -r requirements-onnx.txt"
+        raise UsageError("export.py --format onnx needs onnx and onnxruntime: pip install onnx -r requirements-onnx.txt"
                          ) from None
 
 

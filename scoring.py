@@ -163,9 +163,18 @@ def read_dataset(predict_file: str | os.PathLike) -> dict:
 def check_metric_dataset(predict_file: str | os.PathLike, metric: str, named: str | None = None) -> None:
     """Refuse, before any work, a file the chosen metric cannot score (KLUE needs `question_type`, KorQuAD
     v1.0 an 'answers' list on every question of a file with answers). The refusal names `named` (default:
-    the --metric flag)."""
-    if metric == "korquad" and not Path(predict_file).is_dir():  # a directory: KorQuAD 2.x, scored by korquad2
-        check_answers_everywhere(read_dataset(predict_file), str(predict_file))
+    the --metric flag). KorQuAD 2.x data (a directory or a file of its shape) needs the 2.x metric's beautifulsoup4."""
+    if metric in ("korquad", "korquad2"):
+        import korquad2
+
+        dataset = None if Path(predict_file).is_dir() else read_dataset(predict_file)
+        if dataset is None or korquad2.is_korquad2(dataset):
+            import evaluate_korquad_v2
+
+            if evaluate_korquad_v2.BeautifulSoup is None:  # said now, not after the whole prediction pass
+                raise UsageError(evaluate_korquad_v2.MISSING_BS4)
+        elif metric == "korquad":
+            check_answers_everywhere(dataset, str(predict_file))
     checker = {"squad2": evaluate_v2_0.check_dataset, "klue": evaluate_klue_mrc.check_dataset}.get(metric)
     if checker is not None:
         dataset = read_dataset(predict_file)

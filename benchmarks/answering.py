@@ -8,7 +8,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 from benchmarks.harness import (PREDICT_QUESTIONS, ROOT, VOCAB_FILE, benchmark, dev_questions,
-                                export_onnx_beside, kq_median_seconds, write_random_run)
+                                export_onnx_beside, kq_median_seconds, skipped_without, write_random_run)
 
 
 # --- predict.py (issue 10) ---------------------------------------------------------------
@@ -62,6 +62,8 @@ def bench_predict(args: argparse.Namespace) -> None:
     the shares of tokenizing and decoding, next to the pipeline in a process of its own (goals: batched >= 2x,
     int8 ONNX >= 4x the pipeline, fp32 ONNX no slower than PyTorch); then process start to first answer and
     peak memory, ONNX vs PyTorch."""
+    if skipped_without("predict", "onnx", "onnxruntime"):  # the ONNX rows export with onnx, ORT runs them
+        return
     import tempfile
     import time
 
@@ -303,6 +305,8 @@ def bench_onnx_agreement(args: argparse.Namespace) -> None:
 
     if args.checkpoint is None:
         print("onnx_agreement: skipped (pass --checkpoint with a trained run)")
+        return
+    if skipped_without("onnx_agreement", "onnx", "onnxruntime"):
         return
     questions = dev_questions(args.dev, 10 ** 9)
     with open(args.dev, encoding="utf-8-sig") as handle:

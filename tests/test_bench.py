@@ -25,6 +25,7 @@ def _no_row_work(monkeypatch) -> None:
         raise AssertionError("the row started its work")
     monkeypatch.setattr("benchmarks.onnx_profile.dev_questions", work)
     monkeypatch.setattr("benchmarks.pretraining._reference_corpus", work)
+    monkeypatch.setattr("benchmarks.answering.dev_questions", work)
 
 
 @pytest.mark.parametrize("row, module, says", [
@@ -33,6 +34,8 @@ def _no_row_work(monkeypatch) -> None:
     ("onnx_profile", "onnx", "onnx_profile: skipped (pip install onnx; it is needed for this benchmark only)"),
     ("pretrain_reference", "transformers",
      "pretrain_reference: skipped (pip install transformers; it is needed for this benchmark only)"),
+    ("predict", "onnxruntime", "predict: skipped (pip install onnxruntime; it is needed for this benchmark only)"),
+    ("onnx_agreement", "onnx", "onnx_agreement: skipped (pip install onnx; it is needed for this benchmark only)"),
 ])
 def test_a_row_without_its_optional_dependency_is_skipped_in_one_line(row, module, says, tmp_path, monkeypatch,
                                                                       capsys):
@@ -40,7 +43,8 @@ def test_a_row_without_its_optional_dependency_is_skipped_in_one_line(row, modul
     _no_row_work(monkeypatch)
     dev = tmp_path / "dev.json"
     dev.write_text("{}")
-    bench.main(["--only", row, "--dev", str(dev), "--steps=3", "--seeds=1", "--batch_sizes=2"])
+    bench.main(["--only", row, "--dev", str(dev), "--steps=3", "--seeds=1", "--batch_sizes=2",
+                f"--checkpoint={tmp_path}"])
     out = capsys.readouterr().out.splitlines()
     assert [line for line in out if not line.startswith("provenance.")] == [says]
     versions = next(line for line in out if line.startswith("provenance.versions: "))

@@ -765,3 +765,19 @@ def test_a_structural_fault_of_the_eval_file_is_named_before_the_train_features_
         train.main(_train_flags(tiny_setup, tmp_path / "out", f"--eval_file={eval_file}",
                                 f"--cache_dir={tmp_path / 'cache'}"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_korquad2_scoring_without_beautifulsoup4_is_one_line_before_any_work(tiny_setup, tmp_path, monkeypatch):
+    """The 2.x metric (evaluate_korquad_v2.py, as the official one) needs bs4: said up front, not after an epoch."""
+    import evaluate_korquad_v2
+    import train
+
+    monkeypatch.setattr(evaluate_korquad_v2, "BeautifulSoup", None)
+    for data in (KORQUAD2_DIR, KORQUAD2_DIR / "korquad2.1_dev_00.json"):
+        with pytest.raises(cli.UsageError, match=r"^the KorQuAD 2\.0 metric needs beautifulsoup4: pip install "
+                                                 r"beautifulsoup4$"):
+            scoring.check_metric_dataset(data, "korquad")
+    with pytest.raises(cli.UsageError, match="needs beautifulsoup4"):
+        train.main(_train_flags(tiny_setup, tmp_path / "out", f"--eval_file={KORQUAD2_DIR / 'korquad2.1_dev_00.json'}"))
+    assert not (tmp_path / "out").exists()
+    scoring.check_metric_dataset(tiny_setup / "train.json", "korquad")  # KorQuAD 1.0 needs no bs4
