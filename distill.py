@@ -158,7 +158,11 @@ def average_distributions(members: Sequence[Sparse]) -> Sparse:
 def import_transformers():
     if importlib.util.find_spec("transformers") is None:
         raise UsageError("--teacher: a transformers model needs the transformers package: pip install transformers")
-    import transformers
+    try:
+        import transformers
+    except ImportError as error:  # installed but broken (or one of its own dependencies missing)
+        raise UsageError(f"--teacher: the transformers package does not import ({error}); reinstall it: "
+                         f"pip install --force-reinstall transformers") from None
     transformers.logging.set_verbosity_error()  # its notes about unused weights are not the user's business
     return transformers
 

@@ -43,6 +43,7 @@ from predict import (MAX_TOP_K, InputError, Reader, add_reader_args, check_numbe
 from tokenization import is_blank
 
 try:
+    import h11  # noqa: F401  (uvicorn's HTTP/1.1 parser, which the protocol below subclasses)
     import uvicorn
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException

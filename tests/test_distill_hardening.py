@@ -446,3 +446,17 @@ def test_a_missing_teacher_is_named_by_the_teacher_flag(teacher, tmp_path):
     result = run_in_process("distill.py", "--teacher", str(empty), f"--train_file={teacher / 'train.json'}",
                             f"--output_dir={tmp_path / 'targets'}", *WINDOWS, "--no_cuda", "--quiet")
     assert one_line_error(result).startswith(f"distill.py: error: --teacher {empty}: a directory without any korquad_N")
+
+
+def test_a_transformers_package_that_is_installed_but_does_not_import_is_one_line(monkeypatch):
+    """Found (its spec is there) but broken, or missing one of its own dependencies: one line, not a traceback."""
+    import importlib.util
+
+    import distill
+    from cli import UsageError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object())
+    monkeypatch.setitem(sys.modules, "transformers", None)   # `import transformers` now raises ImportError
+    with pytest.raises(UsageError, match=r"^--teacher: the transformers package does not import \(.+\); reinstall "
+                                         r"it: pip install --force-reinstall transformers$"):
+        distill.import_transformers()

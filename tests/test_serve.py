@@ -872,13 +872,14 @@ def test_a_bad_header_timeout_or_port_is_one_line_naming_the_flag(flag, value, c
     assert exit_info.value.code == 2 and len(lines) == 1 and f"argument {flag}: " in lines[0], lines
 
 
-def test_a_missing_package_is_one_line_naming_it(run_dir, tmp_path):
-    fake = tmp_path / "uvicorn"   # shadows the installed uvicorn, as if it were not there
+@pytest.mark.parametrize("package", ["uvicorn", "h11"])
+def test_a_missing_package_is_one_line_naming_it(package, run_dir, tmp_path):
+    fake = tmp_path / package   # shadows the installed package, as if it were not there
     fake.mkdir()
-    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'uvicorn'\", name='uvicorn')\n")
+    (fake / "__init__.py").write_text(f"raise ModuleNotFoundError(\"No module named '{package}'\", name='{package}')\n")
     result = run_script("serve.py", f"--checkpoint={run_dir}", env={"PYTHONPATH": str(tmp_path)}, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == ("serve.py: error: uvicorn is not installed; serve.py needs: "
+    assert result.stderr.strip() == (f"serve.py: error: {package} is not installed; serve.py needs: "
                                      "pip install -r requirements-serve.txt")
 
 
