@@ -197,6 +197,9 @@ def download_file(name: str, data_dir: Path, base_url: str = DEFAULT_BASE_URL, *
     VerificationError, and nothing is ever left under the final name unless it passed.
     """
     target = data_dir / name
+    for path in (target, part_path(target)):
+        if path.exists() and not path.is_file():  # said now, not after the whole transfer
+            raise DownloadError(f"{path} exists and is not a file; move it away and download again")
     if target.is_file():
         try:
             check_content(target, name)

@@ -263,3 +263,11 @@ def test_flag_errors_are_one_line_naming_the_flag_like_the_other_entry_points(fl
     captured = capsys.readouterr()
     assert captured.out == "" and not (tmp_path / "data").exists()  # before any work
     assert captured.err == f"download.py: error: {fragment} (see download.py --help)\n"
+
+
+def test_a_directory_in_the_place_of_the_file_is_said_before_any_transfer(server, dev_bytes, tmp_path, capsys):
+    server.files = {DEV: dev_bytes}
+    (tmp_path / DEV).mkdir()
+    assert run_cli(server.base_url, tmp_path, "--files", "dev") == 1
+    assert f"{tmp_path / DEV} exists and is not a file" in capsys.readouterr().err
+    assert not server.requests and sorted(p.name for p in tmp_path.iterdir()) == [DEV]
