@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              [("--predict_file", args.predict_file), *model_inputs(args)])
     config = resolve_finetuned_settings(args)
     if isinstance(config, onnx_reader.ExportSettings):
+        onnx_reader.require_onnxruntime("eval.py on an ONNX export")  # before --output_dir is made
         onnx_reader.apply_no_answer_settings(args, config)
     check_data_args(args, config)
     check_version_2(args)

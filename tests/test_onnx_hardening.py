@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA_FLAGS, ROOT, TINY_CONFIG, VOCAB_FILE, run_in_process, run_script
+from conftest import DATA_FLAGS, ROOT, SAMPLE_FILE, TINY_CONFIG, VOCAB_FILE, run_in_process, run_script
 from test_noanswer import _mixed_sample
 
 pytest.importorskip("onnxruntime")
@@ -642,3 +642,19 @@ def test_submit_through_the_export_abstains_by_the_recorded_threshold(v2_run, ex
     plain = eval_outputs(exports["split"], data, tmp_path / "eval0", capsys, *baseline,
                          "--null_score_diff_threshold=0")[1]
     assert json.loads((tmp_path / "zero.json").read_text(encoding="utf-8")) == plain != expected
+
+
+def test_eval_on_an_onnx_export_without_onnxruntime_is_one_line_and_makes_no_output_dir(exports, tmp_path,
+                                                                                      monkeypatch):
+    import importlib.util
+
+    import eval as eval_script
+    import onnx_reader
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "onnxruntime" else find_spec(name, *rest))
+    with pytest.raises(onnx_reader.OnnxExportError, match=r"^eval\.py on an ONNX export needs ONNX Runtime: pip "):
+        eval_script.main(["--checkpoint", str(exports["plain"]), f"--predict_file={SAMPLE_FILE}",
+                          f"--output_dir={tmp_path / 'out'}", "--quiet"])
+    assert not (tmp_path / "out").exists()
