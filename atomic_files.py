@@ -19,8 +19,13 @@ from typing import IO
 logger = logging.getLogger("korquad")
 
 
-# atomic_write names its temporary files `.{name}.{pid}.{random hex}.tmp`.
+# atomic_write names its temporary files `.{name}.{pid}.{random hex}.tmp` (temp_path_for).
 TEMP_FILE = re.compile(r"\.(.+)\.(\d+)\.[0-9a-f]+\.tmp")
+
+
+def temp_path_for(path: Path) -> Path:
+    """A temporary file's name beside `path`, which `remove_dead_temp_files` knows by its writer's pid."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
@@ -64,7 +69,7 @@ def atomic_write_files(files: dict[str | os.PathLike, Callable[[IO[bytes]], None
             if target in through:
                 continue
             path = Path(os.path.realpath(target)) if Path(target).is_symlink() else Path(target)
-            temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            temp = temp_path_for(path)
             written.append((temp, path))
             # os.open with mode 0o666 lets the user's umask decide the final permissions, as for a plain open().
             with errors_named(target, temp), os.fdopen(

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import secrets
 import signal
 import stat
 import sys
@@ -48,7 +47,7 @@ from devices import add_compile_args, autocast_dtype, check_compile_args, compil
 from checkpoints import (WINDOW_FLAGS, build_tokenizer, explicit_flags, load_finetuned, model_inputs,
                          resolve_finetuned_settings)
 from scoring import average_logits, predict_logits
-from atomic_files import atomic_write, remove_dead_temp_files, writes_through
+from atomic_files import atomic_write, remove_dead_temp_files, temp_path_for, writes_through
 from decoding import decode_predictions, no_answer_probability, null_odds
 from korquad_utils import convert_examples_to_features
 from squad_examples import (JSONNumberError, JSONTooDeepError, KorquadFormatError, SquadExample, parse_json,
@@ -608,7 +607,7 @@ def check_output(path: str | None, flag: str = "--output") -> Path | None:
         raise UsageError(f"{flag} {output}{via}: directory {target.parent} does not exist")
     # A real write, not os.access: root passes os.access everywhere, and neither sees a read-only mount or /proc.
     # Named as atomic_write names its temporary files, so that a run killed right here leaves nothing for good.
-    probe = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    probe = temp_path_for(target)
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as err:
