@@ -321,7 +321,9 @@ def lower_case(text: str) -> tuple[str, list[int] | None]:
     characters), the index in `text` that produced each of its characters; otherwise None,
     meaning index i of one is index i of the other.
     """
-    lowered = text.lower()
+    # Character by character, as transformers' tokenizers do: str.lower() of a whole text turns a word-final
+    # capital sigma into ς (its Final_Sigma rule, the only one that reads the neighbours).
+    lowered = "".join(map(str.lower, text)) if "Σ" in text else text.lower()
     if len(lowered) == len(text):
         return lowered, None
     parts: list[str] = []

@@ -4,6 +4,7 @@ The transformers models are small random ones built here; transformers is a test
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -131,9 +132,10 @@ def test_pretraining_heads_are_dropped_and_a_fresh_span_head_starts(tmp_path, ca
 
 def test_analyzer_none_tokenizes_as_bert_tokenizer_fast_on_tricky_text(tmp_path):
     # Zero-width space, soft hyphen and BOM are dropped (words stay whole), other whitespace splits,
-    # Hanja and punctuation are words of their own, Hangul is never decomposed.
-    text = "대한\u200b민국 ABC\u00adDef\ufeff 서울特別市\u3000(1990년)\x07끝 İstanbul"
-    for do_lower_case in (True, False):
+    # Hanja and punctuation are words of their own, Hangul is never decomposed; a word-final capital sigma is
+    # lower-cased on its own (σ), not by Python's context rule (ς).
+    texts = ("대한\u200b민국 ABC\u00adDef\ufeff 서울特別市\u3000(1990년)\x07끝 İstanbul", "ΣΑΣ ΟΔΟΣ. ς")
+    for text, do_lower_case in itertools.product(texts, (True, False)):
         ours = BertTokenizer(VOCAB_FILE, analyzer="none", do_lower_case=do_lower_case)
         theirs = hf_tokenizer(do_lower_case, tmp_path)
         pieces = ours.tokenize_with_offsets(text)
