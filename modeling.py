@@ -446,9 +446,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
     """Load a pretrained-encoder or fine-tuned QA checkpoint into `model`; returns which kind it was.
 
     Accepted: the published encoder (bare names), a fine-tuned `QuestionAnswering` state dict
-    (`bert.*` + `qa_outputs.*`), either with an LM head (`cls.*`, dropped) or with the
-    `module.` prefix that DistributedDataParallel adds, and a transformers BERT/ELECTRA model
-    directory (see `read_transformers_dir`). Anything else raises `CheckpointError`.
+    (`bert.*` + `qa_outputs.*`), either with an LM head (`cls.*`, dropped) or with the `module.` /
+    `_orig_mod.` prefix that DistributedDataParallel / torch.compile add, and a transformers BERT/ELECTRA
+    model directory (see `read_transformers_dir`). Anything else raises `CheckpointError`.
     """
     may_lack_pooler = is_transformers_dir(path)
     if isinstance(model, BertForPreTraining):
@@ -542,8 +542,14 @@ def _check_and_load(model: nn.Module, state: dict[str, torch.Tensor], may_be_mis
     model.load_state_dict(state, strict=not may_be_missing)
 
 
+# What torch.save(model.state_dict()) prefixes every name with when the model is wrapped (in DistributedDataParallel,
+# by torch.compile, or both, in either order).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a plain state dict safely (`weights_only=True`, onto the CPU), without the DDP prefix."""
+    """Read a plain state dict safely (`weights_only=True`, onto the CPU), without DDP's or torch.compile's
+    prefix."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -555,8 +561,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path}: expected a plain state dict of named tensors")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    while wrapper := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None):
+        state = {k[len(wrapper):]: v for k, v in state.items()}
     return state
 
 

@@ -160,12 +160,14 @@ def test_finetuned_checkpoint_round_trip(tmp_path):
             assert torch.equal(a, b)
 
 
-def test_ddp_prefixed_checkpoint_loads(tmp_path):
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_ddp_or_compile_prefixed_checkpoint_loads(tmp_path, prefix):
+    # What torch.save of a DDP-wrapped, a torch.compile'd, or a compiled DDP model's state_dict() writes.
     config = Config(**TINY)
     trained = QuestionAnswering(config)
-    torch.save({f"module.{k}": v for k, v in trained.state_dict().items()}, tmp_path / "ddp.bin")
+    torch.save({f"{prefix}{k}": v for k, v in trained.state_dict().items()}, tmp_path / "wrapped.bin")
     restored = QuestionAnswering(config)
-    load_checkpoint(restored, tmp_path / "ddp.bin")
+    assert load_checkpoint(restored, tmp_path / "wrapped.bin") == "finetuned"
     assert torch.equal(restored.qa_outputs.weight, trained.qa_outputs.weight)
 
 
