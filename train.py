@@ -316,6 +316,19 @@ def teacher_for(args: argparse.Namespace, targets: TeacherTargets, examples, fea
         raise UsageError(f"--teacher_targets {args.teacher_targets}: no targets for question {missing[0]} "
                          f"({len(missing)} of {len(examples)} questions lack them); rerun distill.py")
     example_rows = np.array([row_of[example.qas_id] for example in examples], dtype=np.int64)
+    # Each question's characters within its own context: distill.py writes nothing else, so one past it
+    # means targets made from other text under these question ids.
+    context_length = np.full(len(row_of), np.iinfo(np.int64).max)
+    context_length[example_rows] = [len(example.context_text) for example in examples]
+    for side in ("start", "end"):
+        bounds, chars = getattr(targets, f"{side}_bounds"), getattr(targets, f"{side}_chars")
+        owner = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+        past = np.flatnonzero(chars >= context_length[owner])
+        if len(past):
+            row, char = owner[past[0]], chars[past[0]]
+            raise UsageError(f"--teacher_targets {args.teacher_targets}: {side}_chars {char} of question "
+                             f"{targets.question_ids[row]} is past its context ({context_length[row]} characters; "
+                             f"{len(past)} such positions); rerun distill.py on this --train_file")
     return TeacherBatches(targets, features, example_rows[features.example_index], args.distill_alpha,
                           args.distill_temperature)
 

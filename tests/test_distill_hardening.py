@@ -250,6 +250,18 @@ def test_truncated_targets_stop_train_py_with_one_line(teacher, targets_copy, ti
     assert not list((tmp_path / "student").glob("korquad_*.bin"))
 
 
+def test_targets_past_a_questions_context_stop_train_py_with_one_line(teacher, targets_copy, tiny_setup, tmp_path):
+    out = targets_copy
+    npz = out / ku.TEACHER_TARGETS_NPZ
+    rewritten(npz, start_chars=np.load(npz)["start_chars"] + 100_000)   # a sound file, about other text
+    result = run_in_process("train.py", f"--output_dir={tmp_path / 'student'}", f"--train_file={teacher / 'train.json'}",
+                            f"--checkpoint={tiny_setup / 'pretrained.bin'}", f"--model_config={tiny_setup / 'tiny.json'}",
+                            *DATA_FLAGS, "--no_cuda", "--quiet", f"--teacher_targets={out}",
+                            f"--cache_dir={tmp_path / 'cache'}")
+    one_line_error(result, f"--teacher_targets {out}: start_chars", "is past its context", "rerun distill.py")
+    assert not list((tmp_path / "student").glob("korquad_*.bin"))
+
+
 @pytest.mark.parametrize("sidecar", ["garbage", "another key", "missing"])
 def test_a_damaged_or_foreign_sidecar_is_written_anew_by_a_rerun(teacher, targets_copy, teacher_calls, sidecar):
     out = targets_copy
