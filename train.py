@@ -38,7 +38,7 @@ from cli import (ArgumentParser, USER_ERRORS, UsageError, add_data_args, add_no_
 from devices import (add_compile_args, autocast_context, autocast_dtype, check_compile_args, compile_model,
                      compile_padding)
 from checkpoints import (CURVES_NAME, LOG_NAME, SAVED_ARGS_NAME, SAVED_CONFIG_NAME, STATE_NAME, build_tokenizer,
-                         check_checkpoint_file, check_output_dir, copy_vocab_into, fetch_hub_model,
+                         check_checkpoint_file, check_output_dir, copy_vocab_into, explicit_flags, fetch_hub_model,
                          remove_previous_run, resolve_model_settings)
 from scoring import (check_metric_dataset, evaluate_model, evaluate_model_with_odds, has_answers, score,
                      score_no_answer)
@@ -154,6 +154,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 parser.error(f"{flag} only applies with --teacher_targets")
     if Path(args.checkpoint).is_dir():
         check_checkpoint_file(args.checkpoint)  # says what to pass instead of a directory
+    # Windows left at their defaults are fitted to a model of fewer positions (e.g. a 300-position BERT).
+    args.explicit_flags = explicit_flags(parser, argv)
     return args
 
 
@@ -759,7 +761,8 @@ def train_in_locked_dir(args: argparse.Namespace, ctx: Distributed, device: torc
         run.evaluations = [r for r in read_log(run.log_file) if "f1" in r]
         write_json_atomic(config.to_dict(), output_dir / SAVED_CONFIG_NAME)
         copy_vocab_into(args.vocab_file, output_dir)
-        write_json_atomic({**vars(args), "world_size": ctx.world_size,
+        saved_args = {name: value for name, value in vars(args).items() if name != "explicit_flags"}
+        write_json_atomic({**saved_args, "world_size": ctx.world_size,
                            "global_batch_size": args.train_batch_size * ctx.world_size
                            * args.gradient_accumulation_steps}, output_dir / SAVED_ARGS_NAME)
         if args.tensorboard:

@@ -158,6 +158,26 @@ def test_analyzer_none_tokenizes_every_dev_text_as_bert_tokenizer_fast(dev_file,
             assert ours.convert_tokens_to_ids(tokens) == ids
 
 
+def test_train_fits_default_windows_to_a_model_of_fewer_positions(tmp_path):
+    # A 128-position BERT (as KcBERT has 300) trained without window flags: the 512-piece default window is
+    # fitted to the model, as eval.py and predict.py fit it, and the run records what it used.
+    torch.manual_seed(0)
+    model = transformers.BertForQuestionAnswering(transformers.BertConfig(**{**SIZES, "max_position_embeddings": 128}))
+    model_dir = save_transformers_dir(model, tmp_path / "short_bert", True, "safetensors")
+    write_subset(SAMPLE_FILE, tmp_path / "train.json", 8)
+    trained = run_script("train.py", f"--checkpoint={model_dir}", f"--train_file={tmp_path / 'train.json'}",
+                         f"--output_dir={tmp_path / 'run'}", "--num_train_epochs=1", "--train_batch_size=8",
+                         "--analyzer=none", "--no_cuda", f"--cache_dir={tmp_path / 'cache'}")
+    assert trained.returncode == 0, trained.stderr
+    assert "fewer than the 512-piece window; using max_seq_length 128" in trained.stderr
+    saved_args = json.loads((tmp_path / "run" / "training_args.json").read_text())
+    assert saved_args["max_seq_length"] == 128 and saved_args["doc_stride"] < 128 - saved_args["max_query_length"] - 3
+    # A window given past the model is still refused.
+    refused = run_script("train.py", f"--checkpoint={model_dir}", f"--train_file={tmp_path / 'train.json'}",
+                         f"--output_dir={tmp_path / 'run2'}", "--max_seq_length=256", "--no_cuda")
+    assert refused.returncode != 0 and "--max_seq_length 256 is larger than" in refused.stderr
+
+
 def test_train_from_an_electra_dir_then_eval_the_moved_run(tmp_path):
     torch.manual_seed(0)
     discriminator = transformers.ElectraForPreTraining(transformers.ElectraConfig(embedding_size=16, **SIZES))
