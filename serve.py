@@ -142,12 +142,19 @@ class Batcher:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        """Answer every job already queued, then end the worker."""
+    def stop(self, drain: bool = True) -> None:
+        """Answer every job already queued, then end the worker; without `drain` (a forced quit), drop the
+        queued jobs and leave the worker (a daemon) to end with the process, after the batch it is on."""
         with self._changed:
             self._stopping = True
+            if not drain:
+                for job in self._jobs:
+                    job.abandoned = True
+                self._jobs.clear()
+                self.queued = 0
             self._changed.notify()
-        self._thread.join()
+        if drain:
+            self._thread.join()
 
     def submit(self, records: list[dict[str, Any]], top_ks: list[int | None]) -> Job:
         """Queue one request's questions (from the event loop); QueueFull when they do not fit."""
@@ -475,10 +482,14 @@ def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout:
         batcher.start()
         if announce:
             print(announce, flush=True)
+        forced = False
         try:
             yield
+        except asyncio.CancelledError:   # a forced quit: uvicorn drops the requests in flight, and so their questions
+            forced = True
+            raise
         finally:
-            batcher.stop()   # uvicorn calls this after the requests in flight have their answers
+            batcher.stop(drain=not forced)   # else uvicorn gets here after the requests in flight have their answers
             logger.info("stopped: %s", ", ".join(f"{count} {name}" for name, count in counts.items()))
 
     app = Starlette(routes=[Route("/", page, methods=["GET"]), Route("/health", health, methods=["GET"]),
@@ -768,6 +779,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda number, frame: None)
     server = uvicorn.Server(config)
+    # A forced quit cancels every request in flight, and uvicorn logs each cancellation with a traceback: the
+    # one line below says it all.
+    logging.getLogger("uvicorn.error").addFilter(lambda record: not server.force_exit or record.levelno < logging.ERROR)
     server.run(sockets=[sock])
     if server.force_exit:   # a second Ctrl-C during the graceful shutdown: uvicorn dropped what was in flight
         sys.exit(f"{PROG}: forced to quit by a second SIGINT; requests still being answered were dropped")

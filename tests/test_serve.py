@@ -794,9 +794,9 @@ cli.run_cli(serve.main)
 """
 
 
-def fake_server(load_s: float, answer_s: float) -> subprocess.Popen:
+def fake_server(load_s: float, answer_s: float, *flags: str) -> subprocess.Popen:
     """FAKE_SERVE in its own process on a free port of 127.0.0.1, once it has printed "loading"."""
-    process = subprocess.Popen([sys.executable, "-c", FAKE_SERVE, "--checkpoint=unused", "--port=0"],
+    process = subprocess.Popen([sys.executable, "-c", FAKE_SERVE, "--checkpoint=unused", "--port=0", *flags],
                                cwd=ROOT, env={**os.environ, "LOAD_S": str(load_s), "ANSWER_S": str(answer_s)},
                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert select.select([process.stdout], [], [], 60)[0] and process.stdout.readline() == "loading\n"
@@ -813,24 +813,33 @@ def test_sigterm_while_the_model_loads_is_one_line(tmp_path):
     assert process.stderr.read().splitlines() == ["serve.py: stopped by SIGTERM before serving"]
 
 
-def test_a_second_sigint_forces_quit_and_exits_non_zero():
-    process = fake_server(load_s=0, answer_s=2)
+def test_a_second_sigint_forces_quit_at_once_and_exits_non_zero():
+    # One question a batch of 2 s: one being answered and five queued behind it, 12 s of work in all.
+    process = fake_server(0, 2, "--max_batch=1", "--max_wait_ms=0", "--request_timeout=60")
     try:
         assert select.select([process.stdout], [], [], 30)[0], "not serving"
         port = int(re.search(r":(\d+)$", process.stdout.readline().strip()).group(1))
         body = json_body(plain_question("q"))
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(POST_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        with contextlib.ExitStack() as connections:
+            for _ in range(6):
+                sock = connections.enter_context(socket.create_connection(("127.0.0.1", port), timeout=10))
+                sock.sendall(POST_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             assert select.select([process.stdout], [], [], 10)[0] and process.stdout.readline() == "answering\n"
+            time.sleep(0.3)   # the other five are queued by now
             process.send_signal(signal.SIGINT)
             time.sleep(0.3)
             process.send_signal(signal.SIGINT)
+            forced = time.monotonic()
             returncode = process.wait(timeout=15)
+            quit_s = time.monotonic() - forced
     finally:
         process.kill()
     assert returncode == 1
-    assert process.stderr.read().splitlines()[-1] == ("serve.py: forced to quit by a second SIGINT; requests "
-                                                      "still being answered were dropped")
+    assert quit_s < 3, f"the queued questions were answered first ({quit_s:.1f} s)"
+    stderr = process.stderr.read()
+    assert "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1] == ("serve.py: forced to quit by a second SIGINT; requests still being "
+                                       "answered were dropped")
 
 
 # --- flags -----------------------------------------------------------------------------------
