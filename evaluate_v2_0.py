@@ -123,12 +123,15 @@ def best_threshold(scores: Mapping[str, float], has_answer: Mapping[str, bool],
     """The best score (percentage) over no-answer thresholds and the threshold reaching it.
 
     Start with every prediction empty (unanswerable questions score 1, the others 0, threshold
-    0.0); then keep the predictions one question at a time in ascending order of no-answer
-    probability: keeping one changes the total by its raw score minus what "" would have scored.
-    A strictly better total records that question's probability as the threshold.
+    0.0 as the official script has it, below any probability; for no-answer odds, which can be
+    negative, the float just below the least); then keep the predictions one question at a time
+    in ascending order of no-answer probability: keeping one changes the total by its raw score
+    minus what "" would have scored. A strictly better total records that question's probability
+    as the threshold.
     """
     running = best = float(sum(not answerable for answerable in has_answer.values()))
-    best_thresh = 0.0
+    lowest = min((na_probs[qid] for qid in scores if qid in na_probs), default=0.0)
+    best_thresh = 0.0 if lowest >= 0 else math.nextafter(lowest, -math.inf)
     for qid in sorted(na_probs, key=na_probs.__getitem__):
         if qid not in scores:
             continue

@@ -55,6 +55,17 @@ def test_squad2_best_thresholds():
     assert scores["exact"] == pytest.approx(40.0)
 
 
+def test_squad2_best_threshold_of_all_empty_predictions_with_negative_odds_applies_as_it_scores():
+    # null_odds.json values can be negative: answering "" everywhere (the best here) needs a threshold below
+    # every one of them, not the official script's 0.0.
+    odds = {"q1": 0.5, "q2": 0.3, "q3": -0.2, "q4": -0.1, "q5": 0.2}   # q3, q4 unanswerable, kept first: worse
+    scores = evaluate_v2_0.evaluate(DATASET, {**PREDICTIONS, "q1": "틀린 답"}, odds)
+    threshold = scores["best_f1_thresh"]
+    assert threshold < -0.2
+    again = evaluate_v2_0.evaluate(DATASET, {**PREDICTIONS, "q1": "틀린 답"}, odds, na_prob_thresh=threshold)
+    assert again["f1"] == pytest.approx(scores["best_f1"]) and again["exact"] == pytest.approx(40.0)
+
+
 def test_squad2_na_prob_thresh_applies():
     # Above 0.5: q2, q5 (answerable -> 0) and q4, q3 (unanswerable -> 1) become "".
     scores = evaluate_v2_0.evaluate(DATASET, PREDICTIONS, NA_PROBS, na_prob_thresh=0.5)
