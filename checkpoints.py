@@ -483,7 +483,8 @@ def settings_from_onnx_export(args: argparse.Namespace) -> onnx_reader.ExportSet
 def resolve_model_settings(args: argparse.Namespace, checkpoint: str) -> Config:
     """train.py, pretrain.py: the model config, vocab, lower-casing and analyzer that go with `checkpoint`
     (a transformers directory or a pretrain.py run brings its own, setting `args.checkpoint` to the run's
-    newest checkpoint file; otherwise the flags or the published model's)."""
+    newest checkpoint file, as does one pretrain_N.bin or korquad_N.bin of a run; otherwise the flags or the
+    published model's)."""
     from modeling import Config, is_transformers_dir
 
     # train.py's parse_args has already refused any other directory (check_checkpoint_file).
@@ -493,6 +494,11 @@ def resolve_model_settings(args: argparse.Namespace, checkpoint: str) -> Config:
     if newest is not None:  # a pretrain.py run: its newest encoder, with the run's config and vocab
         args.checkpoint = str(newest)
         settings_from_run_dir(args, newest.parent)
+        return Config.from_json_file(args.model_config)
+    file = Path(checkpoint)
+    if ((CHECKPOINT_NAME.fullmatch(file.name) or PRETRAIN_CHECKPOINT_NAME.fullmatch(file.name))
+            and (file.parent / SAVED_ARGS_NAME).is_file()):   # one checkpoint of a run: the run's settings
+        settings_from_run_dir(args, file.parent)
         return Config.from_json_file(args.model_config)
     args.model_config = args.model_config or str(DEFAULT_CONFIG)
     args.vocab_file = args.vocab_file or str(DEFAULT_VOCAB)

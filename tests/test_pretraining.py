@@ -326,6 +326,14 @@ def test_run_directory_fine_tunes_evaluates_and_exports(tmp_path, tiny_setup):
     assert train.returncode == 0, train.stderr
     qa = torch.load(tmp_path / "qa" / "korquad_0.bin", weights_only=True)
     assert "qa_outputs.weight" in qa and not any(k.startswith("cls.") for k in qa)
+    # One pretrain_N.bin of the run brings the run's config and vocab as the directory does.
+    newest = sorted((tmp_path / "lm").glob("pretrain_*.bin"))[-1]
+    from_file = run_script("train.py", f"--checkpoint={newest}", f"--output_dir={tmp_path / 'qa_from_file'}",
+                           f"--train_file={tiny_setup / 'train.json'}", *DATA_FLAGS, "--train_batch_size=8",
+                           "--num_train_epochs=1", "--no_cuda", "--quiet", f"--cache_dir={tmp_path / 'cache'}")
+    assert from_file.returncode == 0, from_file.stderr
+    assert torch.equal(torch.load(tmp_path / "qa_from_file" / "korquad_0.bin", weights_only=True)["qa_outputs.weight"],
+                       qa["qa_outputs.weight"])
     evaluated = run_script("eval.py", f"--checkpoint={tmp_path / 'qa'}", f"--predict_file={tiny_setup / 'train.json'}",
                            *DATA_FLAGS, "--no_cuda", "--quiet", f"--output_dir={tmp_path / 'eval'}")
     assert evaluated.returncode == 0, evaluated.stderr
