@@ -339,6 +339,21 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_answering(server
     assert post(server.connect(), GOOD)[0] == 200
 
 
+def test_a_compressed_body_gets_415_naming_content_encoding(server):
+    import gzip
+
+    for encoding, status in (("gzip", 415), ("identity", 200)):
+        body = json_body(GOOD)
+        connection = server.connect()
+        connection.request("POST", "/answer", gzip.compress(body) if encoding == "gzip" else body,
+                           {"Content-Type": "application/json", "Content-Encoding": encoding})
+        response = connection.getresponse()
+        answer = json.loads(response.read().decode("utf-8"))
+        assert response.status == status, answer
+        if status == 415:
+            assert answer == {"error": "Content-Encoding gzip is not supported; send the JSON uncompressed"}
+
+
 MANY_DIGITS = "7" * 4301   # one more than Python's int() reads by default
 NOT_STRICT_JSON = {   # body: the error names the field and what it holds
     '{"question": "a", "context": "b", "id": NaN}': '"id" holds NaN, which is not JSON',
