@@ -398,7 +398,7 @@ def run_pretraining(args: argparse.Namespace, ctx: Distributed, device: torch.de
     check_compile_args(args, device)
     check_output_dir(args, "pre-training")
     output_dir = prepare_output_dir(args.output_dir)
-    lock = RunLock(output_dir)
+    lock = RunLock(output_dir, program="pretrain.py")
     ctx.on_main(lock.acquire)
     try:
         if ctx.is_main:

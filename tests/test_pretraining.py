@@ -232,6 +232,8 @@ def test_resume_after_kill_9_mid_epoch_is_bit_identical(tmp_path):
     killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"), *flags], capture_output=True, text=True,
                             cwd=ROOT, env={**os.environ, "KILL_AT": "4"}, timeout=300)
     assert killed.returncode == -signal.SIGKILL
+    # The lock it left names pretrain.py, as a second run's refusal would while it lived.
+    assert json.loads((tmp_path / "killed" / ".train.lock").read_text())["program"] == "pretrain.py"
     state = torch.load(tmp_path / "killed" / "training_state.pt", weights_only=True)
     assert (state["global_step"], state["epoch_finished"]) == (2, False)  # mid-epoch (12 steps an epoch)
     resumed = run_script("pretrain.py", *flags, "--resume")
