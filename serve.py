@@ -26,6 +26,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -787,7 +788,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("uvicorn.error").addFilter(lambda record: not server.force_exit or record.levelno < logging.ERROR)
     server.run(sockets=[sock])
     if server.force_exit:   # a second Ctrl-C during the graceful shutdown: uvicorn dropped what was in flight
-        sys.exit(f"{PROG}: forced to quit by a second SIGINT; requests still being answered were dropped")
+        print(f"{PROG}: forced to quit by a second SIGINT; requests still being answered were dropped",
+              file=sys.stderr, flush=True)
+        logging.shutdown()
+        # Not sys.exit: the worker thread may be inside the model, and tearing the interpreter down under torch's
+        # running threads aborts the process (SIGABRT) instead of exiting 1.
+        os._exit(1)
 
 
 def stopped_while_loading(number: int, frame: Any) -> None:

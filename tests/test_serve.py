@@ -857,6 +857,30 @@ def test_a_second_sigint_forces_quit_at_once_and_exits_non_zero():
                                        "answered were dropped")
 
 
+def test_a_second_sigint_while_a_real_model_answers_exits_1_not_abort(run_dir, tmp_path):
+    # Tearing the interpreter down while the worker thread is inside torch aborted the process (SIGABRT).
+    running = Server(run_dir, tmp_path / "server.log", "--max_batch=8", "--max_wait_ms=0", "--request_timeout=120",
+                     "--queue_size=400", "--max_items=100", "--max_body_bytes=4000000", "--max_context_chars=20000")
+    context = "대한민국의 수도는 서울이다. " * 1200   # many windows a question: far more work than the test waits
+    body = json_body([{"question": f"수도는 어디인가 {n}?", "context": context} for n in range(50)])
+    try:
+        with contextlib.ExitStack() as connections:
+            for _ in range(6):
+                sock = connections.enter_context(socket.create_connection(("127.0.0.1", running.port), timeout=30))
+                sock.sendall(POST_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            time.sleep(1.5)   # the worker is deep in its batches by now
+            running.process.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            running.process.send_signal(signal.SIGINT)
+            returncode = running.process.wait(timeout=30)
+    finally:
+        running.process.kill()
+    log = running.log.read_text()
+    assert returncode == 1, log[-2000:]
+    assert log.splitlines()[-1] == ("serve.py: forced to quit by a second SIGINT; requests still being answered "
+                                    "were dropped")
+
+
 # --- flags -----------------------------------------------------------------------------------
 
 def test_a_taken_port_and_impossible_limits_are_refused_before_the_model_loads(tmp_path):
