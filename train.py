@@ -320,7 +320,7 @@ def teacher_for(args: argparse.Namespace, targets: TeacherTargets, examples, fea
     example_rows = np.array([row_of[example.qas_id] for example in examples], dtype=np.int64)
     # Each question's characters within its own context: distill.py writes nothing else, so one past it
     # means targets made from other text under these question ids.
-    context_length = np.full(len(row_of), np.iinfo(np.int64).max)
+    context_length = np.full(len(targets.question_ids), np.iinfo(np.int64).max)   # rows no question reads: unchecked
     context_length[example_rows] = [len(example.context_text) for example in examples]
     for side in ("start", "end"):
         bounds, chars = getattr(targets, f"{side}_bounds"), getattr(targets, f"{side}_chars")

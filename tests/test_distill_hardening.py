@@ -262,6 +262,28 @@ def test_targets_past_a_questions_context_stop_train_py_with_one_line(teacher, t
     assert not list((tmp_path / "student").glob("korquad_*.bin"))
 
 
+def test_the_context_check_reads_each_questions_own_row_of_targets():
+    import argparse
+    import types
+
+    import train
+    from cli import UsageError
+    from teacher_targets import TeacherTargets
+
+    def targets(ids: list[str], start_chars: list[int]) -> TeacherTargets:
+        bounds, chars = np.arange(len(ids) + 1), np.array(start_chars)
+        return TeacherTargets("key", "sha", np.array(ids), bounds, chars, np.ones(len(ids)), bounds,
+                              np.zeros(len(ids), np.int64), np.ones(len(ids)))
+
+    examples = [types.SimpleNamespace(qas_id=qid, context_text="가" * 10) for qid in ("a", "b")]
+    features = types.SimpleNamespace(example_index=np.array([0, 1]))
+    args = argparse.Namespace(teacher_targets="T", distill_alpha=0.5, distill_temperature=1.0)
+    # A row repeated under one id (a hand-made file): the one read is checked, the other not read at all.
+    train.teacher_for(args, targets(["a", "a", "b"], [50, 9, 9]), examples, features)
+    with pytest.raises(UsageError, match=r"start_chars 10 of question b is past its context \(10 characters"):
+        train.teacher_for(args, targets(["a", "b"], [9, 10]), examples, features)
+
+
 @pytest.mark.parametrize("sidecar", ["garbage", "another key", "missing"])
 def test_a_damaged_or_foreign_sidecar_is_written_anew_by_a_rerun(teacher, targets_copy, teacher_calls, sidecar):
     out = targets_copy
