@@ -37,7 +37,8 @@ from tqdm import tqdm
 from cli import (ArgumentParser, USER_ERRORS, UsageError, add_data_args, check_data_args, finite_float,
                  prepare_output_dir, run_cli, setup_logging)
 from devices import autocast_context, autocast_dtype, pick_device
-from checkpoints import build_tokenizer, fetch_hub_model, load_finetuned, resolve_checkpoints, resolve_from_training_run
+from checkpoints import (build_tokenizer, explicit_flags, fetch_hub_model, load_finetuned, resolve_checkpoints,
+                         resolve_from_training_run)
 from scoring import predict_logits
 from cli import refuse_output_over_input
 from korquad_utils import load_or_build_features, make_length_grouped_batches
@@ -78,6 +79,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"argument --batch_size: must be at least 1, got {args.batch_size}")
+    args.explicit_flags = explicit_flags(parser, argv)   # windows left at their defaults fit a shorter teacher
     return args
 
 
@@ -327,8 +329,9 @@ def our_windows(teachers: Sequence[argparse.Namespace], examples: Sequence[Squad
         config = Config.from_json_file(settings.model_config)
         check_data_args(settings, config)
         tokenizer = build_tokenizer(settings.vocab_file, settings.analyzer, config, settings.do_lower_case)
-        _, features = load_or_build_features(args.train_file, tokenizer, args.max_seq_length, args.doc_stride,
-                                             args.max_query_length, is_training=False, cache_dir=args.cache_dir,
+        # The windows as check_data_args left them: fitted to a teacher of fewer positions unless given.
+        _, features = load_or_build_features(args.train_file, tokenizer, settings.max_seq_length, settings.doc_stride,
+                                             settings.max_query_length, is_training=False, cache_dir=args.cache_dir,
                                              overwrite_cache=args.overwrite_cache,
                                              num_workers=args.preprocess_workers, progress=not args.quiet)
         model = load_finetuned(checkpoint, config, device)

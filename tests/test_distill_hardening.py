@@ -3,6 +3,8 @@ stale keys; and what reaches the student: the max-context window per token, alph
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -60,8 +62,6 @@ def targets_copy(made_targets, tmp_path) -> Path:
 
 def run_distill(teacher: Path, output_dir: Path, *flags: str, run: str = "run") -> str:
     """distill.main in this process; returns what it printed (the targets' path)."""
-    import contextlib
-    import io
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         distill.main([f"--teacher={teacher / run}", f"--train_file={teacher / 'train.json'}",
@@ -195,6 +195,23 @@ def test_a_teacher_runs_vocab_or_config_changed_under_the_same_weights_makes_new
         (tmp_path / "run" / "config.json").write_text(json.dumps({**TINY_CONFIG, "dropout_prob": 0.1}))
     run_distill(tmp_path, out, f"--train_file={teacher / 'train.json'}")
     assert len(teacher_calls) == 2, f"a changed {change} reused the targets"
+
+
+def test_default_windows_fit_a_teacher_of_fewer_positions(teacher, tmp_path, caplog):
+    # A run of a 128-position model as teacher, no window flags: windows fitted to it (as train.py and eval.py
+    # fit them), not refused for the 512-piece default.
+    short = tmp_path / "short_run"
+    shutil.copytree(teacher / "run", short)
+    config = {**TINY_CONFIG, "max_position_embeddings": 128}
+    (short / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    torch.save(QuestionAnswering(Config(**config)).state_dict(), short / "korquad_0.bin")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        distill.main([f"--teacher={short}", f"--train_file={teacher / 'train.json'}", f"--output_dir={tmp_path / 'out'}",
+                      "--no_cuda", "--quiet", f"--cache_dir={tmp_path / 'cache'}"])
+    assert printed.getvalue().strip() == str(tmp_path / "out" / ku.TEACHER_TARGETS_NPZ)
+    assert "fewer than the 512-piece window; using max_seq_length 128" in caplog.text
+    assert len(ku.read_teacher_targets(tmp_path / "out").question_ids) == 4
 
 
 # --- damaged files --------------------------------------------------------------------------------
