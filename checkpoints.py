@@ -499,6 +499,8 @@ def resolve_model_settings(args: argparse.Namespace, checkpoint: str) -> Config:
     if ((CHECKPOINT_NAME.fullmatch(file.name) or PRETRAIN_CHECKPOINT_NAME.fullmatch(file.name))
             and (file.parent / SAVED_ARGS_NAME).is_file()):   # one checkpoint of a run: the run's settings
         settings_from_run_dir(args, file.parent)
+        logger.info("--checkpoint %s: config %s, vocab %s, analyzer %s from its run", checkpoint, args.model_config,
+                    args.vocab_file, args.analyzer)
         return Config.from_json_file(args.model_config)
     args.model_config = args.model_config or str(DEFAULT_CONFIG)
     args.vocab_file = args.vocab_file or str(DEFAULT_VOCAB)
