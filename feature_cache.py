@@ -27,7 +27,7 @@ from feature_table import TABLE_ARRAYS, FeatureTable
 logger = logging.getLogger("korquad_utils")
 
 # Bump whenever reading, tokenising or windowing changes what the features contain.
-CACHE_VERSION = 5
+CACHE_VERSION = 6   # 6: a word-final capital sigma lower-cased on its own (σ), as transformers
 # The feature cache's index file: key, settings, and each array's shape, type and checksum.
 TABLE_INDEX = "table.json"
 

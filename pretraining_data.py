@@ -32,7 +32,7 @@ from tokenization import CLS, MASK, SEP, SPECIAL_TOKENS
 
 logger = logging.getLogger("korquad")
 
-TOKEN_CACHE_VERSION = 2
+TOKEN_CACHE_VERSION = 3   # 3: as feature_cache.CACHE_VERSION 6 (the lower-casing of Σ)
 MAX_NGRAM = 3
 NGRAM_PROBABILITIES = np.array([1 / n for n in range(1, MAX_NGRAM + 1)]) / sum(1 / n for n in range(1, MAX_NGRAM + 1))
 EVAL_EPOCH = 2 ** 32 - 1   # the held-out pairs' masks: drawn once, the same at every evaluation

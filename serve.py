@@ -418,8 +418,8 @@ def build_app(reader: Reader, batcher: Batcher, limits: Limits, request_timeout:
     async def answer(request: Request) -> JSONResponse:
         began = time.monotonic()
         check_content_type(request.headers.get("content-type"))
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding != "identity":
+        encoding = request.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):   # an empty header names no encoding either
             raise RequestError(415, f"Content-Encoding {encoding} is not supported; send the JSON uncompressed")
         try:
             body = await asyncio.wait_for(read_body(request, limits.max_body_bytes), request_timeout)
